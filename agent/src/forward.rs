@@ -1,0 +1,402 @@
+//! Forwarding: sends one call-handler request to the control plane over the
+//! ranked paths, with adaptive attempt timeouts, retries on another path,
+//! hedging, and a retry budget. `docs/failover.md` describes this policy; keep
+//! the two in step.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use http::{HeaderMap, Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::AgentConfig;
+use crate::health::{FailureKind, HealthTable, Outcome};
+use crate::metrics::Metrics;
+use crate::paths::{PathClient, dial_error};
+
+/// Everything a request needs that may change on reload.
+pub struct Runtime {
+    pub config: Arc<AgentConfig>,
+    pub paths: Vec<Arc<PathClient>>,
+    pub health: Arc<HealthTable>,
+}
+
+/// A request ready to be sent on any path.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub method: Method,
+    /// Path and query on the control plane, base path included.
+    pub path_and_query: String,
+    /// Headers to send (hop-by-hop removed, `Host` set, keys added).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Emergency requests go to the two best paths at once.
+    pub emergency: bool,
+    /// `direct` or `via:<peer>`: only this path.
+    pub pin: Option<String>,
+    /// When the agent received the request.
+    pub received: Instant,
+}
+
+/// One attempt, as reported in a 503 body and in logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    pub path: String,
+    /// `first`, `retry` or `hedge`.
+    pub kind: &'static str,
+    /// What happened: `answered 200`, `timed out after 150ms`, `connect failed: …`.
+    pub result: String,
+    /// Milliseconds from the request's arrival to this attempt's end.
+    pub elapsed_ms: u64,
+}
+
+/// A response from the control plane and the path that carried it.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub path: Arc<str>,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Why no response could be had.
+#[derive(Debug)]
+pub enum Failure {
+    /// The pin names no configured path.
+    UnknownPin(String),
+    /// Every attempt failed, or the deadline passed.
+    Exhausted {
+        attempts: Vec<AttemptRecord>,
+        deadline_passed: bool,
+    },
+}
+
+/// Caps retries and hedges to a share of recent requests plus a floor, so an
+/// outage cannot turn into a retry storm on the peers.
+pub struct RetryBudget {
+    ratio: f64,
+    floor_per_sec: u32,
+    /// Per second: (second, requests, extra attempts).
+    window: Mutex<VecDeque<(u64, u32, u32)>>,
+    epoch: Instant,
+}
+
+const BUDGET_WINDOW_SECS: u64 = 10;
+
+impl RetryBudget {
+    pub fn new(ratio: f64, floor_per_sec: u32) -> RetryBudget {
+        RetryBudget {
+            ratio,
+            floor_per_sec,
+            window: Mutex::new(VecDeque::new()),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn with_bucket<R>(&self, f: impl FnOnce(&mut VecDeque<(u64, u32, u32)>) -> R) -> R {
+        let sec = Instant::now().saturating_duration_since(self.epoch).as_secs();
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        while w.front().is_some_and(|b| b.0 + BUDGET_WINDOW_SECS <= sec) {
+            w.pop_front();
+        }
+        if w.back().is_none_or(|b| b.0 != sec) {
+            w.push_back((sec, 0, 0));
+        }
+        f(&mut w)
+    }
+
+    /// Counts one incoming request.
+    pub fn request(&self) {
+        self.with_bucket(|w| {
+            if let Some(b) = w.back_mut() {
+                b.1 += 1;
+            }
+        });
+    }
+
+    /// Takes one retry or hedge from the budget, if there is one left.
+    pub fn try_spend(&self) -> bool {
+        let (ratio, floor) = (self.ratio, self.floor_per_sec);
+        self.with_bucket(|w| {
+            let (reqs, extra) = w
+                .iter()
+                .fold((0u64, 0u64), |(r, e), b| (r + u64::from(b.1), e + u64::from(b.2)));
+            let allowed = ratio * reqs as f64 + f64::from(floor) * BUDGET_WINDOW_SECS as f64;
+            if (extra as f64) < allowed {
+                if let Some(b) = w.back_mut() {
+                    b.2 += 1;
+                }
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
+/// Sends requests over the best paths.
+pub struct Forwarder {
+    runtime: ArcSwap<Runtime>,
+    budget: RetryBudget,
+    metrics: Arc<Metrics>,
+}
+
+/// Path index, kind, start, attempt timeout, result.
+type AttemptResult = (
+    usize,
+    &'static str,
+    Instant,
+    Duration,
+    Result<Response<Incoming>, (FailureKind, String)>,
+);
+
+/// An answer slower than half its attempt timeout came through a stall (a
+/// retransmission): it counts as a lost exchange, not as a latency sample.
+fn outcome_for(elapsed: Duration, timeout: Duration) -> Outcome {
+    if elapsed > timeout / 2 {
+        Outcome::Slow(elapsed)
+    } else {
+        Outcome::Ok(elapsed)
+    }
+}
+
+impl Forwarder {
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Forwarder {
+        let f = &runtime.config.forward;
+        let budget = RetryBudget::new(f.retry_budget_ratio, f.retry_budget_min_per_sec);
+        Forwarder {
+            runtime: ArcSwap::from_pointee(runtime),
+            budget,
+            metrics,
+        }
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Swaps in a new runtime (reload). Requests in flight keep the old one.
+    pub fn replace(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+    }
+
+    /// Sends `out` and returns the first response, or why there is none.
+    pub async fn forward(&self, out: Outbound) -> Result<Answer, Failure> {
+        let rt = self.runtime.load_full();
+        let cfg = &rt.config.forward;
+        let snap = rt.health.snapshot();
+        let pin = out.pin.clone().or_else(|| cfg.pin.clone());
+        let candidates: Vec<usize> = match &pin {
+            Some(p) => match rt.paths.iter().position(|c| &*c.name == p) {
+                Some(i) => vec![i],
+                None => return Err(Failure::UnknownPin(p.clone())),
+            },
+            None => snap.ranked.clone(),
+        };
+        let deadline = out.received + cfg.deadline;
+        let mut attempts = Vec::new();
+        if candidates.is_empty() {
+            return Err(Failure::Exhausted {
+                attempts,
+                deadline_passed: false,
+            });
+        }
+        self.budget.request();
+
+        let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
+        let mut next = 0usize;
+        let launch = |i: usize, kind: &'static str, inflight: &mut FuturesUnordered<_>| {
+            let path = rt.paths[i].clone();
+            let timeout = self.attempt_timeout(&rt, i, deadline);
+            let req = build_request(&path, &out);
+            inflight.push(run_attempt(i, kind, path, req, timeout));
+        };
+        launch(candidates[next], "first", &mut inflight);
+        next += 1;
+        if out.emergency && next < candidates.len() {
+            // Emergency requests do not wait: the two best paths race. They
+            // are few and must never be refused, so they skip the budget.
+            launch(candidates[next], "hedge", &mut inflight);
+            next += 1;
+        }
+        let mut hedge_at = if cfg.hedge && !out.emergency && next < candidates.len() {
+            Some(Instant::now() + self.hedge_delay(&rt, candidates[0]))
+        } else {
+            None
+        };
+
+        loop {
+            tokio::select! {
+                Some((i, kind, started, timeout, result)) = inflight.next() => {
+                    let path = &rt.paths[i];
+                    let elapsed = started.elapsed();
+                    match result {
+                        Ok(resp) => {
+                            rt.health.record(i, outcome_for(elapsed, timeout));
+                            self.metrics.attempts.with_label_values(&[&*path.name, kind, "ok"]).inc();
+                            attempts.push(record(path, kind, format!("answered {}", resp.status().as_u16()), out.received));
+                            if !inflight.is_empty() {
+                                let health = rt.health.clone();
+                                let metrics = self.metrics.clone();
+                                let names: Vec<Arc<str>> = rt.paths.iter().map(|p| p.name.clone()).collect();
+                                // The losers' answers are discarded, but their
+                                // fate is still evidence about their paths.
+                                tokio::spawn(async move {
+                                    while let Some((i, kind, started, timeout, result)) = inflight.next().await {
+                                        let (outcome, label) = match result {
+                                            Ok(_) => (outcome_for(started.elapsed(), timeout), "discarded"),
+                                            Err((k, _)) => (Outcome::Failed(k), "failed"),
+                                        };
+                                        health.record(i, outcome);
+                                        metrics.attempts.with_label_values(&[&*names[i], kind, label]).inc();
+                                    }
+                                });
+                            }
+                            return Ok(Answer { response: resp, path: path.name.clone(), attempts });
+                        }
+                        Err((kind_failed, msg)) => {
+                            rt.health.record(i, Outcome::Failed(kind_failed));
+                            self.metrics.attempts.with_label_values(&[&*path.name, kind, "failed"]).inc();
+                            tracing::debug!(path = %path.name, kind, error = %msg, "attempt failed");
+                            attempts.push(record(path, kind, msg, out.received));
+                            if next < candidates.len() && Instant::now() < deadline {
+                                if self.budget.try_spend() || out.emergency {
+                                    launch(candidates[next], "retry", &mut inflight);
+                                    next += 1;
+                                    if next >= candidates.len() {
+                                        hedge_at = None;
+                                    }
+                                } else {
+                                    self.metrics.budget_exhausted.inc();
+                                }
+                            }
+                            if inflight.is_empty() {
+                                return Err(Failure::Exhausted { attempts, deadline_passed: false });
+                            }
+                        }
+                    }
+                }
+                _ = sleep_until_opt(hedge_at), if hedge_at.is_some() => {
+                    hedge_at = None;
+                    if next < candidates.len() {
+                        if self.budget.try_spend() {
+                            launch(candidates[next], "hedge", &mut inflight);
+                            next += 1;
+                        } else {
+                            self.metrics.budget_exhausted.inc();
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now_ms = out.received.elapsed().as_millis() as u64;
+                    attempts.push(AttemptRecord {
+                        path: "-".to_owned(),
+                        kind: "deadline",
+                        result: format!("deadline of {:?} passed with {} attempt(s) still waiting", cfg.deadline, inflight.len()),
+                        elapsed_ms: now_ms,
+                    });
+                    return Err(Failure::Exhausted { attempts, deadline_passed: true });
+                }
+            }
+        }
+    }
+
+    /// Attempt timeout for path `i`: `factor` x its recent p99, within the
+    /// configured bounds, and never past the request's deadline.
+    fn attempt_timeout(&self, rt: &Runtime, i: usize, deadline: Instant) -> Duration {
+        let f = &rt.config.forward;
+        let adaptive = match rt.health.p99(i) {
+            Some(p99) => p99
+                .mul_f64(f.attempt_timeout_factor)
+                .clamp(f.attempt_timeout_min, f.attempt_timeout_max),
+            None => f.attempt_timeout_max,
+        };
+        adaptive.min(deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// Hedge delay for a request on path `i`: its recent p95, at least a
+    /// third of the minimum attempt timeout.
+    fn hedge_delay(&self, rt: &Runtime, i: usize) -> Duration {
+        let f = &rt.config.forward;
+        let floor = f.attempt_timeout_min / 3;
+        let snap = rt.health.snapshot();
+        snap.paths
+            .get(i)
+            .and_then(|p| p.p95)
+            .map_or(floor, |p95| Duration::from_secs_f64(p95).max(floor))
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn record(path: &PathClient, kind: &'static str, result: String, received: Instant) -> AttemptRecord {
+    AttemptRecord {
+        path: path.name.to_string(),
+        kind,
+        result,
+        elapsed_ms: received.elapsed().as_millis() as u64,
+    }
+}
+
+fn build_request(path: &PathClient, out: &Outbound) -> Request<Full<Bytes>> {
+    let uri = format!("{}{}", path.origin, out.path_and_query);
+    let mut req = Request::new(Full::new(out.body.clone()));
+    *req.method_mut() = out.method.clone();
+    *req.uri_mut() = uri.parse().unwrap_or_default();
+    *req.headers_mut() = out.headers.clone();
+    req
+}
+
+async fn run_attempt(
+    i: usize,
+    kind: &'static str,
+    path: Arc<PathClient>,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> AttemptResult {
+    let started = Instant::now();
+    let result = match tokio::time::timeout(timeout, path.client.request(req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(classify(&e)),
+        Err(_) => Err((
+            FailureKind::Timeout,
+            format!("no answer within {}ms", timeout.as_millis()),
+        )),
+    };
+    (i, kind, started, timeout, result)
+}
+
+/// Turns a client error into a failure kind and a message a person can read.
+pub fn classify(e: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
+    if let Some(d) = dial_error(e) {
+        let kind = if matches!(d, crate::paths::DialError::Timeout { .. }) {
+            FailureKind::Timeout
+        } else {
+            FailureKind::Connect
+        };
+        return (kind, d.to_string());
+    }
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    if e.is_connect() {
+        (FailureKind::Connect, msg)
+    } else {
+        (FailureKind::Broken, msg)
+    }
+}

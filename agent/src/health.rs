@@ -1,0 +1,619 @@
+//! Path health: what probes and real requests saw on every path, the
+//! `up`/`degraded`/`down` state machine with hysteresis and hold-down, scoring,
+//! and the ranked snapshot the request path reads without locks.
+//!
+//! Evidence arrives as [`Outcome`]s, from the prober (one `GET /healthz` per
+//! path per interval) and from every request attempt (passive health). Each
+//! outcome updates that path's stats under a short per-path lock that is never
+//! held across an `.await`; then a fresh [`Snapshot`] is published through
+//! `ArcSwap`, which the forwarder loads for free on every request.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use detour_wire::{PathReport, PathState};
+use tokio::time::Instant;
+
+use crate::config::Health as HealthConfig;
+use crate::metrics::Metrics;
+
+/// What one exchange on a path showed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// Response headers arrived after this long.
+    Ok(Duration),
+    /// Slow enough to count as a lost exchange, though it completed
+    /// (a stall like a retransmission).
+    Slow(Duration),
+    /// Timed out, reset, refused, or could not connect.
+    Failed(FailureKind),
+}
+
+/// Why an exchange failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// TCP or TLS connect failed, or the peer's relay refused the tunnel.
+    Connect,
+    /// No response headers within the timeout.
+    Timeout,
+    /// The connection broke during the exchange.
+    Broken,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect failed",
+            FailureKind::Timeout => "timed out",
+            FailureKind::Broken => "connection broke",
+        }
+    }
+}
+
+/// How a path is used, for scoring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathInfo {
+    /// `direct` or `via:<peer>`.
+    pub name: Arc<str>,
+    pub direct: bool,
+    /// Preference among peers (1..=1000, default 100).
+    pub weight: u32,
+    /// `false` while a peer is drained: never chosen for new requests.
+    pub enabled: bool,
+}
+
+/// One second of evidence.
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    second: u64,
+    total: u32,
+    bad: u32,
+}
+
+/// Evidence and state of one path.
+#[derive(Debug)]
+pub struct PathStats {
+    pub info: PathInfo,
+    state: PathState,
+    reason: Option<String>,
+    /// Smoothed RTT (EWMA, alpha 0.2), seconds.
+    ewma: Option<f64>,
+    /// The most recent RTT samples, newest last.
+    recent: VecDeque<f64>,
+    buckets: VecDeque<Bucket>,
+    consecutive_failures: u32,
+    consecutive_ok: u32,
+    /// No rise before this instant.
+    hold_until: Option<Instant>,
+    /// Flaps in a row; each one doubles the hold-down.
+    flaps: u32,
+    /// When the path last became `up`.
+    up_since: Option<Instant>,
+    /// Until the first evidence arrives a path is `down` but "unknown".
+    seen: bool,
+    /// Since the path left `up`: whether any exchange succeeded.
+    ok_since_out: bool,
+    /// Since the path left `up`: whether failures and successes alternated (loss).
+    mixed: bool,
+    /// The path has never been `up` and never failed.
+    never_up: bool,
+}
+
+const RECENT: usize = 64;
+/// Seconds of evidence the short (falling) window covers.
+const SHORT_WINDOW: u64 = 10;
+/// Seconds of evidence the long (rising) window covers.
+const LONG_WINDOW: u64 = 30;
+/// A path that stayed up this long forgets its past flaps.
+const FLAP_FORGET: Duration = Duration::from_secs(60);
+/// Fewest bad exchanges in the short window that make a path degraded.
+const MIN_BAD_FOR_DEGRADED: u32 = 3;
+
+impl PathStats {
+    pub fn new(info: PathInfo) -> PathStats {
+        PathStats {
+            info,
+            state: PathState::Down,
+            reason: Some("no evidence yet".to_owned()),
+            ewma: None,
+            recent: VecDeque::with_capacity(RECENT),
+            buckets: VecDeque::with_capacity(LONG_WINDOW as usize + 1),
+            consecutive_failures: 0,
+            consecutive_ok: 0,
+            hold_until: None,
+            flaps: 0,
+            up_since: None,
+            seen: false,
+            ok_since_out: false,
+            mixed: false,
+            never_up: true,
+        }
+    }
+
+    pub fn state(&self) -> PathState {
+        self.state
+    }
+
+    /// Smoothed RTT in seconds.
+    pub fn rtt(&self) -> Option<f64> {
+        self.ewma
+    }
+
+    /// The `q` quantile (0..1) of recent RTT samples, in seconds.
+    pub fn rtt_quantile(&self, q: f64) -> Option<f64> {
+        if self.recent.is_empty() {
+            return None;
+        }
+        let mut v: Vec<f64> = self.recent.iter().copied().collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v.get(idx.min(v.len() - 1)).copied()
+    }
+
+    fn window(&self, now_sec: u64, secs: u64) -> (u32, u32) {
+        self.buckets
+            .iter()
+            .filter(|b| b.second + secs > now_sec)
+            .fold((0, 0), |(t, b), x| (t + x.total, b + x.bad))
+    }
+
+    /// Share of bad exchanges over the short window.
+    pub fn loss(&self, now: Instant, epoch: Instant) -> f64 {
+        let (total, bad) = self.window(second(now, epoch), SHORT_WINDOW);
+        if total == 0 {
+            0.0
+        } else {
+            f64::from(bad) / f64::from(total)
+        }
+    }
+
+    /// Lower is better. Latency in milliseconds, inflated by loss, divided by
+    /// the peer's weight share; a state adds a large constant so a healthier
+    /// state always ranks first.
+    pub fn score(&self, now: Instant, epoch: Instant) -> f64 {
+        let rtt_ms = self.ewma.map_or(1000.0, |s| s * 1000.0).max(0.1);
+        let loss = self.loss(now, epoch);
+        let weight = f64::from(self.info.weight.max(1)) / 100.0;
+        let base = rtt_ms * (1.0 + 20.0 * loss) / weight;
+        let penalty = match self.state {
+            PathState::Up => 0.0,
+            PathState::Degraded => 100_000.0,
+            PathState::Down => 1_000_000.0,
+        };
+        penalty + base + f64::from(self.consecutive_failures) * 1000.0
+    }
+
+    /// Takes one outcome into account and moves the state machine. Returns
+    /// the new state when it changed.
+    pub fn record(
+        &mut self,
+        outcome: Outcome,
+        now: Instant,
+        epoch: Instant,
+        cfg: &HealthConfig,
+    ) -> Option<PathState> {
+        self.seen = true;
+        let sec = second(now, epoch);
+        match self.buckets.back_mut() {
+            Some(b) if b.second == sec => {}
+            _ => self.buckets.push_back(Bucket {
+                second: sec,
+                total: 0,
+                bad: 0,
+            }),
+        }
+        while self
+            .buckets
+            .front()
+            .is_some_and(|b| b.second + LONG_WINDOW <= sec)
+        {
+            self.buckets.pop_front();
+        }
+        let bucket = self.buckets.back_mut().expect("a bucket was just pushed");
+        bucket.total += 1;
+        let hard = match outcome {
+            Outcome::Ok(rtt) => {
+                self.sample(rtt);
+                self.consecutive_failures = 0;
+                self.consecutive_ok += 1;
+                false
+            }
+            Outcome::Slow(_) => {
+                // A stall is loss, not latency: keeping it out of the RTT
+                // samples keeps attempt timeouts short on a lossy path.
+                bucket.bad += 1;
+                self.consecutive_ok = 0;
+                false
+            }
+            Outcome::Failed(_) => {
+                self.never_up = false;
+                bucket.bad += 1;
+                self.consecutive_ok = 0;
+                self.consecutive_failures += 1;
+                true
+            }
+        };
+        if self.state == PathState::Up
+            && self
+                .up_since
+                .is_some_and(|t| now.duration_since(t) >= FLAP_FORGET)
+        {
+            self.flaps = 0;
+        }
+        let before = self.state;
+        let (short_total, short_bad) = self.window(sec, SHORT_WINDOW);
+        let short_loss = if short_total == 0 {
+            0.0
+        } else {
+            f64::from(short_bad) / f64::from(short_total)
+        };
+        let lossy = short_bad >= MIN_BAD_FOR_DEGRADED && short_loss >= cfg.degraded_loss;
+
+        // Once a path is out, a failure after a success means loss, not an outage.
+        if self.state != PathState::Up && hard && self.ok_since_out {
+            self.mixed = true;
+        }
+        if self.state != PathState::Up && !hard && matches!(outcome, Outcome::Ok(_)) {
+            self.ok_since_out = true;
+        }
+        let next = if hard && self.consecutive_failures >= cfg.fall {
+            let why = match outcome {
+                Outcome::Failed(k) => k.as_str(),
+                _ => "failed",
+            };
+            self.reason = Some(format!(
+                "{} consecutive failures ({why})",
+                self.consecutive_failures
+            ));
+            PathState::Down
+        } else if self.state == PathState::Up {
+            if lossy {
+                self.reason = Some(format!(
+                    "{:.0}% of recent exchanges lost or stalled",
+                    short_loss * 100.0
+                ));
+                PathState::Degraded
+            } else {
+                PathState::Up
+            }
+        } else {
+            let held = self.hold_until.is_some_and(|t| now < t);
+            let (long_total, long_bad) = self.window(sec, LONG_WINDOW);
+            // A clean outage (nothing but failures, then nothing but
+            // successes) may rise after `rise` good exchanges. A lossy path
+            // must show a long clean run first, or it would flap.
+            let clean = if self.mixed {
+                long_total >= 2 * cfg.rise
+                    && f64::from(long_bad) < f64::from(long_total) * cfg.degraded_loss / 2.0
+            } else {
+                !lossy
+            };
+            // A path nobody has seen fail yet is up on its first good answer,
+            // so an agent is useful the moment it starts.
+            let first_light =
+                self.up_since.is_none() && self.never_up && !self.mixed && self.consecutive_ok >= 1;
+            if (self.consecutive_ok >= cfg.rise || first_light) && clean && !held {
+                self.reason = None;
+                PathState::Up
+            } else if self.state == PathState::Down && self.consecutive_ok >= cfg.rise && !held && self.mixed
+            {
+                self.reason = Some(format!(
+                    "answering, but {:.0}% lost or stalled",
+                    short_loss * 100.0
+                ));
+                PathState::Degraded
+            } else {
+                self.state
+            }
+        };
+        if next != before {
+            self.transition(before, next, now, cfg);
+            Some(next)
+        } else {
+            None
+        }
+    }
+
+    fn sample(&mut self, rtt: Duration) {
+        let s = rtt.as_secs_f64();
+        self.ewma = Some(match self.ewma {
+            None => s,
+            Some(e) => e * 0.8 + s * 0.2,
+        });
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(s);
+    }
+
+    fn transition(&mut self, from: PathState, to: PathState, now: Instant, cfg: &HealthConfig) {
+        if from == PathState::Up {
+            // Falling soon after rising is a flap: wait longer before the next rise.
+            let recently_up = self.up_since.is_some_and(|t| now.duration_since(t) < FLAP_FORGET);
+            if recently_up {
+                self.flaps = (self.flaps + 1).min(16);
+            }
+            let base = cfg.hold_down_min.as_secs_f64() * 2f64.powi(self.flaps as i32);
+            let jitter = 1.0 + (rand::random::<f64>() - 0.5) * 0.4;
+            let hold = (base * jitter).min(cfg.hold_down_max.as_secs_f64());
+            self.hold_until = Some(now + Duration::from_secs_f64(hold));
+            self.up_since = None;
+        }
+        if to == PathState::Down && from != PathState::Degraded {
+            // The outage is the state; recovery is judged on fresh evidence.
+            self.buckets.clear();
+            self.consecutive_ok = 0;
+        }
+        if from == PathState::Up {
+            self.ok_since_out = false;
+            self.mixed = to == PathState::Degraded;
+        }
+        if to == PathState::Up || from == PathState::Up || to == PathState::Degraded {
+            self.never_up = false;
+        }
+        if to == PathState::Up {
+            self.up_since = Some(now);
+            self.hold_until = None;
+        }
+        self.state = to;
+    }
+
+    /// Marks an idle, never-probed path (used when building a fresh table).
+    pub fn is_unknown(&self) -> bool {
+        !self.seen
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+}
+
+fn second(now: Instant, epoch: Instant) -> u64 {
+    now.saturating_duration_since(epoch).as_secs()
+}
+
+/// One path as the request path sees it.
+#[derive(Debug, Clone)]
+pub struct PathView {
+    pub index: usize,
+    pub name: Arc<str>,
+    pub state: PathState,
+    pub enabled: bool,
+    pub rtt: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+    pub loss: f64,
+    pub score: f64,
+    pub consecutive_failures: u32,
+    pub reason: Option<String>,
+}
+
+/// The ranked view of every path, published on every change.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every path, in table order (index = position in the path table).
+    pub paths: Vec<PathView>,
+    /// Indices of enabled paths, best first.
+    pub ranked: Vec<usize>,
+}
+
+impl Snapshot {
+    /// The path new requests go to first.
+    pub fn active(&self) -> Option<&PathView> {
+        self.ranked.first().map(|&i| &self.paths[i])
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&PathView> {
+        self.paths.iter().find(|p| &*p.name == name)
+    }
+}
+
+/// Ranks paths: `direct` when it is up, then up paths by score, then degraded
+/// by score, then down by score (fail static: a bad path beats no path).
+/// Disabled paths are left out.
+pub fn rank(paths: &[PathView]) -> Vec<usize> {
+    let mut order: Vec<usize> = paths.iter().filter(|p| p.enabled).map(|p| p.index).collect();
+    let class = |p: &PathView| match p.state {
+        PathState::Up if &*p.name == "direct" => 0,
+        PathState::Up => 1,
+        PathState::Degraded => 2,
+        PathState::Down => 3,
+    };
+    order.sort_by(|&a, &b| {
+        let (pa, pb) = (&paths[a], &paths[b]);
+        class(pa)
+            .cmp(&class(pb))
+            .then(pa.score.total_cmp(&pb.score))
+            .then(a.cmp(&b))
+    });
+    order
+}
+
+/// The health of every path of one agent.
+pub struct HealthTable {
+    cfg: HealthConfig,
+    epoch: Instant,
+    paths: Vec<Mutex<PathStats>>,
+    snapshot: ArcSwap<Snapshot>,
+    metrics: Arc<Metrics>,
+    active: Mutex<Option<Arc<str>>>,
+    dirty: AtomicBool,
+}
+
+impl HealthTable {
+    pub fn new(cfg: HealthConfig, infos: Vec<PathInfo>, metrics: Arc<Metrics>) -> HealthTable {
+        let table = HealthTable {
+            cfg,
+            epoch: Instant::now(),
+            paths: infos.into_iter().map(|i| Mutex::new(PathStats::new(i))).collect(),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            metrics,
+            active: Mutex::new(None),
+            dirty: AtomicBool::new(false),
+        };
+        table.publish();
+        table
+    }
+
+    /// Carries the evidence of an older table over to paths of the same name
+    /// (used when the peer list is reloaded).
+    pub fn inherit(&self, old: &HealthTable) {
+        for p in &self.paths {
+            let mut new = lock(p);
+            for o in &old.paths {
+                let mut o = lock(o);
+                if o.info.name == new.info.name {
+                    let info = new.info.clone();
+                    std::mem::swap(&mut *new, &mut *o);
+                    new.info = info;
+                    break;
+                }
+            }
+        }
+        *lock(&self.active) = lock(&old.active).clone();
+        self.publish();
+    }
+
+    pub fn config(&self) -> &HealthConfig {
+        &self.cfg
+    }
+
+    /// The current ranked view; lock-free.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Records one outcome on path `index`.
+    pub fn record(&self, index: usize, outcome: Outcome) {
+        let Some(p) = self.paths.get(index) else { return };
+        let changed = {
+            let mut s = lock(p);
+            let changed = s.record(outcome, Instant::now(), self.epoch, &self.cfg);
+            if let Some(to) = changed {
+                tracing::info!(path = %s.info.name, state = to.as_str(), reason = s.reason().unwrap_or("recovered"), "path state changed");
+            }
+            changed
+        };
+        // A state change is published at once; fresher RTT and loss figures
+        // wait for the next refresh tick, keeping the hot path cheap.
+        if changed.is_some() {
+            self.publish();
+        } else {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Republishes the snapshot if evidence arrived since the last one.
+    /// The agent calls this every 100 ms.
+    pub fn refresh(&self) {
+        if self.dirty.swap(false, Ordering::Relaxed) {
+            self.publish();
+        }
+    }
+
+    /// A hint for timeouts on path `index`: its recent p99 RTT.
+    pub fn p99(&self, index: usize) -> Option<Duration> {
+        let s = self.snapshot.load();
+        s.paths
+            .get(index)
+            .and_then(|p| p.p99)
+            .map(Duration::from_secs_f64)
+    }
+
+    fn publish(&self) {
+        let now = Instant::now();
+        let mut views = Vec::with_capacity(self.paths.len());
+        for (i, p) in self.paths.iter().enumerate() {
+            let s = lock(p);
+            views.push(PathView {
+                index: i,
+                name: s.info.name.clone(),
+                state: s.state(),
+                enabled: s.info.enabled,
+                rtt: s.rtt(),
+                p95: s.rtt_quantile(0.95),
+                p99: s.rtt_quantile(0.99),
+                loss: s.loss(now, self.epoch),
+                score: s.score(now, self.epoch),
+                consecutive_failures: s.consecutive_failures(),
+                reason: s.reason().map(str::to_owned),
+            });
+        }
+        let ranked = rank(&views);
+        let snap = Snapshot { paths: views, ranked };
+        for v in &snap.paths {
+            let state = match v.state {
+                PathState::Up => 2,
+                PathState::Degraded => 1,
+                PathState::Down => 0,
+            };
+            self.metrics.path_state.with_label_values(&[&*v.name]).set(state);
+            if let Some(rtt) = v.rtt {
+                self.metrics.path_rtt.with_label_values(&[&*v.name]).set(rtt);
+            }
+            self.metrics.path_loss.with_label_values(&[&*v.name]).set(v.loss);
+        }
+        let new_active = snap.active().map(|p| p.name.clone());
+        {
+            let mut active = lock(&self.active);
+            if *active != new_active {
+                let reason = match snap.active() {
+                    Some(p) => format!("{} is {}", p.name, p.state.as_str()),
+                    None => "no enabled path".to_owned(),
+                };
+                let from = active.as_deref().unwrap_or("none").to_owned();
+                if let Some(old) = active.as_deref() {
+                    self.metrics.active_path.with_label_values(&[old]).set(0);
+                    let old_state = snap.by_name(old).map_or("removed", |p| p.state.as_str());
+                    tracing::warn!(from = %from, to = new_active.as_deref().unwrap_or("none"), reason = %reason, old_state, "active path switched");
+                    self.metrics.path_switches.inc();
+                }
+                if let Some(new) = new_active.as_deref() {
+                    self.metrics.active_path.with_label_values(&[new]).set(1);
+                }
+                *active = new_active;
+            }
+        }
+        self.snapshot.store(Arc::new(snap));
+    }
+
+    /// The `/status` view of every path.
+    pub fn reports(&self) -> Vec<PathReport> {
+        let snap = self.snapshot();
+        let active = snap.active().map(|p| p.index);
+        snap.paths
+            .iter()
+            .map(|p| PathReport {
+                path: p.name.to_string(),
+                state: p.state,
+                rtt_seconds: p.rtt,
+                rtt_p95_seconds: p.p95,
+                loss_ratio: p.loss,
+                score: p.score,
+                active: Some(p.index) == active,
+                consecutive_failures: p.consecutive_failures,
+                reason: if p.enabled {
+                    p.reason.clone()
+                } else {
+                    Some("disabled (draining)".to_owned())
+                },
+            })
+            .collect()
+    }
+}
+
+/// Locks a mutex, recovering from a poisoned one: health stats stay usable
+/// even if a thread panicked while holding the lock.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

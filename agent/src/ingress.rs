@@ -1,0 +1,348 @@
+//! Ingress: the call handler's side (HAProxy's frontend role). Accepts plain
+//! HTTP/1.1 on `listen.local`, refuses anything that is not for the control
+//! plane, buffers the body so it can be re-sent, adds the request's identity
+//! headers and hands it to the forwarder. Responses stream back unchanged.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use detour_wire::{PROBLEM_JSON, Problem, headers as dh};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::config::AgentConfig;
+use crate::forward::{Failure, Forwarder, Outbound};
+use crate::metrics::Metrics;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) and proxy headers, never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The shared state of the local entry point.
+pub struct Ingress {
+    pub forwarder: Arc<Forwarder>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Builds a problem+json response.
+pub fn problem(p: Problem) -> Response<Body> {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = Response::new(full(p.to_json()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    resp
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+}
+
+/// Whether an absolute-form target names the control plane.
+fn is_control_plane(uri: &http::Uri, config: &AgentConfig) -> bool {
+    let cp = &config.control_plane;
+    let Some(host) = uri.host() else { return false };
+    let host = host.trim_matches(['[', ']']);
+    if !host.eq_ignore_ascii_case(&cp.host) {
+        return false;
+    }
+    match uri.port_u16() {
+        Some(p) => p == cp.port,
+        None => true,
+    }
+}
+
+impl Ingress {
+    /// Handles one request from the call handler. Never fails: every error
+    /// becomes a problem+json response.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let received = Instant::now();
+        let request_id = req
+            .headers()
+            .get(dh::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let (resp, path) = self.handle_inner(req, received, &request_id).await;
+        let outcome = if resp.status().is_server_error() && resp.headers().get(dh::PATH).is_none() {
+            "failed"
+        } else if resp.headers().get(dh::PATH).is_none() {
+            "rejected"
+        } else {
+            "ok"
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[path.as_str(), outcome])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[path.as_str()])
+            .observe(received.elapsed().as_secs_f64());
+        let mut resp = resp;
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(dh::REQUEST_ID, v);
+        }
+        resp
+    }
+
+    async fn handle_inner(
+        &self,
+        req: Request<Incoming>,
+        received: Instant,
+        request_id: &str,
+    ) -> (Response<Body>, String) {
+        let none = || "none".to_owned();
+        let rt = self.forwarder.runtime();
+        let config = rt.config.clone();
+        let (parts, body) = req.into_parts();
+
+        if parts.method == Method::CONNECT {
+            let p = Problem::new(
+                405,
+                "CONNECT is not supported here",
+                "send plain HTTP requests to the agent; it carries them to the control plane over TLS itself",
+            );
+            return (problem(p), none());
+        }
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            if !is_control_plane(&parts.uri, &config) {
+                let target = parts.uri.authority().map_or("?".to_owned(), |a| a.to_string());
+                tracing::warn!(target = %target, "refused a request for another host");
+                let p = Problem::new(
+                    403,
+                    "Destination is not the control plane",
+                    format!(
+                        "this agent only carries requests to {}; `{target}` is not it",
+                        config.control_plane.authority()
+                    ),
+                );
+                return (problem(p), none());
+            }
+        }
+        let Some(pq) = parts.uri.path_and_query() else {
+            return (
+                problem(Problem::new(400, "Bad request target", "the request has no path")),
+                none(),
+            );
+        };
+        if !pq.as_str().starts_with('/') {
+            return (
+                problem(Problem::new(
+                    400,
+                    "Bad request target",
+                    "the request path must start with '/'",
+                )),
+                none(),
+            );
+        }
+
+        // Priority: an explicit header wins; else the configured path prefixes.
+        let emergency = match parts.headers.get(dh::PRIORITY).map(|v| v.to_str().map(str::trim)) {
+            None => config
+                .forward
+                .emergency_path_prefixes
+                .iter()
+                .any(|p| pq.path().starts_with(p.as_str())),
+            Some(Ok(v)) if v.eq_ignore_ascii_case("emergency") => true,
+            Some(Ok(v)) if v.eq_ignore_ascii_case("normal") => false,
+            Some(_) => {
+                let p = Problem::new(
+                    400,
+                    "Bad X-Detour-Priority",
+                    "X-Detour-Priority must be `emergency` or `normal`",
+                );
+                return (problem(p), none());
+            }
+        };
+        let pin = match parts.headers.get(dh::PIN).map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(v)) => Some(v.trim().to_owned()),
+            Some(Err(_)) => {
+                return (
+                    problem(Problem::new(
+                        400,
+                        "Bad X-Detour-Pin",
+                        "X-Detour-Pin must be `direct` or `via:<peer>`",
+                    )),
+                    none(),
+                );
+            }
+        };
+
+        // The body is buffered whole so any path can re-send it.
+        let max = config.ingress.max_body;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return (problem(too_large(max)), none());
+        }
+        let collected = tokio::time::timeout(
+            config.ingress.body_timeout,
+            Limited::new(body, max as usize).collect(),
+        )
+        .await;
+        let body = match collected {
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                return (problem(too_large(max)), none());
+            }
+            Ok(Err(e)) => {
+                let p = Problem::new(400, "Could not read the request body", e.to_string());
+                return (problem(p), none());
+            }
+            Err(_) => {
+                let p = Problem::new(
+                    408,
+                    "Request body too slow",
+                    format!(
+                        "the body did not arrive within {}",
+                        humantime::format_duration(config.ingress.body_timeout)
+                    ),
+                );
+                return (problem(p), none());
+            }
+        };
+
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(dh::PIN);
+        let cp = &config.control_plane;
+        if let Ok(v) = HeaderValue::from_str(&cp.host_header()) {
+            headers.insert(header::HOST, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            headers.insert(dh::REQUEST_ID, v);
+        }
+        if !headers.contains_key(dh::IDEMPOTENCY_KEY) {
+            if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+                headers.insert(dh::IDEMPOTENCY_KEY, v);
+            }
+        }
+        if let Some(token) = &cp.token {
+            if !headers.contains_key(header::AUTHORIZATION) {
+                if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+                    headers.insert(header::AUTHORIZATION, v);
+                }
+            }
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        if !body.is_empty()
+            || !matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            )
+        {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+
+        let out = Outbound {
+            method: parts.method,
+            path_and_query: format!("{}{}", cp.base_path, pq.as_str()),
+            headers,
+            body,
+            emergency,
+            pin,
+            received,
+        };
+        match self.forwarder.forward(out).await {
+            Ok(answer) => {
+                let (mut rparts, rbody) = answer.response.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                if let Ok(v) = HeaderValue::from_str(&answer.path) {
+                    rparts.headers.insert(dh::PATH, v);
+                }
+                if answer.attempts.len() > 1 {
+                    tracing::info!(request_id, path = %answer.path, attempts = answer.attempts.len(), "answered after more than one attempt");
+                }
+                (
+                    Response::from_parts(rparts, rbody.boxed()),
+                    answer.path.to_string(),
+                )
+            }
+            Err(Failure::UnknownPin(p)) => {
+                let pr = Problem::new(
+                    400,
+                    "Unknown path",
+                    format!("X-Detour-Pin names `{p}`, which is not a configured path"),
+                );
+                (problem(pr), none())
+            }
+            Err(Failure::Exhausted {
+                attempts,
+                deadline_passed,
+            }) => {
+                let detail = if attempts.is_empty() {
+                    "no enabled path to the control plane".to_owned()
+                } else if deadline_passed {
+                    format!(
+                        "no path delivered within the deadline of {}",
+                        humantime::format_duration(config.forward.deadline)
+                    )
+                } else {
+                    format!("all {} attempt(s) failed", attempts.len())
+                };
+                tracing::warn!(request_id, %detail, ?attempts, "request failed on every path");
+                let p = Problem::new(503, "No path to the control plane", detail)
+                    .with_type("https://detour.dev/problems/no-path")
+                    .with("request_id", request_id)
+                    .with("attempts", &attempts);
+                let mut resp = problem(p);
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                (resp, none())
+            }
+        }
+    }
+}
+
+fn too_large(max: u64) -> Problem {
+    Problem::new(
+        413,
+        "Request body too large",
+        format!("the body is over the limit of {max} bytes (ingress.max_body)"),
+    )
+}
+
+/// How long a keep-alive connection may sit idle between requests.
+pub const IDLE_KEEPALIVE: Duration = Duration::from_secs(75);

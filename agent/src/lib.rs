@@ -1,0 +1,432 @@
+//! Detour agent: keeps a telephony server talking to its control plane over
+//! the best working path.
+//!
+//! A request meets the modules in this order: [`ingress`] (call handler ->
+//! agent) -> [`forward`] (attempts, retries, hedging) -> [`paths`] (`direct`,
+//! `via:<peer>`), with [`health`] beside them publishing a ranked snapshot.
+//! [`relay`] serves the peers; [`config`], [`tls`], [`pki`], [`admin`],
+//! [`metrics`] and [`reload`] support them. `main.rs` only parses the command
+//! line and calls into this library, so tests and the lab drive the same code.
+
+pub mod admin;
+pub mod config;
+pub mod forward;
+pub mod health;
+pub mod ingress;
+pub mod metrics;
+pub mod paths;
+pub mod pki;
+pub mod relay;
+pub mod reload;
+pub mod status;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::AgentConfig;
+use crate::forward::{Forwarder, Runtime};
+use crate::health::{HealthTable, Outcome, PathInfo};
+use crate::metrics::Metrics;
+
+/// State shared by the listeners and background tasks of one agent.
+pub struct Shared {
+    pub forwarder: Arc<Forwarder>,
+    pub metrics: Arc<Metrics>,
+    pub relay: Option<Arc<ArcSwap<relay::Relay>>>,
+    /// The last reload error, shown in `/status` until a reload succeeds.
+    pub config_error: ArcSwapOption<String>,
+}
+
+/// A running agent. Dropping it does not stop it; call [`Agent::shutdown`].
+pub struct Agent {
+    pub local_addr: SocketAddr,
+    pub relay_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    drain_timeout: Duration,
+}
+
+/// Builds the runtime (paths and health table) for a config, reusing the
+/// connection pools and evidence of paths that already exist in `old`.
+pub fn build_runtime(
+    config: Arc<AgentConfig>,
+    metrics: &Arc<Metrics>,
+    old: Option<&Runtime>,
+) -> anyhow::Result<Runtime> {
+    let mut paths = paths::build_paths(&config).map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(old) = old {
+        let same_cp = old.config.control_plane.url == config.control_plane.url
+            && old.config.control_plane.addresses == config.control_plane.addresses
+            && old.config.control_plane.token == config.control_plane.token;
+        if same_cp {
+            for p in paths.iter_mut() {
+                if let Some(o) = old
+                    .paths
+                    .iter()
+                    .find(|o| o.name == p.name && same_route(&o.route, &p.route))
+                {
+                    // Same path, same endpoint: keep its warm connections.
+                    *p = o.clone();
+                }
+            }
+        }
+    }
+    let infos = paths
+        .iter()
+        .map(|p| {
+            let peer = config.peers.iter().find(|x| x.path_name() == *p.name);
+            PathInfo {
+                name: p.name.clone(),
+                direct: peer.is_none(),
+                weight: peer.map_or(100, |x| x.weight),
+                enabled: peer.is_none_or(|x| x.enabled),
+            }
+        })
+        .collect();
+    let health = Arc::new(HealthTable::new(config.health.clone(), infos, metrics.clone()));
+    if let Some(old) = old {
+        health.inherit(&old.health);
+    }
+    Ok(Runtime {
+        config,
+        paths,
+        health,
+    })
+}
+
+fn same_route(a: &paths::Route, b: &paths::Route) -> bool {
+    match (a, b) {
+        (paths::Route::Direct, paths::Route::Direct) => true,
+        (paths::Route::Via { peer: p1, relay: r1 }, paths::Route::Via { peer: p2, relay: r2 }) => {
+            p1 == p2 && r1 == r2
+        }
+        _ => false,
+    }
+}
+
+fn relay_state(
+    config: &Arc<AgentConfig>,
+    metrics: &Arc<Metrics>,
+    counts: Arc<relay::TunnelCounts>,
+) -> anyhow::Result<Option<relay::Relay>> {
+    let (Some(_), Some(tls)) = (config.listen.relay, &config.tls) else {
+        return Ok(None);
+    };
+    let server = tls.relay_server_config().context("relay TLS configuration")?;
+    Ok(Some(relay::Relay {
+        config: config.clone(),
+        acceptor: tokio_rustls::TlsAcceptor::from(server),
+        metrics: metrics.clone(),
+        counts,
+    }))
+}
+
+impl Agent {
+    /// Binds the listeners and starts every task. Port 0 in a listen address
+    /// picks a free port; the bound addresses are in the returned value.
+    pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new(&config.pop));
+        let runtime = build_runtime(config.clone(), &metrics, None)?;
+        let forwarder = Arc::new(Forwarder::new(runtime, metrics.clone()));
+
+        let local = TcpListener::bind(config.listen.local)
+            .await
+            .with_context(|| format!("binding listen.local {}", config.listen.local))?;
+        let admin = TcpListener::bind(config.listen.admin)
+            .await
+            .with_context(|| format!("binding listen.admin {}", config.listen.admin))?;
+        let relay_listener = match config.listen.relay {
+            Some(addr) if config.tls.is_some() => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding listen.relay {addr}"))?,
+            ),
+            _ => None,
+        };
+        let counts = Arc::new(relay::TunnelCounts::default());
+        let relay = relay_state(&config, &metrics, counts)?.map(|r| Arc::new(ArcSwap::from_pointee(r)));
+
+        let shared = Arc::new(Shared {
+            forwarder,
+            metrics,
+            relay: relay.clone(),
+            config_error: ArcSwapOption::empty(),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let local_addr = local.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let relay_addr = relay_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+
+        tasks.spawn(serve_local(
+            local,
+            shared.clone(),
+            shutdown_rx.clone(),
+            config.ingress.clone(),
+        ));
+        tasks.spawn(serve_admin(admin, shared.clone(), shutdown_rx.clone()));
+        if let (Some(l), Some(r)) = (relay_listener, relay) {
+            tasks.spawn(relay::serve(l, r, shutdown_rx.clone()));
+        }
+        tasks.spawn(probe_loop(shared.clone(), shutdown_rx.clone()));
+        tasks.spawn(refresh_loop(shared.clone(), shutdown_rx.clone()));
+        tracing::info!(pop = %config.pop, local = %local_addr, admin = %admin_addr, relay = ?relay_addr, paths = shared.forwarder.runtime().paths.len(), "agent started");
+        Ok(Agent {
+            local_addr,
+            relay_addr,
+            admin_addr,
+            shared,
+            shutdown,
+            tasks,
+            drain_timeout: config.ingress.drain_timeout,
+        })
+    }
+
+    /// Applies a new, already validated config. Listener addresses and the
+    /// identity cannot change live: such a change is refused with a reason
+    /// and nothing of the new config is applied.
+    pub fn apply(&self, new: AgentConfig) -> Result<(), String> {
+        let rt = self.shared.forwarder.runtime();
+        let old = &rt.config;
+        let mut needs_restart = Vec::new();
+        if old.listen != new.listen {
+            needs_restart.push("listen addresses");
+        }
+        if old.pop != new.pop {
+            needs_restart.push("pop");
+        }
+        let tls_files = |c: &AgentConfig| c.tls.as_ref().map(|t| (t.chain.clone(), t.names.clone()));
+        if tls_files(old) != tls_files(&new) {
+            needs_restart.push("[tls] identity");
+        }
+        if !needs_restart.is_empty() {
+            return Err(format!(
+                "needs restart: {} changed; the running config is unchanged",
+                needs_restart.join(", ")
+            ));
+        }
+        let new = Arc::new(new);
+        let runtime =
+            build_runtime(new.clone(), &self.shared.metrics, Some(&rt)).map_err(|e| e.to_string())?;
+        if let Some(relay) = &self.shared.relay {
+            let counts = relay.load().counts.clone();
+            if let Ok(Some(r)) = relay_state(&new, &self.shared.metrics, counts) {
+                relay.store(Arc::new(r));
+            }
+        }
+        self.shared.forwarder.replace(runtime);
+        Ok(())
+    }
+
+    /// A receiver that turns `true` when shutdown starts.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the drain
+    /// timeout), then stops every task.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let drain = self.drain_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(drain, async { while self.tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// Runs an agent until `shutdown` completes, reloading on SIGHUP and file
+/// changes. This is what `detour-agent run` does.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let files = config.files.clone();
+    let agent = Arc::new(Agent::start(config).await?);
+    let reloader = reload::spawn(agent.clone(), files);
+    shutdown.await;
+    tracing::info!("shutting down: draining in-flight requests");
+    reloader.abort();
+    let _ = reloader.await;
+    match Arc::try_unwrap(agent) {
+        Ok(a) => a.shutdown().await,
+        Err(_) => tracing::warn!("agent still referenced at shutdown"),
+    }
+    Ok(())
+}
+
+async fn serve_local(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    cfg: config::Ingress,
+) {
+    let graceful = GracefulShutdown::new();
+    let ingress = Arc::new(ingress::Ingress {
+        forwarder: shared.forwarder.clone(),
+        metrics: shared.metrics.clone(),
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .keep_alive(true);
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "local accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let ingress = ingress.clone();
+        let service = service_fn(move |req| {
+            let ingress = ingress.clone();
+            async move { Ok::<_, std::convert::Infallible>(ingress.handle(req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(tcp), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "local connection ended");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(cfg.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed with requests still in flight");
+    }
+}
+
+async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| admin::handle(shared.clone(), req));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+/// Probes every path each interval (jittered by up to 10%) with a
+/// `GET health.path` on the path's own pooled connection.
+async fn probe_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let rt = shared.forwarder.runtime();
+        let interval = rt.config.health.interval;
+        for (i, path) in rt.paths.iter().enumerate() {
+            let rt = rt.clone();
+            let path = path.clone();
+            let metrics = shared.metrics.clone();
+            tokio::spawn(async move {
+                let outcome = probe(&rt, &path, i).await;
+                let label = match outcome {
+                    Outcome::Ok(_) => "ok",
+                    Outcome::Slow(_) => "slow",
+                    Outcome::Failed(_) => "failed",
+                };
+                metrics.probes.with_label_values(&[&*path.name, label]).inc();
+                rt.health.record(i, outcome);
+            });
+        }
+        let jitter = interval.mul_f64(rand::random::<f64>() * 0.1);
+        tokio::select! {
+            _ = tokio::time::sleep(interval - jitter) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One probe of path `i`. The timeout adapts: 3x the path's recent p99,
+/// within `health.timeout_min..=timeout_max`.
+pub async fn probe(rt: &Runtime, path: &paths::PathClient, i: usize) -> Outcome {
+    use http_body_util::BodyExt;
+    let h = &rt.config.health;
+    let timeout = rt.health.p99(i).map_or(h.timeout_max, |p| {
+        p.mul_f64(3.0).clamp(h.timeout_min, h.timeout_max)
+    });
+    let cp = &rt.config.control_plane;
+    let uri = format!("{}{}{}", path.origin, cp.base_path, h.path);
+    let mut req = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *req.uri_mut() = uri.parse().unwrap_or_default();
+    if let Ok(v) = http::HeaderValue::from_str(&cp.host_header()) {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    if let Some(t) = &cp.token {
+        if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}")) {
+            req.headers_mut().insert(http::header::AUTHORIZATION, v);
+        }
+    }
+    req.headers_mut()
+        .insert("user-agent", http::HeaderValue::from_static("detour-agent-probe"));
+    let started = tokio::time::Instant::now();
+    let exchange = async {
+        let resp = path
+            .client
+            .request(req)
+            .await
+            .map_err(|e| forward::classify(&e).0)?;
+        // Any answer proves the path; read it whole so the connection stays pooled.
+        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await;
+        Ok::<_, health::FailureKind>(())
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(())) => {
+            let elapsed = started.elapsed();
+            if elapsed > timeout / 2 {
+                Outcome::Slow(elapsed)
+            } else {
+                Outcome::Ok(elapsed)
+            }
+        }
+        Ok(Err(kind)) => Outcome::Failed(kind),
+        Err(_) => Outcome::Failed(health::FailureKind::Timeout),
+    }
+}
+
+async fn refresh_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => shared.forwarder.runtime().health.refresh(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Prometheus metrics of one agent (prefix `detour_`, base units). Each agent
+//! has its own registry so several agents can run in one process (the lab).
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Requests answered to the call handler, by the path that answered
+    /// (`none` when no path did) and outcome (`ok`, `failed`, `rejected`).
+    pub requests: IntCounterVec,
+    /// Time from request received to response headers sent, by path.
+    pub request_duration: HistogramVec,
+    /// Attempts sent, by path and kind (`first`, `retry`, `hedge`) and result.
+    pub attempts: IntCounterVec,
+    /// Retries or hedges not sent because the retry budget was spent.
+    pub budget_exhausted: IntCounter,
+    /// 2 = up, 1 = degraded, 0 = down.
+    pub path_state: IntGaugeVec,
+    pub path_rtt: GaugeVec,
+    pub path_loss: GaugeVec,
+    /// 1 for the path new requests use first, else 0.
+    pub active_path: IntGaugeVec,
+    pub path_switches: IntCounter,
+    pub probes: IntCounterVec,
+    pub relay_tunnels_active: IntGauge,
+    pub relay_tunnels_total: IntCounterVec,
+    pub relay_rejected: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(pop: &str) -> Metrics {
+        let registry =
+            Registry::new_custom(None, Some([("pop".to_owned(), pop.to_owned())].into())).unwrap_or_default();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definitions are static and valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let latency_buckets = vec![
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+        ];
+        Metrics {
+            requests: reg!(IntCounterVec::new(
+                Opts::new("detour_requests_total", "Requests answered to the call handler."),
+                &["path", "outcome"]
+            )),
+            request_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "detour_request_duration_seconds",
+                    "Time from request received to response headers sent."
+                )
+                .buckets(latency_buckets),
+                &["path"]
+            )),
+            attempts: reg!(IntCounterVec::new(
+                Opts::new("detour_attempts_total", "Attempts sent to the control plane."),
+                &["path", "kind", "result"]
+            )),
+            budget_exhausted: reg!(IntCounter::new(
+                "detour_retry_budget_exhausted_total",
+                "Retries or hedges not sent because the retry budget was spent."
+            )),
+            path_state: reg!(IntGaugeVec::new(
+                Opts::new("detour_path_state", "Path state: 2 up, 1 degraded, 0 down."),
+                &["path"]
+            )),
+            path_rtt: reg!(GaugeVec::new(
+                Opts::new("detour_path_rtt_seconds", "Smoothed round-trip time of the path."),
+                &["path"]
+            )),
+            path_loss: reg!(GaugeVec::new(
+                Opts::new(
+                    "detour_path_loss_ratio",
+                    "Share of recent exchanges lost or stalled."
+                ),
+                &["path"]
+            )),
+            active_path: reg!(IntGaugeVec::new(
+                Opts::new("detour_active_path", "1 for the path new requests use first."),
+                &["path"]
+            )),
+            path_switches: reg!(IntCounter::new(
+                "detour_path_switches_total",
+                "Changes of the active path."
+            )),
+            probes: reg!(IntCounterVec::new(
+                Opts::new("detour_probes_total", "Health probes sent, by path and result."),
+                &["path", "result"]
+            )),
+            relay_tunnels_active: reg!(IntGauge::new(
+                "detour_relay_tunnels_active",
+                "Peer tunnels open through this agent's relay."
+            )),
+            relay_tunnels_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_relay_tunnels_total",
+                    "Peer tunnels opened through this agent's relay."
+                ),
+                &["peer"]
+            )),
+            relay_rejected: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_relay_rejected_total",
+                    "Relay connections or tunnels refused, by reason."
+                ),
+                &["reason"]
+            )),
+            config_reloads: reg!(IntCounterVec::new(
+                Opts::new("detour_config_reloads_total", "Configuration reloads, by result."),
+                &["result"]
+            )),
+            registry,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}

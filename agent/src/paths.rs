@@ -1,0 +1,455 @@
+//! Paths to the control plane: `direct` (this server's own uplink) and
+//! `via:<peer>` (mutual TLS to a peer's relay, CONNECT, then TLS to the control
+//! plane inside the tunnel). Each path owns a pooled HTTP client whose
+//! connections the health probes keep warm, so a switch costs no handshakes.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::{AgentConfig, ControlPlane, Peer};
+
+/// Why a connection on a path could not be set up. Nothing of the request
+/// was sent when any of these happens, so another path may always be tried.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("resolving {target}: {source}")]
+    Resolve { target: String, source: io::Error },
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connect to {target} timed out after {elapsed:?}")]
+    Timeout { target: String, elapsed: Duration },
+    #[error("TLS to peer relay {peer}: {source}")]
+    PeerTls { peer: String, source: io::Error },
+    #[error("peer {peer} refused the tunnel: {status}")]
+    Refused { peer: String, status: String },
+    #[error("peer {peer} relay spoke no HTTP: {detail}")]
+    Protocol { peer: String, detail: String },
+}
+
+impl DialError {
+    /// A relay that answered but said no: the peer is up, yet cannot carry us.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, DialError::Refused { .. })
+    }
+}
+
+/// Where a path dials.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// This server's own uplink.
+    Direct,
+    /// Through a peer agent's relay.
+    Via {
+        /// The peer's PoP name, which its relay certificate must carry.
+        peer: String,
+        /// `host:port` of the peer's relay.
+        relay: String,
+    },
+}
+
+/// A byte stream to the control plane, before TLS to it (if any).
+pub enum DialStream {
+    Tcp(TcpStream),
+    Tunnel(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for DialStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DialStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for DialStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            DialStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DialStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DialStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            DialStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            DialStream::Tcp(s) => s.is_write_vectored(),
+            DialStream::Tunnel(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// The connection type the HTTP client pools.
+pub struct Io(TokioIo<DialStream>);
+
+impl Connection for Io {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// Sets up raw connections for one path. The URI the HTTP client passes in
+/// is ignored: a path only ever goes to the configured control plane.
+#[derive(Clone)]
+pub struct Dialer {
+    inner: Arc<DialerInner>,
+}
+
+struct DialerInner {
+    route: Route,
+    cp_host: String,
+    cp_port: u16,
+    cp_authority: String,
+    cp_addresses: Vec<SocketAddr>,
+    connect_timeout: Duration,
+    peer_tls: Option<TlsConnector>,
+}
+
+impl tower_service::Service<Uri> for Dialer {
+    type Response = Io;
+    type Error = DialError;
+    type Future = Pin<Box<dyn Future<Output = Result<Io, DialError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), DialError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _dst: Uri) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let stream = inner.dial().await?;
+            Ok(Io(TokioIo::new(stream)))
+        })
+    }
+}
+
+async fn tcp_connect(addrs: &[SocketAddr], target: &str) -> Result<TcpStream, DialError> {
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    let (addr, source) = match last {
+        Some((a, e)) => (a.to_string(), e),
+        None => (
+            target.to_owned(),
+            io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+        ),
+    };
+    Err(DialError::Connect { addr, source })
+}
+
+async fn resolve(target: &str) -> Result<Vec<SocketAddr>, DialError> {
+    if let Ok(a) = target.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    tokio::net::lookup_host(target)
+        .await
+        .map(|it| it.collect())
+        .map_err(|source| DialError::Resolve {
+            target: target.to_owned(),
+            source,
+        })
+}
+
+impl DialerInner {
+    async fn dial(&self) -> Result<DialStream, DialError> {
+        let target = match &self.route {
+            Route::Direct => self.cp_authority.clone(),
+            Route::Via { relay, .. } => relay.clone(),
+        };
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(self.connect_timeout, self.dial_inner()).await {
+            Ok(r) => r,
+            Err(_) => Err(DialError::Timeout {
+                target,
+                elapsed: started.elapsed(),
+            }),
+        }
+    }
+
+    async fn dial_inner(&self) -> Result<DialStream, DialError> {
+        match &self.route {
+            Route::Direct => {
+                let addrs = if self.cp_addresses.is_empty() {
+                    resolve(&format!("{}:{}", self.cp_host, self.cp_port)).await?
+                } else {
+                    self.cp_addresses.clone()
+                };
+                Ok(DialStream::Tcp(tcp_connect(&addrs, &self.cp_authority).await?))
+            }
+            Route::Via { peer, relay } => {
+                let addrs = resolve(relay).await?;
+                let tcp = tcp_connect(&addrs, relay).await?;
+                let Some(tls) = &self.peer_tls else {
+                    return Err(DialError::PeerTls {
+                        peer: peer.clone(),
+                        source: io::Error::other("no [tls] identity configured"),
+                    });
+                };
+                let name = ServerName::try_from(peer.clone()).map_err(|e| DialError::PeerTls {
+                    peer: peer.clone(),
+                    source: io::Error::other(e),
+                })?;
+                let mut stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|source| DialError::PeerTls {
+                        peer: peer.clone(),
+                        source,
+                    })?;
+                connect_tunnel(&mut stream, peer, &self.cp_authority).await?;
+                Ok(DialStream::Tunnel(Box::new(stream)))
+            }
+        }
+    }
+}
+
+/// Asks the relay for a tunnel to `authority` and reads its answer. The relay
+/// sends nothing after its answer until we speak (TLS to the control plane
+/// starts with our ClientHello), so reading up to the blank line never eats
+/// tunnel bytes.
+async fn connect_tunnel<S>(stream: &mut S, peer: &str, authority: &str) -> Result<(), DialError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let proto = |detail: String| DialError::Protocol {
+        peer: peer.to_owned(),
+        detail,
+    };
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| proto(e.to_string()))?;
+    stream.flush().await.map_err(|e| proto(e.to_string()))?;
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192 {
+            return Err(proto("answer head over 8 KiB".to_owned()));
+        }
+        let n = stream.read(&mut byte).await.map_err(|e| proto(e.to_string()))?;
+        if n == 0 {
+            return Err(proto("relay closed the connection before answering".to_owned()));
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status_line = text.lines().next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    let code = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        return Err(proto(format!("unexpected answer `{status_line}`")));
+    }
+    if code == "200" {
+        Ok(())
+    } else {
+        Err(DialError::Refused {
+            peer: peer.to_owned(),
+            status: status_line.trim().to_owned(),
+        })
+    }
+}
+
+/// The HTTP client type of every path.
+pub type HttpClient = Client<HttpsConnector<Dialer>, Full<Bytes>>;
+
+/// One path to the control plane with its own connection pool.
+pub struct PathClient {
+    /// `direct` or `via:<peer>`.
+    pub name: Arc<str>,
+    pub route: Route,
+    pub client: HttpClient,
+    /// `http(s)://host:port`, the prefix of every request URI on this path.
+    pub origin: String,
+}
+
+impl fmt::Debug for PathClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PathClient").field("name", &self.name).finish()
+    }
+}
+
+impl PathClient {
+    /// Builds the client for `route` from the agent's config.
+    pub fn new(
+        name: &str,
+        route: Route,
+        cp: &ControlPlane,
+        connect_timeout: Duration,
+        cp_tls: Arc<rustls::ClientConfig>,
+        peer_tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> PathClient {
+        let dialer = Dialer {
+            inner: Arc::new(DialerInner {
+                route: route.clone(),
+                cp_host: cp.host.clone(),
+                cp_port: cp.port,
+                cp_authority: cp.authority(),
+                cp_addresses: cp.addresses.clone(),
+                connect_timeout,
+                peer_tls: peer_tls.map(TlsConnector::from),
+            }),
+        };
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*cp_tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(dialer);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .build(https);
+        let scheme = if cp.tls { "https" } else { "http" };
+        PathClient {
+            name: Arc::from(name),
+            route,
+            client,
+            origin: format!("{scheme}://{}", cp.authority()),
+        }
+    }
+}
+
+/// Builds every path of a config: `direct` first, then one per enabled or
+/// draining peer, in file order.
+pub fn build_paths(config: &AgentConfig) -> Result<Vec<Arc<PathClient>>, String> {
+    let cp_tls = crate::tls::control_plane_client_config(config.control_plane.ca.as_deref())?;
+    let peer_tls = match &config.tls {
+        Some(m) => Some(m.peer_client_config().map_err(|e| format!("peer TLS: {e}"))?),
+        None => None,
+    };
+    let mut paths = vec![Arc::new(PathClient::new(
+        "direct",
+        Route::Direct,
+        &config.control_plane,
+        config.forward.connect_timeout,
+        cp_tls.clone(),
+        None,
+    ))];
+    for p in &config.peers {
+        paths.push(Arc::new(peer_path(p, config, cp_tls.clone(), peer_tls.clone())));
+    }
+    Ok(paths)
+}
+
+/// The path through one peer.
+pub fn peer_path(
+    p: &Peer,
+    config: &AgentConfig,
+    cp_tls: Arc<rustls::ClientConfig>,
+    peer_tls: Option<Arc<rustls::ClientConfig>>,
+) -> PathClient {
+    PathClient::new(
+        &p.path_name(),
+        Route::Via {
+            peer: p.name.clone(),
+            relay: p.relay.clone(),
+        },
+        &config.control_plane,
+        config.forward.connect_timeout,
+        cp_tls,
+        peer_tls,
+    )
+}
+
+/// Finds the [`DialError`] inside an HTTP client error, if any.
+pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(d) = e.downcast_ref::<DialError>() {
+            return Some(d);
+        }
+        cur = e.source();
+    }
+    None
+}

@@ -1,0 +1,445 @@
+//! Relay: the peers' side (Squid's role, done safely). Accepts mutual TLS
+//! from fleet members only, then exactly one `CONNECT` per connection, and only
+//! to the control plane this agent is configured with. The tunnel is spliced
+//! over this agent's own direct uplink (one hop, never through its own peers)
+//! and its bytes are never read: TLS to the control plane is end to end.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use detour_wire::Problem;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::AgentConfig;
+use crate::ingress::{Body, problem};
+use crate::metrics::Metrics;
+
+/// Counts open tunnels, in total and per peer.
+#[derive(Default)]
+pub struct TunnelCounts {
+    per_peer: Mutex<HashMap<String, usize>>,
+}
+
+/// A slot in the tunnel limits, released on drop.
+pub struct TunnelSlot {
+    counts: Arc<TunnelCounts>,
+    peer: String,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+        self.metrics.relay_tunnels_active.dec();
+    }
+}
+
+impl TunnelCounts {
+    /// Takes a slot, or says which limit is full.
+    fn acquire(
+        self: &Arc<Self>,
+        peer: &str,
+        max_total: usize,
+        max_peer: usize,
+        metrics: &Arc<Metrics>,
+    ) -> Result<TunnelSlot, &'static str> {
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = m.values().sum();
+        if total >= max_total {
+            return Err("tunnel_limit");
+        }
+        let n = m.entry(peer.to_owned()).or_insert(0);
+        if *n >= max_peer {
+            return Err("peer_tunnel_limit");
+        }
+        *n += 1;
+        metrics.relay_tunnels_active.inc();
+        Ok(TunnelSlot {
+            counts: self.clone(),
+            peer: peer.to_owned(),
+            metrics: metrics.clone(),
+        })
+    }
+}
+
+/// Maps a failed TLS handshake to the `reason` label.
+fn handshake_reason(e: &io::Error) -> &'static str {
+    let Some(inner) = e.get_ref() else {
+        return "handshake_error";
+    };
+    match inner.downcast_ref::<rustls::Error>() {
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired))
+        | Some(rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext { .. })) => {
+            "expired_cert"
+        }
+        Some(rustls::Error::InvalidCertificate(_)) => "untrusted_cert",
+        Some(_) => "tls_error",
+        None => "handshake_error",
+    }
+}
+
+/// Everything the relay needs; swapped whole on reload.
+pub struct Relay {
+    pub config: Arc<AgentConfig>,
+    pub acceptor: TlsAcceptor,
+    pub metrics: Arc<Metrics>,
+    pub counts: Arc<TunnelCounts>,
+}
+
+/// Accepts peer connections until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    relay: Arc<arc_swap::ArcSwap<Relay>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "relay accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let relay = relay.load_full();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            handle_conn(relay, tcp, remote).await;
+        });
+    }
+}
+
+async fn handle_conn(relay: Arc<Relay>, tcp: TcpStream, remote: std::net::SocketAddr) {
+    let limits = &relay.config.relay;
+    let started = Instant::now();
+    let tls = match tokio::time::timeout(limits.handshake_timeout, relay.acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = handshake_reason(&e);
+            relay.metrics.relay_rejected.with_label_values(&[reason]).inc();
+            tracing::warn!(%remote, reason, error = %e, "relay refused a TLS handshake");
+            return;
+        }
+        Err(_) => {
+            relay
+                .metrics
+                .relay_rejected
+                .with_label_values(&["handshake_timeout"])
+                .inc();
+            tracing::warn!(%remote, "relay handshake timed out");
+            return;
+        }
+    };
+    let peer =
+        crate::tls::peer_name(tls.get_ref().1.peer_certificates()).unwrap_or_else(|| "unknown".to_owned());
+    // The CONNECT head must arrive within what is left of the handshake budget.
+    let head_budget = limits
+        .handshake_timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(10));
+    let relay2 = relay.clone();
+    let peer2 = peer.clone();
+    let service = service_fn(move |req| {
+        let relay = relay2.clone();
+        let peer = peer2.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle_connect(relay, peer, remote, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_budget)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        if e.is_timeout() {
+            relay
+                .metrics
+                .relay_rejected
+                .with_label_values(&["handshake_timeout"])
+                .inc();
+            tracing::warn!(%remote, %peer, "peer sent no CONNECT in time");
+        } else {
+            tracing::debug!(%remote, %peer, error = %e, "relay connection ended");
+        }
+    }
+}
+
+fn refuse(relay: &Relay, status: u16, reason: &'static str, title: &str, detail: String) -> Response<Body> {
+    relay.metrics.relay_rejected.with_label_values(&[reason]).inc();
+    let mut resp = problem(Problem::new(status, title, detail).with("reason", reason));
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    resp
+}
+
+async fn handle_connect(
+    relay: Arc<Relay>,
+    peer: String,
+    remote: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let cp = &relay.config.control_plane;
+    if req.method() != Method::CONNECT {
+        return refuse(
+            &relay,
+            405,
+            "not_connect",
+            "Only CONNECT",
+            "this relay only carries CONNECT tunnels".to_owned(),
+        );
+    }
+    let target = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    if !authority_matches(&target, &cp.host, cp.port) {
+        tracing::warn!(%remote, %peer, %target, "relay refused a CONNECT to a forbidden target");
+        return refuse(
+            &relay,
+            403,
+            "forbidden_target",
+            "Forbidden tunnel target",
+            format!("this relay only tunnels to the control plane, not to `{target}`"),
+        );
+    }
+    let limits = &relay.config.relay;
+    let slot = match relay.counts.acquire(
+        &peer,
+        limits.max_tunnels,
+        limits.max_tunnels_per_peer,
+        &relay.metrics,
+    ) {
+        Ok(s) => s,
+        Err(reason) => {
+            tracing::warn!(%peer, reason, "relay refused a tunnel over its limit");
+            return refuse(
+                &relay,
+                503,
+                reason,
+                "Relay busy",
+                format!("tunnel refused: {reason}"),
+            );
+        }
+    };
+    let addrs = if cp.addresses.is_empty() {
+        match tokio::net::lookup_host((cp.host.as_str(), cp.port)).await {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                return refuse(
+                    &relay,
+                    502,
+                    "upstream_unreachable",
+                    "Control plane unreachable",
+                    format!("resolving {}: {e}", cp.host),
+                );
+            }
+        }
+    } else {
+        cp.addresses.clone()
+    };
+    let connect = async {
+        let mut last = None;
+        for a in &addrs {
+            match TcpStream::connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
+    };
+    let upstream = match tokio::time::timeout(relay.config.forward.connect_timeout, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return refuse(
+                &relay,
+                502,
+                "upstream_unreachable",
+                "Control plane unreachable",
+                format!("connecting: {e}"),
+            );
+        }
+        Err(_) => {
+            return refuse(
+                &relay,
+                504,
+                "upstream_timeout",
+                "Control plane unreachable",
+                "connect timed out".to_owned(),
+            );
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    relay
+        .metrics
+        .relay_tunnels_total
+        .with_label_values(&[&peer])
+        .inc();
+    let idle = limits.idle_timeout;
+    tokio::spawn(async move {
+        let _slot = slot;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let down = TokioIo::new(upgraded);
+                match splice(down, upstream, idle).await {
+                    Ok((up_bytes, down_bytes)) => {
+                        tracing::debug!(%peer, up_bytes, down_bytes, "tunnel closed");
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended"),
+                }
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "tunnel upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(crate::ingress::full(bytes::Bytes::new()))
+        .unwrap_or_default()
+}
+
+/// `host:port` equality with the configured control plane (host
+/// case-insensitive; IPv6 in brackets).
+pub fn authority_matches(target: &str, host: &str, port: u16) -> bool {
+    if target.contains('@') {
+        return false;
+    }
+    let Ok(auth) = target.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let Some(p) = auth.port_u16() else { return false };
+    auth.host().trim_matches(['[', ']']).eq_ignore_ascii_case(host) && p == port
+}
+
+/// Copies both ways until both sides close, or nothing moves for `idle`.
+/// Returns bytes copied (client to upstream, upstream to client).
+pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let epoch = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut a = Activity {
+        inner: a,
+        last: last.clone(),
+        epoch,
+    };
+    let mut b = Activity {
+        inner: b,
+        last: last.clone(),
+        epoch,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    loop {
+        let since = Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = epoch + since + idle;
+        tokio::select! {
+            r = &mut copy => return r,
+            _ = tokio::time::sleep_until(deadline) => {
+                let since_now = Duration::from_millis(last.load(Ordering::Relaxed));
+                if epoch + since_now + idle <= Instant::now() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "tunnel idle"));
+                }
+            }
+        }
+    }
+}
+
+/// Notes the time of every read, for the idle timeout.
+struct Activity<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.last
+                .store(this.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_control_plane_authority_matches() {
+        assert!(authority_matches(
+            "cp.example.internal:443",
+            "cp.example.internal",
+            443
+        ));
+        assert!(authority_matches(
+            "CP.Example.Internal:443",
+            "cp.example.internal",
+            443
+        ));
+        assert!(!authority_matches(
+            "cp.example.internal:22",
+            "cp.example.internal",
+            443
+        ));
+        assert!(!authority_matches(
+            "cp.example.internal",
+            "cp.example.internal",
+            443
+        ));
+        assert!(!authority_matches("evil.example:443", "cp.example.internal", 443));
+        assert!(!authority_matches(
+            "cp.example.internal.evil:443",
+            "cp.example.internal",
+            443
+        ));
+        assert!(!authority_matches(
+            "user@cp.example.internal:443",
+            "cp.example.internal",
+            443
+        ));
+        assert!(authority_matches("[::1]:8443", "::1", 8443));
+    }
+}

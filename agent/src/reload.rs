@@ -1,0 +1,186 @@
+//! Live reload: watches `agent.toml` and the peers file (and listens for
+//! SIGHUP), validates the whole new config, and swaps it in only when it is
+//! valid. A bad edit leaves the agent running on its old config, logs every
+//! problem as `file:line:col: message`, counts
+//! `detour_config_reloads_total{result="error"}` and shows the error in `/status`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify_debouncer_full::notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use tokio::sync::mpsc;
+
+use crate::Agent;
+use crate::config::{AgentConfig, ConfigFiles};
+
+/// Editors save in several steps (truncate, write, rename): events closer
+/// than this are one edit.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadResult {
+    Applied,
+    /// Nothing changed.
+    Unchanged,
+    /// Invalid or not appliable live; the message says why.
+    Rejected(String),
+}
+
+/// Reloads once from the files and applies the result.
+pub fn reload_now(agent: &Agent, files: &ConfigFiles) -> ReloadResult {
+    let metrics = &agent.shared.metrics;
+    let result = match AgentConfig::load(&files.agent) {
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!("{e}");
+            }
+            ReloadResult::Rejected(errors.to_string())
+        }
+        Ok(new) => {
+            let current = agent.shared.forwarder.runtime();
+            if same_config(&current.config, &new) {
+                ReloadResult::Unchanged
+            } else {
+                match agent.apply(new) {
+                    Ok(()) => ReloadResult::Applied,
+                    Err(e) => {
+                        tracing::error!("{}: {e}", files.agent.display());
+                        ReloadResult::Rejected(format!("{}: {e}", files.agent.display()))
+                    }
+                }
+            }
+        }
+    };
+    match &result {
+        ReloadResult::Applied => {
+            metrics.config_reloads.with_label_values(&["ok"]).inc();
+            agent.shared.config_error.store(None);
+            let rt = agent.shared.forwarder.runtime();
+            let peers: Vec<String> = rt
+                .config
+                .peers
+                .iter()
+                .map(|p| format!("{}{}", p.name, if p.enabled { "" } else { " (disabled)" }))
+                .collect();
+            tracing::info!(peers = ?peers, "config reloaded");
+        }
+        ReloadResult::Unchanged => {
+            agent.shared.config_error.store(None);
+        }
+        ReloadResult::Rejected(msg) => {
+            metrics.config_reloads.with_label_values(&["error"]).inc();
+            agent.shared.config_error.store(Some(Arc::new(msg.clone())));
+            tracing::warn!("config reload rejected; still running on the previous config");
+        }
+    }
+    result
+}
+
+fn same_config(a: &AgentConfig, b: &AgentConfig) -> bool {
+    a.peers == b.peers
+        && a.forward == b.forward
+        && a.health == b.health
+        && a.ingress == b.ingress
+        && a.relay == b.relay
+        && a.listen == b.listen
+        && a.pop == b.pop
+        && a.control_plane.url == b.control_plane.url
+        && a.control_plane.addresses == b.control_plane.addresses
+        && a.control_plane.token == b.control_plane.token
+        && a.control_plane.ca == b.control_plane.ca
+        && a.tls.as_ref().map(|t| &t.chain) == b.tls.as_ref().map(|t| &t.chain)
+}
+
+fn watch_dirs(files: &ConfigFiles) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = [Some(&files.agent), files.peers.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|f| f.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf))
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+type Watcher = Debouncer<RecommendedWatcher, RecommendedCache>;
+
+fn watch(files: &ConfigFiles, tx: mpsc::UnboundedSender<()>) -> Option<Watcher> {
+    let names: Vec<PathBuf> = [Some(&files.agent), files.peers.as_ref()]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let file_names: Vec<std::ffi::OsString> = names
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect();
+    let mut debouncer = match new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
+        if let Ok(events) = res {
+            let relevant = events
+                .iter()
+                .flat_map(|e| e.paths.iter())
+                .any(|p| p.file_name().is_some_and(|n| file_names.iter().any(|f| f == n)));
+            if relevant {
+                let _ = tx.send(());
+            }
+        }
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP");
+            return None;
+        }
+    };
+    for dir in watch_dirs(files) {
+        // Watching the directory, not the file, survives editors that save by rename.
+        if let Err(e) = debouncer.watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch config directory; reload with SIGHUP");
+        }
+    }
+    Some(debouncer)
+}
+
+/// Watches the files and SIGHUP until aborted.
+pub fn spawn(agent: Arc<Agent>, files: ConfigFiles) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut files = files;
+        let mut _watcher = watch(&files, tx.clone());
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let hup_fut = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup_fut = std::future::pending::<Option<()>>();
+            tokio::select! {
+                Some(()) = rx.recv() => {}
+                _ = hup_fut => tracing::info!("SIGHUP: reloading config"),
+            }
+            // Coalesce a burst of events into one reload.
+            while rx.try_recv().is_ok() {}
+            if reload_now(&agent, &files) == ReloadResult::Applied {
+                let new_files = agent.shared.forwarder.runtime().config.files.clone();
+                if new_files != files {
+                    files = new_files;
+                    _watcher = watch(&files, tx.clone());
+                }
+            }
+        }
+    })
+}

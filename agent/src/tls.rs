@@ -1,0 +1,209 @@
+//! TLS material and rustls configurations: the fleet identity for the peer
+//! mesh (relay server and tunnel client, both mutual TLS) and the client
+//! configuration for TLS to the control plane.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// Which file a TLS problem is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Ca,
+    Cert,
+    Key,
+}
+
+/// A problem loading TLS material.
+#[derive(Debug, Clone)]
+pub struct TlsError {
+    pub field: Field,
+    pub message: String,
+}
+
+/// This agent's identity on the peer mesh and the fleet CA it trusts.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    pub fleet_roots: Arc<RootCertStore>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// DNS names in this agent's certificate; one of them is the PoP name.
+    pub names: Vec<String>,
+}
+
+/// Reads every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect();
+    let certs = certs.map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The DNS names (subject alternative names) of a certificate.
+pub fn cert_dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push((*d).to_owned());
+            }
+        }
+    }
+    names
+}
+
+impl TlsMaterial {
+    /// Loads the fleet CA, this agent's certificate chain and key, and checks
+    /// that the key belongs to the certificate and the chain to the CA.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
+        let err = |field, message: String| TlsError { field, message };
+        let ca_certs = load_certs(ca).map_err(|m| err(Field::Ca, format!("tls.ca: {m}")))?;
+        let mut roots = RootCertStore::empty();
+        for c in ca_certs {
+            roots.add(c).map_err(|e| {
+                err(
+                    Field::Ca,
+                    format!("tls.ca: {} is not a usable CA certificate: {e}", ca.display()),
+                )
+            })?;
+        }
+        let chain = load_certs(cert).map_err(|m| err(Field::Cert, format!("tls.cert: {m}")))?;
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+            err(
+                Field::Key,
+                format!("tls.key: {} is not a PEM private key: {e}", key.display()),
+            )
+        })?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| {
+            err(
+                Field::Key,
+                format!("tls.key: unsupported private key in {}: {e}", key.display()),
+            )
+        })?;
+        let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+        certified.keys_match().map_err(|_| {
+            err(
+                Field::Key,
+                format!(
+                    "tls.key: {} does not match the certificate in {}",
+                    key.display(),
+                    cert.display()
+                ),
+            )
+        })?;
+        let roots = Arc::new(roots);
+        // The certificate must chain to the fleet CA, or no peer would accept it.
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.clone(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| err(Field::Ca, format!("tls.ca: {e}")))?;
+        let names = cert_dns_names(&chain[0]);
+        if let Some(name) = names.first() {
+            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| err(Field::Cert, format!("tls.cert: name `{name}` is not usable: {e}")))?;
+            let now = rustls::pki_types::UnixTime::now();
+            rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                verifier.as_ref(),
+                &chain[0],
+                &chain[1..],
+                &server_name,
+                &[],
+                now,
+            )
+            .map_err(|e| {
+                err(
+                    Field::Cert,
+                    format!(
+                        "tls.cert: {} is not valid under the fleet CA {}: {e}",
+                        cert.display(),
+                        ca.display()
+                    ),
+                )
+            })?;
+        } else {
+            return Err(err(
+                Field::Cert,
+                format!(
+                    "tls.cert: {} has no DNS name; it must carry the PoP name",
+                    cert.display()
+                ),
+            ));
+        }
+        Ok(TlsMaterial {
+            fleet_roots: roots,
+            chain,
+            key: key_der,
+            names,
+        })
+    }
+
+    /// Server side of the relay: TLS 1.2/1.3, a client certificate from the
+    /// fleet CA is mandatory.
+    pub fn relay_server_config(&self) -> Result<Arc<ServerConfig>, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.fleet_roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let mut cfg = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// Client side of a tunnel to a peer's relay: presents this agent's
+    /// certificate and accepts only fleet-CA server certificates.
+    pub fn peer_client_config(&self) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.fleet_roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// Client configuration for TLS to the control plane: the system's roots plus
+/// an optional extra CA, with ALPN offering HTTP/2 and HTTP/1.1.
+pub fn control_plane_client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for c in native.certs {
+        // A broken system certificate must not stop the agent; skip it.
+        let _ = roots.add(c);
+    }
+    if let Some(p) = extra_ca {
+        for c in load_certs(p)? {
+            roots.add(c).map_err(|e| format!("control_plane.ca: {e}"))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The PoP name a verified peer certificate carries: its first DNS name.
+pub fn peer_name(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    certs?.first().and_then(|c| cert_dns_names(c).into_iter().next())
+}

@@ -1,0 +1,153 @@
+//! Wire types that cross between Detour processes: RFC 9457 problem details,
+//! the header names every part agrees on, and the agent's fleet report.
+
+use serde::{Deserialize, Serialize};
+
+/// Media type of every error body Detour produces.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Header names shared by the agent, the control plane and the lab.
+pub mod headers {
+    /// `emergency` or `normal`; emergency requests are hedged and never shed.
+    pub const PRIORITY: &str = "x-detour-priority";
+    /// Response header naming the path that carried the request: `direct` or `via:<peer>`.
+    pub const PATH: &str = "x-detour-path";
+    /// Request header that pins one request to a path (tests, maintenance).
+    pub const PIN: &str = "x-detour-pin";
+    /// Identical on every attempt of one request; the control plane deduplicates on it.
+    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+    /// Correlates logs across the call handler, agents and control plane.
+    pub const REQUEST_ID: &str = "x-request-id";
+}
+
+/// An RFC 9457 problem details object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    /// A URI reference naming the problem type; `about:blank` when only the status matters.
+    #[serde(rename = "type", default = "about_blank")]
+    pub kind: String,
+    /// A short, human-readable summary of the problem type.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this particular request, in words a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Extension members (for example `attempts`, `field`, `request_id`).
+    #[serde(flatten)]
+    pub extensions: serde_json::Map<String, serde_json::Value>,
+}
+
+fn about_blank() -> String {
+    "about:blank".to_owned()
+}
+
+impl Problem {
+    /// A problem with the given status, title and detail.
+    pub fn new(status: u16, title: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            kind: about_blank(),
+            title: title.into(),
+            status,
+            detail: Some(detail.into()),
+            extensions: serde_json::Map::new(),
+        }
+    }
+
+    /// Sets the `type` URI.
+    pub fn with_type(mut self, kind: impl Into<String>) -> Self {
+        self.kind = kind.into();
+        self
+    }
+
+    /// Adds an extension member.
+    pub fn with(mut self, key: &str, value: impl Serialize) -> Self {
+        let value = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
+        self.extensions.insert(key.to_owned(), value);
+        self
+    }
+
+    /// The JSON body.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising a struct of strings, numbers and JSON values cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// State of one path as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathState {
+    /// Answering probes and requests well.
+    Up,
+    /// Lossy or slow: used only when no path is up.
+    Degraded,
+    /// Failing: not used while anything else works.
+    Down,
+}
+
+impl PathState {
+    /// The lowercase name used in JSON, logs and the status table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathState::Up => "up",
+            PathState::Degraded => "degraded",
+            PathState::Down => "down",
+        }
+    }
+}
+
+/// One path in an agent's `/status` and in its report to the control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathReport {
+    /// `direct` or `via:<peer>`.
+    pub path: String,
+    pub state: PathState,
+    /// Smoothed round-trip time of probes and requests, in seconds.
+    pub rtt_seconds: Option<f64>,
+    /// Recent high percentile of round-trip time, in seconds.
+    pub rtt_p95_seconds: Option<f64>,
+    /// Share of recent exchanges that failed (0.0 to 1.0).
+    pub loss_ratio: f64,
+    /// Lower is better; used to choose among paths.
+    pub score: f64,
+    /// Whether new requests go to this path first.
+    pub active: bool,
+    /// Consecutive failures right now.
+    pub consecutive_failures: u32,
+    /// Why the path is in its state, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What `POST /v1/agents/{pop}/report` carries and `/status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub pop: String,
+    pub version: String,
+    /// The path new requests use first.
+    pub active_path: Option<String>,
+    pub paths: Vec<PathReport>,
+    /// The last configuration reload error, if the running config is older than the files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_round_trips_with_extensions() {
+        let p =
+            Problem::new(503, "No path delivered", "all 2 attempts failed").with("attempts", vec!["direct"]);
+        let json = p.to_json();
+        let back: Problem = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, p);
+        assert!(
+            String::from_utf8(json)
+                .unwrap()
+                .contains("\"type\":\"about:blank\"")
+        );
+    }
+}
