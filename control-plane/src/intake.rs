@@ -1,0 +1,413 @@
+//! Intake: turns a `POST /v1/calls` body into a validated call request, with
+//! numbers normalised to E.164 and the emergency workflow decided.
+
+use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use phonenumber::{Mode, country};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Call priority. Emergency calls use reserved capacity and are never shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Normal,
+    Emergency,
+}
+
+impl Priority {
+    /// The lowercase wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Normal => "normal",
+            Priority::Emergency => "emergency",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "normal" => Some(Priority::Normal),
+            "emergency" => Some(Priority::Emergency),
+            _ => None,
+        }
+    }
+}
+
+/// One rejected field and why, in words a person can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    fn new(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A call request after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRequest {
+    /// E.164 caller; for emergency calls whatever was sent (or nothing) when
+    /// it is not a valid number.
+    pub caller: Option<String>,
+    /// E.164 destination, or the emergency short code as dialled.
+    pub destination: String,
+    pub call_type: String,
+    pub priority: Priority,
+    /// Free-form JSON object stored with the call.
+    pub metadata: Value,
+}
+
+/// Numbers and the emergency list from config.
+#[derive(Debug, Clone)]
+pub struct Numbers {
+    pub region: country::Id,
+    pub emergency: HashSet<String>,
+}
+
+impl Numbers {
+    /// From config values (validated at load; an unknown region falls back to IN).
+    pub fn new(region: &str, emergency: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            region: self::region(region).unwrap_or(country::Id::IN),
+            emergency: emergency.into_iter().collect(),
+        }
+    }
+
+    /// The emergency short code a dialled string is, if it is one.
+    pub fn emergency_code(&self, raw: &str) -> Option<String> {
+        let digits: String = raw
+            .chars()
+            .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
+            .collect();
+        self.emergency.contains(&digits).then_some(digits)
+    }
+}
+
+/// Parses an ISO 3166 region code such as `IN`.
+pub fn region(code: &str) -> Option<country::Id> {
+    code.trim().to_ascii_uppercase().parse().ok()
+}
+
+/// Longest phone-number string we try to parse; anything longer is not a number.
+const MAX_NUMBER_CHARS: usize = 32;
+
+/// Normalises a dialled number to E.164 (`+919876543210`) using `region` for
+/// numbers written without a country code.
+pub fn normalise(raw: &str, region: country::Id) -> Result<String, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err("is empty".into());
+    }
+    if raw.chars().count() > MAX_NUMBER_CHARS {
+        return Err(format!("is longer than {MAX_NUMBER_CHARS} characters"));
+    }
+    if let Some(bad) = raw
+        .chars()
+        .find(|c| !(c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '.' | '(' | ')')))
+    {
+        return Err(format!("contains {bad:?}, which is not part of a phone number"));
+    }
+    if !raw.chars().any(|c| c.is_ascii_digit()) {
+        return Err("has no digits".into());
+    }
+    // The parser has panicked on odd inputs in the past; bad input must be a
+    // 422, never a crash, so a panic is turned into a rejection.
+    let parsed = catch_unwind(AssertUnwindSafe(|| phonenumber::parse(Some(region), raw)))
+        .map_err(|_| "could not be parsed as a phone number".to_owned())?
+        .map_err(|e| format!("is not a phone number ({e})"))?;
+    if !phonenumber::is_valid(&parsed) {
+        return Err(format!(
+            "is not a valid phone number (read as {} with default region {})",
+            parsed.format().mode(Mode::E164),
+            region.as_ref()
+        ));
+    }
+    Ok(parsed.format().mode(Mode::E164).to_string())
+}
+
+fn str_field<'a>(body: &'a Value, field: &str) -> Result<Option<&'a str>, FieldError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(FieldError::new(field, "must be a string")),
+    }
+}
+
+fn valid_call_type(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= 32
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// Validates a call-initiation body. Every problem is reported at once.
+///
+/// Emergency workflow: when the destination is on the emergency list only
+/// the destination is mandatory; an invalid caller is kept as sent, a bad
+/// call type or metadata is replaced by the default, and the priority is
+/// emergency whatever the request says.
+pub fn call_request(body: &Value, numbers: &Numbers) -> Result<CallRequest, Vec<FieldError>> {
+    if !body.is_object() {
+        return Err(vec![FieldError::new("", "the body must be a JSON object")]);
+    }
+    let mut errors = Vec::new();
+
+    let destination_raw = match str_field(body, "destination") {
+        Ok(Some(d)) => Some(d),
+        Ok(None) => {
+            errors.push(FieldError::new("destination", "is required"));
+            None
+        }
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+
+    if let Some(code) = destination_raw.and_then(|d| numbers.emergency_code(d)) {
+        let caller = match body.get("caller") {
+            Some(Value::String(s)) => Some(
+                normalise(s, numbers.region).unwrap_or_else(|_| s.chars().take(MAX_NUMBER_CHARS).collect()),
+            ),
+            _ => None,
+        };
+        let call_type = match str_field(body, "call_type") {
+            Ok(Some(t)) if valid_call_type(t) => t.to_owned(),
+            _ => "outbound".to_owned(),
+        };
+        let metadata = match body.get("metadata") {
+            Some(m @ Value::Object(_)) => m.clone(),
+            _ => Value::Object(Default::default()),
+        };
+        return Ok(CallRequest {
+            caller,
+            destination: code,
+            call_type,
+            priority: Priority::Emergency,
+            metadata,
+        });
+    }
+
+    let destination = destination_raw.and_then(|d| match normalise(d, numbers.region) {
+        Ok(n) => Some(n),
+        Err(reason) => {
+            errors.push(FieldError::new("destination", reason));
+            None
+        }
+    });
+    let caller = match str_field(body, "caller") {
+        Ok(Some(c)) => match normalise(c, numbers.region) {
+            Ok(n) => Some(n),
+            Err(reason) => {
+                errors.push(FieldError::new("caller", reason));
+                None
+            }
+        },
+        Ok(None) => {
+            errors.push(FieldError::new("caller", "is required"));
+            None
+        }
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    let call_type = match str_field(body, "call_type") {
+        Ok(None) => "outbound".to_owned(),
+        Ok(Some(t)) if valid_call_type(t) => t.to_owned(),
+        Ok(Some(_)) => {
+            errors.push(FieldError::new(
+                "call_type",
+                "must be 1 to 32 lowercase letters, digits, '_' or '-', starting with a letter",
+            ));
+            String::new()
+        }
+        Err(e) => {
+            errors.push(e);
+            String::new()
+        }
+    };
+    match str_field(body, "priority") {
+        Ok(None) | Ok(Some("normal")) => {}
+        Ok(Some("emergency")) => errors.push(FieldError::new(
+            "priority",
+            "emergency priority is only for the configured emergency numbers",
+        )),
+        Ok(Some(_)) => errors.push(FieldError::new("priority", "must be \"normal\" or \"emergency\"")),
+        Err(e) => errors.push(e),
+    }
+    let metadata = match body.get("metadata") {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(m @ Value::Object(_)) => m.clone(),
+        Some(_) => {
+            errors.push(FieldError::new("metadata", "must be a JSON object"));
+            Value::Null
+        }
+    };
+    if let Some(obj) = body.as_object() {
+        for key in obj.keys() {
+            if !matches!(
+                key.as_str(),
+                "caller" | "destination" | "call_type" | "priority" | "metadata"
+            ) {
+                errors.push(FieldError::new(key, "is not a known field"));
+            }
+        }
+    }
+    match (errors.is_empty(), destination) {
+        (true, Some(destination)) => Ok(CallRequest {
+            caller,
+            destination,
+            call_type,
+            priority: Priority::Normal,
+            metadata,
+        }),
+        _ => Err(errors),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn numbers() -> Numbers {
+        Numbers::new("IN", ["100", "101", "102", "108", "112"].map(String::from))
+    }
+
+    #[test]
+    fn normalisation_table() {
+        let ok = [
+            ("08041234567", "+918041234567"),
+            ("+91 98765 43210", "+919876543210"),
+            ("9876543210", "+919876543210"),
+            ("+1 (650) 253-0000", "+16502530000"),
+            ("+44 20 7946 0958", "+442079460958"),
+            ("0091 98765 43210", "+919876543210"),
+        ];
+        for (raw, want) in ok {
+            assert_eq!(normalise(raw, country::Id::IN).as_deref(), Ok(want), "{raw}");
+        }
+        let bad = [
+            "",
+            "hello",
+            "12",
+            "+91 12345",
+            "+999 1234567",
+            "98765x43210",
+            "0804123456789012345678901234567890",
+            "+",
+            "'; DROP TABLE calls; --",
+        ];
+        for raw in bad {
+            assert!(normalise(raw, country::Id::IN).is_err(), "{raw:?} accepted");
+        }
+    }
+
+    #[test]
+    fn default_region_applies_to_national_numbers() {
+        assert_eq!(
+            normalise("(650) 253-0000", country::Id::US).as_deref(),
+            Ok("+16502530000")
+        );
+    }
+
+    #[test]
+    fn valid_normal_call() {
+        let r = call_request(
+            &json!({"caller": "+919876543210", "destination": "08041234567",
+                    "call_type": "outbound", "priority": "normal", "metadata": {"a": 1}}),
+            &numbers(),
+        )
+        .unwrap();
+        assert_eq!(r.destination, "+918041234567");
+        assert_eq!(r.caller.as_deref(), Some("+919876543210"));
+        assert_eq!(r.priority, Priority::Normal);
+        assert_eq!(r.metadata, json!({"a": 1}));
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let errs = call_request(
+            &json!({"caller": "abc", "destination": 5, "call_type": "Out Bound",
+                    "priority": "urgent", "metadata": [], "colour": "red"}),
+            &numbers(),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "destination",
+                "caller",
+                "call_type",
+                "priority",
+                "metadata",
+                "colour"
+            ]
+        );
+        let missing = call_request(&json!({}), &numbers()).unwrap_err();
+        assert_eq!(missing[0].field, "destination");
+        assert_eq!(missing[0].reason, "is required");
+        assert!(call_request(&json!([1]), &numbers()).is_err());
+    }
+
+    #[test]
+    fn emergency_is_relaxed_and_forced() {
+        for code in ["112", "100", "1 0 8", "101", "102"] {
+            let r = call_request(&json!({"destination": code}), &numbers()).unwrap();
+            assert_eq!(r.priority, Priority::Emergency, "{code}");
+            assert_eq!(r.caller, None);
+        }
+        let r = call_request(
+            &json!({"destination": "112", "caller": "unknown", "priority": "normal",
+                    "call_type": 7, "metadata": "x"}),
+            &numbers(),
+        )
+        .unwrap();
+        assert_eq!(r.priority, Priority::Emergency);
+        assert_eq!(r.caller.as_deref(), Some("unknown"));
+        assert_eq!(r.call_type, "outbound");
+        let r = call_request(&json!({"destination": "108", "caller": "9876543210"}), &numbers()).unwrap();
+        assert_eq!(r.caller.as_deref(), Some("+919876543210"));
+    }
+
+    #[test]
+    fn emergency_priority_on_a_normal_number_is_rejected() {
+        let errs = call_request(
+            &json!({"caller": "+919876543210", "destination": "08041234567",
+                    "priority": "emergency"}),
+            &numbers(),
+        )
+        .unwrap_err();
+        assert_eq!(errs[0].field, "priority");
+    }
+
+    #[test]
+    fn region_codes() {
+        assert_eq!(region("in"), Some(country::Id::IN));
+        assert_eq!(region("XX"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn normalise_never_panics(s in "\\PC{0,40}") {
+            let _ = normalise(&s, country::Id::IN);
+        }
+
+        #[test]
+        fn normalise_never_panics_on_number_like(s in "[+0-9 ()-]{0,32}") {
+            if let Ok(n) = normalise(&s, country::Id::IN) {
+                proptest::prop_assert!(n.starts_with('+'));
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Detour control plane: call routing, idempotent APIs and the fleet view.
+//!
+//! Library entry points (used by `main.rs`, the tests and the lab):
+//! - [`Config`] (`Config::load`, `Config::from_toml_str`, `Config::for_data_dir`);
+//! - [`serve`]`(config, listener, shutdown)`: runs the API on an already bound
+//!   listener until `shutdown` resolves (migrations run first);
+//! - [`migrate`]`(&config)`: applies migrations and returns;
+//! - [`create_agent_token`]`(&config, pop)`: what `token create --pop` prints.
+//!
+//! A request meets the modules in this order: [`api`] (axum handlers, auth,
+//! shedding) → [`intake`] (validation, E.164) → [`routing`] (pure rules, with
+//! [`hook`] beside it) → [`store`] (sqlx, with [`idempotency`] claims in the
+//! same transaction). [`record`] folds call events; [`metrics`], [`tls`] and
+//! [`config`] serve them all.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod hook;
+pub mod idempotency;
+pub mod intake;
+pub mod metrics;
+pub mod record;
+pub mod routing;
+pub mod store;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{Config, ConfigError, ConfigErrors};
+
+use crate::api::App;
+use crate::store::Store;
+
+/// How long in-flight requests may finish after shutdown is requested.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How often expired idempotency keys are deleted.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+fn read_admin_token(config: &Config) -> anyhow::Result<Option<String>> {
+    let Some(path) = &config.admin_token_file else {
+        return Ok(None);
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("admin_token_file {}", path.display()))?;
+    let token = text.trim().to_owned();
+    anyhow::ensure!(!token.is_empty(), "admin_token_file {} is empty", path.display());
+    Ok(Some(token))
+}
+
+/// Opens the database and applies pending migrations.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let store = Store::open(config).await?;
+    let r = store.migrate().await;
+    store.close().await;
+    r.with_context(|| format!("migrating {}", redact(&config.database_url())))
+}
+
+/// Creates an agent token for `pop`, stores its SHA-256 and returns the
+/// token (shown once; it cannot be recovered later).
+pub async fn create_agent_token(config: &Config, pop: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        auth::valid_pop(pop),
+        "PoP name {pop:?} must be 1 to 32 lowercase letters, digits, '-' or '_'"
+    );
+    let store = Store::open(config).await?;
+    store.migrate().await?;
+    let token = auth::new_token(pop);
+    let id = uuid::Uuid::now_v7().to_string();
+    let r = store.insert_token(&auth::hash_token(&token), &id, pop).await;
+    store.close().await;
+    r?;
+    Ok(token)
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Runs the control plane on `listener` until `shutdown` resolves: migrates,
+/// loads the rules, starts the route-version poll and the idempotency purge,
+/// and serves HTTP/1.1 and HTTP/2 (HTTPS with ALPN when `[tls]` is set).
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let admin_token = read_admin_token(&config)?;
+    let tls = match &config.tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(t)?)),
+        None => None,
+    };
+    let store = Store::open(&config).await?;
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("migrating {}", redact(&config.database_url())))?;
+    let app = Arc::new(App::new(config, store, admin_token.as_deref())?);
+    app.refresh_rules(true).await.context("loading routes")?;
+    app.metrics.db_up.set(1);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let poll = tokio::spawn(poll_routes(app.clone(), stop_rx.clone()));
+    let purge = tokio::spawn(purge_keys(app.clone(), stop_rx.clone()));
+
+    let router = api::router(app.clone());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "control plane serving");
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        stream.set_nodelay(true).ok();
+        let service = TowerToHyperService::new(router.clone());
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let builder = Builder::new(TokioExecutor::new());
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    stop_tx.send(true).ok();
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {DRAIN:?}; closing them");
+    }
+    poll.abort();
+    purge.abort();
+    app.store.close().await;
+    Ok(())
+}
+
+/// Polls the route version so changes made on another replica are used
+/// within `routing.refresh_interval`; also keeps the `db_up` gauge fresh.
+async fn poll_routes(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(app.config.routing.refresh_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match app.refresh_rules(false).await {
+            Ok(_) => app.metrics.db_up.set(1),
+            Err(e) => {
+                app.metrics.db_up.set(0);
+                tracing::debug!(error = %e, "route version poll failed; keeping current rules");
+            }
+        }
+    }
+}
+
+async fn purge_keys(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let every = PURGE_EVERY.min(app.config.idempotency.retention.max(Duration::from_secs(1)));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = app
+            .store
+            .purge_idempotency(app.config.idempotency.retention)
+            .await
+        {
+            tracing::debug!(error = %e, "idempotency purge failed; will retry");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            super::redact("postgres://detour:secret@127.0.0.1:5432/detour"),
+            "postgres://detour:***@127.0.0.1:5432/detour"
+        );
+        assert_eq!(super::redact("sqlite:///x?mode=rwc"), "sqlite:///x?mode=rwc");
+    }
+}

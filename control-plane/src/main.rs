@@ -1,0 +1,127 @@
+//! `detour-control-plane`: parses the command line, loads config, sets up
+//! tracing and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use detour_control_plane::Config;
+
+#[derive(Parser)]
+#[command(name = "detour-control-plane", version, about = "Detour control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (runs migrations first).
+    Serve {
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// Validate cp.toml; prints `file:line:col: message` and exits 1 on error.
+    CheckConfig {
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// Agent tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for a PoP; it is printed once, only its hash is stored.
+    Create {
+        #[arg(long)]
+        pop: String,
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(1)
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                return ExitCode::SUCCESS;
+            }
+            Err(code) => return code,
+        },
+        Command::Migrate { config } => match load(&config) {
+            Ok(c) => detour_control_plane::migrate(&c).await,
+            Err(code) => return code,
+        },
+        Command::Token {
+            command: TokenCommand::Create { pop, config },
+        } => match load(&config) {
+            Ok(c) => detour_control_plane::create_agent_token(&c, &pop)
+                .await
+                .map(|token| println!("{token}")),
+            Err(code) => return code,
+        },
+        Command::Serve { config } => match load(&config) {
+            Ok(c) => serve(c).await,
+            Err(code) => return code,
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("detour-control-plane: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen {}: {e}", config.listen))?;
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    ctrl_c.await.ok();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        ctrl_c.await.ok();
+    };
+    detour_control_plane::serve(config, listener, shutdown).await
+}
