@@ -180,7 +180,7 @@ impl TlsMaterial {
 }
 
 /// Client configuration for TLS to the control plane: the system's roots plus
-/// an optional extra CA, with ALPN offering HTTP/2 and HTTP/1.1.
+/// an optional extra CA.
 pub fn control_plane_client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
@@ -194,12 +194,12 @@ pub fn control_plane_client_config(extra_ca: Option<&Path>) -> Result<Arc<Client
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    // ALPN (h2, http/1.1) is set by the HTTPS connector that uses this.
+    let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 

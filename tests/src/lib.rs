@@ -1,1 +1,10 @@
-//! The Detour lab.
+//! The Detour lab: whole fleets on one machine. [`fleet`] builds a control
+//! plane and agents on loopback joined by fault-injecting [`link`]s;
+//! [`mock_cp`] is a fast in-process control plane; [`load`] is a call
+//! handler's steady traffic. The scenario tests in `tests/` and the
+//! `detour-lab` binary (demo, benchmarks) are built on these.
+
+pub mod fleet;
+pub mod link;
+pub mod load;
+pub mod mock_cp;

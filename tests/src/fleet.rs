@@ -1,0 +1,317 @@
+//! A whole fleet on loopback: a control plane, one agent per PoP with a
+//! fault-injecting uplink link each, certificates from `detour-agent pki`, and
+//! peer lists that name every other PoP. Agents run in-process through the
+//! same library `detour-agent run` uses, configured from real TOML files.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use detour_agent::Agent;
+use detour_agent::config::AgentConfig;
+use detour_wire::PathState;
+
+use crate::link::Link;
+use crate::mock_cp::MockCp;
+
+/// The control plane's name in every agent's URL; each agent dials it
+/// through its own uplink link.
+pub const CP_HOST: &str = "cp.detour.test";
+
+/// One PoP of the fleet.
+pub struct Pop {
+    pub name: String,
+    pub agent: Option<Agent>,
+    /// This PoP's internet path to the control plane.
+    pub uplink: Link,
+    pub config_path: PathBuf,
+    pub relay_addr: Option<SocketAddr>,
+}
+
+impl Pop {
+    pub fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent is running")
+    }
+
+    /// The call handler's URL base for this PoP.
+    pub fn local_url(&self) -> String {
+        format!("http://{}", self.agent().local_addr)
+    }
+}
+
+/// How to build a fleet.
+#[derive(Clone)]
+pub struct FleetOptions {
+    pub pops: Vec<String>,
+    /// Extra TOML appended to every agent.toml's tables, keyed by table name
+    /// (e.g. `forward` -> `hedge = false`).
+    pub extra: BTreeMap<String, String>,
+    /// Where the control plane listens when it is not the mock (the lab's
+    /// real control plane); `None` starts a [`MockCp`].
+    pub external_cp: Option<SocketAddr>,
+    /// Whether the control plane speaks TLS.
+    pub cp_tls: bool,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions {
+            pops: vec!["blr".into(), "maa".into(), "del".into()],
+            extra: BTreeMap::new(),
+            external_cp: None,
+            cp_tls: true,
+        }
+    }
+}
+
+/// A running fleet. Dropping it stops the links; call [`Fleet::shutdown`] to
+/// drain the agents.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub cp: Option<MockCp>,
+    pub cp_addr: SocketAddr,
+    pub pops: BTreeMap<String, Pop>,
+    pub opts: FleetOptions,
+}
+
+/// TLS material for a test control plane named [`CP_HOST`], issued by the fleet CA.
+pub fn cp_server_config(certs: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let ca_pem = std::fs::read_to_string(certs.join("ca.pem"))?;
+    let ca_key = std::fs::read_to_string(certs.join("ca.key"))?;
+    let now = time::OffsetDateTime::now_utc();
+    let (pem, key) = detour_agent::pki::issue_pem(
+        &ca_pem,
+        &ca_key,
+        CP_HOST,
+        now - time::Duration::hours(1),
+        now + time::Duration::days(30),
+    )?;
+    std::fs::write(certs.join("cp.pem"), &pem)?;
+    std::fs::write(certs.join("cp.key"), &key)?;
+    let chain: Vec<_> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+    let mut cfg =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Installs the ring crypto provider once per process.
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Fleet {
+    pub async fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
+        init_crypto();
+        let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        detour_agent::pki::init(&certs)?;
+        for pop in &opts.pops {
+            detour_agent::pki::issue(&certs, pop, &certs, 30)?;
+        }
+        let (cp, cp_addr) = match opts.external_cp {
+            Some(addr) => (None, addr),
+            None => {
+                let tls = if opts.cp_tls {
+                    Some(cp_server_config(&certs)?)
+                } else {
+                    None
+                };
+                let cp = MockCp::start(tls).await?;
+                let addr = cp.addr;
+                (Some(cp), addr)
+            }
+        };
+        let mut fleet = Fleet {
+            dir,
+            cp,
+            cp_addr,
+            pops: BTreeMap::new(),
+            opts: opts.clone(),
+        };
+        for pop in &opts.pops {
+            let uplink = Link::start(cp_addr).await?;
+            let config_path = fleet.write_config(pop, uplink.addr)?;
+            let config = AgentConfig::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let agent = Agent::start(config).await?;
+            let relay_addr = agent.relay_addr;
+            fleet.pops.insert(
+                pop.clone(),
+                Pop {
+                    name: pop.clone(),
+                    agent: Some(agent),
+                    uplink,
+                    config_path,
+                    relay_addr,
+                },
+            );
+        }
+        for pop in opts.pops.clone() {
+            fleet.write_peers(&pop, &[])?;
+            let p = &fleet.pops[&pop];
+            let files = p.agent().shared.forwarder.runtime().config.files.clone();
+            match detour_agent::reload::reload_now(p.agent(), &files) {
+                detour_agent::reload::ReloadResult::Rejected(e) => bail!("peers for {pop}: {e}"),
+                _ => {}
+            }
+        }
+        fleet.wait_all_up(Duration::from_secs(10)).await?;
+        Ok(fleet)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.opts.cp_tls { "https" } else { "http" }
+    }
+
+    fn write_config(&self, pop: &str, uplink: SocketAddr) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.path().join(pop);
+        std::fs::create_dir_all(&dir)?;
+        let extra = |table: &str| self.opts.extra.get(table).cloned().unwrap_or_default();
+        let text = format!(
+            r#"pop = "{pop}"
+
+[listen]
+local = "127.0.0.1:0"
+relay = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[control_plane]
+url = "{scheme}://{CP_HOST}"
+addresses = ["{uplink}"]
+ca = "../certs/ca.pem"
+{cp_extra}
+
+[tls]
+ca = "../certs/ca.pem"
+cert = "../certs/{pop}.pem"
+key = "../certs/{pop}.key"
+
+[health]
+interval = "200ms"
+{health_extra}
+
+[forward]
+{forward_extra}
+
+[ingress]
+{ingress_extra}
+
+[relay]
+{relay_extra}
+
+[peers]
+file = "peers.toml"
+"#,
+            scheme = self.scheme(),
+            cp_extra = extra("control_plane"),
+            health_extra = extra("health"),
+            forward_extra = extra("forward"),
+            ingress_extra = extra("ingress"),
+            relay_extra = extra("relay"),
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, text)?;
+        if !dir.join("peers.toml").exists() {
+            std::fs::write(dir.join("peers.toml"), "")?;
+        }
+        Ok(path)
+    }
+
+    /// Writes `pop`'s peers file naming every other PoP (minus `exclude`).
+    pub fn write_peers(&self, pop: &str, exclude: &[&str]) -> anyhow::Result<()> {
+        let mut text = String::new();
+        for (name, p) in &self.pops {
+            if name == pop || exclude.contains(&name.as_str()) {
+                continue;
+            }
+            let relay = p.relay_addr.context("peer has no relay")?;
+            text.push_str(&format!("[[peer]]\nname = \"{name}\"\nrelay = \"{relay}\"\n\n"));
+        }
+        std::fs::write(self.dir.path().join(pop).join("peers.toml"), text)?;
+        Ok(())
+    }
+
+    pub fn pop(&self, name: &str) -> &Pop {
+        &self.pops[name]
+    }
+
+    /// Waits until every running agent sees every enabled path `up`.
+    pub async fn wait_all_up(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut pending = Vec::new();
+            for p in self.pops.values() {
+                let Some(a) = &p.agent else { continue };
+                let snap = a.shared.forwarder.runtime().health.snapshot();
+                for v in &snap.paths {
+                    let peer_running = match v.name.strip_prefix("via:") {
+                        Some(peer) => self.pops.get(peer).is_some_and(|x| x.agent.is_some()),
+                        None => true,
+                    };
+                    if v.enabled && peer_running && v.state != PathState::Up {
+                        pending.push(format!("{}:{}={}", p.name, v.name, v.state.as_str()));
+                    }
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("paths not up within {within:?}: {}", pending.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `pop`'s active path is `path`.
+    pub async fn wait_active(&self, pop: &str, path: &str, within: Duration) -> anyhow::Result<Duration> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let snap = self.pop(pop).agent().shared.forwarder.runtime().health.snapshot();
+            if snap.active().is_some_and(|a| &*a.name == path) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                let now = snap.active().map(|a| a.name.to_string()).unwrap_or_default();
+                bail!("{pop} did not switch to {path} within {within:?} (active: {now})");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops `pop`'s agent (its relay and tunnels close).
+    pub async fn stop_agent(&mut self, pop: &str) {
+        if let Some(a) = self.pops.get_mut(pop).and_then(|p| p.agent.take()) {
+            a.shutdown().await;
+        }
+    }
+
+    /// Starts `pop`'s agent again from its files, on the same relay port.
+    pub async fn restart_agent(&mut self, pop: &str) -> anyhow::Result<()> {
+        let p = self.pops.get_mut(pop).context("no such pop")?;
+        let text = std::fs::read_to_string(&p.config_path)?;
+        let relay = p.relay_addr.context("no relay")?;
+        let text = text.replace("relay = \"127.0.0.1:0\"", &format!("relay = \"{relay}\""));
+        std::fs::write(&p.config_path, text)?;
+        let config = AgentConfig::load(&p.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        p.agent = Some(Agent::start(config).await?);
+        Ok(())
+    }
+
+    /// Drains every agent.
+    pub async fn shutdown(mut self) {
+        let names: Vec<String> = self.pops.keys().cloned().collect();
+        for n in names {
+            self.stop_agent(&n).await;
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Fault-injecting TCP links: a loopback proxy between an agent and what it
+//! talks to, whose behaviour can be switched at any time (pass, blackhole,
+//! reset, added latency, stalls that mimic retransmission under packet loss).
+//! A mode change applies to connections already open, as a real link failure
+//! would.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// How the link treats bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// Bytes flow.
+    Pass,
+    /// Connections are accepted and held; every byte is dropped (a dead route).
+    Blackhole,
+    /// Open connections are reset and new ones are refused.
+    Reset,
+    /// Every chunk waits this long.
+    Latency(Duration),
+    /// Each chunk is held for `stall` with probability `percent`/100, like a
+    /// segment lost and retransmitted.
+    Lossy { percent: u32, stall: Duration },
+}
+
+/// A running link.
+pub struct Link {
+    pub addr: SocketAddr,
+    mode: watch::Sender<Fault>,
+    record: Arc<Mutex<Option<Vec<u8>>>>,
+    pub connections: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
+}
+
+impl Link {
+    /// Starts a link on a free loopback port that forwards to `target`.
+    pub async fn start(target: SocketAddr) -> std::io::Result<Link> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (mode, mode_rx) = watch::channel(Fault::Pass);
+        let (stop, stop_rx) = watch::channel(false);
+        let record: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
+        let connections = Arc::new(AtomicU64::new(0));
+        let rec = record.clone();
+        let conns = connections.clone();
+        tokio::spawn(async move {
+            let mut stop_rx2 = stop_rx.clone();
+            loop {
+                let (client, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop_rx2.changed() => return,
+                };
+                conns.fetch_add(1, Ordering::Relaxed);
+                let mode_rx = mode_rx.clone();
+                let rec = rec.clone();
+                let stop_rx = stop_rx.clone();
+                tokio::spawn(async move {
+                    if *mode_rx.borrow() == Fault::Reset {
+                        let _ = client.set_zero_linger();
+                        return;
+                    }
+                    let _ = client.set_nodelay(true);
+                    let upstream = match TcpStream::connect(target).await {
+                        Ok(s) => s,
+                        Err(_) => {
+                            let _ = client.set_zero_linger();
+                            return;
+                        }
+                    };
+                    let _ = upstream.set_nodelay(true);
+                    pump(client, upstream, mode_rx, rec, stop_rx).await;
+                });
+            }
+        });
+        Ok(Link {
+            addr,
+            mode,
+            record,
+            connections,
+            stop,
+        })
+    }
+
+    /// Switches the link's behaviour, for open and new connections alike.
+    pub fn set(&self, fault: Fault) {
+        let _ = self.mode.send(fault);
+    }
+
+    pub fn fault(&self) -> Fault {
+        *self.mode.borrow()
+    }
+
+    /// Starts keeping a copy of every byte that passes (both directions).
+    pub fn start_recording(&self) {
+        *self.record.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// The bytes recorded so far.
+    pub fn recorded(&self) -> Vec<u8> {
+        self.record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn pump(
+    client: TcpStream,
+    upstream: TcpStream,
+    mode: watch::Receiver<Fault>,
+    rec: Arc<Mutex<Option<Vec<u8>>>>,
+    stop: watch::Receiver<bool>,
+) {
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let a = direction(cr, uw, mode.clone(), rec.clone());
+    let b = direction(ur, cw, mode.clone(), rec);
+    let mut mode2 = mode.clone();
+    let mut stop = stop;
+    let reset = async move {
+        loop {
+            if *mode2.borrow_and_update() == Fault::Reset {
+                return;
+            }
+            if mode2.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = async { tokio::join!(a, b) } => {}
+        _ = reset => {}
+        _ = stop.changed() => {}
+    }
+    // Dropping the halves closes both sockets; a reset sends RST through linger 0
+    // where the socket still exists (the halves own it).
+}
+
+async fn direction(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mode: watch::Receiver<Fault>,
+    rec: Arc<Mutex<Option<Vec<u8>>>>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let fault = *mode.borrow();
+        match fault {
+            Fault::Pass => {}
+            Fault::Blackhole => continue,
+            Fault::Reset => break,
+            Fault::Latency(d) => tokio::time::sleep(d).await,
+            Fault::Lossy { percent, stall } => {
+                if rand::random::<u32>() % 100 < percent {
+                    tokio::time::sleep(stall).await;
+                }
+            }
+        }
+        // A link that went black while this chunk waited drops it too.
+        if *mode.borrow() == Fault::Blackhole {
+            continue;
+        }
+        if let Some(v) = rec.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            v.extend_from_slice(&buf[..n]);
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+}
