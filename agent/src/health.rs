@@ -65,14 +65,6 @@ pub struct PathInfo {
     pub enabled: bool,
 }
 
-/// One second of evidence.
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    second: u64,
-    total: u32,
-    bad: u32,
-}
-
 /// Evidence and state of one path.
 #[derive(Debug)]
 pub struct PathStats {
@@ -83,7 +75,8 @@ pub struct PathStats {
     ewma: Option<f64>,
     /// The most recent RTT samples, newest last.
     recent: VecDeque<f64>,
-    buckets: VecDeque<Bucket>,
+    /// Recent exchanges: when, and whether it was bad.
+    exchanges: VecDeque<(Instant, bool)>,
     consecutive_failures: u32,
     consecutive_ok: u32,
     /// No rise before this instant.
@@ -100,13 +93,15 @@ pub struct PathStats {
     mixed: bool,
     /// The path has never been `up` and never failed.
     never_up: bool,
+    /// When the last lost, stalled or failed exchange happened.
+    last_bad: Option<Instant>,
 }
 
 const RECENT: usize = 64;
-/// Seconds of evidence the short (falling) window covers.
-const SHORT_WINDOW: u64 = 10;
-/// Seconds of evidence the long (rising) window covers.
-const LONG_WINDOW: u64 = 30;
+/// Evidence older than this is forgotten, however few exchanges there were.
+const MAX_AGE: Duration = Duration::from_secs(30);
+/// A lossy path rises only after this long without a bad exchange.
+pub const CLEAN_RUN: Duration = Duration::from_secs(30);
 /// A path that stayed up this long forgets its past flaps.
 const FLAP_FORGET: Duration = Duration::from_secs(60);
 /// Fewest bad exchanges in the short window that make a path degraded.
@@ -120,7 +115,7 @@ impl PathStats {
             reason: Some("no evidence yet".to_owned()),
             ewma: None,
             recent: VecDeque::with_capacity(RECENT),
-            buckets: VecDeque::with_capacity(LONG_WINDOW as usize + 1),
+            exchanges: VecDeque::with_capacity(64),
             consecutive_failures: 0,
             consecutive_ok: 0,
             hold_until: None,
@@ -130,6 +125,7 @@ impl PathStats {
             ok_since_out: false,
             mixed: false,
             never_up: true,
+            last_bad: None,
         }
     }
 
@@ -153,16 +149,19 @@ impl PathStats {
         v.get(idx.min(v.len() - 1)).copied()
     }
 
-    fn window(&self, now_sec: u64, secs: u64) -> (u32, u32) {
-        self.buckets
+    /// (exchanges, bad ones) among the last `health.window` exchanges that
+    /// are not older than [`MAX_AGE`].
+    fn window(&self, now: Instant) -> (u32, u32) {
+        self.exchanges
             .iter()
-            .filter(|b| b.second + secs > now_sec)
-            .fold((0, 0), |(t, b), x| (t + x.total, b + x.bad))
+            .filter(|(t, _)| now.saturating_duration_since(*t) <= MAX_AGE)
+            .fold((0, 0), |(t, b), (_, bad)| (t + 1, b + u32::from(*bad)))
     }
 
-    /// Share of bad exchanges over the short window.
+    /// Share of bad exchanges among the recent ones.
     pub fn loss(&self, now: Instant, epoch: Instant) -> f64 {
-        let (total, bad) = self.window(second(now, epoch), SHORT_WINDOW);
+        let _ = epoch;
+        let (total, bad) = self.window(now);
         if total == 0 {
             0.0
         } else {
@@ -196,24 +195,17 @@ impl PathStats {
         cfg: &HealthConfig,
     ) -> Option<PathState> {
         self.seen = true;
-        let sec = second(now, epoch);
-        match self.buckets.back_mut() {
-            Some(b) if b.second == sec => {}
-            _ => self.buckets.push_back(Bucket {
-                second: sec,
-                total: 0,
-                bad: 0,
-            }),
-        }
-        while self
-            .buckets
-            .front()
-            .is_some_and(|b| b.second + LONG_WINDOW <= sec)
+        let _ = epoch;
+        let bad = !matches!(outcome, Outcome::Ok(_));
+        self.exchanges.push_back((now, bad));
+        while self.exchanges.len() > cfg.window
+            || self
+                .exchanges
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > MAX_AGE)
         {
-            self.buckets.pop_front();
+            self.exchanges.pop_front();
         }
-        let bucket = self.buckets.back_mut().expect("a bucket was just pushed");
-        bucket.total += 1;
         let hard = match outcome {
             Outcome::Ok(rtt) => {
                 self.sample(rtt);
@@ -222,15 +214,15 @@ impl PathStats {
                 false
             }
             Outcome::Slow(_) => {
+                self.last_bad = Some(now);
                 // A stall is loss, not latency: keeping it out of the RTT
                 // samples keeps attempt timeouts short on a lossy path.
-                bucket.bad += 1;
                 self.consecutive_ok = 0;
                 false
             }
             Outcome::Failed(_) => {
+                self.last_bad = Some(now);
                 self.never_up = false;
-                bucket.bad += 1;
                 self.consecutive_ok = 0;
                 self.consecutive_failures += 1;
                 true
@@ -244,7 +236,7 @@ impl PathStats {
             self.flaps = 0;
         }
         let before = self.state;
-        let (short_total, short_bad) = self.window(sec, SHORT_WINDOW);
+        let (short_total, short_bad) = self.window(now);
         let short_loss = if short_total == 0 {
             0.0
         } else {
@@ -281,16 +273,11 @@ impl PathStats {
             }
         } else {
             let held = self.hold_until.is_some_and(|t| now < t);
-            let (long_total, long_bad) = self.window(sec, LONG_WINDOW);
             // A clean outage (nothing but failures, then nothing but
             // successes) may rise after `rise` good exchanges. A lossy path
-            // must show a long clean run first, or it would flap.
-            let clean = if self.mixed {
-                long_total >= 2 * cfg.rise
-                    && f64::from(long_bad) < f64::from(long_total) * cfg.degraded_loss / 2.0
-            } else {
-                !lossy
-            };
+            // must first go a whole clean run without a bad exchange, or it
+            // would flap.
+            let clean = !self.mixed || self.last_bad.is_none_or(|t| now.duration_since(t) >= CLEAN_RUN);
             // A path nobody has seen fail yet is up on its first good answer,
             // so an agent is useful the moment it starts.
             let first_light =
@@ -344,7 +331,7 @@ impl PathStats {
         }
         if to == PathState::Down && from != PathState::Degraded {
             // The outage is the state; recovery is judged on fresh evidence.
-            self.buckets.clear();
+            self.exchanges.clear();
             self.consecutive_ok = 0;
         }
         if from == PathState::Up {
@@ -373,10 +360,6 @@ impl PathStats {
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures
     }
-}
-
-fn second(now: Instant, epoch: Instant) -> u64 {
-    now.saturating_duration_since(epoch).as_secs()
 }
 
 /// One path as the request path sees it.

@@ -1,1 +1,271 @@
+use std::path::Path;
 
+use super::*;
+
+/// A directory with a fleet CA, certificates for blr and maa, a token and
+/// a valid agent.toml + peers.toml for blr.
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    crate::pki::init(&certs).unwrap();
+    crate::pki::issue(&certs, "blr", &certs, 30).unwrap();
+    crate::pki::issue(&certs, "maa", &certs, 30).unwrap();
+    std::fs::write(dir.path().join("agent.token"), "tok-123\n").unwrap();
+    std::fs::write(dir.path().join("agent.toml"), VALID).unwrap();
+    std::fs::write(dir.path().join("peers.toml"), PEERS).unwrap();
+    dir
+}
+
+const VALID: &str = r#"pop = "blr"
+[listen]
+local = "127.0.0.1:8080"
+relay = "0.0.0.0:4443"
+admin = "127.0.0.1:9090"
+[control_plane]
+url = "https://cp.example.internal"
+token_file = "agent.token"
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/blr.pem"
+key = "certs/blr.key"
+[health]
+interval = "500ms"
+[peers]
+file = "peers.toml"
+"#;
+
+const PEERS: &str = r#"[[peer]]
+name = "maa"
+relay = "10.1.2.3:4443"
+weight = 100
+"#;
+
+fn load(dir: &Path) -> Result<AgentConfig, ConfigErrors> {
+    AgentConfig::load(&dir.join("agent.toml"))
+}
+
+fn errors_with(dir: &Path, agent: &str, peers: &str) -> Vec<String> {
+    std::fs::write(dir.join("agent.toml"), agent).unwrap();
+    std::fs::write(dir.join("peers.toml"), peers).unwrap();
+    match load(dir) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn a_valid_config_loads_with_defaults() {
+    let dir = setup();
+    let c = load(dir.path()).unwrap();
+    assert_eq!(c.pop, "blr");
+    assert_eq!(c.control_plane.host, "cp.example.internal");
+    assert_eq!(c.control_plane.port, 443);
+    assert_eq!(c.control_plane.token.as_deref(), Some("tok-123"));
+    assert_eq!(c.control_plane.authority(), "cp.example.internal:443");
+    assert_eq!(c.control_plane.host_header(), "cp.example.internal");
+    assert_eq!(c.peers.len(), 1);
+    assert_eq!(c.peers[0].path_name(), "via:maa");
+    assert_eq!(c.ingress.max_body, 1024 * 1024);
+    assert_eq!(c.health.interval, Duration::from_millis(500));
+    assert_eq!(c.forward.pin, None);
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_location() {
+    let dir = setup();
+    let agent = VALID
+        .replace("interval = \"500ms\"", "interval = \"fast\"")
+        .replace("local = \"127.0.0.1:8080\"", "local = \"localhost:80:80\"");
+    let peers = "[[peer]]\nname = \"blr\"\nrelay = \"10.0.0.1:4443\"\n\n[[peer]]\nname = \"maa\"\nrelay = \"not an address\"\n\n[[peer]]\nname = \"maa\"\nrelay = \"10.0.0.3:4443\"\n";
+    let errs = errors_with(dir.path(), &agent, peers);
+    let agent_toml = dir.path().join("agent.toml").display().to_string();
+    let peers_toml = dir.path().join("peers.toml").display().to_string();
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with(&format!("{agent_toml}:3:9: listen.local"))),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with(&format!("{agent_toml}:14:12: health.interval"))),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with(&format!("{peers_toml}:2:8:")) && e.contains("this agent itself")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with(&format!("{peers_toml}:7:9:")) && e.contains("peer.relay")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with(&format!("{peers_toml}:10:8:")) && e.contains("listed twice")),
+        "{errs:#?}"
+    );
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+}
+
+#[test]
+fn unknown_keys_and_syntax_errors_point_at_the_spot() {
+    let dir = setup();
+    let errs = errors_with(
+        dir.path(),
+        &VALID.replace("[health]\n", "[health]\nintervall = \"1s\"\n"),
+        PEERS,
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains(":14:1:") && errs[0].contains("unknown field `intervall`"),
+        "{errs:#?}"
+    );
+    let errs = errors_with(dir.path(), VALID, "[[peer]\nname = \"maa\"\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].contains("peers.toml:1:"), "{errs:#?}");
+}
+
+#[test]
+fn certificate_problems_are_caught() {
+    let dir = setup();
+    // Missing file.
+    let errs = errors_with(
+        dir.path(),
+        &VALID.replace("certs/blr.pem", "certs/nope.pem"),
+        PEERS,
+    );
+    assert!(
+        errs.iter().any(|e| e.contains(":11:8: tls.cert: cannot read")),
+        "{errs:#?}"
+    );
+    // A certificate that does not match its key.
+    let errs = errors_with(
+        dir.path(),
+        &VALID.replace("certs/blr.key", "certs/maa.key"),
+        PEERS,
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("tls.key") && e.contains("does not match")),
+        "{errs:#?}"
+    );
+    // A certificate for another PoP.
+    let errs = errors_with(
+        dir.path(),
+        &VALID
+            .replace("certs/blr.pem", "certs/maa.pem")
+            .replace("certs/blr.key", "certs/maa.key"),
+        PEERS,
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("tls.cert") && e.contains("not for this PoP `blr`")),
+        "{errs:#?}"
+    );
+    // A certificate from another CA.
+    let other = tempfile::tempdir().unwrap();
+    crate::pki::init(other.path()).unwrap();
+    crate::pki::issue(other.path(), "blr", other.path(), 30).unwrap();
+    let agent = VALID
+        .replace(
+            "certs/blr.pem",
+            &other.path().join("blr.pem").display().to_string(),
+        )
+        .replace(
+            "certs/blr.key",
+            &other.path().join("blr.key").display().to_string(),
+        );
+    let errs = errors_with(dir.path(), &agent, PEERS);
+    assert!(
+        errs.iter().any(|e| e.contains("not valid under the fleet CA")),
+        "{errs:#?}"
+    );
+    // A key file that holds no key.
+    std::fs::write(dir.path().join("certs/garbage.key"), "hello").unwrap();
+    let errs = errors_with(
+        dir.path(),
+        &VALID.replace("certs/blr.key", "certs/garbage.key"),
+        PEERS,
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("tls.key") && e.contains("not a PEM private key")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn control_plane_and_forward_mistakes_are_caught() {
+    let dir = setup();
+    let errs = errors_with(
+        dir.path(),
+        &VALID.replace("https://cp.example.internal", "ftp://cp"),
+        PEERS,
+    );
+    assert!(errs.iter().any(|e| e.contains("control_plane.url")), "{errs:#?}");
+    let errs = errors_with(
+        dir.path(),
+        &VALID.replace("[peers]", "[forward]\npin = \"via:del\"\n[peers]"),
+        PEERS,
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("forward.pin") && e.contains("via:del")),
+        "{errs:#?}"
+    );
+    let errs = errors_with(dir.path(), &VALID.replace("agent.token", "missing.token"), PEERS);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("control_plane.token_file: cannot read")),
+        "{errs:#?}"
+    );
+    let errs = errors_with(
+        dir.path(),
+        &VALID.replace("[peers]", "[ingress]\nmax_body = \"1 GB\"\n[peers]"),
+        PEERS,
+    );
+    assert!(errs.iter().any(|e| e.contains("ingress.max_body")), "{errs:#?}");
+    let errs = errors_with(
+        dir.path(),
+        &VALID.replace("pop = \"blr\"", "pop = \"Bangalore!\""),
+        PEERS,
+    );
+    assert!(errs.iter().any(|e| e.contains(":1:7: pop:")), "{errs:#?}");
+}
+
+#[test]
+fn the_example_configs_in_the_repo_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    for pop in ["blr", "maa", "del"] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["agent.toml", "peers.toml"] {
+            std::fs::copy(root.join(pop).join(f), dir.path().join(f)).unwrap();
+        }
+        let certs = dir.path().join("certs");
+        crate::pki::init(&certs).unwrap();
+        crate::pki::issue(&certs, pop, &certs, 30).unwrap();
+        std::fs::write(dir.path().join("agent.token"), "example-token").unwrap();
+        let c = load(dir.path()).unwrap_or_else(|e| panic!("config/{pop}: {e}"));
+        assert_eq!(c.pop, pop);
+        assert_eq!(c.peers.len(), 2);
+        assert!(c.peers.iter().all(|p| p.name != pop));
+    }
+}
+
+#[test]
+fn sizes_and_durations_parse_like_people_write_them() {
+    assert_eq!(parse_size(&toml::Value::String("1MiB".into())), Ok(1024 * 1024));
+    assert_eq!(parse_size(&toml::Value::String("512 KiB".into())), Ok(512 * 1024));
+    assert_eq!(parse_size(&toml::Value::Integer(100)), Ok(100));
+    assert!(parse_size(&toml::Value::Integer(-1)).is_err());
+    assert!(parse_size(&toml::Value::String("lots".into())).is_err());
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+    assert!(parse_duration("soon").is_err());
+    assert!(valid_host_port("relay.maa.example:4443").is_ok());
+    assert!(valid_host_port("[::1]:4443").is_ok());
+    assert!(valid_host_port("10.0.0.1").is_err());
+    assert!(valid_host_port("a b:1").is_err());
+    assert!(valid_host_port("x:0").is_err());
+}

@@ -1,1 +1,309 @@
+use std::time::Duration;
 
+use proptest::prelude::*;
+
+use super::*;
+
+fn cfg() -> HealthConfig {
+    HealthConfig {
+        interval: Duration::from_millis(500),
+        path: "/healthz".into(),
+        timeout_min: Duration::from_millis(150),
+        timeout_max: Duration::from_secs(1),
+        rise: 3,
+        fall: 2,
+        degraded_loss: 0.05,
+        window: 40,
+        hold_down_min: Duration::from_secs(2),
+        hold_down_max: Duration::from_secs(60),
+    }
+}
+
+fn stats() -> PathStats {
+    PathStats::new(PathInfo {
+        name: "direct".into(),
+        direct: true,
+        weight: 100,
+        enabled: true,
+    })
+}
+
+const OK: Outcome = Outcome::Ok(Duration::from_millis(2));
+const FAIL: Outcome = Outcome::Failed(FailureKind::Timeout);
+
+/// Feeds `outcome` every `every` for `for_`, advancing paused time.
+async fn feed(
+    s: &mut PathStats,
+    epoch: Instant,
+    outcome: impl Fn(u32) -> Outcome,
+    every: Duration,
+    for_: Duration,
+) {
+    let n = (for_.as_millis() / every.as_millis()) as u32;
+    for i in 0..n {
+        tokio::time::advance(every).await;
+        s.record(outcome(i), Instant::now(), epoch, &cfg());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_path_is_up_on_its_first_good_answer() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    assert_eq!(s.state(), PathState::Down);
+    assert_eq!(s.record(OK, Instant::now(), epoch, &cfg()), Some(PathState::Up));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hard_failures_take_a_path_down_fast() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    assert_eq!(
+        s.record(FAIL, Instant::now(), epoch, &cfg()),
+        None,
+        "one failure is not enough"
+    );
+    assert_eq!(
+        s.record(FAIL, Instant::now(), epoch, &cfg()),
+        Some(PathState::Down)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_outage_recovers_after_hold_down_and_rise() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    feed(
+        &mut s,
+        epoch,
+        |_| FAIL,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Down);
+    // Three good probes right after the outage: up (the first hold-down is 2 s +-20%,
+    // which passed during the outage).
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_millis(1500),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Up);
+}
+
+#[tokio::test(start_paused = true)]
+async fn loss_greylists_a_path_and_it_needs_a_long_clean_run_to_return() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(20),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Up);
+    // 10% of exchanges stall, under load (50/s).
+    feed(
+        &mut s,
+        epoch,
+        |i| {
+            if i % 10 == 0 {
+                Outcome::Slow(Duration::from_millis(300))
+            } else {
+                OK
+            }
+        },
+        Duration::from_millis(20),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Degraded);
+    // The loss stops; only probes reach it now. Not up after 10 s...
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Degraded);
+    // ...but up once the whole long window is clean.
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(25),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Up);
+}
+
+#[tokio::test(start_paused = true)]
+async fn intermittent_loss_does_not_flap() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(20),
+        Duration::from_secs(2),
+    )
+    .await;
+    let mut changes = 0;
+    // On 3 s (25% of probes fail), off 3 s, for a minute; probes every 500 ms.
+    for cycle in 0..10 {
+        let _ = cycle;
+        for i in 0..6u32 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            let o = if i % 2 == 0 { FAIL } else { OK };
+            if s.record(o, Instant::now(), epoch, &cfg()).is_some() {
+                changes += 1;
+            }
+        }
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            if s.record(OK, Instant::now(), epoch, &cfg()).is_some() {
+                changes += 1;
+            }
+        }
+    }
+    assert!(
+        changes <= 4,
+        "state changed {changes} times in a minute of intermittent loss"
+    );
+    assert_ne!(
+        s.state(),
+        PathState::Up,
+        "still not trusted while the loss keeps coming back"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn flapping_waits_longer_each_time() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    let mut holds = Vec::new();
+    for _ in 0..4 {
+        s.record(FAIL, Instant::now(), epoch, &cfg());
+        s.record(FAIL, Instant::now(), epoch, &cfg());
+        assert_eq!(s.state(), PathState::Down);
+        let fell = Instant::now();
+        // Probe every 100 ms until up again.
+        while s.state() != PathState::Up {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            s.record(OK, Instant::now(), epoch, &cfg());
+        }
+        holds.push(Instant::now() - fell);
+    }
+    for w in holds.windows(2) {
+        assert!(w[1] > w[0], "hold-down grows: {holds:?}");
+    }
+    assert!(holds[3] >= Duration::from_secs(10), "{holds:?}");
+}
+
+fn view(i: usize, name: &str, state: PathState, score: f64, enabled: bool) -> PathView {
+    PathView {
+        index: i,
+        name: name.into(),
+        state,
+        enabled,
+        rtt: None,
+        p95: None,
+        p99: None,
+        loss: 0.0,
+        score,
+        consecutive_failures: 0,
+        reason: None,
+    }
+}
+
+#[test]
+fn direct_wins_when_up_then_peers_by_score() {
+    let paths = vec![
+        view(0, "direct", PathState::Up, 50.0, true),
+        view(1, "via:maa", PathState::Up, 1.0, true),
+        view(2, "via:del", PathState::Up, 2.0, true),
+    ];
+    assert_eq!(rank(&paths), vec![0, 1, 2]);
+    let paths = vec![
+        view(0, "direct", PathState::Degraded, 1.0, true),
+        view(1, "via:maa", PathState::Up, 9.0, true),
+        view(2, "via:del", PathState::Up, 2.0, true),
+    ];
+    assert_eq!(rank(&paths), vec![2, 1, 0]);
+    let paths = vec![
+        view(0, "direct", PathState::Down, 1.0, true),
+        view(1, "via:maa", PathState::Degraded, 9.0, true),
+        view(2, "via:del", PathState::Up, 2.0, false),
+    ];
+    assert_eq!(
+        rank(&paths),
+        vec![1, 0],
+        "disabled paths are never chosen; fail static keeps down ones last"
+    );
+}
+
+fn state() -> impl Strategy<Value = PathState> {
+    prop_oneof![
+        Just(PathState::Up),
+        Just(PathState::Degraded),
+        Just(PathState::Down)
+    ]
+}
+
+proptest! {
+    #[test]
+    fn selection_never_picks_a_worse_state_while_a_better_one_exists(
+        states in proptest::collection::vec((state(), 0.0f64..1e6, any::<bool>()), 1..8)
+    ) {
+        let paths: Vec<PathView> = states
+            .iter()
+            .enumerate()
+            .map(|(i, (s, score, enabled))| view(i, if i == 0 { "direct" } else { "via:p" }, *s, *score, *enabled))
+            .collect();
+        let ranked = rank(&paths);
+        let rankv = |s: PathState| match s { PathState::Up => 0, PathState::Degraded => 1, PathState::Down => 2 };
+        for w in ranked.windows(2) {
+            prop_assert!(rankv(paths[w[0]].state) <= rankv(paths[w[1]].state));
+        }
+        if let Some(&first) = ranked.first() {
+            if paths.iter().any(|p| p.enabled && p.state == PathState::Up) {
+                prop_assert_eq!(paths[first].state, PathState::Up);
+            }
+            if paths[0].enabled && paths[0].state == PathState::Up {
+                prop_assert_eq!(first, 0, "direct first when it is up");
+            }
+        }
+        prop_assert!(ranked.iter().all(|&i| paths[i].enabled));
+        prop_assert_eq!(ranked.len(), paths.iter().filter(|p| p.enabled).count());
+    }
+
+    #[test]
+    fn score_prefers_lower_latency_less_loss_and_more_weight(rtt in 0.001f64..1.0, w in 1u32..1000) {
+        let epoch = Instant::now();
+        let mut a = PathStats::new(PathInfo { name: "via:a".into(), direct: false, weight: w, enabled: true });
+        let mut b = PathStats::new(PathInfo { name: "via:b".into(), direct: false, weight: w, enabled: true });
+        a.sample(Duration::from_secs_f64(rtt));
+        b.sample(Duration::from_secs_f64(rtt * 2.0));
+        a.state = PathState::Up;
+        b.state = PathState::Up;
+        let now = Instant::now();
+        prop_assert!(a.score(now, epoch) < b.score(now, epoch));
+        let mut heavy = PathStats::new(PathInfo { name: "via:h".into(), direct: false, weight: (w + 1).min(1000), enabled: true });
+        heavy.sample(Duration::from_secs_f64(rtt));
+        heavy.state = PathState::Up;
+        prop_assert!(heavy.score(now, epoch) <= a.score(now, epoch));
+    }
+}
