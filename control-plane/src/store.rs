@@ -61,6 +61,9 @@ impl From<sqlx::Error> for StoreError {
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Prefix, call type, priority and window key: what must be unique.
+pub type Matcher = (String, String, String, String);
+
 /// A response kept for an Idempotency-Key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -264,7 +267,7 @@ impl Store {
         &self,
         name: &str,
         spec: &str,
-        matcher: &(String, String, String, String),
+        matcher: &Matcher,
         actor: &str,
         request_id: Option<&str>,
     ) -> Result<(RouteRow, bool)> {
@@ -408,11 +411,7 @@ impl Store {
 
     /// Inserts many routes in one transaction with one version bump (seeding
     /// and benchmarks); audited as one `bulk` entry.
-    pub async fn bulk_insert_routes(
-        &self,
-        routes: &[(String, String, (String, String, String, String))],
-        actor: &str,
-    ) -> Result<i64> {
+    pub async fn bulk_insert_routes(&self, routes: &[(String, String, Matcher)], actor: &str) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
         let version = bump_version(&mut tx).await?;
         let now = now_ms();

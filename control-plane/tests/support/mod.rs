@@ -37,7 +37,6 @@ pub fn postgres_url(test: &str) -> Option<String> {
                 panic!("{test}: DETOUR_REQUIRE_POSTGRES=1 but DATABASE_URL is not set");
             }
             eprintln!("SKIPPED: DATABASE_URL not set ({test} needs Postgres)");
-            println!("SKIPPED: DATABASE_URL not set ({test} needs Postgres)");
             None
         }
     }
@@ -109,16 +108,16 @@ impl Db {
 
     /// Drops the Postgres database (SQLite's temp dir goes with `self`).
     pub async fn finish(self) {
-        if let (Some(admin), Some(name)) = (&self.admin_url, &self.name) {
-            if let Ok(mut conn) = sqlx::PgConnection::connect(admin).await {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut conn)
-                .await
-                .ok();
-                conn.close().await.ok();
-            }
+        if let (Some(admin), Some(name)) = (&self.admin_url, &self.name)
+            && let Ok(mut conn) = sqlx::PgConnection::connect(admin).await
+        {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await
+            .ok();
+            conn.close().await.ok();
         }
     }
 
@@ -161,6 +160,15 @@ pub struct Instance {
 
 impl Instance {
     pub async fn start(config: Config) -> Instance {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("client");
+        Self::start_with(config, client, "http").await
+    }
+
+    /// Starts with a given client and URL scheme (`https` for TLS tests).
+    pub async fn start_with(config: Config, client: reqwest::Client, scheme: &str) -> Instance {
         init();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -174,12 +182,9 @@ impl Instance {
         ));
         let inst = Instance {
             addr,
-            base: format!("http://{addr}"),
+            base: format!("{scheme}://{addr}"),
             config,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .expect("client"),
+            client,
             stop: Some(tx),
             task: Some(task),
         };
