@@ -147,23 +147,18 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
 }
 
-/// Path index, kind, start, attempt timeout, result.
-type AttemptResult = (
-    usize,
-    &'static str,
-    Instant,
-    Duration,
-    Result<Response<Incoming>, (FailureKind, String)>,
-);
+type AttemptResult = (u64, Result<Response<Incoming>, (FailureKind, String)>);
 
-/// An answer slower than half its attempt timeout came through a stall (a
-/// retransmission): it counts as a lost exchange, not as a latency sample.
-fn outcome_for(elapsed: Duration, timeout: Duration) -> Outcome {
-    if elapsed > timeout / 2 {
-        Outcome::Slow(elapsed)
-    } else {
-        Outcome::Ok(elapsed)
-    }
+/// An attempt still waiting for its answer.
+#[derive(Debug, Clone)]
+struct Pending {
+    path: usize,
+    kind: &'static str,
+    started: Instant,
+    /// Past this the attempt counts as timed out: the next path is tried,
+    /// but this one may still win.
+    timeout_at: Instant,
+    timed_out: bool,
 }
 
 impl Forwarder {
@@ -187,6 +182,12 @@ impl Forwarder {
     }
 
     /// Sends `out` and returns the first response, or why there is none.
+    ///
+    /// An attempt that has no answer within its attempt timeout does not stop:
+    /// the next path is tried beside it and the first answer wins, so a slow
+    /// but working control plane is never turned into a failure. An attempt
+    /// that fails outright (connect error, reset, refusal) moves the request
+    /// on at once. See `docs/failover.md`.
     pub async fn forward(&self, out: Outbound) -> Result<Answer, Failure> {
         let rt = self.runtime.load_full();
         let cfg = &rt.config.forward;
@@ -209,20 +210,37 @@ impl Forwarder {
         }
         self.budget.request();
 
-        let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut pending: Vec<(u64, Pending)> = Vec::new();
         let mut next = 0usize;
-        let launch = |i: usize, kind: &'static str, inflight: &mut FuturesUnordered<_>| {
+        let mut ids = 0u64;
+        let mut launch = |i: usize,
+                          kind: &'static str,
+                          inflight: &mut FuturesUnordered<_>,
+                          pending: &mut Vec<(u64, Pending)>| {
             let path = rt.paths[i].clone();
+            let started = Instant::now();
             let timeout = self.attempt_timeout(&rt, i, deadline);
             let req = build_request(&path, &out);
-            inflight.push(run_attempt(i, kind, path, req, timeout));
+            ids += 1;
+            pending.push((
+                ids,
+                Pending {
+                    path: i,
+                    kind,
+                    started,
+                    timeout_at: started + timeout,
+                    timed_out: false,
+                },
+            ));
+            inflight.push(run_attempt(ids, path, req));
         };
-        launch(candidates[next], "first", &mut inflight);
+        launch(candidates[next], "first", &mut inflight, &mut pending);
         next += 1;
         if out.emergency && next < candidates.len() {
             // Emergency requests do not wait: the two best paths race. They
             // are few and must never be refused, so they skip the budget.
-            launch(candidates[next], "hedge", &mut inflight);
+            launch(candidates[next], "hedge", &mut inflight, &mut pending);
             next += 1;
         }
         let mut hedge_at = if cfg.hedge && !out.emergency && next < candidates.len() {
@@ -232,53 +250,71 @@ impl Forwarder {
         };
 
         loop {
+            let next_timeout = pending
+                .iter()
+                .filter(|(_, p)| !p.timed_out)
+                .map(|(id, p)| (p.timeout_at, *id))
+                .min();
             tokio::select! {
-                Some((i, kind, started, timeout, result)) = inflight.next() => {
-                    let path = &rt.paths[i];
-                    let elapsed = started.elapsed();
+                Some((id, result)) = inflight.next() => {
+                    let Some(pos) = pending.iter().position(|(x, _)| *x == id) else { continue };
+                    let (_, p) = pending.remove(pos);
+                    let path = &rt.paths[p.path];
                     match result {
                         Ok(resp) => {
-                            rt.health.record(i, outcome_for(elapsed, timeout));
-                            self.metrics.attempts.with_label_values(&[&*path.name, kind, "ok"]).inc();
-                            attempts.push(record(path, kind, format!("answered {}", resp.status().as_u16()), out.received));
-                            if !inflight.is_empty() {
-                                let health = rt.health.clone();
-                                let metrics = self.metrics.clone();
-                                let names: Vec<Arc<str>> = rt.paths.iter().map(|p| p.name.clone()).collect();
-                                // The losers' answers are discarded, but their
-                                // fate is still evidence about their paths.
-                                tokio::spawn(async move {
-                                    while let Some((i, kind, started, timeout, result)) = inflight.next().await {
-                                        let (outcome, label) = match result {
-                                            Ok(_) => (outcome_for(started.elapsed(), timeout), "discarded"),
-                                            Err((k, _)) => (Outcome::Failed(k), "failed"),
-                                        };
-                                        health.record(i, outcome);
-                                        metrics.attempts.with_label_values(&[&*names[i], kind, label]).inc();
-                                    }
-                                });
+                            // A late winner proves little about its path; an
+                            // answer in time is good evidence.
+                            if !p.timed_out {
+                                rt.health.record(p.path, Outcome::Answered(p.started.elapsed()));
                             }
+                            self.metrics.attempts.with_label_values(&[&*path.name, p.kind, "ok"]).inc();
+                            let status = resp.status().as_u16();
+                            attempts.push(record(path, p.kind, format!("answered {status}"), out.received));
+                            self.settle_losers(&rt, inflight, pending);
                             return Ok(Answer { response: resp, path: path.name.clone(), attempts });
                         }
                         Err((kind_failed, msg)) => {
-                            rt.health.record(i, Outcome::Failed(kind_failed));
-                            self.metrics.attempts.with_label_values(&[&*path.name, kind, "failed"]).inc();
-                            tracing::debug!(path = %path.name, kind, error = %msg, "attempt failed");
-                            attempts.push(record(path, kind, msg, out.received));
+                            rt.health.record(p.path, Outcome::Failed(kind_failed));
+                            self.metrics.attempts.with_label_values(&[&*path.name, p.kind, "failed"]).inc();
+                            tracing::debug!(path = %path.name, kind = p.kind, error = %msg, "attempt failed");
+                            attempts.push(record(path, p.kind, msg, out.received));
                             if next < candidates.len() && Instant::now() < deadline {
-                                if self.budget.try_spend() || out.emergency {
-                                    launch(candidates[next], "retry", &mut inflight);
+                                // Nothing was sent when a connect fails, so the
+                                // retry duplicates no work and costs no budget.
+                                let free = out.emergency || kind_failed == FailureKind::Connect;
+                                if free || self.budget.try_spend() {
+                                    launch(candidates[next], "retry", &mut inflight, &mut pending);
                                     next += 1;
-                                    if next >= candidates.len() {
-                                        hedge_at = None;
-                                    }
                                 } else {
                                     self.metrics.budget_exhausted.inc();
                                 }
                             }
-                            if inflight.is_empty() {
+                            if pending.is_empty() {
                                 return Err(Failure::Exhausted { attempts, deadline_passed: false });
                             }
+                        }
+                    }
+                }
+                _ = sleep_until_opt(next_timeout.map(|t| t.0)), if next_timeout.is_some() => {
+                    let id = next_timeout.map(|t| t.1).unwrap_or_default();
+                    if let Some((_, p)) = pending.iter_mut().find(|(x, _)| *x == id) {
+                        p.timed_out = true;
+                        let name = rt.paths[p.path].name.clone();
+                        tracing::debug!(path = %name, "attempt timed out; trying the next path beside it");
+                        let waited = p.timeout_at.duration_since(p.started).as_millis();
+                        attempts.push(AttemptRecord {
+                            path: name.to_string(),
+                            kind: p.kind,
+                            result: format!("no answer within {waited}ms (kept waiting)"),
+                            elapsed_ms: out.received.elapsed().as_millis() as u64,
+                        });
+                    }
+                    if next < candidates.len() {
+                        if out.emergency || self.budget.try_spend() {
+                            launch(candidates[next], "retry", &mut inflight, &mut pending);
+                            next += 1;
+                        } else {
+                            self.metrics.budget_exhausted.inc();
                         }
                     }
                 }
@@ -286,7 +322,7 @@ impl Forwarder {
                     hedge_at = None;
                     if next < candidates.len() {
                         if self.budget.try_spend() {
-                            launch(candidates[next], "hedge", &mut inflight);
+                            launch(candidates[next], "hedge", &mut inflight, &mut pending);
                             next += 1;
                         } else {
                             self.metrics.budget_exhausted.inc();
@@ -294,17 +330,71 @@ impl Forwarder {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    let now_ms = out.received.elapsed().as_millis() as u64;
-                    attempts.push(AttemptRecord {
-                        path: "-".to_owned(),
-                        kind: "deadline",
-                        result: format!("deadline of {:?} passed with {} attempt(s) still waiting", cfg.deadline, inflight.len()),
-                        elapsed_ms: now_ms,
-                    });
+                    for (_, p) in &pending {
+                        rt.health.record(p.path, Outcome::Failed(FailureKind::Timeout));
+                        let path = &rt.paths[p.path];
+                        self.metrics.attempts.with_label_values(&[&*path.name, p.kind, "failed"]).inc();
+                        attempts.push(record(path, p.kind, "still no answer at the deadline".to_owned(), out.received));
+                    }
                     return Err(Failure::Exhausted { attempts, deadline_passed: true });
                 }
             }
         }
+    }
+
+    /// Decides what the attempts that lost the race say about their paths.
+    /// One that had already run past its timeout when another path answered
+    /// failed. The others are watched in the background until their own
+    /// timeout: an answer in time is good evidence, none is a failure. Their
+    /// responses are discarded.
+    fn settle_losers<F>(
+        &self,
+        rt: &Arc<Runtime>,
+        mut inflight: FuturesUnordered<F>,
+        mut pending: Vec<(u64, Pending)>,
+    ) where
+        F: Future<Output = AttemptResult> + Send + 'static,
+    {
+        pending.retain(|(_, p)| {
+            if p.timed_out {
+                rt.health.record(p.path, Outcome::Failed(FailureKind::Timeout));
+                self.metrics
+                    .attempts
+                    .with_label_values(&[&*rt.paths[p.path].name, p.kind, "failed"])
+                    .inc();
+            }
+            !p.timed_out
+        });
+        if pending.is_empty() {
+            return;
+        }
+        let rt = rt.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            while let Some((first_deadline, first_id)) =
+                pending.iter().map(|(id, p)| (p.timeout_at, *id)).min()
+            {
+                tokio::select! {
+                    Some((id, result)) = inflight.next() => {
+                        let Some(pos) = pending.iter().position(|(x, _)| *x == id) else { continue };
+                        let (_, p) = pending.remove(pos);
+                        let (outcome, label) = match result {
+                            Ok(_) => (Outcome::Answered(p.started.elapsed()), "discarded"),
+                            Err((k, _)) => (Outcome::Failed(k), "failed"),
+                        };
+                        rt.health.record(p.path, outcome);
+                        metrics.attempts.with_label_values(&[&*rt.paths[p.path].name, p.kind, label]).inc();
+                    }
+                    _ = tokio::time::sleep_until(first_deadline) => {
+                        if let Some(pos) = pending.iter().position(|(x, _)| *x == first_id) {
+                            let (_, p) = pending.remove(pos);
+                            rt.health.record(p.path, Outcome::Failed(FailureKind::Timeout));
+                            metrics.attempts.with_label_values(&[&*rt.paths[p.path].name, p.kind, "failed"]).inc();
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Attempt timeout for path `i`: `factor` x its recent p99, within the
@@ -320,15 +410,15 @@ impl Forwarder {
         adaptive.min(deadline.saturating_duration_since(Instant::now()))
     }
 
-    /// Hedge delay for a request on path `i`: its recent p95, at least a
-    /// third of the minimum attempt timeout.
+    /// Hedge delay for a request on path `i`: the p95 of its recent request
+    /// latencies, at least a third of the minimum attempt timeout.
     fn hedge_delay(&self, rt: &Runtime, i: usize) -> Duration {
         let f = &rt.config.forward;
         let floor = f.attempt_timeout_min / 3;
         let snap = rt.health.snapshot();
         snap.paths
             .get(i)
-            .and_then(|p| p.p95)
+            .and_then(|p| p.request_p95.or(p.p95))
             .map_or(floor, |p95| Duration::from_secs_f64(p95).max(floor))
     }
 }
@@ -358,23 +448,12 @@ fn build_request(path: &PathClient, out: &Outbound) -> Request<Full<Bytes>> {
     req
 }
 
-async fn run_attempt(
-    i: usize,
-    kind: &'static str,
-    path: Arc<PathClient>,
-    req: Request<Full<Bytes>>,
-    timeout: Duration,
-) -> AttemptResult {
-    let started = Instant::now();
-    let result = match tokio::time::timeout(timeout, path.client.request(req)).await {
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => Err(classify(&e)),
-        Err(_) => Err((
-            FailureKind::Timeout,
-            format!("no answer within {}ms", timeout.as_millis()),
-        )),
+async fn run_attempt(id: u64, path: Arc<PathClient>, req: Request<Full<Bytes>>) -> AttemptResult {
+    let result = match path.client.request(req).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => Err(classify(&e)),
     };
-    (i, kind, started, timeout, result)
+    (id, result)
 }
 
 /// Turns a client error into a failure kind and a message a person can read.

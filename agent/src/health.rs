@@ -23,8 +23,11 @@ use crate::metrics::Metrics;
 /// What one exchange on a path showed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
-    /// Response headers arrived after this long.
+    /// A probe's answer arrived after this long (a network RTT sample).
     Ok(Duration),
+    /// A request was answered after this long. Good evidence, but its time
+    /// includes the control plane's work, so it feeds the hedge delay, not RTT.
+    Answered(Duration),
     /// Slow enough to count as a lost exchange, though it completed
     /// (a stall like a retransmission).
     Slow(Duration),
@@ -75,6 +78,8 @@ pub struct PathStats {
     ewma: Option<f64>,
     /// The most recent RTT samples, newest last.
     recent: VecDeque<f64>,
+    /// The most recent request latencies (time to response headers), newest last.
+    req_recent: VecDeque<f64>,
     /// Recent exchanges: when, and whether it was bad.
     exchanges: VecDeque<(Instant, bool)>,
     consecutive_failures: u32,
@@ -115,6 +120,7 @@ impl PathStats {
             reason: Some("no evidence yet".to_owned()),
             ewma: None,
             recent: VecDeque::with_capacity(RECENT),
+            req_recent: VecDeque::with_capacity(RECENT),
             exchanges: VecDeque::with_capacity(64),
             consecutive_failures: 0,
             consecutive_ok: 0,
@@ -140,13 +146,12 @@ impl PathStats {
 
     /// The `q` quantile (0..1) of recent RTT samples, in seconds.
     pub fn rtt_quantile(&self, q: f64) -> Option<f64> {
-        if self.recent.is_empty() {
-            return None;
-        }
-        let mut v: Vec<f64> = self.recent.iter().copied().collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
-        v.get(idx.min(v.len() - 1)).copied()
+        quantile(&self.recent, q)
+    }
+
+    /// The `q` quantile (0..1) of recent request latencies, in seconds.
+    pub fn request_quantile(&self, q: f64) -> Option<f64> {
+        quantile(&self.req_recent, q)
     }
 
     /// (exchanges, bad ones) among the last `health.window` exchanges that
@@ -196,7 +201,7 @@ impl PathStats {
     ) -> Option<PathState> {
         self.seen = true;
         let _ = epoch;
-        let bad = !matches!(outcome, Outcome::Ok(_));
+        let bad = !matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_));
         self.exchanges.push_back((now, bad));
         while self.exchanges.len() > cfg.window
             || self
@@ -209,6 +214,15 @@ impl PathStats {
         let hard = match outcome {
             Outcome::Ok(rtt) => {
                 self.sample(rtt);
+                self.consecutive_failures = 0;
+                self.consecutive_ok += 1;
+                false
+            }
+            Outcome::Answered(took) => {
+                if self.req_recent.len() == RECENT {
+                    self.req_recent.pop_front();
+                }
+                self.req_recent.push_back(took.as_secs_f64());
                 self.consecutive_failures = 0;
                 self.consecutive_ok += 1;
                 false
@@ -248,7 +262,7 @@ impl PathStats {
         if self.state != PathState::Up && hard && self.ok_since_out {
             self.mixed = true;
         }
-        if self.state != PathState::Up && !hard && matches!(outcome, Outcome::Ok(_)) {
+        if self.state != PathState::Up && !hard && matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_)) {
             self.ok_since_out = true;
         }
         let next = if hard && self.consecutive_failures >= cfg.fall {
@@ -362,6 +376,16 @@ impl PathStats {
     }
 }
 
+fn quantile(samples: &VecDeque<f64>, q: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v: Vec<f64> = samples.iter().copied().collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v.get(idx.min(v.len() - 1)).copied()
+}
+
 /// One path as the request path sees it.
 #[derive(Debug, Clone)]
 pub struct PathView {
@@ -372,6 +396,8 @@ pub struct PathView {
     pub rtt: Option<f64>,
     pub p95: Option<f64>,
     pub p99: Option<f64>,
+    /// p95 of recent request latencies on this path, seconds (the hedge delay).
+    pub request_p95: Option<f64>,
     pub loss: f64,
     pub score: f64,
     pub consecutive_failures: u32,
@@ -398,17 +424,26 @@ impl Snapshot {
     }
 }
 
+/// The current path keeps traffic unless the best is this much better...
+const STICKY_RATIO: f64 = 1.5;
+/// ...plus this many score points (about milliseconds of RTT).
+const STICKY_MARGIN: f64 = 2.0;
+
+/// Selection class: lower is better.
+fn class(p: &PathView) -> u8 {
+    match p.state {
+        PathState::Up if &*p.name == "direct" => 0,
+        PathState::Up => 1,
+        PathState::Degraded => 2,
+        PathState::Down => 3,
+    }
+}
+
 /// Ranks paths: `direct` when it is up, then up paths by score, then degraded
 /// by score, then down by score (fail static: a bad path beats no path).
 /// Disabled paths are left out.
 pub fn rank(paths: &[PathView]) -> Vec<usize> {
     let mut order: Vec<usize> = paths.iter().filter(|p| p.enabled).map(|p| p.index).collect();
-    let class = |p: &PathView| match p.state {
-        PathState::Up if &*p.name == "direct" => 0,
-        PathState::Up => 1,
-        PathState::Degraded => 2,
-        PathState::Down => 3,
-    };
     order.sort_by(|&a, &b| {
         let (pa, pb) = (&paths[a], &paths[b]);
         class(pa)
@@ -523,13 +558,30 @@ impl HealthTable {
                 rtt: s.rtt(),
                 p95: s.rtt_quantile(0.95),
                 p99: s.rtt_quantile(0.99),
+                request_p95: s.request_quantile(0.95),
                 loss: s.loss(now, self.epoch),
                 score: s.score(now, self.epoch),
                 consecutive_failures: s.consecutive_failures(),
                 reason: s.reason().map(str::to_owned),
             });
         }
-        let ranked = rank(&views);
+        let mut ranked = rank(&views);
+        // Stickiness: stay on the current path while it is as healthy as the
+        // best and not clearly worse, so small RTT wobbles between peers do
+        // not move traffic back and forth.
+        if let Some(current) = lock(&self.active).clone() {
+            if let (Some(&best), Some(pos)) = (
+                ranked.first(),
+                ranked.iter().position(|&i| views[i].name == current),
+            ) {
+                let (b, c) = (&views[best], &views[ranked[pos]]);
+                let same_class = class(b) == class(c);
+                if pos > 0 && same_class && c.score <= b.score * STICKY_RATIO + STICKY_MARGIN {
+                    let i = ranked.remove(pos);
+                    ranked.insert(0, i);
+                }
+            }
+        }
         let snap = Snapshot { paths: views, ranked };
         for v in &snap.paths {
             let state = match v.state {

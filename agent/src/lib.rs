@@ -357,7 +357,7 @@ async fn probe_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             tokio::spawn(async move {
                 let outcome = probe(&rt, &path, i).await;
                 let label = match outcome {
-                    Outcome::Ok(_) => "ok",
+                    Outcome::Ok(_) | Outcome::Answered(_) => "ok",
                     Outcome::Slow(_) => "slow",
                     Outcome::Failed(_) => "failed",
                 };

@@ -127,14 +127,25 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let relay = relay.load_full();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            handle_conn(relay, tcp, remote).await;
+            // Tunnels end with the agent: peers see the reset and move their
+            // requests to another path.
+            tokio::select! {
+                _ = handle_conn(relay, tcp, remote, stop.clone()) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
         });
     }
 }
 
-async fn handle_conn(relay: Arc<Relay>, tcp: TcpStream, remote: std::net::SocketAddr) {
+async fn handle_conn(
+    relay: Arc<Relay>,
+    tcp: TcpStream,
+    remote: std::net::SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
     let limits = &relay.config.relay;
     let started = Instant::now();
     let tls = match tokio::time::timeout(limits.handshake_timeout, relay.acceptor.accept(tcp)).await {
@@ -167,7 +178,8 @@ async fn handle_conn(relay: Arc<Relay>, tcp: TcpStream, remote: std::net::Socket
     let service = service_fn(move |req| {
         let relay = relay2.clone();
         let peer = peer2.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle_connect(relay, peer, remote, req).await) }
+        let shutdown = shutdown.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle_connect(relay, peer, remote, req, shutdown).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -202,6 +214,7 @@ async fn handle_connect(
     peer: String,
     remote: std::net::SocketAddr,
     req: Request<Incoming>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Response<Body> {
     let cp = &relay.config.control_plane;
     if req.method() != Method::CONNECT {
@@ -306,11 +319,14 @@ async fn handle_connect(
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let down = TokioIo::new(upgraded);
-                match splice(down, upstream, idle).await {
-                    Ok((up_bytes, down_bytes)) => {
-                        tracing::debug!(%peer, up_bytes, down_bytes, "tunnel closed");
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended"),
+                tokio::select! {
+                    r = splice(down, upstream, idle) => match r {
+                        Ok((up_bytes, down_bytes)) => {
+                            tracing::debug!(%peer, up_bytes, down_bytes, "tunnel closed");
+                        }
+                        Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended"),
+                    },
+                    _ = shutdown.wait_for(|s| *s) => tracing::debug!(%peer, "tunnel closed at shutdown"),
                 }
             }
             Err(e) => tracing::debug!(%peer, error = %e, "tunnel upgrade failed"),

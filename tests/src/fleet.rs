@@ -196,7 +196,6 @@ cert = "../certs/{pop}.pem"
 key = "../certs/{pop}.key"
 
 [health]
-interval = "200ms"
 {health_extra}
 
 [forward]
@@ -213,7 +212,14 @@ file = "peers.toml"
 "#,
             scheme = self.scheme(),
             cp_extra = extra("control_plane"),
-            health_extra = extra("health"),
+            health_extra = {
+                let h = extra("health");
+                if h.contains("interval") {
+                    h
+                } else {
+                    format!("interval = \"200ms\"\n{h}")
+                }
+            },
             forward_extra = extra("forward"),
             ingress_extra = extra("ingress"),
             relay_extra = extra("relay"),
@@ -272,12 +278,13 @@ file = "peers.toml"
         }
     }
 
-    /// Waits until `pop`'s active path is `path`.
+    /// Waits until `pop`'s active path is `path`; `via:` matches any peer.
     pub async fn wait_active(&self, pop: &str, path: &str, within: Duration) -> anyhow::Result<Duration> {
         let started = tokio::time::Instant::now();
         loop {
             let snap = self.pop(pop).agent().shared.forwarder.runtime().health.snapshot();
-            if snap.active().is_some_and(|a| &*a.name == path) {
+            let matches = |name: &str| name == path || (path == "via:" && name.starts_with("via:"));
+            if snap.active().is_some_and(|a| matches(&a.name)) {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > within {

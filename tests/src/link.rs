@@ -19,7 +19,9 @@ use tokio::sync::watch;
 pub enum Fault {
     /// Bytes flow.
     Pass,
-    /// Connections are accepted and held; every byte is dropped (a dead route).
+    /// A dead route: connections are accepted but nothing gets through; bytes
+    /// wait, as unacknowledged segments would, and flow again when the link
+    /// heals (TCP would retransmit them).
     Blackhole,
     /// Open connections are reset and new ones are refused.
     Reset,
@@ -67,6 +69,11 @@ impl Link {
                         return;
                     }
                     let _ = client.set_nodelay(true);
+                    // A SYN into a dead route goes nowhere until the route heals.
+                    let mut wait = mode_rx.clone();
+                    if wait.wait_for(|m| *m != Fault::Blackhole).await.is_err() {
+                        return;
+                    }
                     let upstream = match TcpStream::connect(target).await {
                         Ok(s) => s,
                         Err(_) => {
@@ -164,8 +171,7 @@ async fn direction(
         };
         let fault = *mode.borrow();
         match fault {
-            Fault::Pass => {}
-            Fault::Blackhole => continue,
+            Fault::Pass | Fault::Blackhole => {}
             Fault::Reset => break,
             Fault::Latency(d) => tokio::time::sleep(d).await,
             Fault::Lossy { percent, stall } => {
@@ -174,9 +180,13 @@ async fn direction(
                 }
             }
         }
-        // A link that went black while this chunk waited drops it too.
-        if *mode.borrow() == Fault::Blackhole {
-            continue;
+        // While the route is dead the chunk waits (and so, by backpressure,
+        // does everything behind it).
+        let mut wait = mode.clone();
+        match wait.wait_for(|m| *m != Fault::Blackhole).await {
+            Ok(m) if *m == Fault::Reset => break,
+            Ok(_) => {}
+            Err(_) => break,
         }
         if let Some(v) = rec.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             v.extend_from_slice(&buf[..n]);
