@@ -669,15 +669,15 @@ fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -> Option<Ag
             Duration::from_secs(60),
         ),
     };
-    if health.timeout_min > health.timeout_max {
-        if let Some(s) = &h.timeout_min {
-            d.span(s, "health.timeout_min: is greater than health.timeout_max");
-        }
+    if health.timeout_min > health.timeout_max
+        && let Some(s) = &h.timeout_min
+    {
+        d.span(s, "health.timeout_min: is greater than health.timeout_max");
     }
-    if health.hold_down_min > health.hold_down_max {
-        if let Some(s) = &h.hold_down_min {
-            d.span(s, "health.hold_down_min: is greater than health.hold_down_max");
-        }
+    if health.hold_down_min > health.hold_down_max
+        && let Some(s) = &h.hold_down_min
+    {
+        d.span(s, "health.hold_down_min: is greater than health.hold_down_max");
     }
 
     let f = &raw.forward;
@@ -734,13 +734,13 @@ fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -> Option<Ag
             })
             .collect(),
     };
-    if forward.attempt_timeout_min > forward.attempt_timeout_max {
-        if let Some(s) = &f.attempt_timeout_min {
-            d.span(
-                s,
-                "forward.attempt_timeout_min: is greater than forward.attempt_timeout_max",
-            );
-        }
+    if forward.attempt_timeout_min > forward.attempt_timeout_max
+        && let Some(s) = &f.attempt_timeout_min
+    {
+        d.span(
+            s,
+            "forward.attempt_timeout_min: is greater than forward.attempt_timeout_max",
+        );
     }
 
     let i = &raw.ingress;
@@ -919,10 +919,10 @@ fn control_plane(d: &mut Diag<'_>, path: &Path, raw: &Spanned<raw::ControlPlane>
             ),
         }
     }
-    if let (Some(c), Some(p)) = (&r.ca, &cp.ca) {
-        if let Err(e) = tls::load_certs(p) {
-            d.span(c, format!("control_plane.ca: {e}"));
-        }
+    if let (Some(c), Some(p)) = (&r.ca, &cp.ca)
+        && let Err(e) = tls::load_certs(p)
+    {
+        d.span(c, format!("control_plane.ca: {e}"));
     }
     if let Some(t) = &r.token_file {
         let p = resolve(path, t.get_ref());

@@ -569,17 +569,17 @@ impl HealthTable {
         // Stickiness: stay on the current path while it is as healthy as the
         // best and not clearly worse, so small RTT wobbles between peers do
         // not move traffic back and forth.
-        if let Some(current) = lock(&self.active).clone() {
-            if let (Some(&best), Some(pos)) = (
+        if let Some(current) = lock(&self.active).clone()
+            && let (Some(&best), Some(pos)) = (
                 ranked.first(),
                 ranked.iter().position(|&i| views[i].name == current),
-            ) {
-                let (b, c) = (&views[best], &views[ranked[pos]]);
-                let same_class = class(b) == class(c);
-                if pos > 0 && same_class && c.score <= b.score * STICKY_RATIO + STICKY_MARGIN {
-                    let i = ranked.remove(pos);
-                    ranked.insert(0, i);
-                }
+            )
+        {
+            let (b, c) = (&views[best], &views[ranked[pos]]);
+            let same_class = class(b) == class(c);
+            if pos > 0 && same_class && c.score <= b.score * STICKY_RATIO + STICKY_MARGIN {
+                let i = ranked.remove(pos);
+                ranked.insert(0, i);
             }
         }
         let snap = Snapshot { paths: views, ranked };

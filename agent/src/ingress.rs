@@ -142,20 +142,20 @@ impl Ingress {
             );
             return (problem(p), none());
         }
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            if !is_control_plane(&parts.uri, &config) {
-                let target = parts.uri.authority().map_or("?".to_owned(), |a| a.to_string());
-                tracing::warn!(target = %target, "refused a request for another host");
-                let p = Problem::new(
-                    403,
-                    "Destination is not the control plane",
-                    format!(
-                        "this agent only carries requests to {}; `{target}` is not it",
-                        config.control_plane.authority()
-                    ),
-                );
-                return (problem(p), none());
-            }
+        if (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
+            && !is_control_plane(&parts.uri, &config)
+        {
+            let target = parts.uri.authority().map_or("?".to_owned(), |a| a.to_string());
+            tracing::warn!(target = %target, "refused a request for another host");
+            let p = Problem::new(
+                403,
+                "Destination is not the control plane",
+                format!(
+                    "this agent only carries requests to {}; `{target}` is not it",
+                    config.control_plane.authority()
+                ),
+            );
+            return (problem(p), none());
         }
         let Some(pq) = parts.uri.path_and_query() else {
             return (
@@ -254,17 +254,16 @@ impl Ingress {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(dh::REQUEST_ID, v);
         }
-        if !headers.contains_key(dh::IDEMPOTENCY_KEY) {
-            if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
-                headers.insert(dh::IDEMPOTENCY_KEY, v);
-            }
+        if !headers.contains_key(dh::IDEMPOTENCY_KEY)
+            && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        {
+            headers.insert(dh::IDEMPOTENCY_KEY, v);
         }
-        if let Some(token) = &cp.token {
-            if !headers.contains_key(header::AUTHORIZATION) {
-                if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
-                    headers.insert(header::AUTHORIZATION, v);
-                }
-            }
+        if let Some(token) = &cp.token
+            && !headers.contains_key(header::AUTHORIZATION)
+            && let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}"))
+        {
+            headers.insert(header::AUTHORIZATION, v);
         }
         headers.remove(header::CONTENT_LENGTH);
         if !body.is_empty()

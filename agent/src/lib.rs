@@ -388,10 +388,10 @@ pub async fn probe(rt: &Runtime, path: &paths::PathClient, i: usize) -> Outcome 
     if let Ok(v) = http::HeaderValue::from_str(&cp.host_header()) {
         req.headers_mut().insert(http::header::HOST, v);
     }
-    if let Some(t) = &cp.token {
-        if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}")) {
-            req.headers_mut().insert(http::header::AUTHORIZATION, v);
-        }
+    if let Some(t) = &cp.token
+        && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}"))
+    {
+        req.headers_mut().insert(http::header::AUTHORIZATION, v);
     }
     req.headers_mut()
         .insert("user-agent", http::HeaderValue::from_static("detour-agent-probe"));

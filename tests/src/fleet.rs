@@ -159,9 +159,10 @@ impl Fleet {
             fleet.write_peers(&pop, &[])?;
             let p = &fleet.pops[&pop];
             let files = p.agent().shared.forwarder.runtime().config.files.clone();
-            match detour_agent::reload::reload_now(p.agent(), &files) {
-                detour_agent::reload::ReloadResult::Rejected(e) => bail!("peers for {pop}: {e}"),
-                _ => {}
+            if let detour_agent::reload::ReloadResult::Rejected(e) =
+                detour_agent::reload::reload_now(p.agent(), &files)
+            {
+                bail!("peers for {pop}: {e}")
             }
         }
         fleet.wait_all_up(Duration::from_secs(10)).await?;

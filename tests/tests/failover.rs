@@ -293,8 +293,10 @@ async fn everything_down_fails_fast_and_clearly_then_recovers_without_restart() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emergency_requests_race_two_paths_and_never_wait_for_a_timeout() {
-    let mut opts = FleetOptions::default();
-    opts.pops = vec!["blr".into(), "maa".into()];
+    let mut opts = FleetOptions {
+        pops: vec!["blr".into(), "maa".into()],
+        ..Default::default()
+    };
     // Probes too rare to help: only the emergency race can save these requests.
     opts.extra.insert("health".into(), "interval = \"10s\"".into());
     let fleet = Fleet::start(opts).await.unwrap();
