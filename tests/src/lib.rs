@@ -4,7 +4,11 @@
 //! handler's steady traffic. The scenario tests in `tests/` and the
 //! `detour-lab` binary (demo, benchmarks) are built on these.
 
+pub mod bench;
+pub mod compare;
+pub mod demo;
 pub mod fleet;
 pub mod link;
 pub mod load;
 pub mod mock_cp;
+pub mod netns;

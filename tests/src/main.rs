@@ -1,1 +1,120 @@
-fn main() {}
+//! `detour-lab`: the lab's command line. `demo` runs the scripted outage story
+//! on a whole fleet; `bench` measures; `mock-cp` and `load` are the building
+//! blocks other hosts (network namespaces, HAProxy + Squid runs) use.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use detour_lab::load::{Call, CallClient, quantile, steady};
+
+#[derive(Parser)]
+#[command(
+    name = "detour-lab",
+    about = "Whole Detour fleets on one machine, real faults, benchmarks."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Control plane + agents for blr, maa, del; traffic through blr while its
+    /// uplink is cut, made lossy, healed, and a peer dies.
+    Demo(detour_lab::demo::DemoArgs),
+    /// Benchmarks; results go to docs/benchmarks.md.
+    Bench(detour_lab::bench::BenchArgs),
+    /// A fast stand-in control plane (for runs across processes or namespaces).
+    MockCp {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// PEM certificate and key: serve HTTPS (h2 + HTTP/1.1) instead of HTTP.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+    },
+    /// Steady call-handler load against a URL; prints one JSON summary line.
+    Load {
+        /// Base URL, e.g. http://127.0.0.1:8080
+        #[arg(long)]
+        url: String,
+        /// Request path.
+        #[arg(long, default_value = "/v1/calls")]
+        path: String,
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+        timeout: Duration,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    detour_agent::config::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    detour_lab::fleet::init_crypto();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("detour-lab: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => detour_lab::demo::run(args).await,
+            Command::Bench(args) => detour_lab::bench::run(args).await.map(|()| true),
+            Command::MockCp { listen, cert, key } => mock_cp(listen, cert, key).await.map(|()| true),
+            Command::Load {
+                url,
+                path,
+                rate,
+                duration,
+                timeout,
+            } => {
+                let client = CallClient::new(timeout);
+                let results = steady(&client, &url, rate, duration, |n| {
+                    Call::post(&path, &format!("{{\"n\":{n}}}"))
+                })
+                .await;
+                let failed = results.iter().filter(|r| !r.ok()).count();
+                let summary = serde_json::json!({
+                    "requests": results.len(),
+                    "failed": failed,
+                    "p50_ms": quantile(&results, 0.5).as_secs_f64() * 1000.0,
+                    "p99_ms": quantile(&results, 0.99).as_secs_f64() * 1000.0,
+                    "max_ms": quantile(&results, 1.0).as_secs_f64() * 1000.0,
+                });
+                println!("{summary}");
+                Ok(failed == 0)
+            }
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("detour-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn mock_cp(listen: SocketAddr, cert: Option<PathBuf>, key: Option<PathBuf>) -> anyhow::Result<()> {
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some(detour_lab::mock_cp::server_config(&c, &k)?),
+        _ => None,
+    };
+    let cp = detour_lab::mock_cp::MockCp::start_on(listen, tls).await?;
+    println!("mock control plane listening on {}", cp.addr);
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
