@@ -356,6 +356,9 @@ impl PathStats {
             self.never_up = false;
         }
         if to == PathState::Up {
+            // The evidence that kept the path out is history now; judge it
+            // afresh, or the old failures would push it straight out again.
+            self.exchanges.clear();
             self.up_since = Some(now);
             self.hold_until = None;
         }

@@ -54,6 +54,9 @@ pub struct FleetOptions {
     pub external_cp: Option<SocketAddr>,
     /// Whether the control plane speaks TLS.
     pub cp_tls: bool,
+    /// Run the real `detour-control-plane` in-process (embedded SQLite, agent
+    /// tokens, HTTPS) instead of the mock.
+    pub real_cp: bool,
 }
 
 impl Default for FleetOptions {
@@ -63,6 +66,7 @@ impl Default for FleetOptions {
             extra: BTreeMap::new(),
             external_cp: None,
             cp_tls: true,
+            real_cp: false,
         }
     }
 }
@@ -72,6 +76,9 @@ impl Default for FleetOptions {
 pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub cp: Option<MockCp>,
+    /// The admin token of the real control plane, when it runs.
+    pub admin_token: Option<String>,
+    real_cp_stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub cp_addr: SocketAddr,
     pub pops: BTreeMap<String, Pop>,
     pub opts: FleetOptions,
@@ -118,8 +125,16 @@ impl Fleet {
         for pop in &opts.pops {
             detour_agent::pki::issue(&certs, pop, &certs, 30)?;
         }
+        let mut admin_token = None;
+        let mut real_cp_stop = None;
         let (cp, cp_addr) = match opts.external_cp {
             Some(addr) => (None, addr),
+            None if opts.real_cp => {
+                let (addr, token, stop) = start_real_cp(dir.path(), &opts.pops).await?;
+                admin_token = Some(token);
+                real_cp_stop = Some(stop);
+                (None, addr)
+            }
             None => {
                 let tls = if opts.cp_tls {
                     Some(cp_server_config(&certs)?)
@@ -134,6 +149,8 @@ impl Fleet {
         let mut fleet = Fleet {
             dir,
             cp,
+            admin_token,
+            real_cp_stop,
             cp_addr,
             pops: BTreeMap::new(),
             opts: opts.clone(),
@@ -212,7 +229,13 @@ key = "../certs/{pop}.key"
 file = "peers.toml"
 "#,
             scheme = self.scheme(),
-            cp_extra = extra("control_plane"),
+            cp_extra = {
+                let mut c = extra("control_plane");
+                if self.opts.real_cp {
+                    c.push_str("\ntoken_file = \"agent.token\"\n");
+                }
+                c
+            },
             health_extra = {
                 let h = extra("health");
                 if h.contains("interval") {
@@ -315,11 +338,58 @@ file = "peers.toml"
         Ok(())
     }
 
-    /// Drains every agent.
+    /// Drains every agent, then stops the control plane.
     pub async fn shutdown(mut self) {
         let names: Vec<String> = self.pops.keys().cloned().collect();
         for n in names {
             self.stop_agent(&n).await;
         }
+        if let Some(stop) = self.real_cp_stop.take() {
+            let _ = stop.send(());
+        }
     }
+}
+
+/// Starts the real control plane on SQLite in `dir/cp`, serving HTTPS as
+/// [`CP_HOST`], with an agent token written to `dir/<pop>/agent.token` for
+/// every PoP. Returns its address, the admin token and its stop switch.
+async fn start_real_cp(
+    dir: &Path,
+    pops: &[String],
+) -> anyhow::Result<(SocketAddr, String, tokio::sync::oneshot::Sender<()>)> {
+    let certs = dir.join("certs");
+    cp_server_config(&certs)?;
+    let cp_dir = dir.join("cp");
+    std::fs::create_dir_all(&cp_dir)?;
+    let admin_token = format!("lab-admin-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(cp_dir.join("admin.token"), &admin_token)?;
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\nadmin_token_file = \"{admin}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+        data = cp_dir.join("data").display(),
+        admin = cp_dir.join("admin.token").display(),
+        cert = certs.join("cp.pem").display(),
+        key = certs.join("cp.key").display(),
+    );
+    std::fs::create_dir_all(cp_dir.join("data"))?;
+    let path = cp_dir.join("cp.toml");
+    std::fs::write(&path, text)?;
+    let config = detour_control_plane::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for pop in pops {
+        let token = detour_control_plane::create_agent_token(&config, pop).await?;
+        let pop_dir = dir.join(pop);
+        std::fs::create_dir_all(&pop_dir)?;
+        std::fs::write(pop_dir.join("agent.token"), token)?;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = detour_control_plane::serve(config, listener, shutdown).await {
+            tracing::error!("control plane stopped: {e:#}");
+        }
+    });
+    Ok((addr, admin_token, stop))
 }

@@ -336,3 +336,33 @@ async fn emergency_requests_race_two_paths_and_never_wait_for_a_timeout() {
     }
     fleet.shutdown().await;
 }
+
+#[test]
+fn the_demo_tells_the_story_and_exits_zero_when_nothing_failed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_detour-lab"))
+        .args(["demo", "--scenario", "cut", "--duration", "3", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let phases: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("requests").is_some()).collect();
+    assert_eq!(phases.len(), 3, "healthy, cut, restored: {stdout}");
+    assert_eq!(phases[1]["phase"], "cut");
+    assert!(phases[1]["requests"].as_u64().unwrap() >= 140);
+    assert_eq!(phases[1]["failed"], 0);
+    assert!(
+        phases[1]["active_at_end"].as_str().unwrap().starts_with("via:"),
+        "{stdout}"
+    );
+    assert!(phases[1]["reroute_s"].as_f64().unwrap() < 1.0);
+    assert_eq!(lines.last().unwrap()["ok"], true);
+}
