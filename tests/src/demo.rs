@@ -284,19 +284,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
                                     Bytes::from(body),
                                 )
                                 .await;
-                            if r.status == Some(201) {
-                                if let Some(id) = serde_json::from_slice::<serde_json::Value>(&r.body)
+                            if r.status == Some(201)
+                                && let Some(id) = serde_json::from_slice::<serde_json::Value>(&r.body)
                                     .ok()
                                     .and_then(|v| v["call_id"].as_str().map(str::to_owned))
-                                {
-                                    if let Ok(mut c) = calls.lock() {
-                                        c.push_back((id.clone(), "ringing"));
-                                        c.push_back((id.clone(), "answered"));
-                                        c.push_back((id, "completed"));
-                                        while c.len() > 300 {
-                                            c.pop_front();
-                                        }
-                                    }
+                                && let Ok(mut c) = calls.lock()
+                            {
+                                c.push_back((id.clone(), "ringing"));
+                                c.push_back((id.clone(), "answered"));
+                                c.push_back((id, "completed"));
+                                while c.len() > 300 {
+                                    c.pop_front();
                                 }
                             }
                             r
@@ -429,8 +427,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     } else {
         println!();
         println!(
-            "{:<10} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8}  {}",
-            "phase", "requests", "failed", "reroute", "p50", "p99", "max", "switches", "active at end"
+            "{:<10} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8}  active at end",
+            "phase", "requests", "failed", "reroute", "p50", "p99", "max", "switches"
         );
         for s in &summaries {
             println!(
