@@ -56,7 +56,7 @@ pub struct Agent {
     pub admin_addr: SocketAddr,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    tasks: tokio::sync::Mutex<JoinSet<()>>,
     drain_timeout: Duration,
 }
 
@@ -192,7 +192,7 @@ impl Agent {
             admin_addr,
             shared,
             shutdown,
-            tasks,
+            tasks: tokio::sync::Mutex::new(tasks),
             drain_timeout: config.ingress.drain_timeout,
         })
     }
@@ -240,14 +240,15 @@ impl Agent {
 
     /// Stops accepting, lets in-flight requests finish (up to the drain
     /// timeout), then stops every task.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(&self) {
         let _ = self.shutdown.send(true);
         let drain = self.drain_timeout + Duration::from_secs(1);
-        if tokio::time::timeout(drain, async { while self.tasks.join_next().await.is_some() {} })
+        let mut tasks = self.tasks.lock().await;
+        if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
             .await
             .is_err()
         {
-            self.tasks.abort_all();
+            tasks.abort_all();
         }
     }
 }
@@ -262,10 +263,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     tracing::info!("shutting down: draining in-flight requests");
     reloader.abort();
     let _ = reloader.await;
-    match Arc::try_unwrap(agent) {
-        Ok(a) => a.shutdown().await,
-        Err(_) => tracing::warn!("agent still referenced at shutdown"),
-    }
+    agent.shutdown().await;
     Ok(())
 }
 

@@ -24,7 +24,9 @@ pub const CP_HOST: &str = "cp.detour.test";
 /// One PoP of the fleet.
 pub struct Pop {
     pub name: String,
-    pub agent: Option<Agent>,
+    pub agent: Option<Arc<Agent>>,
+    /// Watches the agent's files (and SIGHUP), as `detour-agent run` does.
+    reloader: Option<tokio::task::JoinHandle<()>>,
     /// This PoP's internet path to the control plane.
     pub uplink: Link,
     pub config_path: PathBuf,
@@ -32,7 +34,7 @@ pub struct Pop {
 }
 
 impl Pop {
-    pub fn agent(&self) -> &Agent {
+    pub fn agent(&self) -> &Arc<Agent> {
         self.agent.as_ref().expect("agent is running")
     }
 
@@ -159,13 +161,16 @@ impl Fleet {
             let uplink = Link::start(cp_addr).await?;
             let config_path = fleet.write_config(pop, uplink.addr)?;
             let config = AgentConfig::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let agent = Agent::start(config).await?;
+            let files = config.files.clone();
+            let agent = Arc::new(Agent::start(config).await?);
             let relay_addr = agent.relay_addr;
+            let reloader = Some(detour_agent::reload::spawn(agent.clone(), files));
             fleet.pops.insert(
                 pop.clone(),
                 Pop {
                     name: pop.clone(),
                     agent: Some(agent),
+                    reloader,
                     uplink,
                     config_path,
                     relay_addr,
@@ -321,7 +326,11 @@ file = "peers.toml"
 
     /// Stops `pop`'s agent (its relay and tunnels close).
     pub async fn stop_agent(&mut self, pop: &str) {
-        if let Some(a) = self.pops.get_mut(pop).and_then(|p| p.agent.take()) {
+        let Some(p) = self.pops.get_mut(pop) else { return };
+        if let Some(r) = p.reloader.take() {
+            r.abort();
+        }
+        if let Some(a) = p.agent.take() {
             a.shutdown().await;
         }
     }
@@ -334,7 +343,10 @@ file = "peers.toml"
         let text = text.replace("relay = \"127.0.0.1:0\"", &format!("relay = \"{relay}\""));
         std::fs::write(&p.config_path, text)?;
         let config = AgentConfig::load(&p.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        p.agent = Some(Agent::start(config).await?);
+        let files = config.files.clone();
+        let agent = Arc::new(Agent::start(config).await?);
+        p.reloader = Some(detour_agent::reload::spawn(agent.clone(), files));
+        p.agent = Some(agent);
         Ok(())
     }
 

@@ -1,0 +1,227 @@
+//! Live peer-list edits: the agent applies a valid edit within a second,
+//! drains removed or disabled peers without failing requests, and keeps
+//! running on its old config when an edit is broken.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use detour_lab::fleet::{Fleet, FleetOptions};
+use detour_lab::link::Fault;
+use detour_lab::load::{Call, CallClient, steady};
+use detour_wire::PathState;
+use http::Method;
+use tokio::time::Instant;
+
+fn peers_path(fleet: &Fleet, pop: &str) -> std::path::PathBuf {
+    fleet.dir.path().join(pop).join("peers.toml")
+}
+
+fn peer_entry(fleet: &Fleet, name: &str, extra: &str) -> String {
+    format!(
+        "[[peer]]\nname = \"{name}\"\nrelay = \"{}\"\n{extra}\n",
+        fleet.pop(name).relay_addr.unwrap()
+    )
+}
+
+/// Writes like an editor that saves to a temporary file and renames it over.
+fn save_by_rename(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("toml.swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn paths_of(fleet: &Fleet, pop: &str) -> Vec<(String, PathState, bool)> {
+    let snap = fleet
+        .pop(pop)
+        .agent()
+        .shared
+        .forwarder
+        .runtime()
+        .health
+        .snapshot();
+    snap.paths
+        .iter()
+        .map(|p| (p.name.to_string(), p.state, p.enabled))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_disabling_and_removing_peers_applies_live_without_failures() {
+    let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+    let blr = fleet.pop("blr");
+    let metrics = &blr.agent().shared.metrics;
+    // Start blr with maa only.
+    save_by_rename(&peers_path(&fleet, "blr"), &peer_entry(&fleet, "maa", ""));
+    wait_for("del removed", Duration::from_secs(2), || {
+        paths_of(&fleet, "blr").len() == 2
+    })
+    .await;
+
+    // Add del: it starts probing and comes up.
+    let ok_before = metrics.config_reloads.with_label_values(&["ok"]).get();
+    let started = Instant::now();
+    save_by_rename(
+        &peers_path(&fleet, "blr"),
+        &(peer_entry(&fleet, "maa", "") + &peer_entry(&fleet, "del", "")),
+    );
+    wait_for("via:del up", Duration::from_secs(3), || {
+        paths_of(&fleet, "blr")
+            .iter()
+            .any(|(n, s, _)| n == "via:del" && *s == PathState::Up)
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "applied within a second or so: {:?}",
+        started.elapsed()
+    );
+    assert!(metrics.config_reloads.with_label_values(&["ok"]).get() > ok_before);
+
+    // Traffic on the peers: blr's uplink is down.
+    blr.uplink.set(Fault::Blackhole);
+    fleet
+        .wait_active("blr", "via:", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let active = blr
+        .agent()
+        .shared
+        .forwarder
+        .runtime()
+        .health
+        .snapshot()
+        .active()
+        .unwrap()
+        .name
+        .to_string();
+    let (victim, keep) = if active == "via:maa" {
+        ("maa", "del")
+    } else {
+        ("del", "maa")
+    };
+
+    // Under load: disable the active peer, then remove it.
+    let client = CallClient::default();
+    let url = blr.local_url();
+    let load = steady(&client, &url, 50, Duration::from_secs(4), |n| {
+        Call::post("/v1/calls", &format!("{{\"n\":{n}}}"))
+    });
+    let edits = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        save_by_rename(
+            &peers_path(&fleet, "blr"),
+            &(peer_entry(&fleet, victim, "enabled = false") + &peer_entry(&fleet, keep, "")),
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        save_by_rename(&peers_path(&fleet, "blr"), &peer_entry(&fleet, keep, ""));
+    };
+    let (results, ()) = tokio::join!(load, edits);
+    let failed: Vec<_> = results.iter().filter(|r| !r.ok()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
+    let late = results.iter().filter(|r| r.at > Duration::from_millis(2000));
+    for r in late {
+        assert_ne!(
+            r.path.as_deref(),
+            Some(format!("via:{victim}").as_str()),
+            "a disabled peer gets no new requests"
+        );
+    }
+    let paths = paths_of(&fleet, "blr");
+    assert!(
+        paths.iter().all(|(n, _, _)| n != &format!("via:{victim}")),
+        "{paths:?}"
+    );
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_edit_keeps_the_old_config_and_says_why_until_fixed() {
+    let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+    let blr = fleet.pop("blr");
+    let shared = &blr.agent().shared;
+    let errors_before = shared.metrics.config_reloads.with_label_values(&["error"]).get();
+    let good = std::fs::read_to_string(peers_path(&fleet, "blr")).unwrap();
+    // An editor writing in several steps: first a half-written file...
+    std::fs::write(
+        peers_path(&fleet, "blr"),
+        "[[peer]]\nname = \"maa\"\nrelay = \"nowhere\"\n",
+    )
+    .unwrap();
+    wait_for("the error is visible", Duration::from_secs(3), || {
+        shared.config_error.load().is_some()
+    })
+    .await;
+    let err = shared.config_error.load().as_ref().unwrap().to_string();
+    assert!(err.contains("peers.toml:3:9: peer.relay"), "{err}");
+    assert!(shared.metrics.config_reloads.with_label_values(&["error"]).get() > errors_before);
+    // ...the agent still runs on the old peers and serves.
+    assert_eq!(paths_of(&fleet, "blr").len(), 3);
+    let r = CallClient::default()
+        .send(
+            Method::POST,
+            &format!("{}/v1/calls", blr.local_url()),
+            &[("x-detour-pin", "via:del")],
+            Bytes::from("{}"),
+        )
+        .await;
+    assert_eq!(r.status, Some(200));
+    let status = detour_agent::admin::report(shared);
+    assert!(
+        status
+            .config_error
+            .as_deref()
+            .is_some_and(|e| e.contains("peer.relay"))
+    );
+    // Fixing the file clears the error.
+    std::fs::write(peers_path(&fleet, "blr"), &good).unwrap();
+    wait_for("the error clears", Duration::from_secs(3), || {
+        shared.config_error.load().is_none()
+    })
+    .await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_cannot_be_applied_live_are_reported_as_needing_a_restart() {
+    let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+    let blr = fleet.pop("blr");
+    let shared = &blr.agent().shared;
+    let path = blr.config_path.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("admin = \"127.0.0.1:0\"", "admin = \"127.0.0.1:1\""),
+    )
+    .unwrap();
+    wait_for("needs restart reported", Duration::from_secs(3), || {
+        shared.config_error.load().is_some()
+    })
+    .await;
+    let err = shared.config_error.load().as_ref().unwrap().to_string();
+    assert!(err.contains("needs restart") && err.contains("listen"), "{err}");
+    // Nothing of it was applied; the agent still serves on its old listeners.
+    let r = CallClient::default()
+        .send(
+            Method::GET,
+            &format!("{}/v1/x", blr.local_url()),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, Some(200));
+    fleet.shutdown().await;
+}
