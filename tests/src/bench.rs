@@ -321,7 +321,8 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
     // Let probes warm every path.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let targets: Vec<(&'static str, SocketAddr, Vec<(&str, &str)>)> = vec![
+    type Target = (&'static str, SocketAddr, Vec<(&'static str, &'static str)>);
+    let targets: Vec<Target> = vec![
         ("control plane directly", cp_addr, vec![]),
         (
             "agent, `direct` path",
