@@ -514,3 +514,100 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
         .load(Ordering::Relaxed);
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_metrics_and_readiness_tell_the_truth() {
+    let fleet = fleet().await;
+    let blr = fleet.pop("blr");
+    let admin = blr.agent().admin_addr;
+    let _ = CallClient::default()
+        .send(
+            Method::POST,
+            &format!("{}/v1/calls", blr.local_url()),
+            &[],
+            Bytes::from("{}"),
+        )
+        .await;
+    let report = tokio::task::spawn_blocking(move || detour_agent::status::fetch(&admin.to_string()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.pop, "blr");
+    assert_eq!(report.active_path.as_deref(), Some("direct"));
+    let names: Vec<&str> = report.paths.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        names,
+        ["direct", "via:del", "via:maa"],
+        "direct, then the peers in file order"
+    );
+    let table = detour_agent::status::table(&report);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("* direct") && l.contains(" up ")),
+        "{table}"
+    );
+    let client = CallClient::default();
+    let metrics = client
+        .send(Method::GET, &format!("http://{admin}/metrics"), &[], Bytes::new())
+        .await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    for name in [
+        "detour_requests_total{outcome=\"ok\",path=\"direct\",pop=\"blr\"} 1",
+        "detour_active_path{path=\"direct\",pop=\"blr\"} 1",
+        "detour_path_state{path=\"via:maa\",pop=\"blr\"} 2",
+        "detour_request_duration_seconds_bucket",
+        "detour_path_rtt_seconds",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    let ready = client
+        .send(Method::GET, &format!("http://{admin}/readyz"), &[], Bytes::new())
+        .await;
+    assert_eq!(ready.status, Some(200));
+    // With every path down the agent is not ready.
+    for p in fleet.pops.values() {
+        p.uplink.set(detour_lab::link::Fault::Reset);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client
+            .send(Method::GET, &format!("http://{admin}/readyz"), &[], Bytes::new())
+            .await;
+        if r.status == Some(503) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz turns 503 when no path is up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
+    let fleet = fleet().await;
+    let blr = fleet.pop("blr");
+    let url = format!("{}/slow/400", blr.local_url());
+    let in_flight = tokio::spawn(async move {
+        CallClient::default()
+            .send(Method::POST, &url, &[], Bytes::from("{}"))
+            .await
+    });
+    // Let the request reach the control plane, then start draining.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while fleet.cp.as_ref().unwrap().recorder.find("/slow/400").is_none() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let local = blr.agent().local_addr;
+    let agent = blr.agent().clone();
+    let drain = tokio::spawn(async move { agent.shutdown().await });
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, Some(200), "the in-flight request finished: {r:?}");
+    drain.await.unwrap();
+    assert!(TcpStream::connect(local).await.is_err(), "no longer accepting");
+    fleet.shutdown().await;
+}
