@@ -117,6 +117,9 @@ pub struct ControlPlane {
     pub ca: Option<PathBuf>,
     /// Bearer token sent on every request when set.
     pub token: Option<String>,
+    /// How often the agent reports its path table to the control plane
+    /// (`POST /v1/agents/{pop}/report`, the fleet view); `None` = never.
+    pub report_interval: Option<Duration>,
 }
 
 impl ControlPlane {
@@ -273,6 +276,7 @@ mod raw {
         pub addresses: Vec<Spanned<String>>,
         pub ca: Option<Spanned<String>>,
         pub token_file: Option<Spanned<String>>,
+        pub report_interval: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -884,7 +888,20 @@ fn control_plane(d: &mut Diag<'_>, path: &Path, raw: &Spanned<raw::ControlPlane>
         addresses: Vec::new(),
         ca: r.ca.as_ref().map(|c| resolve(path, c.get_ref())),
         token: None,
+        report_interval: Some(Duration::from_secs(10)),
     };
+    if let Some(v) = &r.report_interval {
+        if v.get_ref() == "off" {
+            cp.report_interval = None;
+        } else {
+            cp.report_interval = Some(duration_or(
+                d,
+                "control_plane.report_interval",
+                &r.report_interval,
+                Duration::from_secs(10),
+            ));
+        }
+    }
     match r.url.get_ref().parse::<http::Uri>() {
         Err(e) => d.span(&r.url, format!("control_plane.url: not a URL: {e}")),
         Ok(uri) => {

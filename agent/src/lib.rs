@@ -185,6 +185,7 @@ impl Agent {
         }
         tasks.spawn(probe_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(refresh_loop(shared.clone(), shutdown_rx.clone()));
+        tasks.spawn(report_loop(shared.clone(), shutdown_rx.clone()));
         tracing::info!(pop = %config.pop, local = %local_addr, admin = %admin_addr, relay = ?relay_addr, paths = shared.forwarder.runtime().paths.len(), "agent started");
         Ok(Agent {
             local_addr,
@@ -425,6 +426,59 @@ async fn refresh_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => shared.forwarder.runtime().health.refresh(),
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Reports the path table to the control plane (the fleet view) every
+/// `control_plane.report_interval`, over the best path like any request.
+async fn report_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let Some(every) = shared.forwarder.runtime().config.control_plane.report_interval else {
+            // Reporting is off; a reload may turn it on.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                _ = shutdown.changed() => return,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let report = admin::report(&shared);
+        let rt = shared.forwarder.runtime();
+        let cp = &rt.config.control_plane;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&cp.host_header()) {
+            headers.insert(http::header::HOST, v);
+        }
+        if let Some(t) = &cp.token
+            && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}"))
+        {
+            headers.insert(http::header::AUTHORIZATION, v);
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+            headers.insert(detour_wire::headers::IDEMPOTENCY_KEY, v);
+        }
+        let body = bytes::Bytes::from(serde_json::to_vec(&report).unwrap_or_default());
+        headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(body.len()));
+        let out = forward::Outbound {
+            method: http::Method::POST,
+            path_and_query: format!("{}/v1/agents/{}/report", cp.base_path, rt.config.pop),
+            headers,
+            body,
+            emergency: false,
+            pin: None,
+            received: tokio::time::Instant::now(),
+        };
+        match shared.forwarder.forward(out).await {
+            Ok(a) if a.response.status().is_success() => {}
+            Ok(a) => tracing::debug!(status = %a.response.status(), "fleet report not accepted"),
+            Err(e) => tracing::debug!(error = ?e, "fleet report not delivered"),
         }
     }
 }

@@ -611,3 +611,47 @@ async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
     assert!(TcpStream::connect(local).await.is_err(), "no longer accepting");
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_report_their_paths_to_the_fleet_view() {
+    let mut opts = FleetOptions {
+        real_cp: true,
+        ..Default::default()
+    };
+    opts.extra
+        .insert("control_plane".into(), "report_interval = \"200ms\"".into());
+    let fleet = Fleet::start(opts).await.unwrap();
+    let blr = fleet.pop("blr");
+    let admin = format!("Bearer {}", fleet.admin_token.clone().unwrap());
+    let client = CallClient::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client
+            .send(
+                Method::GET,
+                &format!("{}/v1/fleet", blr.local_url()),
+                &[("authorization", &admin)],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status, Some(200), "{}", String::from_utf8_lossy(&r.body));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let pops: Vec<String> = v["pops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["pop"].as_str().unwrap_or("").to_owned())
+            .collect();
+        if pops.len() == 3 {
+            let text = v.to_string();
+            assert!(
+                text.contains("via:maa") && text.contains("\"active_path\":\"direct\""),
+                "{text}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "every PoP reported: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.shutdown().await;
+}
