@@ -655,3 +655,38 @@ async fn agents_report_their_paths_to_the_fleet_view() {
     }
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_over_the_relay_limits_are_refused_with_a_reason() {
+    let mut opts = FleetOptions::default();
+    opts.extra
+        .insert("relay".into(), "max_tunnels = 3\nmax_tunnels_per_peer = 1".into());
+    let fleet = Fleet::start(opts).await.unwrap();
+    let maa = fleet.pop("maa");
+    let relay = maa.relay_addr.unwrap();
+    let certs = fleet.dir.path().join("certs");
+    let cert = std::fs::read_to_string(certs.join("blr.pem")).unwrap();
+    let key = std::fs::read_to_string(certs.join("blr.key")).unwrap();
+    let connector = relay_client(&certs.join("ca.pem"), Some((&cert, &key)));
+    // blr's own agent already holds its one tunnel to maa (its warm pool), so
+    // one more from blr is over the per-peer limit.
+    let refused = try_connect(relay, &connector, &format!("{CP_HOST}:443"))
+        .await
+        .unwrap();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("peer_tunnel_limit"), "{refused}");
+    let m = &maa.agent().shared.metrics;
+    assert!(m.relay_rejected.with_label_values(&["peer_tunnel_limit"]).get() >= 1);
+    // Another peer (del) still gets its tunnel, and maa keeps serving.
+    let r = CallClient::default()
+        .send(
+            Method::GET,
+            &format!("{}/v1/still", fleet.pop("del").local_url()),
+            &[("x-detour-pin", "via:maa")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, Some(200));
+    assert!(m.relay_tunnels_active.get() >= 2);
+    fleet.shutdown().await;
+}
