@@ -1,1 +1,530 @@
-fn main() {}
+//! Benchmark: call initiations per second and latency on SQLite and Postgres
+//! with 10,000 prefix rules, p99 at a fixed rate, and pgbench running the
+//! same durable writes on the same Postgres as the ceiling.
+//!
+//! cargo run --release -p detour-control-plane --example bench -- \
+//!     --backend both --database-url postgres://detour:detour@127.0.0.1:5432/detour
+//!
+//! The control plane and the load generator share this machine (and its
+//! cores); the numbers include the generator's own cost.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use detour_control_plane::Config;
+use detour_control_plane::routing::RouteSpec;
+use detour_control_plane::store::Store;
+use hdrhistogram::Histogram;
+use sqlx::Connection;
+use tokio::sync::Mutex;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// sqlite, postgres or both.
+    #[arg(long, default_value = "both")]
+    backend: String,
+    /// Admin URL of the Postgres to use (a fresh database is created in it).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Routing rules to seed.
+    #[arg(long, default_value_t = 10_000)]
+    rules: usize,
+    /// Concurrent connections for the throughput run.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Length of each measured run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Fixed rate for the latency run, calls per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// pgbench clients for the ceiling run.
+    #[arg(long, default_value_t = 16)]
+    pgbench_clients: usize,
+    /// Skip the closed-loop run (latency investigations).
+    #[arg(long)]
+    skip_throughput: bool,
+    /// Print the server's own latency histogram after the runs.
+    #[arg(long)]
+    server_histogram: bool,
+    /// Replace the control-plane block of this markdown file with the results.
+    #[arg(long)]
+    write_docs: Option<PathBuf>,
+}
+
+struct RunResult {
+    backend: &'static str,
+    throughput: f64,
+    ok: u64,
+    errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    fixed_rate: f64,
+    fixed_p50_ms: f64,
+    fixed_p99_ms: f64,
+    fixed_errors: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    let mut ceiling = None;
+    if matches!(args.backend.as_str(), "sqlite" | "both") {
+        let dir = tempfile::tempdir()?;
+        results.push(bench_backend(&args, "sqlite", &dir, None).await?);
+    }
+    if matches!(args.backend.as_str(), "postgres" | "both") {
+        let admin = args
+            .database_url
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--database-url or DATABASE_URL is needed for postgres"))?;
+        let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
+        let url = with_db(&admin, &name);
+        let dir = tempfile::tempdir()?;
+        let r = bench_backend(&args, "postgres", &dir, Some(&url)).await;
+        if r.is_ok() {
+            ceiling = Some(pgbench(&args, &url, &dir)?);
+        }
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await
+        .ok();
+        results.push(r?);
+    }
+    let report = render(&args, &results, ceiling);
+    println!("{report}");
+    if let Some(path) = &args.write_docs {
+        write_block(path, &report)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let stem = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{stem}/{db}?{q}"),
+        None => format!("{stem}/{db}"),
+    }
+}
+
+fn config(dir: &tempfile::TempDir, url: Option<&str>) -> anyhow::Result<Config> {
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "bench-admin-token\n")?;
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_token_file = \"{}\"\n",
+        dir.path().join("data").display(),
+        token.display()
+    );
+    if let Some(url) = url {
+        text.push_str(&format!("database_url = \"{url}\"\n"));
+    }
+    // Rate limiting off and a deep queue: this measures capacity, not policy.
+    text.push_str(
+        "[database]\nmax_connections = 24\n\
+         [limits]\nper_pop_rps = 0\nmax_in_flight = 128\nmax_queue = 4096\nqueue_timeout = \"5s\"\n",
+    );
+    let file = dir.path().join("cp.toml");
+    std::fs::write(&file, &text)?;
+    Config::load(&file).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn seed(config: &Config, rules: usize) -> anyhow::Result<()> {
+    let store = Store::open(config).await?;
+    store.migrate().await?;
+    let mut batch = Vec::with_capacity(rules);
+    for i in 0..rules {
+        let pop = ["blr", "maa", "del"][i % 3];
+        let spec: RouteSpec = serde_json::from_value(serde_json::json!({
+            "prefix": format!("+91{}", 70_000 + i),
+            "trunks": [{"name": format!("trunk-{}", i % 50), "weight": 3},
+                       {"name": format!("trunk-{}", (i + 1) % 50), "weight": 1}],
+            "failover": ["backup-1"],
+            "pop": pop,
+        }))?;
+        let name = format!("r{i:05}");
+        spec.compile(&name).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        batch.push((name, serde_json::to_string(&spec)?, spec.matcher_key()));
+    }
+    for chunk in batch.chunks(2000) {
+        store.bulk_insert_routes(chunk, "bench").await?;
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn call_body(n: u64, rules: usize) -> String {
+    // +91 7xxxx xxxxx: a valid Indian mobile number under one of the rules.
+    let prefix = 70_000 + (n % rules.max(1) as u64);
+    let rest = (n * 7919) % 100_000;
+    format!(
+        "{{\"caller\":\"+919876543210\",\"destination\":\"+91{prefix}{rest:05}\",\
+         \"call_type\":\"outbound\",\"metadata\":{{\"bench\":{n}}}}}"
+    )
+}
+
+async fn bench_backend(
+    args: &Args,
+    backend: &'static str,
+    dir: &tempfile::TempDir,
+    url: Option<&str>,
+) -> anyhow::Result<RunResult> {
+    let config = config(dir, url)?;
+    eprintln!("[{backend}] seeding {} rules", args.rules);
+    seed(&config, args.rules).await?;
+    let token = detour_control_plane::create_agent_token(&config, "blr").await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(detour_control_plane::serve(config.clone(), listener, async {
+        stop_rx.await.ok();
+    }));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let url = format!("http://{addr}/v1/calls");
+    // Ready and routing with every rule.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client
+            .post(&url)
+            .bearer_auth(&token)
+            .body(call_body(args.rules as u64 - 1, args.rules))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 201) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "control plane did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seq = Arc::new(AtomicU64::new(1_000_000));
+
+    // Warm-up, then closed-loop throughput.
+    eprintln!("[{backend}] warm-up 2s");
+    closed_loop(&client, &url, &token, args, &seq, Duration::from_secs(2)).await;
+    eprintln!(
+        "[{backend}] throughput {:?} at concurrency {}",
+        args.duration, args.concurrency
+    );
+    let (ok, errors, hist, elapsed) = if args.skip_throughput {
+        (0, 0, new_hist(), Duration::from_secs(1))
+    } else {
+        closed_loop(&client, &url, &token, args, &seq, args.duration).await
+    };
+    let throughput = ok as f64 / elapsed.as_secs_f64();
+
+    eprintln!("[{backend}] fixed rate {}/s for {:?}", args.rate, args.duration);
+    let (fixed_ok, fixed_errors, fixed_hist, fixed_elapsed) =
+        open_loop(&client, &url, &token, args, &seq).await;
+
+    if args.server_histogram {
+        let text = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("detour_cp_request_duration_seconds") && l.contains("/v1/calls\""))
+        {
+            eprintln!("{line}");
+        }
+    }
+    stop_tx.send(()).ok();
+    server.await??;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok(RunResult {
+        backend,
+        throughput,
+        ok,
+        errors,
+        p50_ms: ms(&hist, 0.5),
+        p99_ms: ms(&hist, 0.99),
+        fixed_rate: fixed_ok as f64 / fixed_elapsed.as_secs_f64(),
+        fixed_p50_ms: ms(&fixed_hist, 0.5),
+        fixed_p99_ms: ms(&fixed_hist, 0.99),
+        fixed_errors,
+    })
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+async fn one(client: &reqwest::Client, url: &str, token: &str, n: u64, rules: usize) -> bool {
+    client
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .header("idempotency-key", format!("bench-{n}"))
+        .body(call_body(n, rules))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 201)
+}
+
+async fn closed_loop(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    args: &Args,
+    seq: &Arc<AtomicU64>,
+    duration: Duration,
+) -> (u64, u64, Histogram<u64>, Duration) {
+    let hist = Arc::new(Mutex::new(new_hist()));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (client, url, token) = (client.clone(), url.to_owned(), token.to_owned());
+        let (hist, ok, errors, seq) = (hist.clone(), ok.clone(), errors.clone(), seq.clone());
+        let rules = args.rules;
+        tasks.push(tokio::spawn(async move {
+            let mut local = new_hist();
+            while Instant::now() < end {
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                if one(&client, &url, &token, n, rules).await {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                    local.saturating_record(t.elapsed().as_micros() as u64);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            hist.lock().await.add(&local).ok();
+        }));
+    }
+    for t in tasks {
+        t.await.ok();
+    }
+    let elapsed = start.elapsed();
+    let hist = hist.lock().await.clone();
+    (
+        ok.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        hist,
+        elapsed,
+    )
+}
+
+/// Open loop: request i is due at start + i/rate; latency counts from when
+/// it was due, so a stall is not hidden (no coordinated omission).
+async fn open_loop(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    args: &Args,
+    seq: &Arc<AtomicU64>,
+) -> (u64, u64, Histogram<u64>, Duration) {
+    let total = args.rate * args.duration.as_secs().max(1);
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let hist = Arc::new(Mutex::new(new_hist()));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(2048));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let permit = in_flight.clone().acquire_owned().await;
+        let (client, url, token) = (client.clone(), url.to_owned(), token.to_owned());
+        let (hist, ok, errors) = (hist.clone(), ok.clone(), errors.clone());
+        let n = seq.fetch_add(1, Ordering::Relaxed);
+        let rules = args.rules;
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            if one(&client, &url, &token, n, rules).await {
+                ok.fetch_add(1, Ordering::Relaxed);
+                hist.lock()
+                    .await
+                    .saturating_record(due.elapsed().as_micros() as u64);
+            } else {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.ok();
+    }
+    let elapsed = start.elapsed();
+    let hist = hist.lock().await.clone();
+    (
+        ok.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        hist,
+        elapsed,
+    )
+}
+
+/// pgbench with the same durable writes one call initiation makes: one
+/// transaction inserting the idempotency row and the call row.
+fn pgbench(args: &Args, url: &str, dir: &tempfile::TempDir) -> anyhow::Result<f64> {
+    let script = dir.path().join("calls.sql");
+    std::fs::write(
+        &script,
+        "BEGIN;\n\
+         INSERT INTO idempotency (key, request_hash, created_at, status, content_type, body) \
+         VALUES (gen_random_uuid()::text, md5(random()::text), 0, 201, 'application/json', \
+         repeat('x', 400));\n\
+         INSERT INTO calls (id, created_at, pop, caller, destination, call_type, priority, \
+         metadata, decision, state, updated_at) VALUES (gen_random_uuid()::text, 0, 'blr', \
+         '+919876543210', '+917000012345', 'outbound', 'normal', '{}', repeat('y', 200), \
+         'initiated', 0);\n\
+         COMMIT;\n",
+    )?;
+    let secs = args.duration.as_secs().max(1).to_string();
+    let clients = args.pgbench_clients.to_string();
+    eprintln!("[pgbench] {clients} clients for {secs}s");
+    let out = Command::new("pgbench")
+        .args(["-n", "-j", "2", "-c", &clients, "-T", &secs, "-f"])
+        .arg(&script)
+        .arg("-d")
+        .arg(url)
+        .output()
+        .map_err(|e| anyhow::anyhow!("pgbench: {e} (apt-get install postgresql-client)"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("tps = ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<f64>().ok())
+        })
+        .ok_or_else(|| anyhow::anyhow!("no tps line in pgbench output:\n{text}"))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024 / 1024);
+    format!("{cores} cores ({cpu}), {mem} GiB RAM")
+}
+
+fn render(args: &Args, results: &[RunResult], ceiling: Option<f64>) -> String {
+    let mut s = String::new();
+    s.push_str("### Control plane: call initiation\n\n");
+    s.push_str(&format!(
+        "Command: `cargo run --release -p detour-control-plane --example bench -- --backend both \
+         --database-url postgres://detour:detour@127.0.0.1:5432/detour` \
+         ({} rules, {} connections, {:?} per run, fixed rate {}/s).\n\n",
+        args.rules, args.concurrency, args.duration, args.rate
+    ));
+    s.push_str(&format!(
+        "Machine: {}; the load generator runs in the same process and shares the cores. \
+         Each call: auth (cached), validation, E.164 normalisation, routing over the rules, \
+         and one transaction inserting the Idempotency-Key claim with the response and the \
+         call row.\n\n",
+        machine()
+    ));
+    s.push_str("| backend | calls/s (closed loop) | p50 ms | p99 ms | errors | p50 ms @ fixed rate | p99 ms @ fixed rate | achieved rate | errors @ fixed rate |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.0}/s | {} |\n",
+            r.backend,
+            r.throughput,
+            r.p50_ms,
+            r.p99_ms,
+            r.errors,
+            r.fixed_p50_ms,
+            r.fixed_p99_ms,
+            r.fixed_rate,
+            r.fixed_errors
+        ));
+        let _ = r.ok;
+    }
+    if let (Some(tps), Some(pg)) = (ceiling, results.iter().find(|r| r.backend == "postgres")) {
+        s.push_str(&format!(
+            "\nCeiling: pgbench ({} clients, same two inserts in one transaction, same database) \
+             {:.0} transactions/s; the control plane reaches **{:.0}%** of it ({:.0} / {:.0}).\n",
+            args.pgbench_clients,
+            tps,
+            100.0 * pg.throughput / tps,
+            pg.throughput,
+            tps
+        ));
+    }
+    s.push_str("\nTargets: ≥5,000 calls/s on Postgres, ≥2,000 on SQLite, p99 < 20 ms at 1,000 calls/s.\n");
+    for r in results {
+        let target = if r.backend == "postgres" { 5000.0 } else { 2000.0 };
+        s.push_str(&format!(
+            "- {}: throughput target {}; fixed-rate p99 target {}.\n",
+            r.backend,
+            if r.throughput >= target { "met" } else { "NOT met" },
+            if r.fixed_p99_ms < 20.0 { "met" } else { "NOT met" },
+        ));
+    }
+    s
+}
+
+const BEGIN: &str = "<!-- control-plane:begin -->";
+const END: &str = "<!-- control-plane:end -->";
+
+/// Replaces the text between the control-plane markers (adding them at the
+/// end when missing), leaving the rest of the file alone.
+fn write_block(path: &PathBuf, block: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (text.find(BEGIN), text.find(END)) {
+        (Some(b), Some(e)) if b < e => format!("{}{BEGIN}\n{block}{}", &text[..b], &text[e..]),
+        _ => {
+            let sep = if text.is_empty() || text.ends_with('\n') {
+                ""
+            } else {
+                "\n"
+            };
+            format!("{text}{sep}\n{BEGIN}\n{block}{END}\n")
+        }
+    };
+    std::fs::write(path, new)?;
+    Ok(())
+}

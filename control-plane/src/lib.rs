@@ -123,6 +123,14 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let poll = tokio::spawn(poll_routes(app.clone(), stop_rx.clone()));
     let purge = tokio::spawn(purge_keys(app.clone(), stop_rx.clone()));
+    let checkpoint = {
+        let (store, url, stop) = (app.store.clone(), app.config.database_url(), stop_rx.clone());
+        tokio::spawn(async move {
+            store
+                .checkpoint_sqlite(&url, Duration::from_millis(200), stop)
+                .await
+        })
+    };
 
     let router = api::router(app.clone());
     let graceful = GracefulShutdown::new();
@@ -182,6 +190,7 @@ pub async fn serve(
     }
     poll.abort();
     purge.abort();
+    checkpoint.abort();
     app.store.close().await;
     Ok(())
 }
