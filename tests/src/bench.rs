@@ -88,7 +88,11 @@ fn machine() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    format!("{date}, {cpus} cores ({model}), Linux loopback")
+    // Other work on the machine moves these numbers; say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    format!("{date} on {cpus} cores ({model}, load average {load} at the start), Linux loopback,")
 }
 
 /// A child process killed on drop.
@@ -173,8 +177,8 @@ async fn closed_loop(
             };
             tokio::spawn(conn);
             while Instant::now() < deadline {
-                let mut req = http::Request::post(format!("http://{target}{path}"))
-                    .header("host", "localhost")
+                let mut req = http::Request::post(path.as_str())
+                    .header("host", target.to_string())
                     .header("content-type", "application/json");
                 for (k, v) in &headers {
                     req = req.header(k.as_str(), v.as_str());
