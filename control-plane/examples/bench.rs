@@ -45,6 +45,9 @@ struct Args {
     /// pgbench clients for the ceiling run.
     #[arg(long, default_value_t = 16)]
     pgbench_clients: usize,
+    /// SQLite background checkpoint interval ("0s": SQLite's automatic ones).
+    #[arg(long, default_value = "200ms")]
+    sqlite_checkpoint: String,
     /// Skip the closed-loop run (latency investigations).
     #[arg(long)]
     skip_throughput: bool,
@@ -97,7 +100,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let r = bench_backend(&args, "postgres", &dir, Some(&url)).await;
         if r.is_ok() {
-            ceiling = Some(pgbench(&args, &url, &dir)?);
+            ceiling = Some((pgbench(&args, &url, &dir)?, pgbench_fixed(&args, &url, &dir)?));
         }
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
@@ -132,7 +135,7 @@ fn with_db(url: &str, db: &str) -> String {
     }
 }
 
-fn config(dir: &tempfile::TempDir, url: Option<&str>) -> anyhow::Result<Config> {
+fn config(dir: &tempfile::TempDir, url: Option<&str>, checkpoint: &str) -> anyhow::Result<Config> {
     let token = dir.path().join("admin.token");
     std::fs::write(&token, "bench-admin-token\n")?;
     let mut text = format!(
@@ -145,9 +148,10 @@ fn config(dir: &tempfile::TempDir, url: Option<&str>) -> anyhow::Result<Config> 
     }
     // Rate limiting off and a deep queue: this measures capacity, not policy.
     text.push_str(
-        "[database]\nmax_connections = 24\n\
+        "[database]\nmax_connections = 24\nsqlite_checkpoint_interval = \"CKPT\"\n\
          [limits]\nper_pop_rps = 0\nmax_in_flight = 128\nmax_queue = 4096\nqueue_timeout = \"5s\"\n",
     );
+    let text = text.replace("CKPT", checkpoint);
     let file = dir.path().join("cp.toml");
     std::fs::write(&file, &text)?;
     Config::load(&file).map_err(|e| anyhow::anyhow!("{e}"))
@@ -193,7 +197,7 @@ async fn bench_backend(
     dir: &tempfile::TempDir,
     url: Option<&str>,
 ) -> anyhow::Result<RunResult> {
-    let config = config(dir, url)?;
+    let config = config(dir, url, &args.sqlite_checkpoint)?;
     eprintln!("[{backend}] seeding {} rules", args.rules);
     seed(&config, args.rules).await?;
     let token = detour_control_plane::create_agent_token(&config, "blr").await?;
@@ -427,6 +431,57 @@ fn pgbench(args: &Args, url: &str, dir: &tempfile::TempDir) -> anyhow::Result<f6
         .ok_or_else(|| anyhow::anyhow!("no tps line in pgbench output:\n{text}"))
 }
 
+/// pgbench at the fixed rate, latency percentiles (ms) from its per-transaction
+/// log: the database's own p50/p99 for the same writes at the same rate.
+fn pgbench_fixed(args: &Args, url: &str, dir: &tempfile::TempDir) -> anyhow::Result<(f64, f64)> {
+    let script = dir.path().join("calls.sql");
+    let prefix = dir.path().join("pgbench_log");
+    let secs = args.duration.as_secs().max(1).to_string();
+    let clients = args.pgbench_clients.to_string();
+    let rate = args.rate.to_string();
+    eprintln!("[pgbench] fixed rate {rate}/s for {secs}s");
+    let out = Command::new("pgbench")
+        .args([
+            "-n", "-j", "2", "-c", &clients, "-T", &secs, "-R", &rate, "--log", "-f",
+        ])
+        .arg(&script)
+        .arg(format!("--log-prefix={}", prefix.display()))
+        .arg("-d")
+        .arg(url)
+        .current_dir(dir.path())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench -R failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut hist = new_hist();
+    for entry in std::fs::read_dir(dir.path())? {
+        let path = entry?.path();
+        let is_log = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("pgbench_log"));
+        if !is_log {
+            continue;
+        }
+        // Columns: client_id transaction_no time(us) script_no time_epoch time_us [schedule_lag]
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let latency = cols.get(2).and_then(|v| v.parse::<u64>().ok());
+            let lag = cols.get(6).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if let Some(us) = latency {
+                hist.saturating_record(us + lag);
+            }
+        }
+    }
+    anyhow::ensure!(hist.len() > 0, "pgbench wrote no transaction log");
+    Ok((
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+    ))
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -450,7 +505,7 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {mem} GiB RAM")
 }
 
-fn render(args: &Args, results: &[RunResult], ceiling: Option<f64>) -> String {
+fn render(args: &Args, results: &[RunResult], ceiling: Option<(f64, (f64, f64))>) -> String {
     let mut s = String::new();
     s.push_str("### Control plane: call initiation\n\n");
     s.push_str(&format!(
@@ -483,7 +538,7 @@ fn render(args: &Args, results: &[RunResult], ceiling: Option<f64>) -> String {
         ));
         let _ = r.ok;
     }
-    if let (Some(tps), Some(pg)) = (ceiling, results.iter().find(|r| r.backend == "postgres")) {
+    if let (Some((tps, (p50, p99))), Some(pg)) = (ceiling, results.iter().find(|r| r.backend == "postgres")) {
         s.push_str(&format!(
             "\nCeiling: pgbench ({} clients, same two inserts in one transaction, same database) \
              {:.0} transactions/s; the control plane reaches **{:.0}%** of it ({:.0} / {:.0}).\n",
@@ -492,6 +547,11 @@ fn render(args: &Args, results: &[RunResult], ceiling: Option<f64>) -> String {
             100.0 * pg.throughput / tps,
             pg.throughput,
             tps
+        ));
+        s.push_str(&format!(
+            "pgbench alone at the fixed {}/s: p50 {:.2} ms, p99 {:.2} ms (the database's own \
+             share of the control plane's fixed-rate latency).\n",
+            args.rate, p50, p99
         ));
     }
     s.push_str("\nTargets: ≥5,000 calls/s on Postgres, ≥2,000 on SQLite, p99 < 20 ms at 1,000 calls/s.\n");

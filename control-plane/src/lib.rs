@@ -124,12 +124,9 @@ pub async fn serve(
     let poll = tokio::spawn(poll_routes(app.clone(), stop_rx.clone()));
     let purge = tokio::spawn(purge_keys(app.clone(), stop_rx.clone()));
     let checkpoint = {
+        let every = app.config.database.sqlite_checkpoint_interval;
         let (store, url, stop) = (app.store.clone(), app.config.database_url(), stop_rx.clone());
-        tokio::spawn(async move {
-            store
-                .checkpoint_sqlite(&url, Duration::from_millis(200), stop)
-                .await
-        })
+        tokio::spawn(async move { store.checkpoint_sqlite(&url, every, stop).await })
     };
 
     let router = api::router(app.clone());

@@ -164,6 +164,7 @@ impl Store {
             std::fs::create_dir_all(&config.data_dir)
                 .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
         }
+        let background_checkpoints = !config.database.sqlite_checkpoint_interval.is_zero();
         let opts = AnyPoolOptions::new()
             .acquire_timeout(config.database.acquire_timeout)
             .max_connections(if sqlite {
@@ -189,6 +190,10 @@ impl Store {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        if background_checkpoints {
+                            // `checkpoint_sqlite` does it off the request path.
+                            conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                        }
                     }
                     Ok(())
                 })
@@ -210,7 +215,7 @@ impl Store {
         every: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        if !self.sqlite || std::env::var_os("BENCH_NO_CKPT").is_some() {
+        if !self.sqlite || every.is_zero() {
             return;
         }
         let mut conn: Option<AnyConnection> = None;
