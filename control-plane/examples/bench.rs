@@ -475,7 +475,7 @@ fn pgbench_fixed(args: &Args, url: &str, dir: &tempfile::TempDir) -> anyhow::Res
             }
         }
     }
-    anyhow::ensure!(hist.len() > 0, "pgbench wrote no transaction log");
+    anyhow::ensure!(!hist.is_empty(), "pgbench wrote no transaction log");
     Ok((
         hist.value_at_quantile(0.5) as f64 / 1000.0,
         hist.value_at_quantile(0.99) as f64 / 1000.0,
