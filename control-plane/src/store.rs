@@ -257,7 +257,11 @@ impl Store {
         let row = sqlx::query("SELECT MAX(version) AS v FROM _sqlx_migrations")
             .fetch_one(&self.pool)
             .await
-            .map_err(|e| format!("database: {e}"))?;
+            .map_err(|e| match StoreError::from(e) {
+                StoreError::Unavailable(e) => format!("database: {e}"),
+                // The database answered: the migrations table is missing.
+                other => format!("migrations not applied ({other})"),
+            })?;
         let have: Option<i64> = row.try_get("v").map_err(|e| e.to_string())?;
         if have.unwrap_or(0) < want {
             return Err(format!(

@@ -146,3 +146,96 @@ async fn serves_https_with_http2_and_http1() {
     );
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn readiness_requires_migrations() {
+    let db = Db::new(Backend::Sqlite, "readiness_requires_migrations")
+        .await
+        .unwrap();
+    let config = db.config("", "");
+    let store = detour_control_plane::store::Store::open(&config).await.unwrap();
+    let err = store.ready().await.unwrap_err();
+    assert!(err.contains("migrations"), "{err}");
+    store.migrate().await.unwrap();
+    store.ready().await.unwrap();
+    store.close().await;
+}
+
+/// Bad input of every shape is a 4xx, never a 5xx or a dropped connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bodies_never_cause_a_server_error() {
+    use rand::{Rng, SeedableRng};
+    let db = Db::new(Backend::Sqlite, "random_bodies").await.unwrap();
+    let cp = Instance::start(db.config("", "[limits]\nper_pop_rps = 0\n")).await;
+    cp.put_route("all", json!({"prefix": "", "trunk": "t", "pop": "blr"}))
+        .await;
+    let token = cp.token("blr").await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let pieces = [
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!(1e308),
+        json!(""),
+        json!("+"),
+        json!("112"),
+        json!("+919876543210"),
+        json!("08041234567"),
+        json!("٣٤٥"),
+        json!("+91 (80) 4123-4567 ext. 9"),
+        json!("\u{0}"),
+        json!([1, 2]),
+        json!({"a": {}}),
+        json!("x".repeat(300)),
+        json!("emergency"),
+        json!("normal"),
+        json!("outbound"),
+    ];
+    let fields = [
+        "caller",
+        "destination",
+        "call_type",
+        "priority",
+        "metadata",
+        "zzz",
+    ];
+    for i in 0..300 {
+        let body = if i % 10 == 0 {
+            let n = rng.random_range(0..64);
+            (0..n).map(|_| rng.random::<u8>()).collect::<Vec<u8>>()
+        } else {
+            let mut obj = serde_json::Map::new();
+            for f in fields {
+                if rng.random_bool(0.6) {
+                    obj.insert(f.into(), pieces[rng.random_range(0..pieces.len())].clone());
+                }
+            }
+            serde_json::to_vec(&obj).unwrap()
+        };
+        let path = if i % 7 == 0 {
+            "/v1/calls/some-id/events"
+        } else {
+            "/v1/calls"
+        };
+        let r = cp
+            .client
+            .post(cp.url(path))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+        let status = r.status().as_u16();
+        assert!(
+            (200..500).contains(&status),
+            "body {:?} got {status}",
+            String::from_utf8_lossy(&body)
+        );
+        if status >= 400 {
+            let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+            assert_eq!(ct, "application/problem+json");
+        }
+    }
+    cp.stop().await;
+}
