@@ -48,6 +48,10 @@ struct Args {
     /// SQLite background checkpoint interval ("0s": SQLite's automatic ones).
     #[arg(long, default_value = "200ms")]
     sqlite_checkpoint: String,
+    /// Also run Postgres with `synchronous_commit = off` (commits do not wait
+    /// for the disk; not durable, for reference only).
+    #[arg(long)]
+    pg_async_commit: bool,
     /// Skip the closed-loop run (latency investigations).
     #[arg(long)]
     skip_throughput: bool,
@@ -109,6 +113,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .ok();
         results.push(r?);
+        if args.pg_async_commit {
+            let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
+            for sql in [
+                format!("CREATE DATABASE {name}"),
+                format!("ALTER DATABASE {name} SET synchronous_commit = off"),
+            ] {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+            }
+            let dir = tempfile::tempdir()?;
+            let url = with_db(&admin, &name);
+            let r = bench_backend(&args, "postgres-async", &dir, Some(&url)).await;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await
+            .ok();
+            results.push(r?);
+        }
     }
     let report = render(&args, &results, ceiling);
     println!("{report}");
@@ -509,10 +532,20 @@ fn render(args: &Args, results: &[RunResult], ceiling: Option<(f64, (f64, f64))>
     let mut s = String::new();
     s.push_str("### Control plane: call initiation\n\n");
     s.push_str(&format!(
-        "Command: `cargo run --release -p detour-control-plane --example bench -- --backend both \
-         --database-url postgres://detour:detour@127.0.0.1:5432/detour` \
-         ({} rules, {} connections, {:?} per run, fixed rate {}/s).\n\n",
-        args.rules, args.concurrency, args.duration, args.rate
+        "Command: `DATABASE_URL=postgres://detour:detour@127.0.0.1:5432/detour \
+         cargo run --release -p detour-control-plane --example bench -- --backend {}{}` \
+         ({} rules, {} connections, {:?} per run, fixed rate {}/s; measured {}).\n\n",
+        args.backend,
+        if args.pg_async_commit {
+            " --pg-async-commit"
+        } else {
+            ""
+        },
+        args.rules,
+        args.concurrency,
+        args.duration,
+        args.rate,
+        chrono::Utc::now().format("%Y-%m-%d")
     ));
     s.push_str(&format!(
         "Machine: {}; the load generator runs in the same process and shares the cores. \
@@ -554,8 +587,16 @@ fn render(args: &Args, results: &[RunResult], ceiling: Option<(f64, (f64, f64))>
             args.rate, p50, p99
         ));
     }
+    if results.iter().any(|r| r.backend == "postgres-async") {
+        s.push_str(
+            "\n`postgres-async` is the same Postgres database with `synchronous_commit = off` \
+             (a commit returns before its WAL reaches the disk; a crash can lose the last \
+             moments of acknowledged calls). It is not a supported setting, only a \
+             measurement of how much of the limit is the disk's flush rate.\n",
+        );
+    }
     s.push_str("\nTargets: ≥5,000 calls/s on Postgres, ≥2,000 on SQLite, p99 < 20 ms at 1,000 calls/s.\n");
-    for r in results {
+    for r in results.iter().filter(|r| r.backend != "postgres-async") {
         let target = if r.backend == "postgres" { 5000.0 } else { 2000.0 };
         s.push_str(&format!(
             "- {}: throughput target {}; fixed-rate p99 target {}.\n",

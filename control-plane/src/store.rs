@@ -532,6 +532,49 @@ impl Store {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<Outcome<()>> {
+        // Fast paths: one statement, one round trip, atomic on its own.
+        match idem {
+            None => {
+                insert_call(&self.pool, call).await?;
+                return Ok(Outcome::Done(()));
+            }
+            Some(idem) if !self.sqlite => {
+                // The claim and the call in one statement (Postgres allows
+                // data-modifying CTEs; SQLite does not). Zero rows means the
+                // key exists: the transactional path below decides between
+                // replay, mismatch and an expired key.
+                let done = sqlx::query(
+                    "WITH claim AS (INSERT INTO idempotency \
+                     (key, request_hash, created_at, status, content_type, body) \
+                     VALUES ($10, $11, $2, $12, $13, $14) ON CONFLICT (key) DO NOTHING \
+                     RETURNING key) \
+                     INSERT INTO calls (id, created_at, pop, caller, destination, call_type, \
+                     priority, metadata, decision, state, updated_at) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'initiated', $2 \
+                     WHERE EXISTS (SELECT 1 FROM claim)",
+                )
+                .bind(&call.id)
+                .bind(call.created_at)
+                .bind(&call.pop)
+                .bind(call.caller.as_deref())
+                .bind(&call.destination)
+                .bind(&call.call_type)
+                .bind(&call.priority)
+                .bind(&call.metadata)
+                .bind(&call.decision)
+                .bind(&idem.key)
+                .bind(&idem.request_hash)
+                .bind(i64::from(response.status))
+                .bind(&response.content_type)
+                .bind(&response.body)
+                .execute(&self.pool)
+                .await?;
+                if done.rows_affected() == 1 {
+                    return Ok(Outcome::Done(()));
+                }
+            }
+            Some(_) => {}
+        }
         let mut tx = self.pool.begin().await?;
         if let Some(idem) = idem {
             match claim(&mut tx, idem, Some(response), retention).await? {
@@ -540,22 +583,7 @@ impl Store {
                 Claim::Mismatch => return Ok(Outcome::Mismatch),
             }
         }
-        sqlx::query(
-            "INSERT INTO calls (id, created_at, pop, caller, destination, call_type, priority, \
-             metadata, decision, state, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'initiated', $2)",
-        )
-        .bind(&call.id)
-        .bind(call.created_at)
-        .bind(&call.pop)
-        .bind(call.caller.as_deref())
-        .bind(&call.destination)
-        .bind(&call.call_type)
-        .bind(&call.priority)
-        .bind(&call.metadata)
-        .bind(&call.decision)
-        .execute(&mut *tx)
-        .await?;
+        insert_call(&mut *tx, call).await?;
         tx.commit().await?;
         Ok(Outcome::Done(()))
     }
@@ -691,6 +719,29 @@ impl Store {
             .await?;
         Ok(row.try_get("n")?)
     }
+}
+
+async fn insert_call<'e, E>(executor: E, call: &NewCall) -> Result<()>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query(
+        "INSERT INTO calls (id, created_at, pop, caller, destination, call_type, priority, \
+         metadata, decision, state, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'initiated', $2)",
+    )
+    .bind(&call.id)
+    .bind(call.created_at)
+    .bind(&call.pop)
+    .bind(call.caller.as_deref())
+    .bind(&call.destination)
+    .bind(&call.call_type)
+    .bind(&call.priority)
+    .bind(&call.metadata)
+    .bind(&call.decision)
+    .execute(executor)
+    .await?;
+    Ok(())
 }
 
 fn route_row(r: &sqlx::any::AnyRow) -> Result<RouteRow> {
