@@ -653,6 +653,7 @@ fn call_json(row: &store::CallRow) -> Value {
         "metadata": metadata,
         "route": decision.get("route").cloned().unwrap_or(Value::Null),
         "fallback": decision.get("fallback").cloned().unwrap_or(Value::Bool(false)),
+        "fallback_reason": decision.get("fallback_reason").cloned().unwrap_or(Value::Null),
         "state": f.state,
         "ringing_at": opt(f.ringing_at),
         "answered_at": opt(f.answered_at),

@@ -833,6 +833,10 @@ async fn hook_timeout_error_and_breaker_fall_back(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(got["fallback"], true);
+    assert!(
+        got["fallback_reason"].as_str().unwrap().contains("breaker"),
+        "{got}"
+    );
 
     hook.mode.store(HOOK_OK, Ordering::SeqCst);
     wait_until(
