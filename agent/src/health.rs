@@ -90,8 +90,6 @@ pub struct PathStats {
     flaps: u32,
     /// When the path last became `up`.
     up_since: Option<Instant>,
-    /// Until the first evidence arrives a path is `down` but "unknown".
-    seen: bool,
     /// Since the path left `up`: whether any exchange succeeded.
     ok_since_out: bool,
     /// Since the path left `up`: whether failures and successes alternated (loss).
@@ -127,7 +125,6 @@ impl PathStats {
             hold_until: None,
             flaps: 0,
             up_since: None,
-            seen: false,
             ok_since_out: false,
             mixed: false,
             never_up: true,
@@ -199,7 +196,6 @@ impl PathStats {
         epoch: Instant,
         cfg: &HealthConfig,
     ) -> Option<PathState> {
-        self.seen = true;
         let _ = epoch;
         let bad = !matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_));
         self.exchanges.push_back((now, bad));
@@ -363,11 +359,6 @@ impl PathStats {
             self.hold_until = None;
         }
         self.state = to;
-    }
-
-    /// Marks an idle, never-probed path (used when building a fresh table).
-    pub fn is_unknown(&self) -> bool {
-        !self.seen
     }
 
     pub fn reason(&self) -> Option<&str> {

@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use detour_wire::{PROBLEM_JSON, Problem, headers as dh};
@@ -342,6 +341,3 @@ fn too_large(max: u64) -> Problem {
         format!("the body is over the limit of {max} bytes (ingress.max_body)"),
     )
 }
-
-/// How long a keep-alive connection may sit idle between requests.
-pub const IDLE_KEEPALIVE: Duration = Duration::from_secs(75);
