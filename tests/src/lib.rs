@@ -12,3 +12,4 @@ pub mod link;
 pub mod load;
 pub mod mock_cp;
 pub mod netns;
+pub mod ns;

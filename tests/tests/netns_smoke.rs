@@ -1,0 +1,144 @@
+//! Failover on the real kernel network: the fleet in Linux network
+//! namespaces, the control plane behind an "internet" bridge, faults from
+//! nftables on blr's uplink (a blackhole, then `numgen random` packet loss).
+//! Root only: without root, `ip` or `nft` it prints SKIPPED and why, and with
+//! DETOUR_REQUIRE_NETNS=1 (CI) it fails instead.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use detour_lab::ns::NsFleet;
+
+fn skip() -> bool {
+    match detour_lab::ns::unavailable() {
+        None => false,
+        Some(why) => {
+            assert!(
+                std::env::var("DETOUR_REQUIRE_NETNS").as_deref() != Ok("1"),
+                "netns suite required but cannot run: {why}"
+            );
+            eprintln!("SKIPPED: network-namespace suite: {why}");
+            true
+        }
+    }
+}
+
+fn bin_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_detour-lab"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(
+        dir.join("detour-agent").exists(),
+        "build the agent first: cargo build -p detour-agent"
+    );
+    dir
+}
+
+/// Starts `detour-lab load` inside blr's namespace.
+fn load(fleet: &NsFleet, bins: &Path, seconds: u32) -> std::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", &fleet.ns("blr")])
+        .arg(bins.join("detour-lab"))
+        .args([
+            "load",
+            "--url",
+            "http://127.0.0.1:8080",
+            "--rate",
+            "50",
+            "--timeout",
+            "2s",
+            "--duration",
+        ])
+        .arg(format!("{seconds}s"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn summary(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|_| panic!("load printed: {text}"))
+}
+
+fn active(fleet: &NsFleet, bins: &Path) -> String {
+    let out = fleet
+        .exec("blr", &bins.join("detour-agent"), &["status", "--json"])
+        .unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&out)
+        .ok()
+        .and_then(|v| v["active_path"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+async fn wait_active(
+    fleet: &NsFleet,
+    bins: &Path,
+    want: impl Fn(&str) -> bool,
+    within: Duration,
+) -> Duration {
+    let start = tokio::time::Instant::now();
+    loop {
+        let a = active(fleet, bins);
+        if want(&a) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "blr's active path is {a:?} after {within:?}\n{}",
+            fleet.log("blr")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackhole_then_packet_loss_on_the_kernel_network_fail_no_request() {
+    if skip() {
+        return;
+    }
+    let bins = bin_dir();
+    let fleet = NsFleet::start(&bins).unwrap();
+    for (pop, _) in detour_lab::ns::POPS {
+        fleet
+            .wait_ready(pop, &bins, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+
+    // Blackhole: every packet on blr's uplink dropped, both ways.
+    let traffic = load(&fleet, &bins, 12);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.uplink_loss("blr", 100).unwrap();
+    let moved = wait_active(&fleet, &bins, |a| a.starts_with("via:"), Duration::from_secs(3)).await;
+    assert!(
+        moved < Duration::from_secs(1),
+        "rerouted within 1 s (took {moved:?})"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    fleet.heal("blr").unwrap();
+    wait_active(&fleet, &bins, |a| a == "direct", Duration::from_secs(10)).await;
+    let s = summary(traffic);
+    assert_eq!(s["failed"], 0, "blackhole: {s}");
+    assert_eq!(s["requests"], 600, "{s}");
+
+    // 10% then 30% packet loss from nftables `numgen random`.
+    for percent in [10, 30] {
+        // A lossy path is trusted again only after a clean run; start from direct.
+        wait_active(&fleet, &bins, |a| a == "direct", Duration::from_secs(45)).await;
+        let traffic = load(&fleet, &bins, 10);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        fleet.uplink_loss("blr", percent).unwrap();
+        let left = wait_active(&fleet, &bins, |a| a.starts_with("via:"), Duration::from_secs(8)).await;
+        assert!(
+            left < Duration::from_secs(5),
+            "{percent}% loss: left the lossy path within 5 s (took {left:?})"
+        );
+        let s = summary(traffic);
+        fleet.heal("blr").unwrap();
+        assert_eq!(s["failed"], 0, "{percent}% loss: {s}");
+        assert!(s["p99_ms"].as_f64().unwrap() < 1000.0, "{percent}% loss: {s}");
+    }
+}
