@@ -273,6 +273,13 @@ impl NsFleet {
         }
     }
 
+    /// Starts `pop`'s agent again from its config (after [`NsFleet::kill`]).
+    pub fn restart(&mut self, pop: &str, bin_dir: &Path) -> anyhow::Result<()> {
+        self.children.retain(|(n, _)| n != pop);
+        let cfg = self.dir.path().join(pop).join("agent.toml").display().to_string();
+        self.spawn(pop, &bin_dir.join("detour-agent"), &["run", "--config", &cfg])
+    }
+
     /// The blr agent's relay address on the backbone.
     pub fn relay(pop: &str) -> SocketAddr {
         let n = POPS.iter().find(|(p, _)| *p == pop).map_or(11, |(_, n)| *n);

@@ -142,3 +142,59 @@ async fn blackhole_then_packet_loss_on_the_kernel_network_fail_no_request() {
         assert!(s["p99_ms"].as_f64().unwrap() < 1000.0, "{percent}% loss: {s}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_killed_mid_traffic_fails_nothing_and_is_used_again_after_restart() {
+    if skip() {
+        return;
+    }
+    let bins = bin_dir();
+    let mut fleet = NsFleet::start(&bins).unwrap();
+    for (pop, _) in detour_lab::ns::POPS {
+        fleet
+            .wait_ready(pop, &bins, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    // blr relies on its peers.
+    fleet.uplink_loss("blr", 100).unwrap();
+    wait_active(&fleet, &bins, |a| a.starts_with("via:"), Duration::from_secs(3)).await;
+    let victim = active(&fleet, &bins).trim_start_matches("via:").to_owned();
+    let traffic = load(&fleet, &bins, 10);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.kill(&victim);
+    let other = wait_active(
+        &fleet,
+        &bins,
+        |a| a.starts_with("via:") && a != format!("via:{victim}"),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        other < Duration::from_secs(1),
+        "moved off the dead peer within 1 s ({other:?})"
+    );
+    let s = summary(traffic);
+    assert_eq!(s["failed"], 0, "peer {victim} killed: {s}");
+    // Restarted, the peer's path comes back up in blr's table.
+    fleet.restart(&victim, &bins).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = fleet
+            .exec("blr", &bins.join("detour-agent"), &["status", "--json"])
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let up = v["paths"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["path"] == format!("via:{victim}") && p["state"] == "up")
+        });
+        if up {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "via:{victim} up again after restart: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
