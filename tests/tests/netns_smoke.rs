@@ -198,3 +198,85 @@ async fn a_peer_killed_mid_traffic_fails_nothing_and_is_used_again_after_restart
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `openssl s_client` in `ns` against `target`, sending `input`; returns stdout.
+fn s_client(fleet: &NsFleet, ns: &str, target: &str, extra: &[String], input: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &fleet.ns(ns),
+            "timeout",
+            "5",
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-connect",
+            target,
+            "-servername",
+            "blr",
+        ])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl is installed (apt-get install openssl)");
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_strangers_and_other_targets_inside_the_namespaces() {
+    if skip() {
+        return;
+    }
+    let bins = bin_dir();
+    let fleet = NsFleet::start(&bins).unwrap();
+    fleet
+        .wait_ready("blr", &bins, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let relay = NsFleet::relay("blr").to_string();
+    let certs = fleet.dir().join("certs");
+    let connect = |target: &str| format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    // A client without a fleet certificate gets no tunnel at all.
+    let stranger = s_client(
+        &fleet,
+        "maa",
+        &relay,
+        &[],
+        &connect(&format!("{}:443", detour_lab::fleet::CP_HOST)),
+    );
+    assert!(
+        !stranger.contains("200"),
+        "no tunnel without a client certificate: {stranger:?}"
+    );
+    // A fleet member may not tunnel to anything but the control plane.
+    let member: Vec<String> = [
+        "-cert".to_owned(),
+        certs.join("maa.pem").display().to_string(),
+        "-key".to_owned(),
+        certs.join("maa.key").display().to_string(),
+        "-CAfile".to_owned(),
+        certs.join("ca.pem").display().to_string(),
+    ]
+    .into();
+    for target in ["10.202.0.13:4443", "10.201.0.100:22", "10.201.0.100:443"] {
+        let answer = s_client(&fleet, "maa", &relay, &member, &connect(target));
+        assert!(answer.starts_with("HTTP/1.1 403"), "CONNECT {target}: {answer:?}");
+    }
+    let ok = s_client(
+        &fleet,
+        "maa",
+        &relay,
+        &member,
+        &connect(&format!("{}:443", detour_lab::fleet::CP_HOST)),
+    );
+    assert!(
+        ok.starts_with("HTTP/1.1 200"),
+        "the control plane itself is allowed: {ok:?}"
+    );
+}
