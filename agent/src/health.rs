@@ -327,6 +327,16 @@ impl PathStats {
     }
 
     fn transition(&mut self, from: PathState, to: PathState, now: Instant, cfg: &HealthConfig) {
+        // A good exchange after a bad one in the recent window is loss, not a
+        // clean outage (which is good ones, then only bad ones): such a path
+        // must show the long clean run before it is trusted again.
+        let loss_pattern = {
+            let mut seen_bad = false;
+            self.exchanges.iter().any(|(_, bad)| {
+                seen_bad |= *bad;
+                seen_bad && !*bad
+            })
+        };
         if from == PathState::Up {
             // Falling soon after rising is a flap: wait longer before the next rise.
             let recently_up = self.up_since.is_some_and(|t| now.duration_since(t) < FLAP_FORGET);
@@ -346,7 +356,7 @@ impl PathStats {
         }
         if from == PathState::Up {
             self.ok_since_out = false;
-            self.mixed = to == PathState::Degraded;
+            self.mixed = to == PathState::Degraded || loss_pattern;
         }
         if to == PathState::Up || from == PathState::Up || to == PathState::Degraded {
             self.never_up = false;

@@ -308,3 +308,43 @@ proptest! {
         prop_assert!(heavy.score(now, epoch) <= a.score(now, epoch));
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lossy_path_that_falls_hard_still_needs_the_clean_run() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(20),
+        Duration::from_secs(2),
+    )
+    .await;
+    // Loss: a failure, good answers, then two failures in a row.
+    for o in [FAIL, OK, OK, FAIL, FAIL] {
+        tokio::time::advance(Duration::from_millis(20)).await;
+        s.record(o, Instant::now(), epoch, &cfg());
+    }
+    assert_eq!(s.state(), PathState::Down);
+    // Clean probes after the hold-down are not enough...
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Degraded);
+    // ...the whole clean run is.
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(25),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Up);
+}
