@@ -230,7 +230,22 @@ impl Agent {
                 relay.store(Arc::new(r));
             }
         }
+        let gone: Vec<Arc<str>> = rt
+            .paths
+            .iter()
+            .filter(|o| !runtime.paths.iter().any(|p| p.name == o.name))
+            .map(|o| o.name.clone())
+            .collect();
         self.shared.forwarder.replace(runtime);
+        // A removed peer's path series would otherwise stay at their last
+        // values (a removed path that was down would keep alerting).
+        let m = &self.shared.metrics;
+        for name in &gone {
+            let _ = m.path_state.remove_label_values(&[name]);
+            let _ = m.path_rtt.remove_label_values(&[name]);
+            let _ = m.path_loss.remove_label_values(&[name]);
+            let _ = m.active_path.remove_label_values(&[name]);
+        }
         Ok(())
     }
 

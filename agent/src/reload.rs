@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify_debouncer_full::notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::notify::event::ModifyKind;
+use notify_debouncer_full::notify::{EventKind, RecommendedWatcher, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::mpsc;
 
@@ -68,7 +69,12 @@ pub fn reload_now(agent: &Agent, files: &ConfigFiles) -> ReloadResult {
             tracing::info!(peers = ?peers, "config reloaded");
         }
         ReloadResult::Unchanged => {
-            agent.shared.config_error.store(None);
+            // The files are valid again (say, a bad edit was reverted): a
+            // successful reload, even though there is nothing to swap.
+            if agent.shared.config_error.swap(None).is_some() {
+                tracing::info!("config files valid again; running config unchanged");
+            }
+            metrics.config_reloads.with_label_values(&["ok"]).inc();
         }
         ReloadResult::Rejected(msg) => {
             metrics.config_reloads.with_label_values(&["error"]).inc();
@@ -92,6 +98,20 @@ fn same_config(a: &AgentConfig, b: &AgentConfig) -> bool {
         && a.control_plane.token == b.control_plane.token
         && a.control_plane.ca == b.control_plane.ca
         && a.tls.as_ref().map(|t| &t.chain) == b.tls.as_ref().map(|t| &t.chain)
+}
+
+/// How long to wait until the newest of the config files has not been
+/// modified for [`DEBOUNCE`]; `None` when they are all settled.
+fn fresh_for(files: &ConfigFiles) -> Option<Duration> {
+    let now = std::time::SystemTime::now();
+    [Some(&files.agent), files.peers.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .filter_map(|m| now.duration_since(m).ok())
+        .filter(|age| *age < DEBOUNCE)
+        .map(|age| DEBOUNCE - age)
+        .max()
 }
 
 fn watch_dirs(files: &ConfigFiles) -> Vec<PathBuf> {
@@ -126,8 +146,20 @@ fn watch(files: &ConfigFiles, tx: mpsc::UnboundedSender<()>) -> Option<Watcher> 
         .collect();
     let mut debouncer = match new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
         if let Ok(events) = res {
+            // Only writes, renames, creations and removals: the agent's own
+            // reads of the files raise access events, which would otherwise
+            // trigger a reload after every reload.
             let relevant = events
                 .iter()
+                .filter(|e| {
+                    matches!(
+                        e.kind,
+                        EventKind::Any
+                            | EventKind::Create(_)
+                            | EventKind::Remove(_)
+                            | EventKind::Modify(ModifyKind::Any | ModifyKind::Data(_) | ModifyKind::Name(_))
+                    )
+                })
                 .flat_map(|e| e.paths.iter())
                 .any(|p| p.file_name().is_some_and(|n| file_names.iter().any(|f| f == n)));
             if relevant {
@@ -172,8 +204,18 @@ pub fn spawn(agent: Arc<Agent>, files: ConfigFiles) -> tokio::task::JoinHandle<(
                 Some(()) = rx.recv() => {}
                 _ = hup_fut => tracing::info!("SIGHUP: reloading config"),
             }
-            // Coalesce a burst of events into one reload.
-            while rx.try_recv().is_ok() {}
+            // Coalesce a burst of events into one reload, and never read a
+            // file that is still being written: an event from an earlier
+            // save can arrive while an editor is between truncating and
+            // writing, and a half-written file may well be valid (an empty
+            // peers file is) and would be applied.
+            loop {
+                while rx.try_recv().is_ok() {}
+                match fresh_for(&files) {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => break,
+                }
+            }
             if reload_now(&agent, &files) == ReloadResult::Applied {
                 let new_files = agent.shared.forwarder.runtime().config.files.clone();
                 if new_files != files {

@@ -145,6 +145,25 @@ async fn adding_disabling_and_removing_peers_applies_live_without_failures() {
         paths.iter().all(|(n, _, _)| n != &format!("via:{victim}")),
         "{paths:?}"
     );
+    // Its path series are gone from /metrics, not frozen at their last values.
+    let metrics = String::from_utf8(blr.agent().shared.metrics.render()).unwrap();
+    let gauges = [
+        "detour_path_state",
+        "detour_path_rtt_seconds",
+        "detour_path_loss_ratio",
+        "detour_active_path",
+    ];
+    let stale: Vec<&str> = metrics
+        .lines()
+        .filter(|l| gauges.iter().any(|g| l.starts_with(&format!("{g}{{"))))
+        .filter(|l| l.contains(&format!("path=\"via:{victim}\"")))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "removed peer's gauges still in /metrics: {stale:?}"
+    );
+    // Counters keep their history (the requests it carried stay counted).
+    assert!(metrics.contains(&format!("path=\"via:{victim}\"")));
     fleet.shutdown().await;
 }
 
@@ -167,7 +186,18 @@ async fn a_broken_edit_keeps_the_old_config_and_says_why_until_fixed() {
     .await;
     let err = shared.config_error.load().as_ref().unwrap().to_string();
     assert!(err.contains("peers.toml:3:9: peer.relay"), "{err}");
-    assert!(shared.metrics.config_reloads.with_label_values(&["error"]).get() > errors_before);
+    let errors_seen = shared.metrics.config_reloads.with_label_values(&["error"]).get();
+    assert!(errors_seen > errors_before);
+    // One bad edit is one rejected reload: the agent's own reads of the file
+    // must not trigger another reload (that loop flooded logs and counters).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let errors_later = shared.metrics.config_reloads.with_label_values(&["error"]).get();
+    assert!(
+        errors_later <= errors_seen + 1,
+        "one edit, {} rejected reloads",
+        errors_later - errors_before
+    );
+    let ok_before_fix = shared.metrics.config_reloads.with_label_values(&["ok"]).get();
     // ...the agent still runs on the old peers and serves.
     assert_eq!(paths_of(&fleet, "blr").len(), 3);
     let r = CallClient::default()
@@ -192,6 +222,9 @@ async fn a_broken_edit_keeps_the_old_config_and_says_why_until_fixed() {
         shared.config_error.load().is_none()
     })
     .await;
+    // Back to exactly the running config: nothing to swap, but the reload
+    // succeeded, so alerts on the last reload's result clear.
+    assert!(shared.metrics.config_reloads.with_label_values(&["ok"]).get() > ok_before_fix);
     fleet.shutdown().await;
 }
 
