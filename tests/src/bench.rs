@@ -145,6 +145,18 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time (user + system) a process has used so far, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3
+    // (a letter, skipped by the parse), in clock ticks of 10 ms.
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    ticks * 10_000
+}
+
 /// Closed loop: `conns` keep-alive connections each sending one request after
 /// another for `dur`. Returns (requests/s, latency histogram in µs, errors).
 async fn closed_loop(
@@ -260,6 +272,8 @@ struct OverheadRow {
     c_p50_us: f64,
     c_p99_us: f64,
     errors: u64,
+    /// Agent CPU per request in the closed loop (all agents on the path).
+    cpu_per_req_us: Option<f64>,
 }
 
 async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
@@ -325,22 +339,30 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
     // Let probes warm every path.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    type Target = (&'static str, SocketAddr, Vec<(&'static str, &'static str)>);
+    let maa_pid = agents[1].0.id();
+    type Target = (
+        &'static str,
+        SocketAddr,
+        Vec<(&'static str, &'static str)>,
+        Vec<u32>,
+    );
     let targets: Vec<Target> = vec![
-        ("control plane directly", cp_addr, vec![]),
+        ("control plane directly", cp_addr, vec![], vec![]),
         (
             "agent, `direct` path",
             blr_local,
             vec![("x-detour-pin", "direct")],
+            vec![blr_pid],
         ),
         (
             "agent, `via:maa` path",
             blr_local,
             vec![("x-detour-pin", "via:maa")],
+            vec![blr_pid, maa_pid],
         ),
     ];
     let mut rows = Vec::new();
-    for (name, addr, headers) in &targets {
+    for (name, addr, headers, pids) in &targets {
         eprintln!("overhead: {name} …");
         // Warm-up, then a fixed 1,000 requests/s.
         let _ = fixed_rate(&format!("http://{addr}"), headers, 200, Duration::from_secs(1)).await;
@@ -352,8 +374,12 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
                 .copied()
                 .unwrap_or_default()
         };
+        let cpu_before: u64 = pids.iter().map(|p| cpu_us(*p)).sum();
         let (rps, hist, errors) = closed_loop(*addr, "/v1/calls", headers, 64, dur).await?;
+        let cpu_used = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
+        let done = hist.len();
         rows.push(OverheadRow {
+            cpu_per_req_us: (!pids.is_empty() && done > 0).then(|| cpu_used as f64 / done as f64),
             target: name,
             p50_us: us(q(0.5)),
             p99_us: us(q(0.99)),
@@ -390,10 +416,10 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
         machine(),
         args.seconds
     ));
-    md.push_str("| target | p50 at 1,000 req/s | p99 at 1,000 req/s | added p50 | added p99 | failed | closed loop, 64 conns | p50 / p99 there | errors |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| target | p50 at 1,000 req/s | p99 at 1,000 req/s | added p50 | added p99 | failed | closed loop, 64 conns | p50 / p99 there | errors | agent CPU per request |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {:.0} µs | {:.0} µs | {} | {} | {} | {:.0} req/s | {:.0} / {:.0} µs | {} |\n",
+            "| {} | {:.0} µs | {:.0} µs | {} | {} | {} | {:.0} req/s | {:.0} / {:.0} µs | {} | {} |\n",
             r.target,
             r.p50_us,
             r.p99_us,
@@ -411,7 +437,8 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
             r.rps,
             r.c_p50_us,
             r.c_p99_us,
-            r.errors
+            r.errors,
+            r.cpu_per_req_us.map_or("—".to_owned(), |c| format!("{c:.0} µs"))
         ));
     }
     md.push_str(&format!(
@@ -422,6 +449,11 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
         errors100,
         hwm as f64 / 1024.0
     ));
+    md.push_str(
+        "\"Agent CPU per request\" is the user + system CPU time of the agent processes on the path (blr; blr and \
+         maa for `via:maa`) during the closed loop, divided by the requests answered: unlike the throughput it \
+         does not depend on how much of the two cores the load generator and the stand-in took.\n\n",
+    );
     md.push_str(
         "Targets (issue 2): under 150 µs added at p50 and under 1 ms at p99 on `direct` at 1,000 req/s; at least \
          15,000 req/s; under 20 MiB RSS with 100 concurrent clients. Reference, HAProxy + Squid on this kind of \
