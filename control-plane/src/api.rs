@@ -28,9 +28,17 @@ use crate::intake::{self, FieldError, Numbers, Priority};
 use crate::metrics::Metrics;
 use crate::record::EventKind;
 use crate::routing::{self, RouteSpec, RuleSet};
+use crate::spool::{Hold, Spool};
 use crate::store::{self, Idem, NewCall, Outcome, Store, StoreError, StoredResponse};
 
 /// Shared state of one replica.
+/// On an emergency call answered while the database was down: its record is
+/// written once the database is back.
+pub const DEFERRED_HEADER: &str = "x-detour-deferred";
+
+/// Emergency calls held in memory during a database outage, at most.
+const EMERGENCY_SPOOL_MAX: usize = 10_000;
+
 pub struct App {
     pub config: Config,
     pub store: Store,
@@ -47,6 +55,8 @@ pub struct App {
     emergency_slots: Semaphore,
     /// Serialises rule reloads so an older load never replaces a newer one.
     reload: Mutex<()>,
+    /// Emergency calls answered while the database was down.
+    pub spool: Spool,
 }
 
 impl App {
@@ -68,6 +78,7 @@ impl App {
             normal_waiting: AtomicUsize::new(0),
             emergency_slots: Semaphore::new(config.limits.emergency_reserved),
             reload: Mutex::new(()),
+            spool: Spool::new(EMERGENCY_SPOOL_MAX),
             store,
             config,
         })
@@ -607,16 +618,39 @@ async fn create_call(State(app): State<Shared>, headers: HeaderMap, body: Body) 
         decision: decision.to_string(),
     };
     let retention = app.config.idempotency.retention;
-    let outcome = app
+    let outcome = match app
         .store
         .create_call(idem.as_ref(), &new, &response, retention)
         .await
-        .inspect_err(|_| {
+    {
+        Ok(o) => o,
+        // Never refused, not even for want of a database: answered from the
+        // rules in memory, written when the database is back (spool.rs).
+        Err(StoreError::Unavailable(_)) if priority == Priority::Emergency => {
+            return match app.spool.hold(idem, new, response, &app.metrics) {
+                Hold::Answer(r) => {
+                    let mut resp = stored_response(r, false);
+                    resp.headers_mut()
+                        .insert(DEFERRED_HEADER, HeaderValue::from_static("true"));
+                    Ok(resp)
+                }
+                Hold::Replay(r) => {
+                    let mut resp = stored_response(r, true);
+                    resp.headers_mut()
+                        .insert(DEFERRED_HEADER, HeaderValue::from_static("true"));
+                    Ok(resp)
+                }
+                Hold::Mismatch => Err(mismatch()),
+            };
+        }
+        Err(e) => {
             app.metrics
                 .calls
                 .with_label_values(&[priority.as_str(), "db_error"])
                 .inc();
-        })?;
+            return Err(e.into());
+        }
+    };
     match outcome {
         Outcome::Done(()) => {
             app.metrics
@@ -673,13 +707,23 @@ fn unknown_call(id: &str) -> ApiError {
 }
 
 async fn get_call(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult {
-    app.auth.authenticate(&headers).await?;
+    let who = app.auth.authenticate(&headers).await?;
     if id.len() > 64 {
         return Err(unknown_call(&id));
     }
     match app.store.get_call(&id).await? {
-        Some(row) => Ok(json_response(StatusCode::OK, &call_json(&row))),
-        None => Err(unknown_call(&id)),
+        // A PoP sees its own calls only; another PoP's call is as unknown
+        // to it as a call that does not exist.
+        Some(row) if may_see(&who, &row.call.pop) => Ok(json_response(StatusCode::OK, &call_json(&row))),
+        _ => Err(unknown_call(&id)),
+    }
+}
+
+/// Whether `who` may read or add to a call made by `pop`.
+fn may_see(who: &Principal, pop: &str) -> bool {
+    match who {
+        Principal::Admin => true,
+        Principal::Agent { pop: own } => own == pop,
     }
 }
 
@@ -724,6 +768,15 @@ async fn post_event(
             })?,
     };
     if id.len() > 64 {
+        return Err(unknown_call(&id));
+    }
+    if let Principal::Agent { .. } = &who
+        && !app
+            .store
+            .call_pop(&id)
+            .await?
+            .is_some_and(|pop| may_see(&who, &pop))
+    {
         return Err(unknown_call(&id));
     }
     let path = format!("/v1/calls/{id}/events");

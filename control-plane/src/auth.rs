@@ -115,13 +115,26 @@ impl Authenticator {
             return Ok(Principal::Admin);
         }
         let now = Instant::now();
-        if let Some((pop, at)) = self.cache.lock().await.get(&hash).cloned() {
+        let cached = self.cache.lock().await.get(&hash).cloned();
+        if let Some((pop, at)) = &cached {
             let ttl = if pop.is_some() { CACHE_TTL } else { NEGATIVE_TTL };
-            if now.duration_since(at) < ttl {
-                return pop.map(|pop| Principal::Agent { pop }).ok_or(AuthError::Invalid);
+            if now.duration_since(*at) < ttl {
+                return pop
+                    .clone()
+                    .map(|pop| Principal::Agent { pop })
+                    .ok_or(AuthError::Invalid);
             }
         }
-        let pop = self.store.token_pop(&hash).await?;
+        let pop = match self.store.token_pop(&hash).await {
+            Ok(pop) => pop,
+            // The database is away: a token this replica verified before
+            // stays good until it can be checked again, so agents (and their
+            // emergency calls) keep working through the outage.
+            Err(e) => match cached {
+                Some((Some(pop), _)) => return Ok(Principal::Agent { pop }),
+                _ => return Err(e.into()),
+            },
+        };
         {
             let mut cache = self.cache.lock().await;
             if cache.len() >= CACHE_MAX {

@@ -22,6 +22,7 @@ pub mod intake;
 pub mod metrics;
 pub mod record;
 pub mod routing;
+pub mod spool;
 pub mod store;
 pub mod tls;
 
@@ -123,6 +124,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let poll = tokio::spawn(poll_routes(app.clone(), stop_rx.clone()));
     let purge = tokio::spawn(purge_keys(app.clone(), stop_rx.clone()));
+    let deferred = tokio::spawn(flush_deferred(app.clone(), stop_rx.clone()));
     let checkpoint = {
         let every = app.config.database.sqlite_checkpoint_interval;
         let (store, url, stop) = (app.store.clone(), app.config.database_url(), stop_rx.clone());
@@ -187,9 +189,45 @@ pub async fn serve(
     }
     poll.abort();
     purge.abort();
+    deferred.abort();
+    // A last try for emergency calls answered during an outage.
+    if !app.spool.is_empty() {
+        let retention = app.config.idempotency.retention;
+        app.spool.flush(&app.store, retention, &app.metrics).await;
+        if !app.spool.is_empty() {
+            tracing::error!(
+                held = app.spool.len(),
+                "stopping with emergency call records still unwritten"
+            );
+        }
+    }
     checkpoint.abort();
     app.store.close().await;
     Ok(())
+}
+
+/// Writes emergency calls answered during a database outage once it is back.
+async fn flush_deferred(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if app.spool.is_empty() {
+            continue;
+        }
+        let retention = app.config.idempotency.retention;
+        let n = app.spool.flush(&app.store, retention, &app.metrics).await;
+        if n > 0 {
+            tracing::info!(
+                written = n,
+                left = app.spool.len(),
+                "deferred emergency calls written"
+            );
+        }
+    }
 }
 
 /// Polls the route version so changes made on another replica are used

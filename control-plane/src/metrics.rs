@@ -28,6 +28,8 @@ pub struct Metrics {
     pub db_up: IntGauge,
     /// Call initiations in progress, by class (`normal`, `emergency`).
     pub in_flight: IntGaugeVec,
+    /// Emergency calls answered while the database was down, not yet written.
+    pub spooled: IntGauge,
 }
 
 impl Metrics {
@@ -81,6 +83,11 @@ impl Metrics {
             &["class"],
         )
         .expect("valid metric");
+        let spooled = IntGauge::new(
+            "emergency_deferred_calls",
+            "Emergency calls answered while the database was down and not yet written.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -92,6 +99,7 @@ impl Metrics {
             Box::new(route_rules.clone()),
             Box::new(db_up.clone()),
             Box::new(in_flight.clone()),
+            Box::new(spooled.clone()),
         ] {
             // Names are fixed and distinct, so registration cannot collide.
             registry.register(c).ok();
@@ -108,6 +116,7 @@ impl Metrics {
             route_rules,
             db_up,
             in_flight,
+            spooled,
         }
     }
 

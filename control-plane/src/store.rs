@@ -588,6 +588,15 @@ impl Store {
         Ok(Outcome::Done(()))
     }
 
+    /// The PoP that made a call, if the call exists.
+    pub async fn call_pop(&self, id: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT pop FROM calls WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("pop")).transpose()?)
+    }
+
     /// A call and its record.
     pub async fn get_call(&self, id: &str) -> Result<Option<CallRow>> {
         let mut conn = self.pool.acquire().await?;

@@ -537,6 +537,28 @@ async fn events_build_a_consistent_record_in_any_order(backend: Backend) {
     assert_eq!(got["state"], "completed");
     assert_eq!(got["duration_seconds"], 60.0);
 
+    // Another PoP's token neither reads nor adds to blr's call: to it the
+    // call does not exist. The admin token sees every call.
+    let maa = cp.token("maa").await;
+    let r = cp
+        .client
+        .get(cp.url(&format!("/v1/calls/{id}")))
+        .bearer_auth(&maa)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 404).await;
+    let r = post_event(&cp, &maa, id, json!({"event": "failed"})).await;
+    problem(r, 404).await;
+    let r = cp
+        .client
+        .get(cp.url(&format!("/v1/calls/{id}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["state"], "completed");
+
     let r = post_event(&cp, &token, id, json!({"event": "exploded"})).await;
     assert_eq!(problem(r, 422).await["field"], "event");
     let r = post_event(&cp, &token, id, json!({"event": "ringing", "at": "yesterday"})).await;

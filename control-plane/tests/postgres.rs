@@ -101,6 +101,31 @@ async fn database_down_fails_ready_and_writes_then_recovers_without_restart() {
     assert!(r.headers().contains_key("retry-after"));
     let p = problem(r, 503).await;
     assert_eq!(p["type"], "urn:detour:problem:database-unavailable");
+    // An emergency call is never refused: routed from memory, answered, its
+    // write deferred; a retry with its key gets the same answer.
+    let emergency = json!({"destination": "112"});
+    let r = cp.post_call(&token, &emergency, Some("sos")).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-detour-deferred"], "true");
+    let first = r.text().await.unwrap();
+    let call_id = serde_json::from_str::<Value>(&first).unwrap()["call_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = cp.post_call(&token, &emergency, Some("sos")).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(r.text().await.unwrap(), first);
+    let m = cp
+        .client
+        .get(cp.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("detour_cp_emergency_deferred_calls 1"), "{m}");
 
     proxy.heal();
     wait_until("/readyz recovers", Duration::from_secs(10), || async {
@@ -111,8 +136,29 @@ async fn database_down_fails_ready_and_writes_then_recovers_without_restart() {
     let r = cp.post_call(&token, &call_body(), Some("during")).await;
     assert_eq!(r.status(), 201);
     assert!(r.headers().get("idempotent-replayed").is_none());
+    // The deferred emergency call is written once the database is back, and
+    // its key now replays from the database with the same answer.
+    wait_until(
+        "the deferred call is written",
+        Duration::from_secs(10),
+        || async {
+            cp.client
+                .get(cp.url(&format!("/v1/calls/{call_id}")))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+        },
+    )
+    .await;
+    let r = cp.post_call(&token, &emergency, Some("sos")).await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert!(r.headers().get("x-detour-deferred").is_none());
+    assert_eq!(r.text().await.unwrap(), first);
     let store = cp.store().await;
-    assert_eq!(store.count_calls().await.unwrap(), 2);
+    assert_eq!(store.count_calls().await.unwrap(), 3);
     store.close().await;
     cp.stop().await;
     drop(proxy);

@@ -1,0 +1,144 @@
+//! Emergency calls while the database is down.
+//!
+//! An emergency call is never refused: when its write fails because the
+//! database is unavailable, the call is still routed from the rules in memory
+//! and answered (`201`, header `X-Detour-Deferred: true`), and the call with
+//! its answer is held here until the database is back. A background task
+//! writes held calls in arrival order, each with its Idempotency-Key, so a
+//! retry on this replica during the outage gets the same answer, and a retry
+//! after the flush is replayed from the database like any other.
+//!
+//! Limits, by design: held calls live in this replica's memory. A crash during
+//! an outage loses their records (the calls themselves were answered), and a
+//! retry of the same key on *another* replica during the outage is answered
+//! by that replica separately (the first write to land wins the key; the other
+//! is logged and dropped). `spool_max` bounds the memory; past it an emergency
+//! call is still answered but its record is not kept (counted as `lost`).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use crate::metrics::Metrics;
+use crate::store::{Idem, NewCall, Outcome, Store, StoredResponse};
+
+/// One emergency call answered without being stored.
+#[derive(Debug, Clone)]
+struct Held {
+    idem: Option<Idem>,
+    call: NewCall,
+    response: StoredResponse,
+}
+
+/// What [`Spool::hold`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Held (or, when full, answered unrecorded): send this response.
+    Answer(StoredResponse),
+    /// The key is held already with the same request: send its response.
+    Replay(StoredResponse),
+    /// The key is held already with a different request.
+    Mismatch,
+}
+
+pub struct Spool {
+    held: Mutex<VecDeque<Held>>,
+    max: usize,
+}
+
+impl Spool {
+    pub fn new(max: usize) -> Spool {
+        Spool {
+            held: Mutex::new(VecDeque::new()),
+            max,
+        }
+    }
+
+    /// Calls waiting for the database.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds an emergency call whose write failed.
+    pub fn hold(
+        &self,
+        idem: Option<Idem>,
+        call: NewCall,
+        response: StoredResponse,
+        metrics: &Metrics,
+    ) -> Hold {
+        let mut held = self.lock();
+        if let Some(idem) = &idem
+            && let Some(h) = held
+                .iter()
+                .find(|h| h.idem.as_ref().is_some_and(|i| i.key == idem.key))
+        {
+            let same = h
+                .idem
+                .as_ref()
+                .is_some_and(|i| i.request_hash == idem.request_hash);
+            return if same {
+                Hold::Replay(h.response.clone())
+            } else {
+                Hold::Mismatch
+            };
+        }
+        if held.len() >= self.max {
+            tracing::error!(call_id = %call.id, held = held.len(),
+                "emergency call answered but NOT recorded: the deferred-write spool is full");
+            metrics.calls.with_label_values(&["emergency", "lost"]).inc();
+            return Hold::Answer(response);
+        }
+        tracing::warn!(call_id = %call.id, destination = %call.destination,
+            "database unavailable: emergency call answered from memory, its write deferred");
+        metrics.calls.with_label_values(&["emergency", "deferred"]).inc();
+        held.push_back(Held {
+            idem,
+            call,
+            response: response.clone(),
+        });
+        metrics.spooled.set(held.len() as i64);
+        Hold::Answer(response)
+    }
+
+    /// Writes held calls in order until one fails; returns how many were
+    /// written.
+    pub async fn flush(&self, store: &Store, retention: std::time::Duration, metrics: &Metrics) -> usize {
+        let mut written = 0;
+        loop {
+            let Some(next) = self.lock().front().cloned() else {
+                return written;
+            };
+            match store
+                .create_call(next.idem.as_ref(), &next.call, &next.response, retention)
+                .await
+            {
+                Ok(outcome) => {
+                    if !matches!(outcome, Outcome::Done(())) {
+                        // Another replica answered the same key after the
+                        // database came back; its call holds the key.
+                        tracing::warn!(call_id = %next.call.id, ?outcome,
+                            "deferred emergency call not written: its Idempotency-Key was used meanwhile");
+                    }
+                    let mut held = self.lock();
+                    if held.front().is_some_and(|h| h.call.id == next.call.id) {
+                        held.pop_front();
+                    }
+                    metrics.spooled.set(held.len() as i64);
+                    written += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "deferred emergency calls still waiting for the database");
+                    return written;
+                }
+            }
+        }
+    }
+}
