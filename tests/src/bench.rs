@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Print only; leave the doc alone.
     #[arg(long)]
     pub no_write: bool,
+    /// Worker threads for the agents (`detour-agent run --threads`); the
+    /// agent's default when absent.
+    #[arg(long)]
+    pub agent_threads: Option<u16>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -274,6 +278,8 @@ struct OverheadRow {
     errors: u64,
     /// Agent CPU per request in the closed loop (all agents on the path).
     cpu_per_req_us: Option<f64>,
+    /// The same at the fixed 1,000 requests/s (a wake-up per request).
+    cpu_fixed_us: Option<f64>,
 }
 
 async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
@@ -323,9 +329,12 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
                  [peers]\nfile = \"peers.toml\"\n"
             ),
         )?;
-        let child = Command::new(&agent_bin)
-            .args(["run", "--config"])
-            .arg(pop_dir.join("agent.toml"))
+        let mut cmd = Command::new(&agent_bin);
+        cmd.args(["run", "--config"]).arg(pop_dir.join("agent.toml"));
+        if let Some(n) = args.agent_threads {
+            cmd.arg("--threads").arg(n.to_string());
+        }
+        let child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -366,7 +375,10 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("overhead: {name} …");
         // Warm-up, then a fixed 1,000 requests/s.
         let _ = fixed_rate(&format!("http://{addr}"), headers, 200, Duration::from_secs(1)).await;
+        let cpu_before: u64 = pids.iter().map(|p| cpu_us(*p)).sum();
         let (results, failed) = fixed_rate(&format!("http://{addr}"), headers, 1000, dur).await;
+        let cpu_fixed = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
+        let fixed_done = results.len();
         let mut lat: Vec<Duration> = results.iter().filter(|r| r.ok()).map(|r| r.latency).collect();
         lat.sort();
         let q = |p: f64| {
@@ -380,6 +392,7 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
         let done = hist.len();
         rows.push(OverheadRow {
             cpu_per_req_us: (!pids.is_empty() && done > 0).then(|| cpu_used as f64 / done as f64),
+            cpu_fixed_us: (!pids.is_empty() && fixed_done > 0).then(|| cpu_fixed as f64 / fixed_done as f64),
             target: name,
             p50_us: us(q(0.5)),
             p99_us: us(q(0.99)),
@@ -411,12 +424,16 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
     md.push_str(&format!(
         "## Agent overhead (issue: data path)\n\nMeasured {} with `cargo build --release -p detour-agent -p detour-lab && target/release/detour-lab bench overhead` \
          ({} s per measurement). A small JSON POST to a fast control-plane stand-in (`detour-lab mock-cp`, plain HTTP); \
-         the agents (blr, and maa as blr's peer) are separate release processes; the load generator runs in the \
+         the agents (blr, and maa as blr's peer) are separate release processes ({}); the load generator runs in the \
          benchmark process on the same cores, so every number includes its CPU contention.\n\n",
         machine(),
-        args.seconds
+        args.seconds,
+        match args.agent_threads {
+            None => "default `--threads`".to_owned(),
+            Some(n) => format!("`--threads {n}`"),
+        }
     ));
-    md.push_str("| target | p50 at 1,000 req/s | p99 at 1,000 req/s | added p50 | added p99 | failed | closed loop, 64 conns | p50 / p99 there | errors | agent CPU per request |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| target | p50 at 1,000 req/s | p99 at 1,000 req/s | added p50 | added p99 | failed | closed loop, 64 conns | p50 / p99 there | errors | agent CPU per request at 1,000 req/s / closed loop |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         md.push_str(&format!(
             "| {} | {:.0} µs | {:.0} µs | {} | {} | {} | {:.0} req/s | {:.0} / {:.0} µs | {} | {} |\n",
@@ -438,7 +455,10 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
             r.c_p50_us,
             r.c_p99_us,
             r.errors,
-            r.cpu_per_req_us.map_or("—".to_owned(), |c| format!("{c:.0} µs"))
+            match (r.cpu_fixed_us, r.cpu_per_req_us) {
+                (Some(f), Some(c)) => format!("{f:.0} / {c:.0} µs"),
+                _ => "—".to_owned(),
+            }
         ));
     }
     md.push_str(&format!(
@@ -451,8 +471,9 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
     ));
     md.push_str(
         "\"Agent CPU per request\" is the user + system CPU time of the agent processes on the path (blr; blr and \
-         maa for `via:maa`) during the closed loop, divided by the requests answered: unlike the throughput it \
-         does not depend on how much of the two cores the load generator and the stand-in took.\n\n",
+         maa for `via:maa`) divided by the requests answered, at the fixed rate (every request its own wake-ups) and \
+         in the closed loop (many requests per wake-up); unlike the throughput it does not depend on how much of \
+         the two cores the load generator and the stand-in took.\n\n",
     );
     md.push_str(
         "Targets (issue 2): under 150 µs added at p50 and under 1 ms at p99 on `direct` at 1,000 req/s; at least \
