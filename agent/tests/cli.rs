@@ -96,3 +96,88 @@ fn status_says_clearly_when_no_agent_answers() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent's admin listener"));
 }
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on the admin listener, the body as text (None if it does not answer).
+fn admin_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_running_agent_instead_of_killing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = free_port();
+    std::fs::write(
+        d.join("agent.toml"),
+        format!(
+            "pop = \"blr\"\n[listen]\nlocal = \"127.0.0.1:{}\"\nrelay = \"off\"\nadmin = \"127.0.0.1:{admin}\"\n\
+             [control_plane]\nurl = \"http://127.0.0.1:9\"\nreport_interval = \"off\"\n[peers]\nfile = \"peers.toml\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("peers.toml"), "").unwrap();
+    let mut child = agent()
+        .args(["run", "--config"])
+        .arg(d.join("agent.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reloads_ok = || {
+        admin_get(admin, "/metrics").map(|m| {
+            m.lines()
+                .filter(|l| l.starts_with("detour_config_reloads_total") && l.contains("result=\"ok\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while reloads_ok().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent's admin listener never answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The signal handler is installed as the agent starts; give it a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = reloads_ok().unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "SIGHUP killed the agent instead of reloading it"
+        );
+        if reloads_ok().is_some_and(|n| n > before) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the config"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.kill().ok();
+    child.wait().ok();
+}
