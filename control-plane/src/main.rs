@@ -47,6 +47,21 @@ enum TokenCommand {
         #[arg(long, default_value = "cp.toml")]
         config: PathBuf,
     },
+    /// List agent tokens: id, PoP, creation time (never the tokens).
+    List {
+        /// Only this PoP's tokens.
+        #[arg(long)]
+        pop: Option<String>,
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// Revoke a token by id; every replica refuses it within 30 s.
+    Revoke {
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -81,9 +96,28 @@ async fn main() -> ExitCode {
         Command::Token {
             command: TokenCommand::Create { pop, config },
         } => match load(&config) {
-            Ok(c) => detour_control_plane::create_agent_token(&c, &pop)
+            Ok(c) => detour_control_plane::create_agent_token_with_id(&c, &pop)
                 .await
-                .map(|token| println!("{token}")),
+                .map(|(token, id)| {
+                    println!("{token}");
+                    eprintln!("token id {id} (for `token list` and `token revoke --id`)");
+                }),
+            Err(code) => return code,
+        },
+        Command::Token {
+            command: TokenCommand::List { pop, config },
+        } => match load(&config) {
+            Ok(c) => detour_control_plane::list_agent_tokens(&c, pop.as_deref())
+                .await
+                .map(|table| print!("{table}")),
+            Err(code) => return code,
+        },
+        Command::Token {
+            command: TokenCommand::Revoke { id, config },
+        } => match load(&config) {
+            Ok(c) => detour_control_plane::revoke_agent_token(&c, &id)
+                .await
+                .map(|pop| println!("revoked token {id} of PoP {pop}; replicas refuse it within 30 s")),
             Err(code) => return code,
         },
         Command::Serve { config } => match load(&config) {

@@ -68,6 +68,7 @@ async fn token_create_prints_a_working_token_once() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(token.starts_with("dtr_blr_"), "{token}");
+    let out_create_stderr = out.stderr;
     let out = Command::new(BIN)
         .args([
             "token",
@@ -91,6 +92,43 @@ async fn token_create_prints_a_working_token_once() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    cp.stop().await;
+
+    // The token shows in `token list` by id, never itself; revoked, a
+    // replica that has not cached it refuses it.
+    let id = String::from_utf8_lossy(&out_create_stderr)
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let list = Command::new(BIN)
+        .args(["token", "list", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(list.stdout).unwrap();
+    assert!(listed.contains(&id) && listed.contains("blr"), "{listed}");
+    assert!(!listed.contains(&token));
+    let revoke = |id: &str| {
+        Command::new(BIN)
+            .args(["token", "revoke", "--id", id, "--config", file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = revoke(&id);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = revoke(&id);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent token has id"));
+    let cp = Instance::start(db.config("", "")).await;
+    let r = cp
+        .client
+        .post(cp.url("/v1/agents/blr/report"))
+        .bearer_auth(&token)
+        .json(&json!({"pop": "blr", "version": "t", "active_path": null, "paths": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     cp.stop().await;
 }
 
