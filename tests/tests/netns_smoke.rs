@@ -280,3 +280,62 @@ async fn the_relay_refuses_strangers_and_other_targets_inside_the_namespaces() {
         "the control plane itself is allowed: {ok:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intermittent_loss_does_not_flap_and_heals_back_to_direct() {
+    if skip() {
+        return;
+    }
+    let bins = bin_dir();
+    let fleet = NsFleet::start(&bins).unwrap();
+    for (pop, _) in detour_lab::ns::POPS {
+        fleet
+            .wait_ready(pop, &bins, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    wait_active(&fleet, &bins, |a| a == "direct", Duration::from_secs(10)).await;
+
+    // 30% loss on blr's uplink in bursts: 3 s lossy, 3 s clean, five times,
+    // under steady load; the active path is sampled every 100 ms.
+    // The load outlasts the bursts by 31 s, so the move back to direct
+    // happens under traffic too.
+    let traffic = load(&fleet, &bins, 62);
+    let mut seen: Vec<String> = Vec::new();
+    let mut sample = |seen: &mut Vec<String>| {
+        let a = active(&fleet, &bins);
+        if !a.is_empty() && seen.last() != Some(&a) {
+            seen.push(a);
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..5 {
+        fleet.uplink_loss("blr", 30).unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < until {
+            sample(&mut seen);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        fleet.heal("blr").unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < until {
+            sample(&mut seen);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // `seen` is the sequence of distinct active paths: direct, then off it
+    // once and never back while the loss kept recurring (a lossy path is
+    // trusted again only after a clean run).
+    assert_eq!(seen.first().map(String::as_str), Some("direct"), "{seen:?}");
+    assert!(
+        seen.iter().skip(1).all(|a| a.starts_with("via:")),
+        "went back to the lossy direct path during intermittent loss: {seen:?}"
+    );
+    assert!(seen.len() <= 3, "flapping: {seen:?}");
+    // Loss gone for good: back on direct after the clean run, and nothing
+    // failed at any point.
+    let back = wait_active(&fleet, &bins, |a| a == "direct", Duration::from_secs(45)).await;
+    eprintln!("intermittent loss: active paths {seen:?}; back on direct {back:?} after the last burst");
+    let s = summary(traffic);
+    assert_eq!(s["failed"], 0, "intermittent loss: {s}");
+}
