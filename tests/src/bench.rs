@@ -51,7 +51,7 @@ pub struct BenchArgs {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what.as_str() {
-        "compare" => crate::compare::run().await,
+        "compare" => crate::compare::run(&args).await,
         "overhead" => overhead(&args).await,
         "failover" => failover(&args).await,
         "all" => {
@@ -76,7 +76,7 @@ pub fn write_block(doc: &Path, name: &str, content: &str) -> anyhow::Result<()> 
     std::fs::write(doc, new).with_context(|| format!("writing {}", doc.display()))
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -100,7 +100,7 @@ fn machine() -> String {
 }
 
 /// A child process killed on drop.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -109,7 +109,7 @@ impl Drop for Proc {
     }
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let p = exe.with_file_name(name);
     if !p.exists() {
@@ -121,11 +121,11 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).await.is_err() {
         if Instant::now() > deadline {
@@ -136,7 +136,7 @@ async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> (u64, u64) {
+pub(crate) fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -163,7 +163,7 @@ fn cpu_us(pid: u32) -> u64 {
 
 /// Closed loop: `conns` keep-alive connections each sending one request after
 /// another for `dur`. Returns (requests/s, latency histogram in µs, errors).
-async fn closed_loop(
+pub(crate) async fn closed_loop(
     target: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
@@ -239,7 +239,7 @@ async fn closed_loop(
 }
 
 /// Open loop at `rate` requests/s for `dur`: latency percentiles.
-async fn fixed_rate(
+pub(crate) async fn fixed_rate(
     url: &str,
     headers: &[(&str, &str)],
     rate: u32,
@@ -497,7 +497,7 @@ struct FailoverRow {
     switches: u64,
 }
 
-fn q3(results: &[&CallResult]) -> (Duration, Duration, Duration) {
+pub(crate) fn q3(results: &[&CallResult]) -> (Duration, Duration, Duration) {
     let mut v: Vec<Duration> = results.iter().map(|r| r.latency).collect();
     if v.is_empty() {
         return Default::default();

@@ -302,7 +302,7 @@ async fn intermittent_loss_does_not_flap_and_heals_back_to_direct() {
     // happens under traffic too.
     let traffic = load(&fleet, &bins, 62);
     let mut seen: Vec<String> = Vec::new();
-    let mut sample = |seen: &mut Vec<String>| {
+    let sample = |seen: &mut Vec<String>| {
         let a = active(&fleet, &bins);
         if !a.is_empty() && seen.last() != Some(&a) {
             seen.push(a);
