@@ -80,7 +80,7 @@ pub struct Fleet {
     pub cp: Option<MockCp>,
     /// The admin token of the real control plane, when it runs.
     pub admin_token: Option<String>,
-    real_cp_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    real_cp_stop: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
     pub cp_addr: SocketAddr,
     pub pops: BTreeMap<String, Pop>,
     pub opts: FleetOptions,
@@ -356,10 +356,45 @@ file = "peers.toml"
         for n in names {
             self.stop_agent(&n).await;
         }
-        if let Some(stop) = self.real_cp_stop.take() {
+        if let Some((stop, _)) = self.real_cp_stop.take() {
             let _ = stop.send(());
         }
     }
+
+    /// Restarts the real control plane as `systemctl restart` would: a
+    /// graceful stop (in-flight requests finish, connections close, the
+    /// database is closed), `down` with nothing listening, then a new
+    /// instance on the same address and database.
+    pub async fn restart_cp(&mut self, down: Duration) -> anyhow::Result<()> {
+        let (stop, task) = self
+            .real_cp_stop
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the fleet runs no real control plane"))?;
+        let _ = stop.send(());
+        let _ = task.await;
+        tokio::time::sleep(down).await;
+        let path = self.dir.path().join("cp").join("cp.toml");
+        let config = detour_control_plane::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let listener = tokio::net::TcpListener::bind(self.cp_addr).await?;
+        self.real_cp_stop = Some(spawn_cp(config, listener));
+        Ok(())
+    }
+}
+
+fn spawn_cp(
+    config: detour_control_plane::Config,
+    listener: tokio::net::TcpListener,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = detour_control_plane::serve(config, listener, shutdown).await {
+            tracing::error!("control plane stopped: {e:#}");
+        }
+    });
+    (stop, task)
 }
 
 /// Starts the real control plane on SQLite in `dir/cp`, serving HTTPS as
@@ -368,7 +403,11 @@ file = "peers.toml"
 async fn start_real_cp(
     dir: &Path,
     pops: &[String],
-) -> anyhow::Result<(SocketAddr, String, tokio::sync::oneshot::Sender<()>)> {
+) -> anyhow::Result<(
+    SocketAddr,
+    String,
+    (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>),
+)> {
     let certs = dir.join("certs");
     cp_server_config(&certs)?;
     let cp_dir = dir.join("cp");
@@ -394,14 +433,5 @@ async fn start_real_cp(
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop_rx.await;
-        };
-        if let Err(e) = detour_control_plane::serve(config, listener, shutdown).await {
-            tracing::error!("control plane stopped: {e:#}");
-        }
-    });
-    Ok((addr, admin_token, stop))
+    Ok((addr, admin_token, spawn_cp(config, listener)))
 }
