@@ -449,8 +449,20 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let fault_for = Duration::from_secs(args.seconds.max(5));
     let after = Duration::from_secs(5);
     let mut rows = Vec::new();
+    let mut panels = Vec::new();
+    let points = |results: &[CallResult]| -> Vec<crate::plot::Point> {
+        results
+            .iter()
+            .map(|r| (r.at.as_secs_f64(), r.latency.as_secs_f64() * 1000.0, r.ok()))
+            .collect()
+    };
 
     for (name, fault) in faults() {
+        let mut panel = crate::plot::Panel {
+            title: format!("{name} on blr's uplink: latency of each request (× = failed)"),
+            fault: (before.as_secs_f64(), (before + fault_for).as_secs_f64()),
+            series: Vec::new(),
+        };
         eprintln!("compare: Detour, {name} …");
         let fleet = Fleet::start(FleetOptions {
             cp_tls: true,
@@ -462,6 +474,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let set = |f: Fault| blr.uplink.set(f);
         let results = scenario(&blr.local_url(), &set, fault, before, fault_for, after).await;
         rows.push(row("Detour", name, &results, before, fault_for));
+        panel.series.push(crate::plot::Series {
+            label: "Detour".to_owned(),
+            points: points(&results),
+        });
         fleet.shutdown().await;
 
         for profile in [Profile::Design, Profile::Tuned] {
@@ -473,9 +489,34 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let url = format!("http://{}", chain.frontend);
             let results = scenario(&url, &set, fault, before, fault_for, after).await;
             rows.push(row(profile.label(), name, &results, before, fault_for));
+            panel.series.push(crate::plot::Series {
+                label: profile.label().to_owned(),
+                points: points(&results),
+            });
             drop(chain);
         }
+        panels.push(panel);
     }
+    // With --no-write the doc and its image stay as they are.
+    let png = if args.no_write {
+        std::env::temp_dir().join("detour-compare.png")
+    } else {
+        args.doc
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("img")
+            .join("compare.png")
+    };
+    let plotted = match crate::plot::latency_png(&png, &panels, 2000.0) {
+        Ok(()) => {
+            eprintln!("compare: plot written to {}", png.display());
+            true
+        }
+        Err(e) => {
+            eprintln!("compare: no plot: {e:#}");
+            false
+        }
+    };
 
     eprintln!("compare: healthy-path overhead …");
     let dur = Duration::from_secs(args.seconds.clamp(3, 10));
@@ -545,7 +586,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     md.push_str(
         "\nLatencies during the fault include failed requests at the time they failed (at most the 2 s client \
-         timeout).\n\n### Healthy path\n\nA small POST to the plain-HTTP stand-in at a fixed 1,000 requests/s, then a \
+         timeout).\n\n",
+    );
+    if plotted {
+        md.push_str(
+            "![Latency of each request over time, Detour and HAProxy + Squid, fault windows shaded](img/compare.png)\n\n",
+        );
+    }
+    md.push_str(
+        "### Healthy path\n\nA small POST to the plain-HTTP stand-in at a fixed 1,000 requests/s, then a \
          closed loop with 100 connections; memory is the peak RSS during the closed loop (for HAProxy + Squid, blr's \
          HAProxy plus blr's Squid).\n\n| target | p50 | p99 | added p50 | closed loop | peak RSS |\n|---|---|---|---|---|---|\n",
     );

@@ -13,3 +13,4 @@ pub mod load;
 pub mod mock_cp;
 pub mod netns;
 pub mod ns;
+pub mod plot;
