@@ -120,6 +120,10 @@ pub struct ControlPlane {
     /// How often the agent reports its path table to the control plane
     /// (`POST /v1/agents/{pop}/report`, the fleet view); `None` = never.
     pub report_interval: Option<Duration>,
+    /// `host_header()` as a header value, built once (request path).
+    pub host_value: Option<http::HeaderValue>,
+    /// `Bearer <token>` as a header value, built once (request path).
+    pub auth_value: Option<http::HeaderValue>,
 }
 
 impl ControlPlane {
@@ -889,6 +893,8 @@ fn control_plane(d: &mut Diag<'_>, path: &Path, raw: &Spanned<raw::ControlPlane>
         ca: r.ca.as_ref().map(|c| resolve(path, c.get_ref())),
         token: None,
         report_interval: Some(Duration::from_secs(10)),
+        host_value: None,
+        auth_value: None,
     };
     if let Some(v) = &r.report_interval {
         if v.get_ref() == "off" {
@@ -966,6 +972,11 @@ fn control_plane(d: &mut Diag<'_>, path: &Path, raw: &Spanned<raw::ControlPlane>
             }
         }
     }
+    cp.host_value = http::HeaderValue::from_str(&cp.host_header()).ok();
+    cp.auth_value = cp
+        .token
+        .as_ref()
+        .and_then(|t| http::HeaderValue::from_str(&format!("Bearer {t}")).ok());
     cp
 }
 

@@ -34,7 +34,7 @@ pub struct Runtime {
 pub struct Outbound {
     pub method: Method,
     /// Path and query on the control plane, base path included.
-    pub path_and_query: String,
+    pub path_and_query: http::uri::PathAndQuery,
     /// Headers to send (hop-by-hop removed, `Host` set, keys added).
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -440,10 +440,13 @@ fn record(path: &PathClient, kind: &'static str, result: String, received: Insta
 }
 
 fn build_request(path: &PathClient, out: &Outbound) -> Request<Full<Bytes>> {
-    let uri = format!("{}{}", path.origin, out.path_and_query);
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(path.scheme.clone());
+    uri.authority = path.authority.clone();
+    uri.path_and_query = Some(out.path_and_query.clone());
     let mut req = Request::new(Full::new(out.body.clone()));
     *req.method_mut() = out.method.clone();
-    *req.uri_mut() = uri.parse().unwrap_or_default();
+    *req.uri_mut() = http::Uri::from_parts(uri).unwrap_or_default();
     *req.headers_mut() = out.headers.clone();
     req
 }

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use detour_wire::{PROBLEM_JSON, Problem, headers as dh};
+use detour_wire::{PROBLEM_JSON, Problem};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -22,17 +22,30 @@ use crate::metrics::Metrics;
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) and proxy headers, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Header names are built once, not parsed on every request.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+/// Detour's own headers as ready-made names.
+pub(crate) mod names {
+    use detour_wire::headers as dh;
+    use http::HeaderName;
+
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static(dh::REQUEST_ID);
+    pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static(dh::IDEMPOTENCY_KEY);
+    pub const PATH: HeaderName = HeaderName::from_static(dh::PATH);
+    pub const PIN: HeaderName = HeaderName::from_static(dh::PIN);
+    pub const PRIORITY: HeaderName = HeaderName::from_static(dh::PRIORITY);
+}
 
 /// The shared state of the local entry point.
 pub struct Ingress {
@@ -58,18 +71,20 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
     }
 }
 
@@ -94,15 +109,15 @@ impl Ingress {
         let received = Instant::now();
         let request_id = req
             .headers()
-            .get(dh::REQUEST_ID)
+            .get(names::REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let (resp, path) = self.handle_inner(req, received, &request_id).await;
-        let outcome = if resp.status().is_server_error() && resp.headers().get(dh::PATH).is_none() {
+        let outcome = if resp.status().is_server_error() && resp.headers().get(names::PATH).is_none() {
             "failed"
-        } else if resp.headers().get(dh::PATH).is_none() {
+        } else if resp.headers().get(names::PATH).is_none() {
             "rejected"
         } else {
             "ok"
@@ -117,7 +132,7 @@ impl Ingress {
             .observe(received.elapsed().as_secs_f64());
         let mut resp = resp;
         if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert(dh::REQUEST_ID, v);
+            resp.headers_mut().insert(names::REQUEST_ID, v);
         }
         resp
     }
@@ -174,7 +189,11 @@ impl Ingress {
         }
 
         // Priority: an explicit header wins; else the configured path prefixes.
-        let emergency = match parts.headers.get(dh::PRIORITY).map(|v| v.to_str().map(str::trim)) {
+        let emergency = match parts
+            .headers
+            .get(names::PRIORITY)
+            .map(|v| v.to_str().map(str::trim))
+        {
             None => config
                 .forward
                 .emergency_path_prefixes
@@ -191,7 +210,7 @@ impl Ingress {
                 return (problem(p), none());
             }
         };
-        let pin = match parts.headers.get(dh::PIN).map(|v| v.to_str()) {
+        let pin = match parts.headers.get(names::PIN).map(|v| v.to_str()) {
             None => None,
             Some(Ok(v)) => Some(v.trim().to_owned()),
             Some(Err(_)) => {
@@ -245,24 +264,23 @@ impl Ingress {
 
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
-        headers.remove(dh::PIN);
+        headers.remove(names::PIN);
         let cp = &config.control_plane;
-        if let Ok(v) = HeaderValue::from_str(&cp.host_header()) {
-            headers.insert(header::HOST, v);
+        if let Some(v) = &cp.host_value {
+            headers.insert(header::HOST, v.clone());
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
-            headers.insert(dh::REQUEST_ID, v);
+            headers.insert(names::REQUEST_ID, v);
         }
-        if !headers.contains_key(dh::IDEMPOTENCY_KEY)
+        if !headers.contains_key(names::IDEMPOTENCY_KEY)
             && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
         {
-            headers.insert(dh::IDEMPOTENCY_KEY, v);
+            headers.insert(names::IDEMPOTENCY_KEY, v);
         }
-        if let Some(token) = &cp.token
+        if let Some(v) = &cp.auth_value
             && !headers.contains_key(header::AUTHORIZATION)
-            && let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}"))
         {
-            headers.insert(header::AUTHORIZATION, v);
+            headers.insert(header::AUTHORIZATION, v.clone());
         }
         headers.remove(header::CONTENT_LENGTH);
         if !body.is_empty()
@@ -276,7 +294,23 @@ impl Ingress {
 
         let out = Outbound {
             method: parts.method,
-            path_and_query: format!("{}{}", cp.base_path, pq.as_str()),
+            path_and_query: if cp.base_path.is_empty() {
+                pq.clone()
+            } else {
+                match format!("{}{}", cp.base_path, pq.as_str()).parse() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        return (
+                            problem(Problem::new(
+                                400,
+                                "Bad request target",
+                                "the request path is not valid",
+                            )),
+                            none(),
+                        );
+                    }
+                }
+            },
             headers,
             body,
             emergency,
@@ -288,7 +322,7 @@ impl Ingress {
                 let (mut rparts, rbody) = answer.response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 if let Ok(v) = HeaderValue::from_str(&answer.path) {
-                    rparts.headers.insert(dh::PATH, v);
+                    rparts.headers.insert(names::PATH, v);
                 }
                 if answer.attempts.len() > 1 {
                     tracing::info!(request_id, path = %answer.path, attempts = answer.attempts.len(), "answered after more than one attempt");

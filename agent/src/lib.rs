@@ -481,9 +481,13 @@ async fn report_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         }
         let body = bytes::Bytes::from(serde_json::to_vec(&report).unwrap_or_default());
         headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(body.len()));
+        let Ok(path_and_query) = format!("{}/v1/agents/{}/report", cp.base_path, rt.config.pop).parse()
+        else {
+            continue;
+        };
         let out = forward::Outbound {
             method: http::Method::POST,
-            path_and_query: format!("{}/v1/agents/{}/report", cp.base_path, rt.config.pop),
+            path_and_query,
             headers,
             body,
             emergency: false,

@@ -347,6 +347,9 @@ pub struct PathClient {
     pub client: HttpClient,
     /// `http(s)://host:port`, the prefix of every request URI on this path.
     pub origin: String,
+    /// The same, parsed once: every request URI is built from these parts.
+    pub scheme: http::uri::Scheme,
+    pub authority: Option<http::uri::Authority>,
 }
 
 impl fmt::Debug for PathClient {
@@ -396,6 +399,12 @@ impl PathClient {
             route,
             client,
             origin: format!("{scheme}://{}", cp.authority()),
+            scheme: if cp.tls {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            authority: cp.authority().parse().ok(),
         }
     }
 }

@@ -152,13 +152,19 @@ pub(crate) fn rss_kib(pid: u32) -> (u64, u64) {
 /// CPU time (user + system) a process has used so far, in microseconds.
 fn cpu_us(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
+    cpu_ticks(&stat) * 10_000
+}
+
+/// User + system CPU of a `/proc/<pid>/stat` line, in clock ticks (10 ms).
+fn cpu_ticks(stat: &str) -> u64 {
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces. `rest` starts at field 3 (the state), so utime and stime, fields
+    // 14 and 15 of the line, are at 11 and 12. Position matters: some fields
+    // are negative (tpgid is -1 without a terminal), so nothing may be skipped.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3
-    // (a letter, skipped by the parse), in clock ticks of 10 ms.
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
-    ticks * 10_000
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
 }
 
 /// Closed loop: `conns` keep-alive connections each sending one request after
@@ -349,6 +355,15 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let maa_pid = agents[1].0.id();
+    // A reference for what one proxy hop costs on this machine: HAProxy alone
+    // (HTTP mode, keep-alive both sides, connection reuse), when installed.
+    let haproxy = match haproxy_alone(d, cp_addr).await {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("overhead: no HAProxy reference row: {e:#}");
+            None
+        }
+    };
     type Target = (
         &'static str,
         SocketAddr,
@@ -370,6 +385,15 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
             vec![blr_pid, maa_pid],
         ),
     ];
+    let mut targets = targets;
+    if let Some((proc, addr)) = &haproxy {
+        targets.push((
+            "HAProxy alone (reference: one hop, HTTP mode)",
+            *addr,
+            vec![],
+            vec![proc.0.id()],
+        ));
+    }
     let mut rows = Vec::new();
     for (name, addr, headers, pids) in &targets {
         eprintln!("overhead: {name} …");
@@ -433,7 +457,7 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
             Some(n) => format!("`--threads {n}`"),
         }
     ));
-    md.push_str("| target | p50 at 1,000 req/s | p99 at 1,000 req/s | added p50 | added p99 | failed | closed loop, 64 conns | p50 / p99 there | errors | agent CPU per request at 1,000 req/s / closed loop |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| target | p50 at 1,000 req/s | p99 at 1,000 req/s | added p50 | added p99 | failed | closed loop, 64 conns | p50 / p99 there | errors | proxy CPU per request at 1,000 req/s / closed loop |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         md.push_str(&format!(
             "| {} | {:.0} µs | {:.0} µs | {} | {} | {} | {:.0} req/s | {:.0} / {:.0} µs | {} | {} |\n",
@@ -470,10 +494,13 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
         hwm as f64 / 1024.0
     ));
     md.push_str(
-        "\"Agent CPU per request\" is the user + system CPU time of the agent processes on the path (blr; blr and \
-         maa for `via:maa`) divided by the requests answered, at the fixed rate (every request its own wake-ups) and \
+        "\"Proxy CPU per request\" is the user + system CPU time of the proxy processes on the path (blr; blr and \
+         maa for `via:maa`; HAProxy for its row) divided by the requests answered, at the fixed rate (every request its own wake-ups) and \
          in the closed loop (many requests per wake-up); unlike the throughput it does not depend on how much of \
-         the two cores the load generator and the stand-in took.\n\n",
+         the two cores the load generator and the stand-in took. The HAProxy row (when `haproxy` is installed) is \
+         HAProxy alone in HTTP mode with keep-alive and connection reuse in front of the same stand-in: the \
+         cheapest well-known proxy hop, measured by the same harness as a yardstick for what any extra hop costs \
+         on this machine (it does no TLS, no health checks, no failover).\n\n",
     );
     md.push_str(
         "Targets (issue 2): under 150 µs added at p50 and under 1 ms at p99 on `direct` at 1,000 req/s; at least \
@@ -485,6 +512,32 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
         write_block(&args.doc, "overhead", &md)?;
     }
     Ok(())
+}
+
+/// HAProxy in HTTP mode in front of `cp`, keep-alive on both sides: the
+/// cheapest well-known proxy hop, as a yardstick for the agent's overhead.
+async fn haproxy_alone(dir: &Path, cp: SocketAddr) -> anyhow::Result<(Proc, SocketAddr)> {
+    let port = free_port()?;
+    let cfg = dir.join("haproxy-alone.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  \
+             timeout server 30s\n  option http-keep-alive\n  http-reuse always\nfrontend local\n  bind 127.0.0.1:{port}\n  \
+             default_backend cp\nbackend cp\n  server cp {cp}\n"
+        ),
+    )?;
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting haproxy")?;
+    let proc = Proc(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    wait_listening(addr).await.context("haproxy did not listen")?;
+    Ok((proc, addr))
 }
 
 struct FailoverRow {
@@ -613,4 +666,16 @@ async fn failover(args: &BenchArgs) -> anyhow::Result<()> {
         write_block(&args.doc, "failover", &md)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_ticks_reads_utime_and_stime_even_without_a_terminal() {
+        // A daemon's line: tty 0, tpgid -1; utime 452, stime 131.
+        let line =
+            "6771 (detour-agent x) S 6762 6762 6762 0 -1 4194560 1302 0 0 0 452 131 0 0 20 0 1 0 2930 0";
+        assert_eq!(super::cpu_ticks(line), 583);
+        assert_eq!(super::cpu_ticks("garbage"), 0);
+    }
 }

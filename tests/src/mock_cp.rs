@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ pub struct Recorder {
     /// Requests per Idempotency-Key (the real control plane deduplicates on it).
     pub by_key: Mutex<HashMap<String, u32>>,
     pub healthz: AtomicU64,
+    /// Answer without keeping anything: a long-running `detour-lab mock-cp`
+    /// process (benchmarks, namespaces) would otherwise grow by every request.
+    pub forgetful: AtomicBool,
 }
 
 impl Recorder {
@@ -153,22 +156,25 @@ async fn handle(
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
-    if let Some(k) = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+    let keep = !rec.forgetful.load(Ordering::Relaxed);
+    if keep && let Some(k) = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         *rec.by_key
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(k.to_owned())
             .or_insert(0) += 1;
     }
-    rec.seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
-        method: parts.method.clone(),
-        path_and_query: pq,
-        headers: parts.headers.clone(),
-        body: body.clone(),
-        remote,
-        tls,
-        version: parts.version,
-    });
+    if keep {
+        rec.seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
+            method: parts.method.clone(),
+            path_and_query: pq,
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            remote,
+            tls,
+            version: parts.version,
+        });
+    }
     if let Some(n) = path.strip_prefix("/stream/") {
         let total: usize = n.parse().unwrap_or(0);
         let chunk = 64 * 1024;
