@@ -79,21 +79,11 @@ impl NsFleet {
     /// Builds the topology, certificates and configs, and starts the control
     /// plane stand-in and the three agents (binaries from `bin_dir`).
     pub fn start(bin_dir: &Path) -> anyhow::Result<NsFleet> {
-        let id = format!("{:04x}", rand::random::<u16>());
-        let mut f = NsFleet {
-            id,
-            dir: tempfile::tempdir()?,
-            children: Vec::new(),
-            namespaces: Vec::new(),
-        };
-        f.topology()?;
-        f.configs()?;
-        let lab = bin_dir.join("detour-lab");
-        let agent = bin_dir.join("detour-agent");
+        let mut f = NsFleet::prepare(false)?;
         let d = f.dir.path().to_path_buf();
         f.spawn(
             "cp",
-            &lab,
+            &bin_dir.join("detour-lab"),
             &[
                 "mock-cp",
                 "--listen",
@@ -104,10 +94,129 @@ impl NsFleet {
                 &d.join("certs/cp.key").display().to_string(),
             ],
         )?;
+        f.spawn_agents(bin_dir)?;
+        Ok(f)
+    }
+
+    /// Like [`NsFleet::start`], with the real `detour-control-plane serve`
+    /// (SQLite in `dir/cp/data`, HTTPS as [`crate::fleet::CP_HOST`]) in the
+    /// control plane's namespace instead of the stand-in. Every agent gets
+    /// its own PoP token; `routes` (name, JSON spec) are stored before the
+    /// control plane starts. The admin token is in `dir/cp/admin.token`.
+    pub async fn start_with_control_plane(
+        bin_dir: &Path,
+        routes: &[(&str, &str)],
+    ) -> anyhow::Result<NsFleet> {
+        let mut f = NsFleet::prepare(true)?;
+        let d = f.dir.path().to_path_buf();
+        let cp_dir = d.join("cp");
+        std::fs::create_dir_all(cp_dir.join("data"))?;
+        let admin = format!("lab-admin-{}", uuid::Uuid::new_v4().simple());
+        std::fs::write(cp_dir.join("admin.token"), &admin)?;
+        std::fs::write(
+            cp_dir.join("cp.toml"),
+            format!(
+                "listen = \"{CP_ADDR}:443\"\ndata_dir = \"{data}\"\nadmin_token_file = \"{admin}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+                data = cp_dir.join("data").display(),
+                admin = cp_dir.join("admin.token").display(),
+                cert = d.join("certs/cp.pem").display(),
+                key = d.join("certs/cp.key").display(),
+            ),
+        )?;
+        let config = f.control_plane_config()?;
         for (pop, _) in POPS {
-            let cfg = d.join(pop).join("agent.toml").display().to_string();
-            f.spawn(pop, &agent, &["run", "--config", &cfg])?;
+            let token = detour_control_plane::create_agent_token(&config, pop).await?;
+            std::fs::write(d.join(pop).join("agent.token"), token)?;
         }
+        let store = detour_control_plane::store::Store::open(&config).await?;
+        for (name, json) in routes {
+            let spec: detour_control_plane::routing::RouteSpec =
+                serde_json::from_str(json).with_context(|| format!("route {name}"))?;
+            if let Err(e) = spec.compile(name) {
+                bail!("route {name}: {e:?}");
+            }
+            let text = serde_json::to_string(&spec)?;
+            store
+                .put_route(name, &text, &spec.matcher_key(), "lab", None)
+                .await?;
+        }
+        store.close().await;
+        f.spawn_control_plane(bin_dir)?;
+        f.spawn_agents(bin_dir)?;
+        Ok(f)
+    }
+
+    /// The real control plane's configuration (after
+    /// [`NsFleet::start_with_control_plane`]).
+    pub fn control_plane_config(&self) -> anyhow::Result<detour_control_plane::Config> {
+        let path = self.dir.path().join("cp").join("cp.toml");
+        detour_control_plane::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Restarts the real control plane process: `graceful` sends SIGTERM and
+    /// waits for it to finish what it has (like `systemctl restart`), else
+    /// SIGKILL (a crash). Nothing listens for `down`, then it starts again on
+    /// the same address and database.
+    pub async fn restart_control_plane(
+        &mut self,
+        bin_dir: &Path,
+        graceful: bool,
+        down: Duration,
+    ) -> anyhow::Result<()> {
+        let Some(pos) = self.children.iter().position(|(n, _)| n == "cp") else {
+            bail!("no control plane is running");
+        };
+        let (_, mut child) = self.children.remove(pos);
+        if graceful {
+            run(&["kill", "-TERM", &child.id().to_string()])?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while child.try_wait()?.is_none() {
+                if tokio::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    bail!(
+                        "the control plane did not stop within 15 s of SIGTERM:\n{}",
+                        self.log("cp")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        tokio::time::sleep(down).await;
+        self.spawn_control_plane(bin_dir)
+    }
+
+    fn spawn_control_plane(&mut self, bin_dir: &Path) -> anyhow::Result<()> {
+        let cfg = self.dir.path().join("cp").join("cp.toml").display().to_string();
+        self.spawn(
+            "cp",
+            &bin_dir.join("detour-control-plane"),
+            &["serve", "--config", &cfg],
+        )
+    }
+
+    fn spawn_agents(&mut self, bin_dir: &Path) -> anyhow::Result<()> {
+        let agent = bin_dir.join("detour-agent");
+        for (pop, _) in POPS {
+            let cfg = self.dir.path().join(pop).join("agent.toml").display().to_string();
+            self.spawn(pop, &agent, &["run", "--config", &cfg])?;
+        }
+        Ok(())
+    }
+
+    /// Namespaces, links, certificates and agent configs; no processes yet.
+    fn prepare(with_tokens: bool) -> anyhow::Result<NsFleet> {
+        let id = format!("{:04x}", rand::random::<u16>());
+        let mut f = NsFleet {
+            id,
+            dir: tempfile::tempdir()?,
+            children: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        f.topology()?;
+        f.configs(with_tokens)?;
         Ok(f)
     }
 
@@ -146,7 +255,7 @@ impl NsFleet {
         Ok(())
     }
 
-    fn configs(&self) -> anyhow::Result<()> {
+    fn configs(&self, with_tokens: bool) -> anyhow::Result<()> {
         let d = self.dir.path();
         let certs = d.join("certs");
         detour_agent::pki::init(&certs)?;
@@ -161,10 +270,15 @@ impl NsFleet {
                 dir.join("agent.toml"),
                 format!(
                     "pop = \"{pop}\"\n[listen]\nlocal = \"127.0.0.1:8080\"\nrelay = \"10.202.0.{n}:4443\"\nadmin = \"127.0.0.1:9090\"\n\
-                     [control_plane]\nurl = \"https://{}\"\naddresses = [\"{CP_ADDR}:443\"]\nca = \"../certs/ca.pem\"\n\
+                     [control_plane]\nurl = \"https://{}\"\naddresses = [\"{CP_ADDR}:443\"]\nca = \"../certs/ca.pem\"\n{token}\
                      [tls]\nca = \"../certs/ca.pem\"\ncert = \"../certs/{pop}.pem\"\nkey = \"../certs/{pop}.key\"\n\
                      [health]\ninterval = \"200ms\"\n[peers]\nfile = \"peers.toml\"\n",
-                    crate::fleet::CP_HOST
+                    crate::fleet::CP_HOST,
+                    token = if with_tokens {
+                        "token_file = \"agent.token\"\n"
+                    } else {
+                        ""
+                    },
                 ),
             )?;
             let mut peers = String::new();

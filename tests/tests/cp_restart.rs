@@ -7,40 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use detour_lab::fleet::{Fleet, FleetOptions};
-use detour_lab::load::CallClient;
+use detour_lab::load::{Call, CallClient, call_with_retries};
 use http::Method;
 use tokio::time::Instant;
-
-/// One logical call as a call handler makes it: its own key, retried on
-/// failure with the same key until `deadline`. Returns the final answer and
-/// the failures seen before it.
-async fn call_with_retries(
-    client: &CallClient,
-    url: &str,
-    key: &str,
-    deadline: Duration,
-) -> (Option<u16>, Bytes, Vec<String>) {
-    let start = Instant::now();
-    let mut failures = Vec::new();
-    loop {
-        let r = client
-            .send(
-                Method::POST,
-                url,
-                &[("idempotency-key", key), ("content-type", "application/json")],
-                Bytes::from_static(br#"{"caller":"+919876543210","destination":"+918041234567"}"#),
-            )
-            .await;
-        if r.status.is_some_and(|s| (200..300).contains(&s)) || start.elapsed() > deadline {
-            return (r.status, r.body, failures);
-        }
-        failures.push(match r.status {
-            Some(s) => format!("{s} {}", String::from_utf8_lossy(&r.body)),
-            None => r.error.unwrap_or_default(),
-        });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_restart_loses_and_duplicates_nothing() {
@@ -78,8 +47,17 @@ async fn a_control_plane_restart_loses_and_duplicates_nothing() {
             let (client, url) = (client.clone(), url.clone());
             set.spawn(async move {
                 let key = format!("restart-{n}");
-                let out = call_with_retries(&client, &url, &key, Duration::from_secs(15)).await;
-                (key, out)
+                let call = Call::post("", r#"{"caller":"+919876543210","destination":"+918041234567"}"#);
+                let (last, failures) = call_with_retries(
+                    &client,
+                    &url,
+                    &call,
+                    &key,
+                    Duration::from_secs(15),
+                    Duration::from_millis(200),
+                )
+                .await;
+                (key, (last.status, last.body, failures))
             });
         }
         let mut done = BTreeMap::new();
