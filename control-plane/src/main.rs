@@ -142,16 +142,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    ctrl_c.await.ok();
-                    return;
-                }
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+            else {
+                ctrl_c.await.ok();
+                return;
             };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+            tokio::pin!(ctrl_c);
+            loop {
+                tokio::select! {
+                    _ = &mut ctrl_c => return,
+                    _ = term.recv() => return,
+                    // A HUP (log rotation, a reflexive `systemctl reload`) must
+                    // not stop the service. Routes and tokens live in the
+                    // database and apply without a restart; cp.toml does not.
+                    _ = hup.recv() => tracing::warn!(
+                        "SIGHUP ignored: routes and tokens apply without a restart; restart the service to apply cp.toml changes"
+                    ),
+                }
             }
         }
         #[cfg(not(unix))]

@@ -277,3 +277,64 @@ async fn random_bodies_never_cause_a_server_error() {
     }
     cp.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_stop_the_service_and_sigterm_stops_it_cleanly() {
+    support::init();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(d.join("admin.token"), "a-long-enough-admin-token-for-tests\n").unwrap();
+    std::fs::write(
+        d.join("cp.toml"),
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nadmin_token_file = \"{}\"\n",
+            d.join("data").display(),
+            d.join("admin.token").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(d.join("cp.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let healthy = || async { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !healthy().await {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the control plane exited at start"
+        );
+        assert!(std::time::Instant::now() < deadline, "never became healthy");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pid = child.id().to_string();
+    let kill = |sig: &str| {
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    };
+    kill("-HUP");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the control plane"
+    );
+    assert!(healthy().await, "not serving after SIGHUP");
+    kill("-TERM");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "SIGTERM did not stop it");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "a SIGTERM stop is a clean exit: {status}");
+}
