@@ -91,7 +91,14 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Demo(args) => detour_lab::demo::run(args).await,
-            Command::Bench(args) => detour_lab::bench::run(args).await.map(|()| true),
+            Command::Bench(args) => {
+                // Interrupted, the benchmark future is dropped, and with it
+                // every process it started (agents, stand-in, HAProxy, Squid).
+                tokio::select! {
+                    r = detour_lab::bench::run(args) => r.map(|()| true),
+                    () = interrupted() => anyhow::bail!("interrupted; every process the benchmark started is stopped"),
+                }
+            }
             Command::MockCp { listen, cert, key } => mock_cp(listen, cert, key).await.map(|()| true),
             Command::Load {
                 url,
@@ -191,6 +198,22 @@ async fn retrying_load(
     });
     println!("{summary}");
     Ok(failed == 0)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn interrupted() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            ctrl_c.await.ok();
+        }
+    }
 }
 
 async fn mock_cp(listen: SocketAddr, cert: Option<PathBuf>, key: Option<PathBuf>) -> anyhow::Result<()> {
