@@ -381,6 +381,36 @@ file = "peers.toml"
     }
 }
 
+/// After a run of calls each answered with a distinct id: the control plane's
+/// database holds exactly those calls, no more (nothing duplicated) and none
+/// missing (nothing lost).
+pub async fn check_stored_once(config: &detour_control_plane::Config, ids: &[&str]) -> anyhow::Result<()> {
+    let distinct: std::collections::BTreeSet<&str> = ids.iter().copied().collect();
+    anyhow::ensure!(
+        distinct.len() == ids.len(),
+        "two calls were answered with the same id"
+    );
+    let store = detour_control_plane::store::Store::open(config).await?;
+    let result = async {
+        let stored = store.count_calls().await?;
+        anyhow::ensure!(
+            stored == ids.len() as i64,
+            "{stored} calls stored for {} answered calls",
+            ids.len()
+        );
+        for id in ids {
+            anyhow::ensure!(
+                store.get_call(id).await?.is_some(),
+                "call {id} was answered but not stored"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    store.close().await;
+    result
+}
+
 fn spawn_cp(
     config: detour_control_plane::Config,
     listener: tokio::net::TcpListener,

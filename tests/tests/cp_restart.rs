@@ -97,15 +97,8 @@ async fn a_control_plane_restart_loses_and_duplicates_nothing() {
     // None lost, none duplicated: exactly one stored call per key, and every
     // answered call id is stored.
     let config = detour_control_plane::Config::load(&fleet.dir.path().join("cp").join("cp.toml")).unwrap();
-    let store = detour_control_plane::store::Store::open(&config).await.unwrap();
-    assert_eq!(store.count_calls().await.unwrap(), done.len() as i64);
-    for id in &ids {
-        assert!(
-            store.get_call(id).await.unwrap().is_some(),
-            "call {id} was answered but not stored"
-        );
-    }
-    store.close().await;
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    detour_lab::fleet::check_stored_once(&config, &ids).await.unwrap();
     eprintln!(
         "control plane restarted: {} calls, {retried} needed a retry, all stored once",
         done.len()

@@ -36,25 +36,22 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
-/// Starts `detour-lab load` inside blr's namespace.
-fn load(fleet: &NsFleet, bins: &Path, seconds: u32) -> std::process::Child {
+/// Starts `detour-lab load` inside blr's namespace: `rate` calls/s for
+/// `seconds`, 2 s client timeout, plus `extra` arguments.
+fn load_with(fleet: &NsFleet, bins: &Path, seconds: u32, rate: u32, extra: &[&str]) -> std::process::Child {
     Command::new("ip")
         .args(["netns", "exec", &fleet.ns("blr")])
         .arg(bins.join("detour-lab"))
-        .args([
-            "load",
-            "--url",
-            "http://127.0.0.1:8080",
-            "--rate",
-            "50",
-            "--timeout",
-            "2s",
-            "--duration",
-        ])
-        .arg(format!("{seconds}s"))
+        .args(["load", "--url", "http://127.0.0.1:8080", "--timeout", "2s"])
+        .args(["--rate", &rate.to_string(), "--duration", &format!("{seconds}s")])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+fn load(fleet: &NsFleet, bins: &Path, seconds: u32) -> std::process::Child {
+    load_with(fleet, bins, seconds, 50, &[])
 }
 
 fn summary(child: std::process::Child) -> serde_json::Value {
@@ -368,27 +365,18 @@ async fn control_plane_restarts_lose_and_duplicate_no_call() {
     }
 
     // 30 calls/s for 12 s, each retried with its key for up to 20 s.
-    let traffic = Command::new("ip")
-        .args(["netns", "exec", &fleet.ns("blr")])
-        .arg(bins.join("detour-lab"))
-        .args([
-            "load",
-            "--url",
-            "http://127.0.0.1:8080",
-            "--rate",
-            "30",
-            "--duration",
-            "12s",
-            "--timeout",
-            "2s",
+    let traffic = load_with(
+        &fleet,
+        &bins,
+        12,
+        30,
+        &[
             "--retry-for",
             "20s",
             "--body",
             r#"{"caller":"+919876543210","destination":"+918041234567"}"#,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     fleet
         .restart_control_plane(&bins, true, Duration::from_secs(2))
@@ -434,18 +422,8 @@ async fn control_plane_restarts_lose_and_duplicate_no_call() {
         .filter_map(|v| v.as_str())
         .collect();
     assert_eq!(ids.len() as u64, calls, "{s}");
-    let distinct: std::collections::BTreeSet<&str> = ids.iter().copied().collect();
-    assert_eq!(distinct.len(), ids.len(), "two calls got the same id");
     let config = fleet.control_plane_config().unwrap();
-    let store = detour_control_plane::store::Store::open(&config).await.unwrap();
-    assert_eq!(store.count_calls().await.unwrap(), calls as i64);
-    for id in &ids {
-        assert!(
-            store.get_call(id).await.unwrap().is_some(),
-            "call {id} was answered but not stored"
-        );
-    }
-    store.close().await;
+    detour_lab::fleet::check_stored_once(&config, &ids).await.unwrap();
     eprintln!(
         "control plane restarted twice (SIGTERM, SIGKILL): {calls} calls, {} retried, {by_status:?} in between, each stored once",
         s["retried"]
