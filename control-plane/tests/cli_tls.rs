@@ -298,13 +298,24 @@ async fn sighup_does_not_stop_the_service_and_sigterm_stops_it_cleanly() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(d.join("cp.toml"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed on drop, so a failing assertion leaves no server running.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(d.join("cp.toml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut server.0;
     let url = format!("http://127.0.0.1:{port}/healthz");
     let healthy = || async { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
