@@ -561,23 +561,7 @@ pub(crate) fn q3(results: &[&CallResult]) -> (Duration, Duration, Duration) {
 }
 
 async fn failover(args: &BenchArgs) -> anyhow::Result<()> {
-    let scenarios: Vec<(&str, Fault)> = vec![
-        ("blackhole", Fault::Blackhole),
-        (
-            "10% loss",
-            Fault::Lossy {
-                percent: 10,
-                stall: Duration::from_millis(300),
-            },
-        ),
-        (
-            "30% loss",
-            Fault::Lossy {
-                percent: 30,
-                stall: Duration::from_millis(300),
-            },
-        ),
-    ];
+    let scenarios = crate::compare::faults();
     let fault_for = Duration::from_secs(args.seconds.max(5));
     let before = Duration::from_secs(5);
     let after = Duration::from_secs(5);

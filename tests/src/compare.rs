@@ -352,7 +352,8 @@ fn row(
     }
 }
 
-fn faults() -> Vec<(&'static str, Fault)> {
+/// The faults both benchmarks put on blr's uplink, in order.
+pub(crate) fn faults() -> Vec<(&'static str, Fault)> {
     vec![
         ("blackhole", Fault::Blackhole),
         (
