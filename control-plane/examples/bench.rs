@@ -63,6 +63,15 @@ struct Args {
     write_docs: Option<PathBuf>,
 }
 
+/// pgbench on the same database: one call per statement (16 clients), at the
+/// fixed rate (p50, p99 ms), and in batches like the service's group commit
+/// (rows per statement, calls/s).
+struct Ceiling {
+    single_tps: f64,
+    fixed: (f64, f64),
+    batched: Option<(usize, f64)>,
+}
+
 struct RunResult {
     backend: &'static str,
     throughput: f64,
@@ -74,6 +83,10 @@ struct RunResult {
     fixed_p50_ms: f64,
     fixed_p99_ms: f64,
     fixed_errors: u64,
+    /// Postgres: calls per group-commit statement in the closed loop.
+    avg_batch: Option<f64>,
+    /// `database.batch_writers` of the run.
+    writers: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -103,8 +116,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let url = with_db(&admin, &name);
         let dir = tempfile::tempdir()?;
         let r = bench_backend(&args, "postgres", &dir, Some(&url)).await;
-        if r.is_ok() {
-            ceiling = Some((pgbench(&args, &url, &dir)?, pgbench_fixed(&args, &url, &dir)?));
+        if let Ok(run) = &r {
+            let batched = match run.avg_batch {
+                Some(k) => {
+                    let rows = (k.round() as usize).max(1);
+                    Some((
+                        rows,
+                        pgbench_batched(&args, &url, &dir, rows, run.writers as usize)?,
+                    ))
+                }
+                None => None,
+            };
+            ceiling = Some(Ceiling {
+                single_tps: pgbench(&args, &url, &dir)?,
+                fixed: pgbench_fixed(&args, &url, &dir)?,
+                batched,
+            });
         }
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
@@ -259,11 +286,14 @@ async fn bench_backend(
         "[{backend}] throughput {:?} at concurrency {}",
         args.duration, args.concurrency
     );
+    let before = batch_counters(&client, addr).await;
     let (ok, errors, hist, elapsed) = if args.skip_throughput {
         (0, 0, new_hist(), Duration::from_secs(1))
     } else {
         closed_loop(&client, &url, &token, args, &seq, args.duration).await
     };
+    let after = batch_counters(&client, addr).await;
+    let avg_batch = (after.0 > before.0).then(|| (after.1 - before.1) / (after.0 - before.0));
     let throughput = ok as f64 / elapsed.as_secs_f64();
 
     eprintln!("[{backend}] fixed rate {}/s for {:?}", args.rate, args.duration);
@@ -298,7 +328,26 @@ async fn bench_backend(
         fixed_p50_ms: ms(&fixed_hist, 0.5),
         fixed_p99_ms: ms(&fixed_hist, 0.99),
         fixed_errors,
+        avg_batch,
+        writers: config.database.batch_writers,
     })
+}
+
+/// (group-commit statements, calls they carried) from the service's metrics.
+async fn batch_counters(client: &reqwest::Client, addr: std::net::SocketAddr) -> (f64, f64) {
+    let Ok(r) = client.get(format!("http://{addr}/metrics")).send().await else {
+        return (0.0, 0.0);
+    };
+    let text = r.text().await.unwrap_or_default();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("detour_cp_db_batches_total "),
+        value("detour_cp_db_batched_calls_total "),
+    )
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -420,6 +469,7 @@ fn pgbench(args: &Args, url: &str, dir: &tempfile::TempDir) -> anyhow::Result<f6
     let script = dir.path().join("calls.sql");
     std::fs::write(
         &script,
+        // Keep in step with the single-call statement in `store::create_call`.
         "WITH claim AS (INSERT INTO idempotency \
          (key, request_hash, created_at, status, content_type, body) \
          VALUES (gen_random_uuid()::text, md5(random()::text), 0, 201, 'application/json', \
@@ -429,12 +479,44 @@ fn pgbench(args: &Args, url: &str, dir: &tempfile::TempDir) -> anyhow::Result<f6
          '+919876543210', '+917000012345', 'outbound', 'normal', '{}', repeat('y', 200), \
          'initiated', 0 WHERE EXISTS (SELECT 1 FROM claim);\n",
     )?;
+    run_pgbench(args, url, &script, args.pgbench_clients)
+}
+
+/// pgbench writing `rows` calls per statement the way the service's group
+/// commit does (`store/batch.rs`: the claims and the calls of a batch in one
+/// statement) from `clients` connections. Returns calls per second.
+fn pgbench_batched(
+    args: &Args,
+    url: &str,
+    dir: &tempfile::TempDir,
+    rows: usize,
+    clients: usize,
+) -> anyhow::Result<f64> {
+    let script = dir.path().join("calls_batched.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "WITH v AS (SELECT gen_random_uuid()::text AS id, gen_random_uuid()::text AS key \
+             FROM generate_series(1, {rows})), \
+             claim AS (INSERT INTO idempotency (key, request_hash, created_at, status, content_type, body) \
+             SELECT key, md5(random()::text), 0, 201, 'application/json', repeat('x', 400) FROM v \
+             ON CONFLICT (key) DO NOTHING RETURNING key) \
+             INSERT INTO calls (id, created_at, pop, caller, destination, call_type, priority, \
+             metadata, decision, state, updated_at) SELECT v.id, 0, 'blr', '+919876543210', \
+             '+917000012345', 'outbound', 'normal', '{{}}', repeat('y', 200), 'initiated', 0 \
+             FROM v JOIN claim ON claim.key = v.key;\n"
+        ),
+    )?;
+    Ok(run_pgbench(args, url, &script, clients)? * rows as f64)
+}
+
+fn run_pgbench(args: &Args, url: &str, script: &std::path::Path, clients: usize) -> anyhow::Result<f64> {
     let secs = args.duration.as_secs().max(1).to_string();
-    let clients = args.pgbench_clients.to_string();
-    eprintln!("[pgbench] {clients} clients for {secs}s");
+    let clients = clients.to_string();
+    eprintln!("[pgbench] {clients} clients for {secs}s ({})", script.display());
     let out = Command::new("pgbench")
         .args(["-n", "-j", "2", "-c", &clients, "-T", &secs, "-f"])
-        .arg(&script)
+        .arg(script)
         .arg("-d")
         .arg(url)
         .output()
@@ -528,7 +610,7 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {mem} GiB RAM")
 }
 
-fn render(args: &Args, results: &[RunResult], ceiling: Option<(f64, (f64, f64))>) -> String {
+fn render(args: &Args, results: &[RunResult], ceiling: Option<Ceiling>) -> String {
     let mut s = String::new();
     s.push_str("### Control plane: call initiation\n\n");
     s.push_str(&format!(
@@ -550,8 +632,9 @@ fn render(args: &Args, results: &[RunResult], ceiling: Option<(f64, (f64, f64))>
     s.push_str(&format!(
         "Machine: {}; the load generator runs in the same process and shares the cores. \
          Each call: auth (cached), validation, E.164 normalisation, routing over the rules, \
-         and one transaction inserting the Idempotency-Key claim with the response and the \
-         call row.\n\n",
+         and one statement inserting the Idempotency-Key claim with the response and the \
+         call row (on Postgres, together with the other calls that arrived meanwhile: group \
+         commit, `store/batch.rs`).\n\n",
         machine()
     ));
     s.push_str("| backend | calls/s (closed loop) | p50 ms | p99 ms | errors | p50 ms @ fixed rate | p99 ms @ fixed rate | achieved rate | errors @ fixed rate |\n");
@@ -571,20 +654,34 @@ fn render(args: &Args, results: &[RunResult], ceiling: Option<(f64, (f64, f64))>
         ));
         let _ = r.ok;
     }
-    if let (Some((tps, (p50, p99))), Some(pg)) = (ceiling, results.iter().find(|r| r.backend == "postgres")) {
-        s.push_str(&format!(
-            "\nCeiling: pgbench ({} clients, the same single statement inserting the key and the call, same database) \
-             {:.0} transactions/s; the control plane reaches **{:.0}%** of it ({:.0} / {:.0}).\n",
-            args.pgbench_clients,
-            tps,
-            100.0 * pg.throughput / tps,
-            pg.throughput,
-            tps
-        ));
+    if let (Some(c), Some(pg)) = (ceiling, results.iter().find(|r| r.backend == "postgres")) {
+        match (c.batched, pg.avg_batch) {
+            (Some((rows, calls)), Some(avg)) => s.push_str(&format!(
+                "\nCeiling: pgbench writing the same rows the way the service does (group commit: {rows} calls per \
+                 statement, the service's average batch in its closed loop was {avg:.1}; {} clients like \
+                 `database.batch_writers`; same database) {calls:.0} calls/s; the control plane reaches \
+                 **{:.0}%** of it ({:.0} / {calls:.0}). One call per statement and transaction, as before group \
+                 commit, pgbench ({} clients) does {:.0}/s.\n",
+                pg.writers,
+                100.0 * pg.throughput / calls,
+                pg.throughput,
+                args.pgbench_clients,
+                c.single_tps,
+            )),
+            _ => s.push_str(&format!(
+                "\nCeiling: pgbench ({} clients, the same single statement inserting the key and the call, same database) \
+                 {:.0} transactions/s; the control plane reaches **{:.0}%** of it ({:.0} / {:.0}).\n",
+                args.pgbench_clients,
+                c.single_tps,
+                100.0 * pg.throughput / c.single_tps,
+                pg.throughput,
+                c.single_tps
+            )),
+        }
         s.push_str(&format!(
             "pgbench alone at the fixed {}/s: p50 {:.2} ms, p99 {:.2} ms (the database's own \
              share of the control plane's fixed-rate latency).\n",
-            args.rate, p50, p99
+            args.rate, c.fixed.0, c.fixed.1
         ));
     }
     if results.iter().any(|r| r.backend == "postgres-async") {

@@ -56,6 +56,15 @@ pub struct DatabaseConfig {
     /// SQLite always uses one connection: it has one writer anyway.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Postgres only: how many group-commit statements for new calls run at
+    /// once (each on one pooled connection). Calls that arrive while these
+    /// are busy are written together by the next one (`store/batch.rs`), so fewer
+    /// writers mean bigger batches and fewer commits. Default 2, the best of
+    /// 1, 2, 4 and 8 on a 2-core machine running Postgres beside the
+    /// service (see docs/benchmarks.md); raise it for a database on more cores
+    /// or further away. At most `max_connections`.
+    #[serde(default = "default_batch_writers")]
+    pub batch_writers: u32,
     /// How long a request waits for a database connection before it fails
     /// with 503. Default `2s`.
     #[serde(default = "default_acquire_timeout", with = "humantime_serde")]
@@ -171,6 +180,9 @@ fn default_data_dir() -> PathBuf {
 fn default_max_connections() -> u32 {
     16
 }
+fn default_batch_writers() -> u32 {
+    2
+}
 fn default_acquire_timeout() -> Duration {
     Duration::from_secs(2)
 }
@@ -230,6 +242,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             max_connections: default_max_connections(),
+            batch_writers: default_batch_writers(),
             acquire_timeout: default_acquire_timeout(),
             sqlite_checkpoint_interval: default_checkpoint(),
         }
@@ -419,6 +432,17 @@ impl Config {
         if config.database.max_connections == 0 {
             errors.push(err_at(None, "database.max_connections must be above 0".into()));
         }
+        if config.database.batch_writers == 0
+            || config.database.batch_writers > config.database.max_connections
+        {
+            errors.push(err_at(
+                None,
+                format!(
+                    "database.batch_writers must be between 1 and database.max_connections ({})",
+                    config.database.max_connections
+                ),
+            ));
+        }
         if config.limits.max_body_bytes < 256 {
             errors.push(err_at(None, "limits.max_body_bytes must be at least 256".into()));
         }
@@ -507,6 +531,22 @@ mod tests {
         assert!(shown[0].starts_with("cp.toml:2:18: "), "{shown:?}");
         assert!(shown[1].starts_with("cp.toml:3:21: "), "{shown:?}");
         assert!(shown[2].starts_with("cp.toml:5:13: "), "{shown:?}");
+    }
+
+    #[test]
+    fn batch_writers_must_fit_the_pool() {
+        for (writers, ok) in [(0, false), (1, true), (16, true), (17, false)] {
+            let text = format!("[database]\nmax_connections = 16\nbatch_writers = {writers}\n");
+            let result = Config::from_toml_str(&text, "cp.toml");
+            assert_eq!(result.is_ok(), ok, "batch_writers = {writers}");
+            if let Err(e) = result {
+                let e = e.to_string();
+                assert!(
+                    e.contains("database.batch_writers must be between 1 and database.max_connections (16)"),
+                    "{e}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! base units).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the control plane exports.
@@ -30,6 +31,10 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     /// Emergency calls answered while the database was down, not yet written.
     pub spooled: IntGauge,
+    /// Group-commit statements that wrote new calls (Postgres; store/batch.rs).
+    pub db_batches: IntCounter,
+    /// New calls those statements carried (÷ batches = average batch).
+    pub db_batched_calls: IntCounter,
 }
 
 impl Metrics {
@@ -88,6 +93,16 @@ impl Metrics {
             "Emergency calls answered while the database was down and not yet written.",
         )
         .expect("valid metric");
+        let db_batches = IntCounter::new(
+            "db_batches_total",
+            "Group-commit statements that wrote new calls (Postgres).",
+        )
+        .expect("valid metric");
+        let db_batched_calls = IntCounter::new(
+            "db_batched_calls_total",
+            "New calls written by group-commit statements; divided by db_batches_total, the average batch.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -100,6 +115,8 @@ impl Metrics {
             Box::new(db_up.clone()),
             Box::new(in_flight.clone()),
             Box::new(spooled.clone()),
+            Box::new(db_batches.clone()),
+            Box::new(db_batched_calls.clone()),
         ] {
             // Names are fixed and distinct, so registration cannot collide.
             registry.register(c).ok();
@@ -117,7 +134,17 @@ impl Metrics {
             db_up,
             in_flight,
             spooled,
+            db_batches,
+            db_batched_calls,
         }
+    }
+
+    /// Brings the group-commit counters up to the store's own totals.
+    pub fn set_batches(&self, (batches, calls): (u64, u64)) {
+        self.db_batches
+            .inc_by(batches.saturating_sub(self.db_batches.get()));
+        self.db_batched_calls
+            .inc_by(calls.saturating_sub(self.db_batched_calls.get()));
     }
 
     /// The text exposition format.

@@ -5,14 +5,19 @@
 //! **Invariant:** all SQL here is static text with `$n` parameters; nothing
 //! is built by string concatenation.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::AnyConnection;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Connection, Executor, Row};
 
+mod batch;
+
 use crate::config::Config;
+use crate::intake::Priority;
 use crate::record::{self, EventKind};
+use batch::{Batcher, Written};
 
 /// Migrations embedded from the repository's `migrations/` folder.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -143,6 +148,10 @@ pub struct AuditRow {
 pub struct Store {
     pool: AnyPool,
     sqlite: bool,
+    /// Group commit for new calls (Postgres), started on first use.
+    batcher: Arc<OnceLock<Batcher>>,
+    /// How many batch statements may run at once.
+    batch_slots: usize,
 }
 
 /// Pooled connections idle longer than this are pinged before use.
@@ -201,7 +210,12 @@ impl Store {
         let pool = opts
             .connect_lazy(&url)
             .map_err(|e| anyhow::anyhow!("database_url: {e}"))?;
-        Ok(Store { pool, sqlite })
+        Ok(Store {
+            pool,
+            sqlite,
+            batcher: Arc::new(OnceLock::new()),
+            batch_slots: config.database.batch_writers as usize,
+        })
     }
 
     /// Copies SQLite's write-ahead log into the database file every
@@ -561,6 +575,18 @@ impl Store {
                 insert_call(&self.pool, call).await?;
                 return Ok(Outcome::Done(()));
             }
+            Some(idem) if !self.sqlite && call.priority == Priority::Normal.as_str() => {
+                // Written together with the calls that arrive meanwhile
+                // (batch.rs); a key that exists is decided below.
+                let batcher = self
+                    .batcher
+                    .get_or_init(|| Batcher::start(self.pool.clone(), self.batch_slots));
+                match batcher.write(idem, call, response).await {
+                    Written::Created => return Ok(Outcome::Done(())),
+                    Written::Failed(e) => return Err(e),
+                    Written::Exists | Written::Individually => {}
+                }
+            }
             Some(idem) if !self.sqlite => {
                 // The claim and the call in one statement (Postgres allows
                 // data-modifying CTEs; SQLite does not). Zero rows means the
@@ -609,6 +635,12 @@ impl Store {
         insert_call(&mut *tx, call).await?;
         tx.commit().await?;
         Ok(Outcome::Done(()))
+    }
+
+    /// Group commit so far: (statements, calls they carried); zeros until
+    /// the first batched call.
+    pub fn call_batches(&self) -> (u64, u64) {
+        self.batcher.get().map_or((0, 0), Batcher::stats)
     }
 
     /// The PoP that made a call, if the call exists.

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use detour_control_plane::store::{Idem, NewCall, Outcome, StoreError, StoredResponse};
 use serde_json::{Value, json};
 use support::{Backend, Db, DbProxy, Instance, pg_addr, problem, via, wait_until};
 
@@ -162,5 +163,103 @@ async fn database_down_fails_ready_and_writes_then_recovers_without_restart() {
     store.close().await;
     cp.stop().await;
     drop(proxy);
+    db.finish().await;
+}
+
+fn new_call(n: usize, metadata: &str) -> (Idem, NewCall, StoredResponse) {
+    let id = format!("call-{n:04}");
+    let idem = Idem {
+        key: format!("key-{n:04}"),
+        request_hash: "h".to_owned(),
+    };
+    let call = NewCall {
+        id: id.clone(),
+        created_at: detour_control_plane::store::now_ms(),
+        pop: "blr".to_owned(),
+        caller: Some("+919876543210".to_owned()),
+        destination: "+918041234567".to_owned(),
+        call_type: "outbound".to_owned(),
+        priority: "normal".to_owned(),
+        metadata: metadata.to_owned(),
+        decision: "{}".to_owned(),
+    };
+    let response = StoredResponse {
+        status: 201,
+        content_type: "application/json".to_owned(),
+        body: format!("{{\"call_id\":\"{id}\"}}"),
+    };
+    (idem, call, response)
+}
+
+/// New calls that arrive together are written by one statement (store/batch.rs);
+/// a duplicate key in the crowd still gets one call and replays, a different
+/// body under a taken key is a mismatch, and a row Postgres refuses does not
+/// take its neighbours down with it: they are written one by one instead.
+#[tokio::test]
+async fn concurrent_new_calls_are_group_committed_exactly_once() {
+    let Some(db) = Db::new(Backend::Postgres, "group_commit").await else {
+        return;
+    };
+    let config = db.config("", "[database]\nbatch_writers = 1\n");
+    let store = detour_control_plane::store::Store::open(&config)
+        .await
+        .expect("open");
+    store.migrate().await.expect("migrate");
+    let retention = Duration::from_secs(3600);
+
+    // 40 distinct calls, 5 copies of one more key, one body mismatch on it,
+    // and one call whose metadata Postgres cannot store as text (a NUL).
+    let mut jobs: Vec<(Idem, NewCall, StoredResponse)> = (0..40).map(|n| new_call(n, "{}")).collect();
+    for copy in 0..5 {
+        let (idem, mut call, resp) = new_call(100, "{}");
+        call.id = format!("dup-{copy}");
+        jobs.push((idem, call, resp));
+    }
+    let (mut idem, mut call, resp) = new_call(100, "{}");
+    idem.request_hash = "other".to_owned();
+    call.id = "mismatch".to_owned();
+    jobs.push((idem, call, resp));
+    jobs.push(new_call(200, "{\"bad\":\"\u{0}\"}"));
+
+    let results = futures_util::future::join_all(
+        jobs.iter()
+            .map(|(idem, call, resp)| store.create_call(Some(idem), call, resp, retention)),
+    )
+    .await;
+
+    for (n, r) in results[..40].iter().enumerate() {
+        assert!(matches!(r, Ok(Outcome::Done(()))), "call {n}: {r:?}");
+    }
+    let dups = &results[40..45];
+    let done = dups.iter().filter(|r| matches!(r, Ok(Outcome::Done(())))).count();
+    let replayed = dups
+        .iter()
+        .filter(|r| matches!(r, Ok(Outcome::Replay(_))))
+        .count();
+    let mismatched = usize::from(matches!(results[45], Ok(Outcome::Mismatch)));
+    assert!(
+        done + replayed + mismatched == 6 && done <= 1,
+        "one key, six requests: {:?}",
+        &results[40..46]
+    );
+    // The mismatching request may have been first to claim the key; then
+    // every copy is a mismatch instead. Either way: one call for the key.
+    assert!(
+        matches!(results[46], Err(StoreError::Other(_))),
+        "the unstorable call fails on its own: {:?}",
+        results[46]
+    );
+    assert_eq!(
+        store.count_calls().await.expect("count"),
+        41,
+        "40 calls + one for the duplicated key"
+    );
+    let (batches, calls) = store.call_batches();
+    eprintln!("{calls} calls in {batches} statements");
+    assert!(
+        batches < calls,
+        "calls sent together were written together ({calls} calls, {batches} statements)"
+    );
+    store.close().await;
     db.finish().await;
 }
