@@ -810,7 +810,7 @@ fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -> Option<Ag
                     (Vec::new(), Some(p))
                 }
                 Ok(ptext) => {
-                    let peers = validate_peers(&p, &ptext, &pop, d.errors);
+                    let peers = validate_peers(&p, &ptext, &pop, listen.relay, d.errors);
                     (peers, Some(p))
                 }
             }
@@ -980,7 +980,33 @@ fn control_plane(d: &mut Diag<'_>, path: &Path, raw: &Spanned<raw::ControlPlane>
     cp
 }
 
-fn validate_peers(path: &Path, text: &str, pop: &str, errors: &mut Vec<ConfigError>) -> Vec<Peer> {
+/// Whether `relay` (a peer's `host:port`) is this agent's own relay listener:
+/// the same address, or the same port on loopback when the listener is on
+/// every address. Host names other than `localhost` are not resolved.
+fn is_own_relay(relay: &str, own: Option<SocketAddr>) -> bool {
+    let Some(own) = own else { return false };
+    let addr = match relay.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => match relay.rsplit_once(':') {
+            Some((h, port)) if h.eq_ignore_ascii_case("localhost") => match port.parse::<u16>() {
+                Ok(p) => SocketAddr::from(([127, 0, 0, 1], p)),
+                Err(_) => return false,
+            },
+            _ => return false,
+        },
+    };
+    addr.port() == own.port()
+        && (addr.ip() == own.ip()
+            || (own.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+}
+
+fn validate_peers(
+    path: &Path,
+    text: &str,
+    pop: &str,
+    own_relay: Option<SocketAddr>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Peer> {
     let Some(raw): Option<raw::PeersFile> = parse_toml(path, text, errors) else {
         return Vec::new();
     };
@@ -1012,6 +1038,14 @@ fn validate_peers(path: &Path, text: &str, pop: &str, errors: &mut Vec<ConfigErr
         }
         if let Err(e) = valid_host_port(p.relay.get_ref()) {
             d.span(&p.relay, format!("peer.relay: {e}"));
+        } else if is_own_relay(p.relay.get_ref(), own_relay) {
+            d.span(
+                &p.relay,
+                format!(
+                    "peer.relay: `{}` is this agent's own relay listener (listen.relay); a peer must be another agent",
+                    p.relay.get_ref()
+                ),
+            );
         } else if !relays.insert(p.relay.get_ref().clone()) {
             d.span(
                 &p.relay,

@@ -109,6 +109,28 @@ fn every_problem_is_reported_at_once_with_its_location() {
 }
 
 #[test]
+fn a_peer_that_is_this_agents_own_relay_is_refused() {
+    // VALID listens for peers on 0.0.0.0:4443.
+    let dir = setup();
+    let cases = [
+        ("0.0.0.0:4443", true),
+        ("127.0.0.1:4443", true),
+        ("localhost:4443", true),
+        ("127.0.0.1:4444", false),
+        ("10.9.9.9:4443", false),
+    ];
+    for (relay, refused) in cases {
+        let peers = format!("[[peer]]\nname = \"maa\"\nrelay = \"{relay}\"\n");
+        let errs = errors_with(dir.path(), VALID, &peers);
+        let hit = errs.iter().any(|e| e.contains("own relay listener"));
+        assert_eq!(hit, refused, "relay {relay}: {errs:#?}");
+        if !refused {
+            assert!(errs.is_empty(), "relay {relay}: {errs:#?}");
+        }
+    }
+}
+
+#[test]
 fn unknown_keys_and_syntax_errors_point_at_the_spot() {
     let dir = setup();
     let errs = errors_with(

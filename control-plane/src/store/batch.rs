@@ -19,6 +19,9 @@
 //! row cannot fail its neighbours.
 //!
 //! Emergency calls do not come here: they keep their own path to the database.
+//! The queue has no bound of its own and needs none: every call in it holds
+//! one of the service's in-flight slots (`limits.max_in_flight`) while it
+//! waits.
 
 use std::collections::HashSet;
 use std::sync::Arc;
