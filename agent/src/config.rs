@@ -115,6 +115,8 @@ pub struct ControlPlane {
     pub addresses: Vec<SocketAddr>,
     /// Extra CA certificates trusted for the control plane, besides the system roots.
     pub ca: Option<PathBuf>,
+    /// That file's certificates as read at load (a reload compares contents).
+    pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Bearer token sent on every request when set.
     pub token: Option<String>,
     /// How often the agent reports its path table to the control plane
@@ -891,6 +893,7 @@ fn control_plane(d: &mut Diag<'_>, path: &Path, raw: &Spanned<raw::ControlPlane>
         base_path: String::new(),
         addresses: Vec::new(),
         ca: r.ca.as_ref().map(|c| resolve(path, c.get_ref())),
+        ca_certs: Vec::new(),
         token: None,
         report_interval: Some(Duration::from_secs(10)),
         host_value: None,
@@ -942,10 +945,11 @@ fn control_plane(d: &mut Diag<'_>, path: &Path, raw: &Spanned<raw::ControlPlane>
             ),
         }
     }
-    if let (Some(c), Some(p)) = (&r.ca, &cp.ca)
-        && let Err(e) = tls::load_certs(p)
-    {
-        d.span(c, format!("control_plane.ca: {e}"));
+    if let (Some(c), Some(p)) = (&r.ca, &cp.ca) {
+        match tls::load_certs(p) {
+            Ok(certs) => cp.ca_certs = certs,
+            Err(e) => d.span(c, format!("control_plane.ca: {e}")),
+        }
     }
     if let Some(t) = &r.token_file {
         let p = resolve(path, t.get_ref());

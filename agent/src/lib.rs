@@ -69,11 +69,20 @@ pub fn build_runtime(
 ) -> anyhow::Result<Runtime> {
     let mut paths = paths::build_paths(&config).map_err(|e| anyhow::anyhow!(e))?;
     if let Some(old) = old {
-        let same_cp = old.config.control_plane.url == config.control_plane.url
-            && old.config.control_plane.addresses == config.control_plane.addresses
-            && old.config.control_plane.token == config.control_plane.token;
+        let (a, b) = (&old.config.control_plane, &config.control_plane);
+        // The token is sent per request, so it does not matter here; what
+        // the connections were made with does (address, TLS trust).
+        let same_cp =
+            a.url == b.url && a.addresses == b.addresses && a.ca == b.ca && a.ca_certs == b.ca_certs;
+        // Tunnels through peers were set up with this agent's certificate
+        // and the fleet CA: a rotated one needs new tunnels.
+        let same_mesh = reload::same_tls(&old.config, &config);
         if same_cp {
             for p in paths.iter_mut() {
+                let via = matches!(p.route, paths::Route::Via { .. });
+                if via && !same_mesh {
+                    continue;
+                }
                 if let Some(o) = old
                     .paths
                     .iter()

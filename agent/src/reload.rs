@@ -97,7 +97,19 @@ fn same_config(a: &AgentConfig, b: &AgentConfig) -> bool {
         && a.control_plane.addresses == b.control_plane.addresses
         && a.control_plane.token == b.control_plane.token
         && a.control_plane.ca == b.control_plane.ca
-        && a.tls.as_ref().map(|t| &t.chain) == b.tls.as_ref().map(|t| &t.chain)
+        && a.control_plane.ca_certs == b.control_plane.ca_certs
+        && a.control_plane.report_interval == b.control_plane.report_interval
+        && same_tls(a, b)
+}
+
+/// Whether two configs carry the same peer-mesh identity and fleet CA (file
+/// contents, so a rotated certificate or CA bundle is noticed).
+pub fn same_tls(a: &AgentConfig, b: &AgentConfig) -> bool {
+    match (&a.tls, &b.tls) {
+        (None, None) => true,
+        (Some(x), Some(y)) => x.same_as(y),
+        _ => false,
+    }
 }
 
 /// How long to wait until the newest of the config files has not been

@@ -29,6 +29,8 @@ pub struct TlsError {
 #[derive(Debug)]
 pub struct TlsMaterial {
     pub fleet_roots: Arc<RootCertStore>,
+    /// The fleet CA file's certificates as read (a reload compares them).
+    pub ca_certs: Vec<CertificateDer<'static>>,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     /// DNS names in this agent's certificate; one of them is the PoP name.
@@ -64,13 +66,21 @@ pub fn cert_dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
 }
 
 impl TlsMaterial {
+    /// Whether two loads hold the same fleet CA, certificate chain and key:
+    /// a reload compares file contents, not just paths.
+    pub fn same_as(&self, other: &TlsMaterial) -> bool {
+        self.ca_certs == other.ca_certs
+            && self.chain == other.chain
+            && self.key.secret_der() == other.key.secret_der()
+    }
+
     /// Loads the fleet CA, this agent's certificate chain and key, and checks
     /// that the key belongs to the certificate and the chain to the CA.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
         let err = |field, message: String| TlsError { field, message };
         let ca_certs = load_certs(ca).map_err(|m| err(Field::Ca, format!("tls.ca: {m}")))?;
         let mut roots = RootCertStore::empty();
-        for c in ca_certs {
+        for c in ca_certs.iter().cloned() {
             roots.add(c).map_err(|e| {
                 err(
                     Field::Ca,
@@ -144,6 +154,7 @@ impl TlsMaterial {
         }
         Ok(TlsMaterial {
             fleet_roots: roots,
+            ca_certs,
             chain,
             key: key_der,
             names,

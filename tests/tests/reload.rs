@@ -258,3 +258,80 @@ async fn changes_that_cannot_be_applied_live_are_reported_as_needing_a_restart()
     assert_eq!(r.status, Some(200));
     fleet.shutdown().await;
 }
+
+/// A CA file whose contents change under the same name (a rotated bundle) is
+/// read again by a reload and used for new connections. With a CA that did
+/// not sign the control plane's certificate every path fails (TLS to the
+/// control plane is end to end, through peers too) and the 503 says why;
+/// with the right one back, calls are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_rewritten_in_place_is_read_again_on_reload() {
+    let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+    fleet.wait_all_up(Duration::from_secs(10)).await.unwrap();
+    let blr = fleet.pop("blr");
+    let agent = blr.agent();
+    let dir = fleet.dir.path().join("blr");
+    let cp_ca = dir.join("cp-ca.pem");
+    let good = std::fs::read(fleet.dir.path().join("certs").join("ca.pem")).unwrap();
+    std::fs::write(&cp_ca, &good).unwrap();
+    let text = std::fs::read_to_string(&blr.config_path).unwrap();
+    // The first `ca =` is [control_plane]'s; [tls] keeps the fleet CA.
+    save_by_rename(
+        &blr.config_path,
+        &text.replacen("ca = \"../certs/ca.pem\"", "ca = \"cp-ca.pem\"", 1),
+    );
+    let runtime = || agent.shared.forwarder.runtime();
+    wait_for("blr reads cp-ca.pem", Duration::from_secs(3), || {
+        runtime()
+            .config
+            .control_plane
+            .ca
+            .as_ref()
+            .is_some_and(|p| p.ends_with("cp-ca.pem"))
+    })
+    .await;
+    let direct_is = |want: PathState| {
+        paths_of(&fleet, "blr")
+            .iter()
+            .any(|(n, s, _)| n == "direct" && *s == want)
+    };
+    wait_for("direct up", Duration::from_secs(10), || direct_is(PathState::Up)).await;
+
+    // Same name, another CA inside.
+    let other = tempfile::tempdir().unwrap();
+    detour_agent::pki::init(other.path()).unwrap();
+    std::fs::copy(other.path().join("ca.pem"), &cp_ca).unwrap();
+    let files = runtime().config.files.clone();
+    detour_agent::reload::reload_now(agent, &files);
+    wait_for(
+        "direct down with a CA that did not sign the control plane",
+        Duration::from_secs(5),
+        || direct_is(PathState::Down),
+    )
+    .await;
+    let call = || async {
+        CallClient::default()
+            .send(
+                Method::POST,
+                &format!("{}/v1/calls", blr.local_url()),
+                &[],
+                Bytes::from_static(b"{}"),
+            )
+            .await
+    };
+    let r = call().await;
+    let body = String::from_utf8_lossy(&r.body).to_string();
+    assert_eq!(r.status, Some(503), "{body}");
+    assert!(body.contains("invalid peer certificate"), "{body}");
+
+    // The right CA back in the same file.
+    std::fs::write(&cp_ca, &good).unwrap();
+    detour_agent::reload::reload_now(agent, &files);
+    wait_for("direct up again", Duration::from_secs(15), || {
+        direct_is(PathState::Up)
+    })
+    .await;
+    let r = call().await;
+    assert_eq!(r.status, Some(200), "{:?}", String::from_utf8_lossy(&r.body));
+    fleet.shutdown().await;
+}
