@@ -208,8 +208,10 @@ impl Agent {
     }
 
     /// Applies a new, already validated config. Listener addresses and the
-    /// identity cannot change live: such a change is refused with a reason
-    /// and nothing of the new config is applied.
+    /// PoP name cannot change live: such a change is refused with a reason
+    /// and nothing of the new config is applied. A rotated certificate, key
+    /// or CA is applied: the relay presents and checks the new ones on new
+    /// handshakes, and tunnels through peers are set up again with them.
     pub fn apply(&self, new: AgentConfig) -> Result<(), String> {
         let rt = self.shared.forwarder.runtime();
         let old = &rt.config;
@@ -220,10 +222,6 @@ impl Agent {
         if old.pop != new.pop {
             needs_restart.push("pop");
         }
-        let tls_files = |c: &AgentConfig| c.tls.as_ref().map(|t| (t.chain.clone(), t.names.clone()));
-        if tls_files(old) != tls_files(&new) {
-            needs_restart.push("[tls] identity");
-        }
         if !needs_restart.is_empty() {
             return Err(format!(
                 "needs restart: {} changed; the running config is unchanged",
@@ -231,13 +229,17 @@ impl Agent {
             ));
         }
         let new = Arc::new(new);
+        // Everything is built before anything is swapped, so a failure
+        // leaves the running config whole.
         let runtime =
             build_runtime(new.clone(), &self.shared.metrics, Some(&rt)).map_err(|e| e.to_string())?;
-        if let Some(relay) = &self.shared.relay {
-            let counts = relay.load().counts.clone();
-            if let Ok(Some(r)) = relay_state(&new, &self.shared.metrics, counts) {
-                relay.store(Arc::new(r));
-            }
+        let relay_next = match &self.shared.relay {
+            Some(relay) => relay_state(&new, &self.shared.metrics, relay.load().counts.clone())
+                .map_err(|e| format!("{e:#}"))?,
+            None => None,
+        };
+        if let (Some(relay), Some(r)) = (&self.shared.relay, relay_next) {
+            relay.store(Arc::new(r));
         }
         let gone: Vec<Arc<str>> = rt
             .paths

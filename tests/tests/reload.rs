@@ -335,3 +335,63 @@ async fn a_ca_file_rewritten_in_place_is_read_again_on_reload() {
     assert_eq!(r.status, Some(200), "{:?}", String::from_utf8_lossy(&r.body));
     fleet.shutdown().await;
 }
+
+/// The first certificate of a PEM file, as DER.
+fn first_cert(path: &std::path::Path) -> Vec<u8> {
+    detour_agent::tls::load_certs(path).unwrap()[0].to_vec()
+}
+
+/// The certificate `relay` presents to maa on a new handshake.
+async fn served_cert(certs: &std::path::Path, relay: std::net::SocketAddr) -> Vec<u8> {
+    let maa = detour_agent::tls::TlsMaterial::load(
+        &certs.join("ca.pem"),
+        &certs.join("maa.pem"),
+        &certs.join("maa.key"),
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(maa.peer_client_config().unwrap());
+    let tcp = tokio::net::TcpStream::connect(relay).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("blr").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A rotated certificate and key (same PoP, same fleet CA) are applied by a
+/// reload, no restart: blr's relay presents the new certificate on new
+/// handshakes, and blr's tunnels through maa, set up again with it, carry
+/// calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_applied_by_a_reload() {
+    let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+    fleet.wait_all_up(Duration::from_secs(10)).await.unwrap();
+    let certs = fleet.dir.path().join("certs");
+    let blr = fleet.pop("blr");
+    let agent = blr.agent();
+    let relay = blr.relay_addr.unwrap();
+    let before = served_cert(&certs, relay).await;
+    assert_eq!(before, first_cert(&certs.join("blr.pem")));
+
+    detour_agent::pki::issue(&certs, "blr", &certs, 30).unwrap();
+    let rotated = first_cert(&certs.join("blr.pem"));
+    assert_ne!(before, rotated, "pki issue made a new certificate");
+    let files = agent.shared.forwarder.runtime().config.files.clone();
+    let r = detour_agent::reload::reload_now(agent, &files);
+    assert_eq!(r, detour_agent::reload::ReloadResult::Applied);
+    assert!(agent.shared.config_error.load().is_none());
+    assert_eq!(
+        served_cert(&certs, relay).await,
+        rotated,
+        "the relay presents the new certificate"
+    );
+
+    let r = CallClient::default()
+        .send(
+            Method::POST,
+            &format!("{}/v1/calls", blr.local_url()),
+            &[("x-detour-pin", "via:maa")],
+            Bytes::from_static(b"{}"),
+        )
+        .await;
+    assert_eq!(r.status, Some(200), "{:?}", String::from_utf8_lossy(&r.body));
+    fleet.shutdown().await;
+}
