@@ -412,7 +412,7 @@ impl PathClient {
 /// Builds every path of a config: `direct` first, then one per enabled or
 /// draining peer, in file order.
 pub fn build_paths(config: &AgentConfig) -> Result<Vec<Arc<PathClient>>, String> {
-    let cp_tls = crate::tls::control_plane_client_config(config.control_plane.ca.as_deref())?;
+    let cp_tls = crate::tls::control_plane_client_config(&config.control_plane.ca_certs)?;
     let peer_tls = match &config.tls {
         Some(m) => Some(m.peer_client_config().map_err(|e| format!("peer TLS: {e}"))?),
         None => None,

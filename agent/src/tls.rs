@@ -191,18 +191,21 @@ impl TlsMaterial {
 }
 
 /// Client configuration for TLS to the control plane: the system's roots plus
-/// an optional extra CA.
-pub fn control_plane_client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+/// an optional extra CA. `extra_ca` is `control_plane.ca` as read when the config was loaded, so
+/// the paths trust exactly what the config (and a reload's comparison) saw.
+pub fn control_plane_client_config(
+    extra_ca: &[CertificateDer<'static>],
+) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for c in native.certs {
         // A broken system certificate must not stop the agent; skip it.
         let _ = roots.add(c);
     }
-    if let Some(p) = extra_ca {
-        for c in load_certs(p)? {
-            roots.add(c).map_err(|e| format!("control_plane.ca: {e}"))?;
-        }
+    for c in extra_ca {
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("control_plane.ca: {e}"))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     // ALPN (h2, http/1.1) is set by the HTTPS connector that uses this.

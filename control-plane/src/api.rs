@@ -66,13 +66,15 @@ impl App {
             config.numbers.default_region.get_ref(),
             config.numbers.emergency.iter().map(|e| e.get_ref().clone()),
         );
+        let metrics = Metrics::new();
+        let store = store.counting_batches(metrics.db_batches.clone(), metrics.db_batched_calls.clone());
         Ok(App {
             auth: Authenticator::new(admin_token, store.clone()),
             rules: ArcSwap::from_pointee(RuleSet::default()),
             numbers,
             tz: config.time_zone(),
             hooks: Hooks::new(config.hook.clone())?,
-            metrics: Metrics::new(),
+            metrics,
             limiter: RateLimiter::new(config.limits.per_pop_rps, config.limits.per_pop_burst),
             normal_slots: Semaphore::new(config.limits.max_in_flight),
             normal_waiting: AtomicUsize::new(0),
@@ -508,7 +510,6 @@ async fn readyz(State(app): State<Shared>) -> Response {
 }
 
 async fn metrics(State(app): State<Shared>) -> Response {
-    app.metrics.set_batches(app.store.call_batches());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),

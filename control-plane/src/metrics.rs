@@ -139,14 +139,6 @@ impl Metrics {
         }
     }
 
-    /// Brings the group-commit counters up to the store's own totals.
-    pub fn set_batches(&self, (batches, calls): (u64, u64)) {
-        self.db_batches
-            .inc_by(batches.saturating_sub(self.db_batches.get()));
-        self.db_batched_calls
-            .inc_by(calls.saturating_sub(self.db_batched_calls.get()));
-    }
-
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

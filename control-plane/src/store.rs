@@ -8,6 +8,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use sqlx::AnyConnection;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Connection, Executor, Row};
@@ -17,7 +18,7 @@ mod batch;
 use crate::config::Config;
 use crate::intake::Priority;
 use crate::record::{self, EventKind};
-use batch::{Batcher, Written};
+use batch::{Batcher, Counters, Written};
 
 /// Migrations embedded from the repository's `migrations/` folder.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -152,6 +153,8 @@ pub struct Store {
     batcher: Arc<OnceLock<Batcher>>,
     /// How many batch statements may run at once.
     batch_slots: usize,
+    /// What the batcher counts; see [`Store::counting_batches`].
+    batch_counters: Counters,
 }
 
 /// Pooled connections idle longer than this are pinged before use.
@@ -215,7 +218,19 @@ impl Store {
             sqlite,
             batcher: Arc::new(OnceLock::new()),
             batch_slots: config.database.batch_writers as usize,
+            batch_counters: Counters {
+                batches: IntCounter::new("batches", "group-commit statements").expect("static metric name"),
+                calls: IntCounter::new("batched_calls", "calls in them").expect("static metric name"),
+            },
         })
+    }
+
+    /// The store counting its group-commit statements and their calls in
+    /// these counters (the service's registered metrics). Call it before the
+    /// store writes its first call.
+    pub fn counting_batches(mut self, batches: IntCounter, calls: IntCounter) -> Store {
+        self.batch_counters = Counters { batches, calls };
+        self
     }
 
     /// Copies SQLite's write-ahead log into the database file every
@@ -578,9 +593,9 @@ impl Store {
             Some(idem) if !self.sqlite && call.priority == Priority::Normal.as_str() => {
                 // Written together with the calls that arrive meanwhile
                 // (batch.rs); a key that exists is decided below.
-                let batcher = self
-                    .batcher
-                    .get_or_init(|| Batcher::start(self.pool.clone(), self.batch_slots));
+                let batcher = self.batcher.get_or_init(|| {
+                    Batcher::start(self.pool.clone(), self.batch_slots, self.batch_counters.clone())
+                });
                 match batcher.write(idem, call, response).await {
                     Written::Created => return Ok(Outcome::Done(())),
                     Written::Failed(e) => return Err(e),
@@ -637,10 +652,9 @@ impl Store {
         Ok(Outcome::Done(()))
     }
 
-    /// Group commit so far: (statements, calls they carried); zeros until
-    /// the first batched call.
+    /// Group commit so far: (statements, calls they carried).
     pub fn call_batches(&self) -> (u64, u64) {
-        self.batcher.get().map_or((0, 0), Batcher::stats)
+        (self.batch_counters.batches.get(), self.batch_counters.calls.get())
     }
 
     /// The PoP that made a call, if the call exists.

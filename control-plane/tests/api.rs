@@ -61,6 +61,16 @@ async fn health_ready_and_metrics(backend: Backend) {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "ready");
     cp.client.get(cp.url("/healthz")).send().await.unwrap();
+    // One call with a key: on Postgres it goes through group commit.
+    let token = cp.token("blr").await;
+    let route = json!({"prefix": "+9180", "trunk": "t", "pop": "blr"});
+    assert_eq!(cp.put_route("blr", route).await.status(), 201);
+    assert_eq!(
+        cp.post_call(&token, &call_body(), Some("metrics-1"))
+            .await
+            .status(),
+        201
+    );
     let text = cp
         .client
         .get(cp.url("/metrics"))
@@ -75,6 +85,13 @@ async fn health_ready_and_metrics(backend: Backend) {
         "{text}"
     );
     assert!(text.contains("detour_cp_db_up 1"), "{text}");
+    let batched = if backend == Backend::Postgres { 1 } else { 0 };
+    for name in ["detour_cp_db_batches_total", "detour_cp_db_batched_calls_total"] {
+        assert!(
+            text.contains(&format!("\n{name} {batched}\n")),
+            "{name} {batched}: {text}"
+        );
+    }
     cp.stop().await;
     db.finish().await;
 }

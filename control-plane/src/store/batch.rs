@@ -25,8 +25,8 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus::IntCounter;
 use serde::Serialize;
 use sqlx::{AnyPool, Row};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -89,33 +89,24 @@ impl Job {
 #[derive(Clone, Debug)]
 pub struct Batcher {
     tx: mpsc::UnboundedSender<Job>,
-    stats: Arc<Stats>,
 }
 
-/// Statements run and calls they carried, since start.
-#[derive(Debug, Default)]
-struct Stats {
-    batches: AtomicU64,
-    calls: AtomicU64,
+/// Counts statements run and the calls they carried (the service registers
+/// them as `detour_cp_db_batches_total` / `detour_cp_db_batched_calls_total`).
+#[derive(Clone, Debug)]
+pub struct Counters {
+    pub batches: IntCounter,
+    pub calls: IntCounter,
 }
 
 impl Batcher {
     /// Starts the batching task on the current tokio runtime. At most
     /// `in_flight` batch statements run at once (each holds one pooled
     /// connection); the task ends when every handle is dropped.
-    pub fn start(pool: AnyPool, in_flight: usize) -> Batcher {
+    pub fn start(pool: AnyPool, in_flight: usize, counters: Counters) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
-        let stats = Arc::new(Stats::default());
-        tokio::spawn(run(pool, rx, in_flight.max(1), stats.clone()));
-        Batcher { tx, stats }
-    }
-
-    /// (batch statements run, calls they carried) since start.
-    pub fn stats(&self) -> (u64, u64) {
-        (
-            self.stats.batches.load(Ordering::Relaxed),
-            self.stats.calls.load(Ordering::Relaxed),
-        )
+        tokio::spawn(run(pool, rx, in_flight.max(1), counters));
+        Batcher { tx }
     }
 
     /// Writes one call with its key and response.
@@ -134,7 +125,7 @@ impl Batcher {
     }
 }
 
-async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Job>, in_flight: usize, stats: Arc<Stats>) {
+async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Job>, in_flight: usize, counters: Counters) {
     let slots = Arc::new(Semaphore::new(in_flight));
     let mut held: Option<Job> = None;
     loop {
@@ -174,8 +165,8 @@ async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Job>, in_flight: usi
                 Err(_) => break,
             }
         }
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.calls.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        counters.batches.inc();
+        counters.calls.inc_by(batch.len() as u64);
         let pool = pool.clone();
         tokio::spawn(async move {
             write_batch(&pool, batch).await;
@@ -263,16 +254,17 @@ async fn write_batch(pool: &AnyPool, mut batch: Vec<Job>) {
             }
         }
         Err(e) => {
-            let e = StoreError::from(e);
-            let unreachable = matches!(e, StoreError::Unavailable(_));
-            if !unreachable {
-                tracing::debug!(calls = batch.len(), error = %e, "batched call insert failed; writing its calls one by one");
-            }
+            let unreachable = match StoreError::from(e) {
+                StoreError::Unavailable(why) => Some(why),
+                other => {
+                    tracing::debug!(calls = batch.len(), error = %other, "batched call insert failed; writing its calls one by one");
+                    None
+                }
+            };
             for j in batch {
-                let w = if unreachable {
-                    Written::Failed(StoreError::Unavailable(e.to_string()))
-                } else {
-                    Written::Individually
+                let w = match &unreachable {
+                    Some(why) => Written::Failed(StoreError::Unavailable(why.clone())),
+                    None => Written::Individually,
                 };
                 let _ = j.reply.send(w);
             }
