@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::config::Health as HealthConfig;
 use crate::metrics::Metrics;
+use crate::transport::Delta;
 
 /// What one exchange on a path showed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -96,8 +97,14 @@ pub struct PathStats {
     mixed: bool,
     /// The path has never been `up` and never failed.
     never_up: bool,
-    /// When the last lost, stalled or failed exchange happened.
+    /// When the last lost, stalled or failed exchange happened, or the
+    /// kernel last showed the path losing packets.
     last_bad: Option<Instant>,
+    /// What the kernel's TCP stack saw on the path's connections recently
+    /// (see [`PathStats::record_transport`]).
+    transport: VecDeque<(Instant, Delta)>,
+    /// Since the path left `up`: when it first answered again.
+    answering_since: Option<Instant>,
 }
 
 const RECENT: usize = 64;
@@ -107,8 +114,17 @@ const MAX_AGE: Duration = Duration::from_secs(30);
 pub const CLEAN_RUN: Duration = Duration::from_secs(30);
 /// A path that stayed up this long forgets its past flaps.
 const FLAP_FORGET: Duration = Duration::from_secs(60);
-/// Fewest bad exchanges in the short window that make a path degraded.
+/// Fewest bad exchanges in the short window that make a path degraded (and
+/// fewest retransmitted segments in [`TRANSPORT_WINDOW`]).
 const MIN_BAD_FOR_DEGRADED: u32 = 3;
+/// How long the kernel's retransmission counts are remembered.
+const TRANSPORT_WINDOW: Duration = Duration::from_secs(10);
+/// How many of the most recent data segments the retransmission share is
+/// taken over.
+const TRANSPORT_SEGMENTS: u64 = 200;
+/// Retransmissions in this long after a down path first answers again are
+/// the outage's (the data sent into it going out again), not loss.
+const TRANSPORT_SETTLE: Duration = Duration::from_millis(500);
 
 impl PathStats {
     pub fn new(info: PathInfo) -> PathStats {
@@ -129,6 +145,8 @@ impl PathStats {
             mixed: false,
             never_up: true,
             last_bad: None,
+            transport: VecDeque::new(),
+            answering_since: None,
         }
     }
 
@@ -160,14 +178,101 @@ impl PathStats {
             .fold((0, 0), |(t, b), (_, bad)| (t + 1, b + u32::from(*bad)))
     }
 
-    /// Share of bad exchanges among the recent ones.
+    /// Share of bad exchanges among the recent ones, or of retransmitted
+    /// segments among those sent recently, whichever is worse.
     pub fn loss(&self, now: Instant, epoch: Instant) -> f64 {
         let _ = epoch;
         let (total, bad) = self.window(now);
-        if total == 0 {
+        let exchanges = if total == 0 {
             0.0
         } else {
             f64::from(bad) / f64::from(total)
+        };
+        exchanges.max(self.retransmit_ratio(now).unwrap_or(0.0))
+    }
+
+    /// (segments sent, segments sent again) over the most recent
+    /// [`TRANSPORT_SEGMENTS`] segments, or the whole transport window when
+    /// fewer were sent in it. Counting segments rather than time keeps the
+    /// figure fresh under traffic (a few seconds of history, so new loss
+    /// shows within a second) and meaningful when only probes flow.
+    fn transport_totals(&self, now: Instant) -> (u64, u64) {
+        let mut totals = (0, 0);
+        for (t, d) in self.transport.iter().rev() {
+            if now.saturating_duration_since(*t) > TRANSPORT_WINDOW || totals.0 >= TRANSPORT_SEGMENTS {
+                break;
+            }
+            totals = (totals.0 + d.sent, totals.1 + d.retrans);
+        }
+        totals
+    }
+
+    /// Share of the data segments sent recently on this path's connections
+    /// that the kernel had to retransmit; `None` without recent traffic.
+    pub fn retransmit_ratio(&self, now: Instant) -> Option<f64> {
+        let (sent, retrans) = self.transport_totals(now);
+        (sent > 0).then(|| (retrans as f64 / sent as f64).min(1.0))
+    }
+
+    /// Takes the kernel's view of the path's connections since the previous
+    /// sample into account: data segments sent, retransmitted, delivered.
+    ///
+    /// A path that delivers data while retransmitting at least
+    /// `health.degraded_loss` of it is losing packets, even when every
+    /// exchange still answers in time (short paths repair a loss in
+    /// milliseconds). Such a path is degraded, and it counts as bad for the
+    /// clean run a lossy path must show before it is trusted again.
+    /// Retransmissions that deliver nothing are an outage, which the
+    /// exchanges judge; so are those just after a down path answers again.
+    pub fn record_transport(&mut self, delta: Delta, now: Instant, cfg: &HealthConfig) -> Option<PathState> {
+        while self
+            .transport
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > TRANSPORT_WINDOW)
+        {
+            self.transport.pop_front();
+        }
+        if delta.delivered == 0 {
+            return None;
+        }
+        if self.state == PathState::Down
+            && self
+                .answering_since
+                .is_none_or(|t| now.saturating_duration_since(t) < TRANSPORT_SETTLE)
+        {
+            return None;
+        }
+        self.transport.push_back((now, delta));
+        let (sent, retrans) = self.transport_totals(now);
+        let ratio = retrans as f64 / sent.max(1) as f64;
+        // Only a sample with repeats of its own is new evidence; the clean
+        // run counts from the last segment sent again, not from the moment
+        // old repeats leave the window.
+        if delta.retrans == 0 || retrans < u64::from(MIN_BAD_FOR_DEGRADED) || ratio < cfg.degraded_loss {
+            return None;
+        }
+        self.last_bad = Some(now);
+        let before = self.state;
+        let next = match self.state {
+            PathState::Up => {
+                self.reason = Some(format!(
+                    "{:.0}% of packets sent again ({retrans} of the last {sent})",
+                    ratio * 100.0
+                ));
+                PathState::Degraded
+            }
+            PathState::Down => {
+                // Answering while losing packets: loss, not an outage.
+                self.mixed = true;
+                PathState::Down
+            }
+            PathState::Degraded => PathState::Degraded,
+        };
+        if next != before {
+            self.transition(before, next, now, cfg);
+            Some(next)
+        } else {
+            None
         }
     }
 
@@ -260,6 +365,7 @@ impl PathStats {
         }
         if self.state != PathState::Up && !hard && matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_)) {
             self.ok_since_out = true;
+            self.answering_since.get_or_insert(now);
         }
         let next = if hard && self.consecutive_failures >= cfg.fall {
             let why = match outcome {
@@ -349,6 +455,14 @@ impl PathStats {
             self.hold_until = Some(now + Duration::from_secs_f64(hold));
             self.up_since = None;
         }
+        // An outage's retransmissions say nothing about loss, and a path
+        // that rises is judged afresh.
+        if to == PathState::Down || to == PathState::Up {
+            self.transport.clear();
+        }
+        if to == PathState::Down {
+            self.answering_since = None;
+        }
         if to == PathState::Down && from != PathState::Degraded {
             // The outage is the state; recovery is judged on fresh evidence.
             self.exchanges.clear();
@@ -356,6 +470,7 @@ impl PathStats {
         }
         if from == PathState::Up {
             self.ok_since_out = false;
+            self.answering_since = None;
             self.mixed = to == PathState::Degraded || loss_pattern;
         }
         if to == PathState::Up || from == PathState::Up || to == PathState::Degraded {
@@ -403,6 +518,8 @@ pub struct PathView {
     /// p95 of recent request latencies on this path, seconds (the hedge delay).
     pub request_p95: Option<f64>,
     pub loss: f64,
+    /// Share of recent data segments sent again, from the kernel.
+    pub retransmit: Option<f64>,
     pub score: f64,
     pub consecutive_failures: u32,
     pub reason: Option<String>,
@@ -518,6 +635,7 @@ impl HealthTable {
         let changed = {
             let mut s = lock(p);
             let changed = s.record(outcome, Instant::now(), self.epoch, &self.cfg);
+            tracing::trace!(path = %s.info.name, ?outcome, state = s.state().as_str(), "evidence");
             if let Some(to) = changed {
                 tracing::info!(path = %s.info.name, state = to.as_str(), reason = s.reason().unwrap_or("recovered"), "path state changed");
             }
@@ -537,6 +655,26 @@ impl HealthTable {
     pub fn refresh(&self) {
         if self.dirty.swap(false, Ordering::Relaxed) {
             self.publish();
+        }
+    }
+
+    /// Records what the kernel saw on path `index`'s connections since the
+    /// previous sample.
+    pub fn record_transport(&self, index: usize, delta: Delta) {
+        let Some(p) = self.paths.get(index) else { return };
+        let changed = {
+            let mut s = lock(p);
+            let changed = s.record_transport(delta, Instant::now(), &self.cfg);
+            tracing::trace!(path = %s.info.name, sent = delta.sent, retrans = delta.retrans, delivered = delta.delivered, state = s.state().as_str(), "transport");
+            if let Some(to) = changed {
+                tracing::info!(path = %s.info.name, state = to.as_str(), reason = s.reason().unwrap_or("recovered"), "path state changed");
+            }
+            changed
+        };
+        if changed.is_some() {
+            self.publish();
+        } else {
+            self.dirty.store(true, Ordering::Relaxed);
         }
     }
 
@@ -564,6 +702,7 @@ impl HealthTable {
                 p99: s.rtt_quantile(0.99),
                 request_p95: s.request_quantile(0.95),
                 loss: s.loss(now, self.epoch),
+                retransmit: s.retransmit_ratio(now),
                 score: s.score(now, self.epoch),
                 consecutive_failures: s.consecutive_failures(),
                 reason: s.reason().map(str::to_owned),
@@ -598,6 +737,9 @@ impl HealthTable {
                 self.metrics.path_rtt.with_label_values(&[&*v.name]).set(rtt);
             }
             self.metrics.path_loss.with_label_values(&[&*v.name]).set(v.loss);
+            if let Some(r) = v.retransmit {
+                self.metrics.path_retransmit.with_label_values(&[&*v.name]).set(r);
+            }
         }
         let new_active = snap.active().map(|p| p.name.clone());
         {

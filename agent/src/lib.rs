@@ -20,6 +20,7 @@ pub mod relay;
 pub mod reload;
 pub mod status;
 pub mod tls;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -447,10 +448,31 @@ pub async fn probe(rt: &Runtime, path: &paths::PathClient, i: usize) -> Outcome 
     }
 }
 
+/// Every 100 ms: reads the kernel's retransmission counters of every path's
+/// connections into the health table, and republishes the snapshot if any
+/// evidence arrived.
 async fn refresh_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut diag = match transport::Diag::new() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read TCP statistics (NETLINK_SOCK_DIAG); packet loss is judged from exchanges alone");
+            None
+        }
+    };
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => shared.forwarder.runtime().health.refresh(),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                let rt = shared.forwarder.runtime();
+                if let Some(diag) = diag.as_mut() {
+                    for (i, path) in rt.paths.iter().enumerate() {
+                        let delta = path.sockets.sample(diag);
+                        if !delta.is_empty() {
+                            rt.health.record_transport(i, delta);
+                        }
+                    }
+                }
+                rt.health.refresh();
+            }
             _ = shutdown.changed() => return,
         }
     }

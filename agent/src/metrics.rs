@@ -22,6 +22,7 @@ pub struct Metrics {
     pub path_state: IntGaugeVec,
     pub path_rtt: GaugeVec,
     pub path_loss: GaugeVec,
+    pub path_retransmit: GaugeVec,
     /// 1 for the path new requests use first, else 0.
     pub active_path: IntGaugeVec,
     pub path_switches: IntCounter,
@@ -81,6 +82,13 @@ impl Metrics {
                 Opts::new(
                     "detour_path_loss_ratio",
                     "Share of recent exchanges lost or stalled."
+                ),
+                &["path"]
+            )),
+            path_retransmit: reg!(GaugeVec::new(
+                Opts::new(
+                    "detour_path_retransmit_ratio",
+                    "Share of the path's recent data segments the kernel sent again (this side only)."
                 ),
                 &["path"]
             )),

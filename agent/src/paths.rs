@@ -25,6 +25,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{AgentConfig, ControlPlane, Peer};
+use crate::transport::{Registration, Sockets};
 
 /// Why a connection on a path could not be set up. Nothing of the request
 /// was sent when any of these happens, so another path may always be tried.
@@ -66,16 +67,20 @@ pub enum Route {
 }
 
 /// A byte stream to the control plane, before TLS to it (if any).
+///
+/// Each holds the registration of its TCP connection with the path's
+/// [`Sockets`], so the kernel's retransmission counters are read for exactly
+/// as long as the connection lives.
 pub enum DialStream {
-    Tcp(TcpStream),
-    Tunnel(Box<TlsStream<TcpStream>>),
+    Tcp(TcpStream, Option<Registration>),
+    Tunnel(Box<TlsStream<TcpStream>>, Option<Registration>),
 }
 
 impl AsyncRead for DialStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            DialStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            DialStream::Tcp(s, _) => Pin::new(s).poll_read(cx, buf),
+            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -83,22 +88,22 @@ impl AsyncRead for DialStream {
 impl AsyncWrite for DialStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            DialStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            DialStream::Tcp(s, _) => Pin::new(s).poll_write(cx, buf),
+            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            DialStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            DialStream::Tcp(s, _) => Pin::new(s).poll_flush(cx),
+            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            DialStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            DialStream::Tcp(s, _) => Pin::new(s).poll_shutdown(cx),
+            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -108,15 +113,15 @@ impl AsyncWrite for DialStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            DialStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            DialStream::Tunnel(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            DialStream::Tcp(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            DialStream::Tcp(s) => s.is_write_vectored(),
-            DialStream::Tunnel(s) => s.is_write_vectored(),
+            DialStream::Tcp(s, _) => s.is_write_vectored(),
+            DialStream::Tunnel(s, _) => s.is_write_vectored(),
         }
     }
 }
@@ -181,6 +186,7 @@ struct DialerInner {
     cp_addresses: Vec<SocketAddr>,
     connect_timeout: Duration,
     peer_tls: Option<TlsConnector>,
+    sockets: Arc<Sockets>,
 }
 
 impl tower_service::Service<Uri> for Dialer {
@@ -259,11 +265,14 @@ impl DialerInner {
                 } else {
                     self.cp_addresses.clone()
                 };
-                Ok(DialStream::Tcp(tcp_connect(&addrs, &self.cp_authority).await?))
+                let tcp = tcp_connect(&addrs, &self.cp_authority).await?;
+                let reg = self.sockets.register(&tcp);
+                Ok(DialStream::Tcp(tcp, reg))
             }
             Route::Via { peer, relay } => {
                 let addrs = resolve(relay).await?;
                 let tcp = tcp_connect(&addrs, relay).await?;
+                let reg = self.sockets.register(&tcp);
                 let Some(tls) = &self.peer_tls else {
                     return Err(DialError::PeerTls {
                         peer: peer.clone(),
@@ -282,7 +291,7 @@ impl DialerInner {
                         source,
                     })?;
                 connect_tunnel(&mut stream, peer, &self.cp_authority).await?;
-                Ok(DialStream::Tunnel(Box::new(stream)))
+                Ok(DialStream::Tunnel(Box::new(stream), reg))
             }
         }
     }
@@ -350,6 +359,9 @@ pub struct PathClient {
     /// The same, parsed once: every request URI is built from these parts.
     pub scheme: http::uri::Scheme,
     pub authority: Option<http::uri::Authority>,
+    /// The path's live TCP connections (to the control plane for `direct`,
+    /// to the peer's relay for `via:<peer>`), for retransmission counts.
+    pub sockets: Arc<Sockets>,
 }
 
 impl fmt::Debug for PathClient {
@@ -368,6 +380,7 @@ impl PathClient {
         cp_tls: Arc<rustls::ClientConfig>,
         peer_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> PathClient {
+        let sockets = Arc::new(Sockets::default());
         let dialer = Dialer {
             inner: Arc::new(DialerInner {
                 route: route.clone(),
@@ -377,6 +390,7 @@ impl PathClient {
                 cp_addresses: cp.addresses.clone(),
                 connect_timeout,
                 peer_tls: peer_tls.map(TlsConnector::from),
+                sockets: sockets.clone(),
             }),
         };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -405,6 +419,7 @@ impl PathClient {
                 http::uri::Scheme::HTTP
             },
             authority: cp.authority().parse().ok(),
+            sockets,
         }
     }
 }

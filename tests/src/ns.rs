@@ -300,7 +300,10 @@ impl NsFleet {
             .args(["netns", "exec", &self.ns(name)])
             .arg(bin)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("DETOUR_LAB_AGENT_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

@@ -129,9 +129,11 @@ async fn blackhole_then_packet_loss_on_the_kernel_network_fail_no_request() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         fleet.uplink_loss("blr", percent).unwrap();
         let left = wait_active(&fleet, &bins, |a| a.starts_with("via:"), Duration::from_secs(8)).await;
+        eprintln!("{percent}% loss: left direct after {left:?}");
         assert!(
             left < Duration::from_secs(5),
-            "{percent}% loss: left the lossy path within 5 s (took {left:?})"
+            "{percent}% loss: left the lossy path within 5 s (took {left:?})\n{}",
+            fleet.log("blr")
         );
         let s = summary(traffic);
         fleet.heal("blr").unwrap();

@@ -224,6 +224,7 @@ fn view(i: usize, name: &str, state: PathState, score: f64, enabled: bool) -> Pa
         p99: None,
         request_p95: None,
         loss: 0.0,
+        retransmit: None,
         score,
         consecutive_failures: 0,
         reason: None,
@@ -347,4 +348,176 @@ async fn a_lossy_path_that_falls_hard_still_needs_the_clean_run() {
     )
     .await;
     assert_eq!(s.state(), PathState::Up);
+}
+
+/// One 100 ms sample of a path's connections: `sent` data segments, of which
+/// `again` were repeats, `delivered` acknowledged.
+fn tick(sent: u64, again: u64, delivered: u64) -> Delta {
+    Delta {
+        sent,
+        retrans: again,
+        delivered,
+    }
+}
+
+/// Feeds one exchange outcome and one transport sample every 100 ms for
+/// `for_`; `loss(i)` decides whether sample `i` carries a repeated segment.
+async fn traffic(
+    s: &mut PathStats,
+    epoch: Instant,
+    for_: Duration,
+    loss: impl Fn(u32) -> bool,
+) -> Option<Duration> {
+    let start = Instant::now();
+    for i in 0..(for_.as_millis() / 100) as u32 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let now = Instant::now();
+        s.record(Outcome::Answered(Duration::from_millis(2)), now, epoch, &cfg());
+        let again = u64::from(loss(i));
+        if s.record_transport(tick(10, again, 10 - again), now, &cfg()) == Some(PathState::Degraded) {
+            return Some(now - start);
+        }
+    }
+    None
+}
+
+#[tokio::test(start_paused = true)]
+async fn packets_sent_again_make_a_path_degraded_though_every_exchange_answers() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    // Healthy: nothing sent twice, for a minute.
+    assert_eq!(
+        traffic(&mut s, epoch, Duration::from_secs(60), |_| false).await,
+        None
+    );
+    // Then one segment in ten is sent again (10% loss repaired in time):
+    // degraded once 5% of the most recent ~200 segments were repeats.
+    let took = traffic(&mut s, epoch, Duration::from_secs(5), |_| true).await;
+    assert!(took.is_some_and(|t| t <= Duration::from_millis(1500)), "{took:?}");
+    assert!(
+        s.reason().unwrap().contains("packets sent again"),
+        "{:?}",
+        s.reason()
+    );
+    assert!(s.loss(Instant::now(), epoch) >= 0.05);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_few_repeats_on_a_quiet_or_busy_healthy_path_are_not_loss() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    // Probes only (4 segments/s): two repeats in ten seconds are not enough.
+    for i in 0..100u64 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let again = u64::from(i == 10 || i == 60);
+        let d = tick(u64::from(i % 3 == 0), again, 1);
+        assert_eq!(s.record_transport(d, Instant::now(), &cfg()), None, "sample {i}");
+    }
+    assert_eq!(s.state(), PathState::Up);
+    // Under traffic, 1% of segments sent again stays up.
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    assert_eq!(
+        traffic(&mut s, epoch, Duration::from_secs(60), |i| i % 10 == 5).await,
+        None
+    );
+    assert_eq!(s.state(), PathState::Up);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_is_judged_by_exchanges_not_by_its_retransmissions() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    // Blackhole: the kernel resends into the void and nothing is delivered.
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(s.record_transport(tick(5, 5, 0), Instant::now(), &cfg()), None);
+        s.record(FAIL, Instant::now(), epoch, &cfg());
+    }
+    assert_eq!(s.state(), PathState::Down);
+    // Healed: the first answer arrives with the backlog resent just before.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    s.record(OK, Instant::now(), epoch, &cfg());
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_eq!(s.record_transport(tick(20, 15, 20), Instant::now(), &cfg()), None);
+    // A clean outage: up again after `rise` good answers, no 30 s clean run.
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Up, "{:?}", s.reason());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_down_path_that_answers_while_losing_packets_must_show_a_clean_run() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    // A burst of loss begins with two lost exchanges back to back: down,
+    // looking like an outage.
+    s.record(FAIL, Instant::now(), epoch, &cfg());
+    s.record(FAIL, Instant::now(), epoch, &cfg());
+    assert_eq!(s.state(), PathState::Down);
+    // It answers again, but keeps losing packets.
+    for i in 0..30u32 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        if i % 5 == 0 {
+            s.record(OK, Instant::now(), epoch, &cfg());
+        }
+        s.record_transport(tick(4, 1, 3), Instant::now(), &cfg());
+    }
+    // Clean again: it must not be up before a whole clean run.
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_ne!(s.state(), PathState::Up, "lossy path trusted again after 20 s");
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Up, "{:?}", s.reason());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_clean_run_after_packet_loss_counts_from_the_last_segment_sent_again() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    assert!(
+        traffic(&mut s, epoch, Duration::from_secs(5), |_| true)
+            .await
+            .is_some()
+    );
+    // Healed; traffic has moved away, only probes flow (and deliver).
+    let healed = Instant::now();
+    let mut up_after = None;
+    for i in 0..400u32 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        s.record_transport(tick(1, 0, 1), Instant::now(), &cfg());
+        if i % 5 == 0 && s.record(OK, Instant::now(), epoch, &cfg()) == Some(PathState::Up) {
+            up_after = Some(Instant::now() - healed);
+            break;
+        }
+    }
+    let up_after = up_after.expect("trusted again after a clean run");
+    assert!(
+        up_after >= CLEAN_RUN && up_after < CLEAN_RUN + Duration::from_secs(2),
+        "{up_after:?}"
+    );
 }
