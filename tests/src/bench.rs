@@ -30,8 +30,9 @@ use crate::load::{Call, CallClient, CallResult, steady};
 /// Options of `detour-lab bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Which benchmark: overhead, failover, compare (HAProxy + Squid, root), all
-    /// (overhead and failover).
+    /// Which benchmark: overhead, failover, compare (HAProxy + Squid, root),
+    /// netns (failover on the real kernel network, root), all (overhead and
+    /// failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -47,6 +48,9 @@ pub struct BenchArgs {
     /// agent's default when absent.
     #[arg(long)]
     pub agent_threads: Option<u16>,
+    /// Runs per fault (`netns`): each on a fresh fleet.
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -54,11 +58,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "compare" => crate::compare::run(&args).await,
         "overhead" => overhead(&args).await,
         "failover" => failover(&args).await,
+        "netns" => crate::netns::bench(&args).await,
         "all" => {
             overhead(&args).await?;
             failover(&args).await
         }
-        other => bail!("unknown benchmark `{other}`; choose overhead, failover, compare or all"),
+        other => bail!("unknown benchmark `{other}`; choose overhead, failover, compare, netns or all"),
     }
 }
 
