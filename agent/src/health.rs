@@ -115,7 +115,7 @@ pub const CLEAN_RUN: Duration = Duration::from_secs(30);
 /// A path that stayed up this long forgets its past flaps.
 const FLAP_FORGET: Duration = Duration::from_secs(60);
 /// Fewest bad exchanges in the short window that make a path degraded (and
-/// fewest retransmitted segments in [`TRANSPORT_WINDOW`]).
+/// fewest segments sent again among the last [`TRANSPORT_SEGMENTS`]).
 const MIN_BAD_FOR_DEGRADED: u32 = 3;
 /// How long the kernel's retransmission counts are remembered.
 const TRANSPORT_WINDOW: Duration = Duration::from_secs(10);
