@@ -631,11 +631,29 @@ impl HealthTable {
 
     /// Records one outcome on path `index`.
     pub fn record(&self, index: usize, outcome: Outcome) {
+        self.update(index, |s, now| {
+            let changed = s.record(outcome, now, self.epoch, &self.cfg);
+            tracing::trace!(path = %s.info.name, ?outcome, state = s.state().as_str(), "evidence");
+            changed
+        });
+    }
+
+    /// Records what the kernel saw on path `index`'s connections since the
+    /// previous sample.
+    pub fn record_transport(&self, index: usize, delta: Delta) {
+        self.update(index, |s, now| {
+            let changed = s.record_transport(delta, now, &self.cfg);
+            tracing::trace!(path = %s.info.name, sent = delta.sent, again = delta.retrans, delivered = delta.delivered, state = s.state().as_str(), "transport");
+            changed
+        });
+    }
+
+    /// Applies `f` to path `index`'s stats under its lock; logs a state change.
+    fn update(&self, index: usize, f: impl FnOnce(&mut PathStats, Instant) -> Option<PathState>) {
         let Some(p) = self.paths.get(index) else { return };
         let changed = {
             let mut s = lock(p);
-            let changed = s.record(outcome, Instant::now(), self.epoch, &self.cfg);
-            tracing::trace!(path = %s.info.name, ?outcome, state = s.state().as_str(), "evidence");
+            let changed = f(&mut s, Instant::now());
             if let Some(to) = changed {
                 tracing::info!(path = %s.info.name, state = to.as_str(), reason = s.reason().unwrap_or("recovered"), "path state changed");
             }
@@ -655,26 +673,6 @@ impl HealthTable {
     pub fn refresh(&self) {
         if self.dirty.swap(false, Ordering::Relaxed) {
             self.publish();
-        }
-    }
-
-    /// Records what the kernel saw on path `index`'s connections since the
-    /// previous sample.
-    pub fn record_transport(&self, index: usize, delta: Delta) {
-        let Some(p) = self.paths.get(index) else { return };
-        let changed = {
-            let mut s = lock(p);
-            let changed = s.record_transport(delta, Instant::now(), &self.cfg);
-            tracing::trace!(path = %s.info.name, sent = delta.sent, retrans = delta.retrans, delivered = delta.delivered, state = s.state().as_str(), "transport");
-            if let Some(to) = changed {
-                tracing::info!(path = %s.info.name, state = to.as_str(), reason = s.reason().unwrap_or("recovered"), "path state changed");
-            }
-            changed
-        };
-        if changed.is_some() {
-            self.publish();
-        } else {
-            self.dirty.store(true, Ordering::Relaxed);
         }
     }
 
