@@ -233,7 +233,7 @@ impl Ingress {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max) {
-            return (problem(too_large(max)), none());
+            return (closing(problem(too_large(max))), none());
         }
         let collected = tokio::time::timeout(
             config.ingress.body_timeout,
@@ -243,11 +243,11 @@ impl Ingress {
         let body = match collected {
             Ok(Ok(c)) => c.to_bytes(),
             Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                return (problem(too_large(max)), none());
+                return (closing(problem(too_large(max))), none());
             }
             Ok(Err(e)) => {
                 let p = Problem::new(400, "Could not read the request body", e.to_string());
-                return (problem(p), none());
+                return (closing(problem(p)), none());
             }
             Err(_) => {
                 let p = Problem::new(
@@ -258,7 +258,7 @@ impl Ingress {
                         humantime::format_duration(config.ingress.body_timeout)
                     ),
                 );
-                return (problem(p), none());
+                return (closing(problem(p)), none());
             }
         };
 
@@ -366,6 +366,15 @@ impl Ingress {
             }
         }
     }
+}
+
+/// Marks an answer given before the request body was read to its end: the
+/// connection closes after it (the rest of the body is never read), and the
+/// client must know not to send its next request on it.
+fn closing(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 fn too_large(max: u64) -> Problem {

@@ -175,6 +175,16 @@ async fn status_codes_pass_through_and_limits_answer_with_problems() {
     let problem: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(problem["status"], 413);
     assert!(fleet.cp.as_ref().unwrap().recorder.find("/v1/too-big").is_none());
+    // The rest of that body is never read, so the connection closes after the
+    // answer, and the answer says so: a keep-alive client must not send its
+    // next request on it (it did, and failed, before `Connection: close`).
+    let head = raw(
+        blr.agent().local_addr,
+        "POST /v1/too-big HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
     // Unknown pin and bad priority: 400 with a reason.
     let r = client
         .send(
