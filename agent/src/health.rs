@@ -202,7 +202,7 @@ impl PathStats {
             if now.saturating_duration_since(*t) > TRANSPORT_WINDOW || totals.0 >= TRANSPORT_SEGMENTS {
                 break;
             }
-            totals = (totals.0 + d.sent, totals.1 + d.retrans);
+            totals = (totals.0 + d.sent, totals.1 + d.repeats);
         }
         totals
     }
@@ -248,7 +248,7 @@ impl PathStats {
         // Only a sample with repeats of its own is new evidence; the clean
         // run counts from the last segment sent again, not from the moment
         // old repeats leave the window.
-        if delta.retrans == 0 || retrans < u64::from(MIN_BAD_FOR_DEGRADED) || ratio < cfg.degraded_loss {
+        if delta.repeats == 0 || retrans < u64::from(MIN_BAD_FOR_DEGRADED) || ratio < cfg.degraded_loss {
             return None;
         }
         self.last_bad = Some(now);
@@ -643,7 +643,7 @@ impl HealthTable {
     pub fn record_transport(&self, index: usize, delta: Delta) {
         self.update(index, |s, now| {
             let changed = s.record_transport(delta, now, &self.cfg);
-            tracing::trace!(path = %s.info.name, sent = delta.sent, again = delta.retrans, delivered = delta.delivered, state = s.state().as_str(), "transport");
+            tracing::trace!(path = %s.info.name, sent = delta.sent, again = delta.repeats, delivered = delta.delivered, state = s.state().as_str(), "transport");
             changed
         });
     }

@@ -355,7 +355,7 @@ async fn a_lossy_path_that_falls_hard_still_needs_the_clean_run() {
 fn tick(sent: u64, again: u64, delivered: u64) -> Delta {
     Delta {
         sent,
-        retrans: again,
+        repeats: again,
         delivered,
     }
 }
