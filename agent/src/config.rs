@@ -202,8 +202,20 @@ pub struct Forward {
 pub struct Ingress {
     /// Largest request body accepted; beyond it the answer is 413.
     pub max_body: u64,
-    /// A client must send its complete request head within this time.
+    /// Largest request head (request line and headers) accepted; beyond it
+    /// the answer is 431. Kept below what the control plane accepts (64 KiB,
+    /// `server.max_header_bytes`): over four times that, HTTP/2 drops the
+    /// whole connection, and every request multiplexed on it.
+    pub max_header_bytes: usize,
+    /// A client must send its complete request head within this time of
+    /// its first byte.
     pub header_timeout: Duration,
+    /// A kept-alive connection with nothing in flight is closed after this
+    /// long without a byte. Long, so that a call handler's pool (Go's 90 s,
+    /// most others less) closes idle connections before the agent does.
+    pub idle_timeout: Duration,
+    /// Connections from call handlers open at once; more are closed at once.
+    pub max_connections: usize,
     /// A client must send its complete body within this time.
     pub body_timeout: Duration,
     /// On SIGTERM, in-flight requests get this long to finish.
@@ -328,7 +340,10 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Ingress {
         pub max_body: Option<Spanned<toml::Value>>,
+        pub max_header_bytes: Option<Spanned<toml::Value>>,
         pub header_timeout: Option<Spanned<String>>,
+        pub idle_timeout: Option<Spanned<String>>,
+        pub max_connections: Option<Spanned<u32>>,
         pub body_timeout: Option<Spanned<String>>,
         pub drain_timeout: Option<Spanned<String>>,
     }
@@ -420,6 +435,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Parses a byte size: an integer, or a number with `B`, `KiB`, `MiB`, `KB`, `MB`.
+/// Default of `ingress.max_header_bytes`: nginx's default request-head
+/// limit too (4 x 8 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// hyper's smallest read buffer.
+const MIN_HEADER_BYTES: usize = 8 * 1024;
+/// Below the control plane's 64 KiB by room for what the agent adds: its
+/// own headers (`Authorization`, `Idempotency-Key`, `X-Request-Id`) and
+/// HTTP/2's 32 bytes of accounting per header (100 headers: 3.2 KiB).
+const MAX_HEADER_BYTES: usize = 48 * 1024;
+
 pub fn parse_size(value: &toml::Value) -> Result<u64, String> {
     match value {
         toml::Value::Integer(n) if *n >= 0 => Ok(*n as u64),
@@ -762,12 +787,39 @@ fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -> Option<Ag
                 1024 * 1024
             }),
         },
+        max_header_bytes: match &i.max_header_bytes {
+            None => DEFAULT_MAX_HEADER_BYTES,
+            Some(v) => match parse_size(v.get_ref()) {
+                Ok(n) if (MIN_HEADER_BYTES as u64..=MAX_HEADER_BYTES as u64).contains(&n) => n as usize,
+                Ok(n) => {
+                    d.span(
+                        v,
+                        format!(
+                            "ingress.max_header_bytes: {n} is outside {MIN_HEADER_BYTES}..={MAX_HEADER_BYTES} \
+                             (the control plane accepts request heads up to 64 KiB)"
+                        ),
+                    );
+                    DEFAULT_MAX_HEADER_BYTES
+                }
+                Err(e) => {
+                    d.span(v, format!("ingress.max_header_bytes: {e}"));
+                    DEFAULT_MAX_HEADER_BYTES
+                }
+            },
+        },
         header_timeout: duration_or(
             &mut d,
             "ingress.header_timeout",
             &i.header_timeout,
             Duration::from_secs(5),
         ),
+        idle_timeout: duration_or(
+            &mut d,
+            "ingress.idle_timeout",
+            &i.idle_timeout,
+            Duration::from_secs(300),
+        ),
+        max_connections: positive(&mut d, "ingress.max_connections", &i.max_connections, 4096) as usize,
         body_timeout: duration_or(
             &mut d,
             "ingress.body_timeout",

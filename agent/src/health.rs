@@ -45,6 +45,10 @@ pub enum FailureKind {
     Timeout,
     /// The connection broke during the exchange.
     Broken,
+    /// The control plane itself refused the request or its connection
+    /// (HTTP/2 RST_STREAM or GOAWAY): the path carried the bytes, so this is
+    /// no evidence against it. One bad request cannot take a path down.
+    Refused,
 }
 
 impl FailureKind {
@@ -53,6 +57,7 @@ impl FailureKind {
             FailureKind::Connect => "connect failed",
             FailureKind::Timeout => "timed out",
             FailureKind::Broken => "connection broke",
+            FailureKind::Refused => "refused by the control plane",
         }
     }
 }
@@ -631,6 +636,10 @@ impl HealthTable {
 
     /// Records one outcome on path `index`.
     pub fn record(&self, index: usize, outcome: Outcome) {
+        if outcome == Outcome::Failed(FailureKind::Refused) {
+            tracing::trace!(index, "refused by the control plane: no evidence about the path");
+            return;
+        }
         self.update(index, |s, now| {
             let changed = s.record(outcome, now, self.epoch, &self.cfg);
             tracing::trace!(path = %s.info.name, ?outcome, state = s.state().as_str(), "evidence");

@@ -53,6 +53,37 @@ pub struct Ingress {
     pub metrics: Arc<Metrics>,
 }
 
+/// The answer that replaces hyper's empty one for a request head it could
+/// not parse (400, 414, 431); counted as a rejection like any refused request.
+pub fn rejection(metrics: Arc<Metrics>, max_header_bytes: usize) -> detour_wire::conn::Rejection {
+    Arc::new(move |status| {
+        metrics.requests.with_label_values(&["none", "rejected"]).inc();
+        let p = detour_wire::conn::parse_problem(status, max_header_bytes, "ingress.max_header_bytes");
+        tracing::debug!(
+            status = p.status,
+            "refused a request head that could not be parsed"
+        );
+        detour_wire::conn::problem_response(&p)
+    })
+}
+
+/// The size of a request head as it came in: request line and header lines.
+fn head_bytes(parts: &http::request::Parts) -> usize {
+    let uri = &parts.uri;
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    // "METHOD target HTTP/1.1\r\n"
+    let line = parts.method.as_str().len() + target + 11;
+    parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
+}
+
 /// Builds a problem+json response.
 pub fn problem(p: Problem) -> Response<Body> {
     let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -148,6 +179,13 @@ impl Ingress {
         let config = rt.config.clone();
         let (parts, body) = req.into_parts();
 
+        // hyper's buffer bounds the head too, but a head that arrived in one
+        // read may overshoot it a little; this is the exact limit.
+        let max_head = config.ingress.max_header_bytes;
+        if head_bytes(&parts) > max_head {
+            let p = detour_wire::conn::parse_problem(431, max_head, "ingress.max_header_bytes");
+            return (closing(problem(p)), none());
+        }
         if parts.method == Method::CONNECT {
             let p = Problem::new(
                 405,

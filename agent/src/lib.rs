@@ -301,15 +301,25 @@ async fn serve_local(
     mut shutdown: watch::Receiver<bool>,
     cfg: config::Ingress,
 ) {
+    use detour_wire::conn::{self, ConnLimits, Tracked};
+
     let graceful = GracefulShutdown::new();
     let ingress = Arc::new(ingress::Ingress {
         forwarder: shared.forwarder.clone(),
         metrics: shared.metrics.clone(),
     });
+    let limits = ConnLimits {
+        header_timeout: cfg.header_timeout,
+        idle_timeout: cfg.idle_timeout,
+    };
+    let rejection = ingress::rejection(shared.metrics.clone(), cfg.max_header_bytes);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let mut builder = http1::Builder::new();
+    // The guard owns the head and idle timeouts: hyper's header_read_timeout
+    // also runs between requests and would close pooled connections early.
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes)
         .keep_alive(true);
     loop {
         let (tcp, _) = tokio::select! {
@@ -323,18 +333,35 @@ async fn serve_local(
             },
             _ = shutdown.changed() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.metrics.local_connections_refused.inc();
+            tracing::warn!(
+                max = cfg.max_connections,
+                "ingress.max_connections are open; closed a new connection"
+            );
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
+        let (io, tracker) = conn::guard(tcp, limits, rejection.clone());
         let ingress = ingress.clone();
         let service = service_fn(move |req| {
             let ingress = ingress.clone();
-            async move { Ok::<_, std::convert::Infallible>(ingress.handle(req).await) }
+            let flight = tracker.begin();
+            async move {
+                let resp = ingress.handle(req).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, flight)))
+            }
         });
-        let conn = builder.serve_connection(TokioIo::new(tcp), service);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
+        let gauge = shared.metrics.local_connections.clone();
+        gauge.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "local connection ended");
             }
+            gauge.dec();
+            drop(slot);
         });
     }
     drop(listener);

@@ -27,6 +27,11 @@ pub struct Metrics {
     pub active_path: IntGaugeVec,
     pub path_switches: IntCounter,
     pub probes: IntCounterVec,
+    /// Call-handler connections open now.
+    pub local_connections: IntGauge,
+    /// Call-handler connections closed at once because
+    /// `ingress.max_connections` were open.
+    pub local_connections_refused: IntCounter,
     pub relay_tunnels_active: IntGauge,
     pub relay_tunnels_total: IntCounterVec,
     pub relay_rejected: IntCounterVec,
@@ -103,6 +108,14 @@ impl Metrics {
             probes: reg!(IntCounterVec::new(
                 Opts::new("detour_probes_total", "Health probes sent, by path and result."),
                 &["path", "result"]
+            )),
+            local_connections: reg!(IntGauge::new(
+                "detour_local_connections",
+                "Call-handler connections open on the local listener."
+            )),
+            local_connections_refused: reg!(IntCounter::new(
+                "detour_local_connections_refused_total",
+                "Call-handler connections closed at once because ingress.max_connections were open."
             )),
             relay_tunnels_active: reg!(IntGauge::new(
                 "detour_relay_tunnels_active",

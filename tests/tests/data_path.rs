@@ -700,3 +700,208 @@ async fn tunnels_over_the_relay_limits_are_refused_with_a_reason() {
     assert!(m.relay_tunnels_active.get() >= 2);
     fleet.shutdown().await;
 }
+
+/// Issue 12, defect 1: one request with a huge header used to reach the
+/// control plane's HTTP/2 side, which dropped the whole connection (GOAWAY),
+/// failing every request multiplexed on it and marking the paths down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_header_is_refused_at_the_door_and_hurts_no_other_request() {
+    let fleet = fleet().await;
+    let blr = fleet.pop("blr");
+    let client = CallClient::new(Duration::from_secs(5));
+    let base = blr.local_url();
+    let calls: Vec<_> = (0..5)
+        .map(|i| {
+            let (client, url) = (client.clone(), format!("{base}/slow/100?n={i}"));
+            tokio::spawn(async move { client.send(Method::GET, &url, &[], Bytes::new()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let big = "x".repeat(70_000);
+    let r = client
+        .send(
+            Method::GET,
+            &format!("{base}/healthz"),
+            &[("x-big", &big)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, Some(431), "{r:?}");
+    let problem: serde_json::Value = serde_json::from_slice(&r.body).expect("problem+json body");
+    assert_eq!(problem["status"], 431);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("ingress.max_header_bytes")
+    );
+    for c in calls {
+        let r = c.await.unwrap();
+        assert_eq!(r.status, Some(200), "a request beside the big one: {r:?}");
+    }
+    // Just over the limit is refused too, just under goes through.
+    let limit = detour_agent::config::DEFAULT_MAX_HEADER_BYTES;
+    let over = "y".repeat(limit);
+    let r = client
+        .send(
+            Method::GET,
+            &format!("{base}/v1/x"),
+            &[("x-big", &over)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, Some(431));
+    let under = "y".repeat(limit - 1024);
+    let r = client
+        .send(
+            Method::GET,
+            &format!("{base}/v1/x"),
+            &[("x-big", &under)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let m = &blr.agent().shared.metrics;
+    assert_eq!(m.requests.with_label_values(&["none", "rejected"]).get(), 2);
+    assert_eq!(m.requests.with_label_values(&["none", "failed"]).get(), 0);
+    let snap = blr.agent().shared.forwarder.runtime().health.snapshot();
+    assert!(
+        snap.paths.iter().all(|p| p.state == detour_wire::PathState::Up),
+        "no path was judged by the refused requests: {:?}",
+        snap.paths
+    );
+    fleet.shutdown().await;
+}
+
+/// Issue 12, defect 7: a request head hyper cannot parse is answered with
+/// problem+json like every other error the agent makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_heads_get_problem_json_answers() {
+    let fleet = fleet().await;
+    let blr = fleet.pop("blr");
+    let local = blr.agent().local_addr;
+    let huge = format!(
+        "GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "z".repeat(200_000)
+    );
+    for (request, status) in [
+        ("GET /v1/x HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+        (
+            "GET /v1/x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            400,
+        ),
+        ("\x16\x03\x01\x00\x05\x01\x00\x00\x01\x03\x03\r\n\r\n", 400),
+        (huge.as_str(), 431),
+    ] {
+        let answer = raw_whole(local, request).await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+        assert!(head.contains("application/problem+json"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        let problem: serde_json::Value = serde_json::from_str(body).expect("a problem+json body");
+        assert_eq!(problem["status"], status);
+    }
+    // A good request on a kept-alive connection is not mistaken for one.
+    let mut s = TcpStream::connect(local).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(b"GET /v1/ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    fleet.shutdown().await;
+}
+
+/// Issue 12, defect 6: a kept-alive connection was closed after 5 s of quiet
+/// (hyper's header timer runs between requests), racing the call handler's
+/// next request. Quiet connections now stay open for `ingress.idle_timeout`,
+/// while a head that starts and stalls is still cut at `header_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_keep_alive_connections_stay_open_and_stalled_heads_do_not() {
+    let mut opts = FleetOptions::default();
+    opts.extra.insert(
+        "ingress".into(),
+        "header_timeout = \"300ms\"\nidle_timeout = \"2s\"".into(),
+    );
+    let fleet = Fleet::start(opts).await.unwrap();
+    let local = fleet.pop("blr").agent().local_addr;
+    let mut s = TcpStream::connect(local).await.unwrap();
+    s.write_all(b"GET /v1/ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Quiet for three header timeouts: still open and serving.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    s.write_all(b"GET /v1/ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_head(&mut s).await.starts_with("HTTP/1.1 200"),
+        "served after 900 ms of quiet"
+    );
+    // A head that starts and stalls is cut off at the header timeout.
+    let started = tokio::time::Instant::now();
+    s.write_all(b"GET /v1/ok HTTP/1.1\r\nHo").await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    // And a connection quiet past the idle timeout is closed.
+    let mut q = TcpStream::connect(local).await.unwrap();
+    q.write_all(b"GET /v1/ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut q).await.starts_with("HTTP/1.1 200"));
+    let started = tokio::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), q.read(&mut buf))
+        .await
+        .expect("idle connection closed");
+    assert!(matches!(n, Ok(0)), "a quiet close at the idle timeout: {n:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited > Duration::from_millis(1500),
+        "not before the idle timeout ({waited:?})"
+    );
+    fleet.shutdown().await;
+}
+
+/// Writes `request` and reads until the peer closes (or 5 s pass).
+async fn raw_whole(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The peer may answer and close before reading everything we send.
+    let _ = s.write_all(request.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one response (head and Content-Length body) from a kept-alive connection.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "connection closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return head.to_owned();
+            }
+        }
+    }
+}

@@ -1,5 +1,8 @@
 //! Wire types that cross between Detour processes: RFC 9457 problem details,
-//! the header names every part agrees on, and the agent's fleet report.
+//! the header names every part agrees on, the agent's fleet report, and
+//! the [`conn`] guard both HTTP servers put under hyper.
+
+pub mod conn;
 
 use serde::{Deserialize, Serialize};
 
