@@ -204,7 +204,7 @@ pub struct Ingress {
     pub max_body: u64,
     /// Largest request head (request line and headers) accepted; beyond it
     /// the answer is 431. Kept below what the control plane accepts (64 KiB,
-    /// `server.max_header_bytes`): over four times that, HTTP/2 drops the
+    /// `limits.max_header_bytes`): over four times that, HTTP/2 drops the
     /// whole connection, and every request multiplexed on it.
     pub max_header_bytes: usize,
     /// A client must send its complete request head within this time of

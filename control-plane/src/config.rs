@@ -150,6 +150,25 @@ pub struct LimitsConfig {
     /// Largest request body accepted, in bytes; larger is 413. Default 65536.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Largest request head (HTTP/1.1 request line and headers, or an HTTP/2
+    /// header list), in bytes; larger is 431. Agents cap theirs below this.
+    /// Default 65536.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// A request head must be whole this long after its first byte, and a
+    /// new connection's first request this long after the TLS handshake.
+    /// Default `10s`.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection with nothing in flight and no byte read for this long is
+    /// closed. Keep it above the load balancer's idle timeout (60 s on an AWS
+    /// ALB), so the balancer never reuses a connection as it closes. Default `75s`.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections open at once per replica; a new one past this is closed
+    /// at once. Default 8192.
+    #[serde(default = "default_max_connections_open")]
+    pub max_connections: usize,
 }
 
 /// Idempotency-Key handling.
@@ -169,6 +188,19 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+}
+
+/// Where the file settings are in the text, for messages about the files.
+#[derive(Debug, Default, Deserialize)]
+struct FilePlaces {
+    admin_token_file: Option<Spanned<toml::Value>>,
+    tls: Option<TlsPlaces>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TlsPlaces {
+    cert: Option<Spanned<toml::Value>>,
+    key: Option<Spanned<toml::Value>>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -234,6 +266,18 @@ fn default_per_pop_burst() -> u32 {
 fn default_max_body() -> usize {
     64 * 1024
 }
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(75)
+}
+fn default_max_connections_open() -> usize {
+    8192
+}
 fn default_retention() -> Duration {
     Duration::from_secs(24 * 3600)
 }
@@ -283,6 +327,10 @@ impl Default for LimitsConfig {
             per_pop_rps: default_per_pop_rps(),
             per_pop_burst: default_per_pop_burst(),
             max_body_bytes: default_max_body(),
+            max_header_bytes: default_max_header_bytes(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections_open(),
         }
     }
 }
@@ -443,8 +491,53 @@ impl Config {
                 ),
             ));
         }
+        if !(16 * 1024..=1024 * 1024).contains(&config.limits.max_header_bytes) {
+            errors.push(err_at(
+                None,
+                "limits.max_header_bytes must be between 16384 and 1048576 (agents send up to 49152)".into(),
+            ));
+        }
+        if config.limits.header_timeout.is_zero() || config.limits.idle_timeout.is_zero() {
+            errors.push(err_at(
+                None,
+                "limits.header_timeout and limits.idle_timeout must be above 0".into(),
+            ));
+        }
+        if config.limits.max_connections == 0 {
+            errors.push(err_at(None, "limits.max_connections must be above 0".into()));
+        }
         if config.limits.max_body_bytes < 256 {
             errors.push(err_at(None, "limits.max_body_bytes must be at least 256".into()));
+        }
+        // The files `serve` reads are read here too, so `check-config` fails
+        // exactly when `serve` would, and says where.
+        let places: FilePlaces = toml::from_str(text).unwrap_or_default();
+        let place = |s: &Option<Spanned<toml::Value>>| s.as_ref().map(|v| v.span());
+        if let Some(path) = &config.admin_token_file
+            && let Err(e) = crate::read_admin_token_file(path)
+        {
+            errors.push(err_at(
+                place(&places.admin_token_file),
+                format!("admin_token_file: {e:#}"),
+            ));
+        }
+        if let Some(tls) = &config.tls {
+            let t = places.tls.unwrap_or_default();
+            match (crate::tls::load_certs(&tls.cert), crate::tls::load_key(&tls.key)) {
+                (Ok(certs), Ok(key)) => {
+                    if let Err(e) = crate::tls::server_config_from(certs, key) {
+                        errors.push(err_at(place(&t.key), format!("{e:#}")));
+                    }
+                }
+                (certs, key) => {
+                    if let Err(e) = certs {
+                        errors.push(err_at(place(&t.cert), format!("{e:#}")));
+                    }
+                    if let Err(e) = key {
+                        errors.push(err_at(place(&t.key), format!("{e:#}")));
+                    }
+                }
+            }
         }
         if errors.is_empty() {
             Ok(config)

@@ -31,10 +31,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use detour_wire::conn::{self, ConnLimits};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -49,14 +49,19 @@ const DRAIN: Duration = Duration::from_secs(5);
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 fn read_admin_token(config: &Config) -> anyhow::Result<Option<String>> {
-    let Some(path) = &config.admin_token_file else {
-        return Ok(None);
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("admin_token_file {}", path.display()))?;
+    config
+        .admin_token_file
+        .as_deref()
+        .map(read_admin_token_file)
+        .transpose()
+}
+
+/// The admin token in `path` (one line, not empty).
+pub(crate) fn read_admin_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     let token = text.trim().to_owned();
-    anyhow::ensure!(!token.is_empty(), "admin_token_file {} is empty", path.display());
-    Ok(Some(token))
+    anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
+    Ok(token)
 }
 
 /// Opens the database and applies pending migrations.
@@ -173,6 +178,33 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "control plane serving");
+    let limits = app.config.limits.clone();
+    let guard_limits = ConnLimits {
+        header_timeout: limits.header_timeout,
+        idle_timeout: limits.idle_timeout,
+    };
+    let rejection: conn::Rejection = {
+        let (app, max) = (app.clone(), limits.max_header_bytes);
+        Arc::new(move |status| {
+            app.metrics
+                .requests
+                .with_label_values(&["unparsable", &status.to_string()])
+                .inc();
+            conn::problem_response(&conn::parse_problem(status, max, "limits.max_header_bytes"))
+        })
+    };
+    let mut builder = Builder::new(TokioExecutor::new());
+    // The guard owns the head and idle timeouts (hyper's header_read_timeout
+    // would also close a load balancer's quiet kept-alive connections).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(limits.max_header_bytes)
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (stream, _peer) = tokio::select! {
             _ = &mut shutdown => break,
@@ -186,38 +218,51 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            app.metrics.connections_refused.inc();
+            tracing::warn!(
+                max = limits.max_connections,
+                "limits.max_connections are open; closed a new connection"
+            );
+            continue;
+        };
         stream.set_nodelay(true).ok();
-        let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let (tls, router, builder) = (tls.clone(), router.clone(), builder.clone());
+        let (rejection, app) = (rejection.clone(), app.clone());
+        let handshake_timeout = limits.header_timeout;
+        app.metrics.connections.inc();
         tokio::spawn(async move {
-            let builder = Builder::new(TokioExecutor::new());
             let result = match tls {
                 None => {
+                    let (io, tracker) = conn::guard(stream, guard_limits, rejection);
                     let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(io), tracked(router, tracker))
                         .into_owned();
                     watcher.watch(conn).await
                 }
                 Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    watcher.watch(conn).await
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            let (io, tracker) = conn::guard(s, guard_limits, rejection);
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(io), tracked(router, tracker))
+                                .into_owned();
+                            watcher.watch(conn).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => Ok(()),
+                    }
                 }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            app.metrics.connections.dec();
+            drop(slot);
         });
     }
     drop(listener);
@@ -242,6 +287,30 @@ pub async fn serve(
     checkpoint.abort();
     app.store.close().await;
     Ok(())
+}
+
+/// The router as one connection's service: each request is marked in the
+/// connection guard from its start to the end of its response body.
+fn tracked(
+    router: axum::Router,
+    tracker: conn::ConnTracker,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<conn::Tracked<axum::body::Body>>,
+    Error = std::convert::Infallible,
+    Future = impl Future<
+        Output = Result<http::Response<conn::Tracked<axum::body::Body>>, std::convert::Infallible>,
+    > + Send,
+> + Clone {
+    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let flight = tracker.begin();
+        let mut router = router.clone();
+        async move {
+            // A Router is always ready, and its error type is Infallible.
+            let resp = tower_service::Service::call(&mut router, req).await?;
+            Ok(resp.map(|b| conn::Tracked::new(b, flight)))
+        }
+    })
 }
 
 /// Writes emergency calls answered during a database outage once it is back.

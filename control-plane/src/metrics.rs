@@ -35,6 +35,10 @@ pub struct Metrics {
     pub db_batches: IntCounter,
     /// New calls those statements carried (÷ batches = average batch).
     pub db_batched_calls: IntCounter,
+    /// Client connections open now.
+    pub connections: IntGauge,
+    /// Connections closed at once because `limits.max_connections` were open.
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -103,8 +107,17 @@ impl Metrics {
             "New calls written by group-commit statements; divided by db_batches_total, the average batch.",
         )
         .expect("valid metric");
+        let connections =
+            IntGauge::new("connections", "Client connections open on this replica.").expect("valid metric");
+        let connections_refused = IntCounter::new(
+            "connections_refused_total",
+            "Connections closed at once because limits.max_connections were open.",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_refused.clone()),
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(calls.clone()),
             Box::new(shed.clone()),
@@ -136,6 +149,8 @@ impl Metrics {
             spooled,
             db_batches,
             db_batched_calls,
+            connections,
+            connections_refused,
         }
     }
 

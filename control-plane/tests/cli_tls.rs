@@ -12,14 +12,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_detour-control-plane");
 
 #[test]
 fn check_config_accepts_the_example_and_locates_errors() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/cp.toml");
+    // The example names the production admin token file; check-config reads
+    // it, so the copy under test points at one made here.
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/cp.toml")).unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "example-admin-token\n").unwrap();
+    assert!(example.contains("\"/etc/detour/admin.token\""));
+    let example = example.replace("/etc/detour/admin.token", &token.display().to_string());
+    let copy = dir.path().join("example.toml");
+    std::fs::write(&copy, example).unwrap();
     let out = Command::new(BIN)
-        .args(["check-config", "--config", example])
+        .args(["check-config", "--config", copy.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("cp.toml");
     std::fs::write(
         &bad,
@@ -348,4 +356,74 @@ async fn sighup_does_not_stop_the_service_and_sigterm_stops_it_cleanly() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert!(status.success(), "a SIGTERM stop is a clean exit: {status}");
+}
+
+/// Issue 12, defect 3: check-config loads every file serve loads, and says
+/// where in cp.toml the setting that names a bad file is.
+#[test]
+fn check_config_loads_the_files_serve_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (cert_a, key_a) = pem("a.example");
+    let (_, key_b) = pem("b.example");
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let cert = file("cp.pem", &cert_a);
+    let key = file("cp.key", &key_a);
+    let other_key = file("other.key", &key_b);
+    let token = file("admin.token", "secret\n");
+    let empty = file("empty.token", "\n");
+    let missing = dir.path().join("missing.key").display().to_string();
+    let check = |body: String| {
+        let config = file("cp.toml", &body);
+        let out = Command::new(BIN)
+            .args(["check-config", "--config", &config])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let good = format!("admin_token_file = \"{token}\"\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n");
+    let (code, err) = check(good);
+    assert_eq!(code, Some(0), "{err}");
+    for (body, line, needle) in [
+        (
+            format!("admin_token_file = \"{token}\"\n[tls]\ncert = \"{cert}\"\nkey = \"{missing}\"\n"),
+            4,
+            "tls.key",
+        ),
+        (
+            format!("admin_token_file = \"{}\"\n", dir.path().join("nope").display()),
+            1,
+            "admin_token_file",
+        ),
+        (format!("\nadmin_token_file = \"{empty}\"\n"), 2, "is empty"),
+        (
+            format!("[tls]\ncert = \"{cert}\"\nkey = \"{other_key}\"\n"),
+            3,
+            "is not the key of tls.cert",
+        ),
+        (
+            format!("[tls]\ncert = \"{key}\"\nkey = \"{key}\"\n"),
+            2,
+            "no certificate",
+        ),
+    ] {
+        let (code, err) = check(body);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(&format!("cp.toml:{line}:")), "{line}: {err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
 }

@@ -112,7 +112,7 @@ impl MockCp {
                     let is_tls = acceptor.is_some();
                     let service = service_fn(move |req| handle(rec.clone(), remote, is_tls, req));
                     let mut builder = auto::Builder::new(TokioExecutor::new());
-                    // The real control plane's head limit (server.max_header_bytes).
+                    // The real control plane's head limit (limits.max_header_bytes).
                     builder.http2().max_header_list_size(64 * 1024);
                     builder.http1().max_buf_size(64 * 1024);
                     match acceptor {
