@@ -35,10 +35,10 @@ impl fmt::Display for ConfigError {
         write!(
             f,
             "{}:{}:{}: {}",
-            self.file.display(),
+            detour_wire::printable(&self.file.display().to_string()),
             self.line,
             self.col,
-            self.message
+            detour_wire::printable(&self.message)
         )
     }
 }
@@ -1037,23 +1037,42 @@ fn control_plane(d: &mut Diag<'_>, path: &Path, raw: &Spanned<raw::ControlPlane>
 }
 
 /// Whether `relay` (a peer's `host:port`) is this agent's own relay listener:
-/// the same address, or the same port on loopback when the listener is on
-/// every address. Host names other than `localhost` are not resolved.
+/// the same address (IPv4-mapped IPv6 counted as IPv4), or the same port on
+/// loopback or the unspecified address when the listener is on every address
+/// or on loopback. Host names other than `localhost` are not resolved.
 fn is_own_relay(relay: &str, own: Option<SocketAddr>) -> bool {
     let Some(own) = own else { return false };
-    let addr = match relay.parse::<SocketAddr>() {
-        Ok(a) => a,
-        Err(_) => match relay.rsplit_once(':') {
-            Some((h, port)) if h.eq_ignore_ascii_case("localhost") => match port.parse::<u16>() {
-                Ok(p) => SocketAddr::from(([127, 0, 0, 1], p)),
-                Err(_) => return false,
-            },
-            _ => return false,
-        },
+    let Some((host, port)) = relay.rsplit_once(':') else {
+        return false;
     };
-    addr.port() == own.port()
-        && (addr.ip() == own.ip()
-            || (own.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+    let Ok(port) = port.parse::<u16>() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = if host.eq_ignore_ascii_case("localhost") {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_canonical(),
+            Err(_) => return false,
+        }
+    };
+    let own_ip = own.ip().to_canonical();
+    let local = |ip: std::net::IpAddr| ip.is_loopback() || ip.is_unspecified();
+    port == own.port() && (ip == own_ip || (local(own_ip) && local(ip)))
+}
+
+/// An IPv4 address in a form other than four decimal parts (`127.1`,
+/// `0x7f.0.0.1`, `2130706433`): the resolver accepts these, so they would
+/// hide which address is meant (this agent's own relay, for one).
+fn non_canonical_ipv4(relay: &str) -> bool {
+    let host = relay.rsplit_once(':').map_or(relay, |(h, _)| h);
+    let numeric = !host.is_empty()
+        && host.starts_with(|c: char| c.is_ascii_digit())
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b'x' || b == b'X');
+    numeric && host.parse::<std::net::Ipv4Addr>().is_err()
 }
 
 fn validate_peers(
@@ -1094,6 +1113,14 @@ fn validate_peers(
         }
         if let Err(e) = valid_host_port(p.relay.get_ref()) {
             d.span(&p.relay, format!("peer.relay: {e}"));
+        } else if non_canonical_ipv4(p.relay.get_ref()) {
+            d.span(
+                &p.relay,
+                format!(
+                    "peer.relay: `{}` is not an IPv4 address in dotted-quad form (write all four parts, e.g. 10.1.2.3)",
+                    p.relay.get_ref()
+                ),
+            );
         } else if is_own_relay(p.relay.get_ref(), own_relay) {
             d.span(
                 &p.relay,

@@ -166,8 +166,19 @@ async fn handle_conn(
             return;
         }
     };
-    let peer =
-        crate::tls::peer_name(tls.get_ref().1.peer_certificates()).unwrap_or_else(|| "unknown".to_owned());
+    // The fleet CA is the trust boundary: any PoP it certified may relay
+    // through here, listed in this agent's peers file or not (peer lists
+    // differ between PoPs during a rollout). A certificate that names no PoP
+    // cannot be told apart in logs and limits, so it is refused.
+    let Some(peer) = crate::tls::peer_name(tls.get_ref().1.peer_certificates()) else {
+        relay
+            .metrics
+            .relay_rejected
+            .with_label_values(&["no_pop_name"])
+            .inc();
+        tracing::warn!(%remote, "relay refused a fleet certificate that names no PoP");
+        return;
+    };
     // The CONNECT head must arrive within what is left of the handshake budget.
     let head_budget = limits
         .handshake_timeout
@@ -195,6 +206,13 @@ async fn handle_conn(
                 .with_label_values(&["handshake_timeout"])
                 .inc();
             tracing::warn!(%remote, %peer, "peer sent no CONNECT in time");
+        } else if e.is_parse() || e.is_parse_too_large() {
+            relay
+                .metrics
+                .relay_rejected
+                .with_label_values(&["malformed"])
+                .inc();
+            tracing::warn!(%remote, %peer, error = %e, "relay refused a malformed CONNECT");
         } else {
             tracing::debug!(%remote, %peer, error = %e, "relay connection ended");
         }

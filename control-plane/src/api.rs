@@ -729,6 +729,11 @@ fn may_see(who: &Principal, pop: &str) -> bool {
     }
 }
 
+/// Oldest event time accepted: 30 days back.
+const EVENT_MAX_AGE_MS: i64 = 30 * 24 * 3600 * 1000;
+/// Clock skew allowed for event times ahead of the control plane's clock.
+const EVENT_MAX_AHEAD_MS: i64 = 10 * 60 * 1000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventBody {
@@ -758,16 +763,30 @@ async fn post_event(
             reason: "must be ringing, answered, completed or failed".into(),
         }])
     })?;
+    let now = store::now_ms();
     let at = match &ev.at {
-        None => store::now_ms(),
-        Some(s) => chrono::DateTime::parse_from_rfc3339(s)
-            .map(|t| t.timestamp_millis())
-            .map_err(|e| {
-                ApiError::invalid(vec![FieldError {
+        None => now,
+        Some(s) => {
+            let at = chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| {
+                    ApiError::invalid(vec![FieldError {
+                        field: "at".into(),
+                        reason: format!("must be an RFC 3339 timestamp ({e})"),
+                    }])
+                })?;
+            // Late events are normal (an agent delivers what it held during
+            // an outage); events from the far past or the future are a
+            // broken clock or a forged body, and would corrupt the timeline.
+            if !(now - EVENT_MAX_AGE_MS..=now + EVENT_MAX_AHEAD_MS).contains(&at) {
+                return Err(ApiError::invalid(vec![FieldError {
                     field: "at".into(),
-                    reason: format!("must be an RFC 3339 timestamp ({e})"),
-                }])
-            })?,
+                    reason: "must be within the last 30 days and at most 10 minutes ahead of the control plane's clock"
+                        .into(),
+                }]));
+            }
+            at
+        }
     };
     if id.len() > 64 {
         return Err(unknown_call(&id));

@@ -353,9 +353,13 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (file, message) = (
+            detour_wire::printable(&self.file),
+            detour_wire::printable(&self.message),
+        );
         match self.position {
-            Some((line, col)) => write!(f, "{}:{}:{}: {}", self.file, line, col, self.message),
-            None => write!(f, "{}: {}", self.file, self.message),
+            Some((line, col)) => write!(f, "{file}:{line}:{col}: {message}"),
+            None => write!(f, "{file}: {message}"),
         }
     }
 }

@@ -138,9 +138,12 @@ fn valid_name(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Whether `name` may name a route (used in URLs and audit entries).
+/// Whether `name` may name a route (used in URLs and audit entries). A name
+/// of dots only (`.`, `..`) would be a dot segment in `/v1/routes/{name}`,
+/// which clients normalise away, so such a route could not be read or
+/// deleted again.
 pub fn valid_route_name(name: &str) -> bool {
-    valid_name(name, 64)
+    valid_name(name, 64) && !name.bytes().all(|b| b == b'.')
 }
 
 impl RouteSpec {
@@ -170,7 +173,10 @@ impl RouteSpec {
             })
         };
         if !valid_route_name(name) {
-            err("name", "must be 1 to 64 letters, digits, '.', '_' or '-'");
+            err(
+                "name",
+                "must be 1 to 64 letters, digits, '.', '_' or '-', and not dots only",
+            );
         }
         let digits = self.prefix.strip_prefix('+').unwrap_or(&self.prefix);
         if self.prefix.len() > 16 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -452,6 +458,16 @@ impl Rule {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn route_names_are_never_dot_segments() {
+        for bad in [".", "..", "...", "", "a/b", "a b"] {
+            assert!(!super::valid_route_name(bad), "{bad:?}");
+        }
+        for good in ["blr-1", ".hidden", "a..b", "v1.2"] {
+            assert!(super::valid_route_name(good), "{good:?}");
+        }
+    }
+
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;

@@ -11,6 +11,20 @@ use serde_json::{Value, json};
 use support::{ADMIN_TOKEN, Backend, Db, Instance, problem, wait_until};
 use tokio::sync::Notify;
 
+/// `t0` plus `secs`, as an RFC 3339 time in whole seconds.
+fn at(t0: chrono::DateTime<chrono::Utc>, secs: i64) -> String {
+    let t = t0 + chrono::Duration::seconds(secs);
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// The same time as the API shows it (milliseconds).
+fn at_millis(t0: chrono::DateTime<chrono::Utc>, secs: i64) -> String {
+    let whole = chrono::DateTime::parse_from_rfc3339(&at(t0, secs)).unwrap();
+    whole
+        .to_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Runs `$body(Backend)` as `sqlite_$name` and `postgres_$name`.
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
@@ -499,45 +513,23 @@ async fn events_build_a_consistent_record_in_any_order(backend: Backend) {
         .await
         .unwrap();
     let id = call["call_id"].as_str().unwrap();
+    // Event times an hour ago: late, as after an outage, and valid.
+    let t0 = chrono::Utc::now() - chrono::Duration::hours(1);
 
     // Out of order: completed first.
-    let r = post_event(
-        &cp,
-        &token,
-        id,
-        json!({"event": "completed", "at": "2026-11-23T10:01:05Z"}),
-    )
-    .await;
+    let r = post_event(&cp, &token, id, json!({"event": "completed", "at": at(t0, 65)})).await;
     assert_eq!(r.status(), 200);
     let rec: Value = r.json().await.unwrap();
     assert_eq!(rec["state"], "completed");
     assert_eq!(rec["duration_seconds"], 0.0);
-    post_event(
-        &cp,
-        &token,
-        id,
-        json!({"event": "ringing", "at": "2026-11-23T10:00:00Z"}),
-    )
-    .await;
-    let r = post_event(
-        &cp,
-        &token,
-        id,
-        json!({"event": "answered", "at": "2026-11-23T10:00:05Z"}),
-    )
-    .await;
+    post_event(&cp, &token, id, json!({"event": "ringing", "at": at(t0, 0)})).await;
+    let r = post_event(&cp, &token, id, json!({"event": "answered", "at": at(t0, 5)})).await;
     let rec: Value = r.json().await.unwrap();
     assert_eq!(rec["state"], "completed");
     assert_eq!(rec["duration_seconds"], 60.0);
-    assert_eq!(rec["answered_at"], "2026-11-23T10:00:05.000Z");
+    assert_eq!(rec["answered_at"], at_millis(t0, 5));
     // Repeating an event changes nothing.
-    let r = post_event(
-        &cp,
-        &token,
-        id,
-        json!({"event": "answered", "at": "2026-11-23T10:00:30Z"}),
-    )
-    .await;
+    let r = post_event(&cp, &token, id, json!({"event": "answered", "at": at(t0, 30)})).await;
     let again: Value = r.json().await.unwrap();
     assert_eq!(again["duration_seconds"], 60.0);
     assert_eq!(again["events"].as_array().unwrap().len(), 3);
@@ -580,6 +572,15 @@ async fn events_build_a_consistent_record_in_any_order(backend: Backend) {
     assert_eq!(problem(r, 422).await["field"], "event");
     let r = post_event(&cp, &token, id, json!({"event": "ringing", "at": "yesterday"})).await;
     assert_eq!(problem(r, 422).await["field"], "at");
+    // A broken clock or a forged body: the far past and the future are refused.
+    for bad in [
+        "1970-01-01T00:00:00Z",
+        "9999-12-31T23:59:59Z",
+        &at(chrono::Utc::now(), 3600),
+    ] {
+        let r = post_event(&cp, &token, id, json!({"event": "ringing", "at": bad})).await;
+        assert_eq!(problem(r, 422).await["field"], "at", "{bad}");
+    }
     let r = post_event(&cp, &token, "no-such-call", json!({"event": "ringing"})).await;
     problem(r, 404).await;
 
@@ -596,7 +597,7 @@ async fn events_build_a_consistent_record_in_any_order(backend: Backend) {
             .post(cp.url(&format!("/v1/calls/{id2}/events")))
             .bearer_auth(&token)
             .header("idempotency-key", "ev-1")
-            .json(&json!({"event": "ringing", "at": "2026-11-23T10:00:00Z"}))
+            .json(&json!({"event": "ringing", "at": at(t0, 0)}))
             .send()
     };
     let a = send().await.unwrap();

@@ -279,3 +279,37 @@ async fn oversized_and_malformed_heads_get_problem_json() {
     assert_eq!(r.status(), 200);
     s.cp.stop().await;
 }
+
+/// Issue 12, defect 4: a route named `.` or `..` could be stored but never
+/// read or deleted again (clients normalise dot segments away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segment_route_names_are_refused() {
+    let s = setup(false, "dots", LIMITS).await;
+    let body = r#"{"prefix": "+9180", "trunk": "t", "pop": "blr"}"#;
+    for name in [".", "..", "...", "%2E", "%2e%2E"] {
+        let mut c = s.connect().await;
+        let req = format!(
+            "PUT /v1/routes/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            support::ADMIN_TOKEN,
+            body.len()
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let (got, _) = until_closed(&mut c, Duration::from_secs(3)).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 4") && !text.starts_with("HTTP/1.1 404"),
+            "{name}: {text}"
+        );
+        assert!(text.contains("problem+json"), "{name}: {text}");
+    }
+    let r =
+        s.cp.client
+            .get(s.cp.url("/v1/routes"))
+            .bearer_auth(support::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+    let listed = r.text().await.unwrap();
+    assert!(!listed.contains("\"name\":\".\""), "{listed}");
+    s.cp.stop().await;
+}

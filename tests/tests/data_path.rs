@@ -381,9 +381,24 @@ async fn the_relay_is_never_an_open_proxy() {
             .is_err()
     );
 
+    // A CONNECT head that is not HTTP: refused and counted.
+    let tcp = TcpStream::connect(relay).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("maa".to_owned()).unwrap();
+    let mut tls = fleet_member.connect(name, tcp).await.unwrap();
+    tls.write_all(b"CONNECT \x01\x02 nonsense\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(
+        !String::from_utf8_lossy(&rest).contains(" 200 "),
+        "no tunnel for a malformed head"
+    );
+
     // The refusals are counted by reason (the server side may finish a moment later).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while (rejected("no_client_cert") < 1 || rejected("untrusted_cert") < 1 || rejected("expired_cert") < 1)
+    while (rejected("no_client_cert") < 1
+        || rejected("untrusted_cert") < 1
+        || rejected("expired_cert") < 1
+        || rejected("malformed") < 1)
         && tokio::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -391,6 +406,7 @@ async fn the_relay_is_never_an_open_proxy() {
     assert_eq!(rejected("no_client_cert"), 1);
     assert_eq!(rejected("untrusted_cert"), 1);
     assert_eq!(rejected("expired_cert"), 1);
+    assert_eq!(rejected("malformed"), 1);
     assert_eq!(rejected("forbidden_target"), 5);
     let accepted = tokio::time::timeout(Duration::from_millis(200), canary.accept()).await;
     assert!(accepted.is_err(), "nothing reached the canary");

@@ -6,6 +6,25 @@ pub mod conn;
 
 use serde::{Deserialize, Serialize};
 
+/// Text from outside (a config value, a header) made safe to print on a
+/// terminal or in a log line: control characters (C0 including NUL and
+/// newlines, DEL, C1) are shown as `\u{..}` escapes, so a crafted value
+/// cannot ring the bell, recolour the terminal or forge a log line.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Media type of every error body Detour produces.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -139,6 +158,16 @@ pub struct AgentReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_escapes_every_control_character() {
+        assert_eq!(printable("blr"), "blr");
+        assert_eq!(
+            printable("a\u{7}b\0c\u{1b}[31md\ne\u{9b}"),
+            "a\\u{7}b\\u{0}c\\u{1b}[31md\\u{a}e\\u{9b}"
+        );
+        assert!(!printable("\u{7f}").chars().any(char::is_control));
+    }
 
     #[test]
     fn problem_round_trips_with_extensions() {

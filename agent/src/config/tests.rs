@@ -291,3 +291,47 @@ fn sizes_and_durations_parse_like_people_write_them() {
     assert!(valid_host_port("a b:1").is_err());
     assert!(valid_host_port("x:0").is_err());
 }
+
+#[test]
+fn a_peer_relay_that_reaches_this_agent_is_refused_in_every_spelling() {
+    let own: SocketAddr = "0.0.0.0:4443".parse().unwrap();
+    for relay in [
+        "0.0.0.0:4443",
+        "127.0.0.1:4443",
+        "127.0.0.2:4443",
+        "localhost:4443",
+        "[::1]:4443",
+        "[::ffff:127.0.0.1]:4443",
+        "[::]:4443",
+    ] {
+        assert!(super::is_own_relay(relay, Some(own)), "{relay}");
+    }
+    for relay in ["10.1.2.3:4443", "127.0.0.1:4444", "relay.maa.example:4443"] {
+        assert!(!super::is_own_relay(relay, Some(own)), "{relay}");
+    }
+    let lo: SocketAddr = "127.0.0.1:4443".parse().unwrap();
+    assert!(super::is_own_relay("0.0.0.0:4443", Some(lo)));
+    for relay in ["127.1:4443", "0x7f.0.0.1:4443", "2130706433:4443", "10.1.2:4443"] {
+        assert!(super::non_canonical_ipv4(relay), "{relay}");
+    }
+    for relay in ["10.1.2.3:4443", "maa.example:4443", "relay-1:4443", "[::1]:4443"] {
+        assert!(!super::non_canonical_ipv4(relay), "{relay}");
+    }
+}
+
+#[test]
+fn diagnostics_never_print_control_characters() {
+    let dir = setup();
+    let errs = errors_with(
+        dir.path(),
+        VALID,
+        "[[peer]]\nname = \"m\\u0007a\\u001b[31ma\\u0000\"\nrelay = \"10.0.0.1:4443\"\n",
+    );
+    let text = errs.join("\n");
+    assert!(text.contains("peer.name"), "{text}");
+    assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+    assert!(
+        text.contains("\\u{7}") && text.contains("\\u{1b}") && text.contains("\\u{0}"),
+        "{text}"
+    );
+}
