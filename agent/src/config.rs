@@ -1075,6 +1075,23 @@ fn non_canonical_ipv4(relay: &str) -> bool {
     numeric && host.parse::<std::net::Ipv4Addr>().is_err()
 }
 
+/// Validates a peers file given as text, for `pop` whose relay listens on
+/// `own_relay` (what a reload does with the file).
+pub fn parse_peers(
+    path: &Path,
+    text: &str,
+    pop: &str,
+    own_relay: Option<SocketAddr>,
+) -> Result<Vec<Peer>, ConfigErrors> {
+    let mut errors = Vec::new();
+    let peers = validate_peers(path, text, pop, own_relay, &mut errors);
+    if errors.is_empty() {
+        Ok(peers)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
 fn validate_peers(
     path: &Path,
     text: &str,

@@ -84,6 +84,96 @@ fn head_bytes(parts: &http::request::Parts) -> usize {
         + 2
 }
 
+/// What the request head says about how to carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// Race the two best paths (`X-Detour-Priority: emergency` or a
+    /// configured path prefix).
+    pub emergency: bool,
+    /// `X-Detour-Pin`: only this path.
+    pub pin: Option<String>,
+}
+
+/// Checks a request head before anything is read or sent: its size, the
+/// method, that the target is the control plane, and Detour's own headers.
+/// No IO, so it can be fuzzed; every refusal is a problem a person can act on.
+pub fn admit(parts: &http::request::Parts, config: &AgentConfig) -> Result<Admitted, Problem> {
+    // hyper's buffer bounds the head too, but a head that arrived in one
+    // read may overshoot it a little; this is the exact limit.
+    let max_head = config.ingress.max_header_bytes;
+    if head_bytes(parts) > max_head {
+        return Err(detour_wire::conn::parse_problem(
+            431,
+            max_head,
+            "ingress.max_header_bytes",
+        ));
+    }
+    if parts.method == Method::CONNECT {
+        return Err(Problem::new(
+            405,
+            "CONNECT is not supported here",
+            "send plain HTTP requests to the agent; it carries them to the control plane over TLS itself",
+        ));
+    }
+    if (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
+        && !is_control_plane(&parts.uri, config)
+    {
+        let target = parts.uri.authority().map_or("?".to_owned(), |a| a.to_string());
+        tracing::warn!(target = %target, "refused a request for another host");
+        return Err(Problem::new(
+            403,
+            "Destination is not the control plane",
+            format!(
+                "this agent only carries requests to {}; `{target}` is not it",
+                config.control_plane.authority()
+            ),
+        ));
+    }
+    let Some(pq) = parts.uri.path_and_query() else {
+        return Err(Problem::new(400, "Bad request target", "the request has no path"));
+    };
+    if !pq.as_str().starts_with('/') {
+        return Err(Problem::new(
+            400,
+            "Bad request target",
+            "the request path must start with '/'",
+        ));
+    }
+    // Priority: an explicit header wins; else the configured path prefixes.
+    let emergency = match parts
+        .headers
+        .get(names::PRIORITY)
+        .map(|v| v.to_str().map(str::trim))
+    {
+        None => config
+            .forward
+            .emergency_path_prefixes
+            .iter()
+            .any(|p| pq.path().starts_with(p.as_str())),
+        Some(Ok(v)) if v.eq_ignore_ascii_case("emergency") => true,
+        Some(Ok(v)) if v.eq_ignore_ascii_case("normal") => false,
+        Some(_) => {
+            return Err(Problem::new(
+                400,
+                "Bad X-Detour-Priority",
+                "X-Detour-Priority must be `emergency` or `normal`",
+            ));
+        }
+    };
+    let pin = match parts.headers.get(names::PIN).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v.trim().to_owned()),
+        Some(Err(_)) => {
+            return Err(Problem::new(
+                400,
+                "Bad X-Detour-Pin",
+                "X-Detour-Pin must be `direct` or `via:<peer>`",
+            ));
+        }
+    };
+    Ok(Admitted { emergency, pin })
+}
+
 /// Builds a problem+json response.
 pub fn problem(p: Problem) -> Response<Body> {
     let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -120,7 +210,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Whether an absolute-form target names the control plane.
-fn is_control_plane(uri: &http::Uri, config: &AgentConfig) -> bool {
+pub fn is_control_plane(uri: &http::Uri, config: &AgentConfig) -> bool {
     let cp = &config.control_plane;
     let Some(host) = uri.host() else { return false };
     let host = host.trim_matches(['[', ']']);
@@ -179,88 +269,16 @@ impl Ingress {
         let config = rt.config.clone();
         let (parts, body) = req.into_parts();
 
-        // hyper's buffer bounds the head too, but a head that arrived in one
-        // read may overshoot it a little; this is the exact limit.
-        let max_head = config.ingress.max_header_bytes;
-        if head_bytes(&parts) > max_head {
-            let p = detour_wire::conn::parse_problem(431, max_head, "ingress.max_header_bytes");
-            return (closing(problem(p)), none());
-        }
-        if parts.method == Method::CONNECT {
-            let p = Problem::new(
-                405,
-                "CONNECT is not supported here",
-                "send plain HTTP requests to the agent; it carries them to the control plane over TLS itself",
-            );
-            return (problem(p), none());
-        }
-        if (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
-            && !is_control_plane(&parts.uri, &config)
-        {
-            let target = parts.uri.authority().map_or("?".to_owned(), |a| a.to_string());
-            tracing::warn!(target = %target, "refused a request for another host");
-            let p = Problem::new(
-                403,
-                "Destination is not the control plane",
-                format!(
-                    "this agent only carries requests to {}; `{target}` is not it",
-                    config.control_plane.authority()
-                ),
-            );
-            return (problem(p), none());
-        }
+        let Admitted { emergency, pin } = match admit(&parts, &config) {
+            Ok(a) => a,
+            Err(p) if p.status == 431 => return (closing(problem(p)), none()),
+            Err(p) => return (problem(p), none()),
+        };
         let Some(pq) = parts.uri.path_and_query() else {
             return (
                 problem(Problem::new(400, "Bad request target", "the request has no path")),
                 none(),
             );
-        };
-        if !pq.as_str().starts_with('/') {
-            return (
-                problem(Problem::new(
-                    400,
-                    "Bad request target",
-                    "the request path must start with '/'",
-                )),
-                none(),
-            );
-        }
-
-        // Priority: an explicit header wins; else the configured path prefixes.
-        let emergency = match parts
-            .headers
-            .get(names::PRIORITY)
-            .map(|v| v.to_str().map(str::trim))
-        {
-            None => config
-                .forward
-                .emergency_path_prefixes
-                .iter()
-                .any(|p| pq.path().starts_with(p.as_str())),
-            Some(Ok(v)) if v.eq_ignore_ascii_case("emergency") => true,
-            Some(Ok(v)) if v.eq_ignore_ascii_case("normal") => false,
-            Some(_) => {
-                let p = Problem::new(
-                    400,
-                    "Bad X-Detour-Priority",
-                    "X-Detour-Priority must be `emergency` or `normal`",
-                );
-                return (problem(p), none());
-            }
-        };
-        let pin = match parts.headers.get(names::PIN).map(|v| v.to_str()) {
-            None => None,
-            Some(Ok(v)) => Some(v.trim().to_owned()),
-            Some(Err(_)) => {
-                return (
-                    problem(Problem::new(
-                        400,
-                        "Bad X-Detour-Pin",
-                        "X-Detour-Pin must be `direct` or `via:<peer>`",
-                    )),
-                    none(),
-                );
-            }
         };
 
         // The body is buffered whole so any path can re-send it.

@@ -357,16 +357,17 @@ async fn handle_connect(
 }
 
 /// `host:port` equality with the configured control plane (host
-/// case-insensitive; IPv6 in brackets).
+/// case-insensitive; an IPv6 host in brackets). The target must be exactly
+/// that authority: a looser parse let `HOST[:x:]:443` pass (found by the
+/// `relay_target` fuzz target; the relay dials its configured address in any
+/// case, so it was never an open proxy).
 pub fn authority_matches(target: &str, host: &str, port: u16) -> bool {
-    if target.contains('@') {
-        return false;
-    }
-    let Ok(auth) = target.parse::<http::uri::Authority>() else {
-        return false;
+    let expected = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     };
-    let Some(p) = auth.port_u16() else { return false };
-    auth.host().trim_matches(['[', ']']).eq_ignore_ascii_case(host) && p == port
+    target.eq_ignore_ascii_case(&expected)
 }
 
 /// Copies both ways until both sides close, or nothing moves for `idle`.
@@ -475,5 +476,17 @@ mod tests {
             443
         ));
         assert!(authority_matches("[::1]:8443", "::1", 8443));
+        // Found by the relay_target fuzz target: a bracket inside the host.
+        assert!(!authority_matches(
+            "CP.EXAMPLE.INTERNAL[:4:004:]:443",
+            "cp.example.internal",
+            443
+        ));
+        assert!(!authority_matches(
+            "cp.example.internal[:443",
+            "cp.example.internal",
+            443
+        ));
+        assert!(!authority_matches("::1:8443", "::1", 8443));
     }
 }
