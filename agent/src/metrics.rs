@@ -36,6 +36,9 @@ pub struct Metrics {
     pub relay_tunnels_total: IntCounterVec,
     pub relay_rejected: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// Tasks alive in the agent's tokio runtime, read at each scrape (a
+    /// number that only grows is a leak).
+    pub runtime_tasks: IntGauge,
 }
 
 impl Metrics {
@@ -139,12 +142,19 @@ impl Metrics {
                 Opts::new("detour_config_reloads_total", "Configuration reloads, by result."),
                 &["result"]
             )),
+            runtime_tasks: reg!(IntGauge::new(
+                "detour_runtime_tasks",
+                "Tasks alive in the agent's tokio runtime."
+            )),
             registry,
         }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks.set(rt.metrics().num_alive_tasks() as i64);
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf

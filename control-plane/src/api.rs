@@ -26,6 +26,7 @@ use crate::hook::{HookRequest, Hooks};
 use crate::idempotency::{self, REPLAYED_HEADER};
 use crate::intake::{self, FieldError, Numbers, Priority};
 use crate::metrics::Metrics;
+use crate::openapi;
 use crate::record::EventKind;
 use crate::routing::{self, RouteSpec, RuleSet};
 use crate::spool::{Hold, Spool};
@@ -141,10 +142,45 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/audit", get(audit_log))
         .route("/v1/agents/{pop}/report", post(post_report))
         .route("/v1/fleet", get(fleet))
+        .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
+}
+
+/// The API contract, generated from the handlers' annotations and the
+/// schemas in [`crate::openapi`].
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Detour control plane", description = "Call routing, call records and the fleet view. Errors are RFC 9457 problem+json."),
+    paths(healthz, readyz, metrics, create_call, get_call, post_event, list_routes, get_route, put_route,
+          delete_route, audit_log, post_report, fleet),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// The OpenAPI document (3.1), built once.
+pub fn openapi_document() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        use utoipa::OpenApi;
+        ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+    })
+}
+
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_document()).into_response()
 }
 
 // ---- errors ----
@@ -483,11 +519,16 @@ fn shutting_down() -> ApiError {
 
 // ---- health ----
 
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is up (no database check).", body = String, content_type = "text/plain")))]
 async fn healthz() -> Response {
     // Agents probe this through every path twice a second: no database, no auth.
     ([(header::CONTENT_TYPE, "text/plain")], "ok\n").into_response()
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "Migrated and the database answers.", body = openapi::ReadySchema),
+              (status = 503, description = "The database does not answer.", body = openapi::ProblemSchema, content_type = "application/problem+json")))]
 async fn readyz(State(app): State<Shared>) -> Response {
     let check = tokio::time::timeout(Duration::from_secs(2), app.store.ready()).await;
     let result = match check {
@@ -509,6 +550,8 @@ async fn readyz(State(app): State<Shared>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format.", body = String, content_type = "text/plain")))]
 async fn metrics(State(app): State<Shared>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -519,6 +562,10 @@ async fn metrics(State(app): State<Shared>) -> Response {
 
 // ---- calls ----
 
+#[utoipa::path(post, path = "/v1/calls", tag = "calls", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeats with this key get the first answer.")),
+    request_body = openapi::CallRequestSchema,
+    responses((status = 201, description = "Routed and stored (or replayed for a repeated key).", body = openapi::CallCreatedSchema), openapi::Errors))]
 async fn create_call(State(app): State<Shared>, headers: HeaderMap, body: Body) -> ApiResult {
     let who = app.auth.authenticate(&headers).await?;
     let bytes = read_body(&app, body).await?;
@@ -708,6 +755,9 @@ fn unknown_call(id: &str) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/v1/calls/{id}", tag = "calls", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The call id from POST /v1/calls.")),
+    responses((status = 200, description = "The call and its events.", body = openapi::CallRecordSchema), openapi::Errors))]
 async fn get_call(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult {
     let who = app.auth.authenticate(&headers).await?;
     if id.len() > 64 {
@@ -742,6 +792,11 @@ struct EventBody {
     at: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/calls/{id}/events", tag = "calls", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The call id."),
+           ("Idempotency-Key" = Option<String>, Header, description = "Repeats with this key get the first answer.")),
+    request_body = openapi::EventRequestSchema,
+    responses((status = 200, description = "The call record folded from all its events.", body = openapi::CallRecordSchema), openapi::Errors))]
 async fn post_event(
     State(app): State<Shared>,
     Path(id): Path<String>,
@@ -855,6 +910,8 @@ fn request_id(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+#[utoipa::path(get, path = "/v1/routes", tag = "routes", security(("bearer" = [])),
+    responses((status = 200, description = "Every route and the route version.", body = openapi::RouteListSchema), openapi::Errors))]
 async fn list_routes(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     admin(&app, &headers).await?;
     let (version, rows) = app.store.load_routes().await?;
@@ -874,6 +931,9 @@ fn unknown_route(name: &str) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/v1/routes/{name}", tag = "routes", security(("bearer" = [])),
+    params(("name" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", description = "1 to 64 letters, digits, '.', '_' or '-', not dots only.")),
+    responses((status = 200, description = "The route.", body = openapi::RouteSchema), openapi::Errors))]
 async fn get_route(State(app): State<Shared>, Path(name): Path<String>, headers: HeaderMap) -> ApiResult {
     admin(&app, &headers).await?;
     match app.store.get_route(&name).await? {
@@ -882,6 +942,11 @@ async fn get_route(State(app): State<Shared>, Path(name): Path<String>, headers:
     }
 }
 
+#[utoipa::path(put, path = "/v1/routes/{name}", tag = "routes", security(("bearer" = [])),
+    params(("name" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", description = "1 to 64 letters, digits, '.', '_' or '-', not dots only.")),
+    request_body = openapi::RouteSpecSchema,
+    responses((status = 200, description = "Replaced.", body = openapi::RouteSchema),
+              (status = 201, description = "Created.", body = openapi::RouteSchema), openapi::Errors))]
 async fn put_route(
     State(app): State<Shared>,
     Path(name): Path<String>,
@@ -925,6 +990,9 @@ async fn put_route(
     Ok(json_response(status, &route_json(&row)))
 }
 
+#[utoipa::path(delete, path = "/v1/routes/{name}", tag = "routes", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The route's name.")),
+    responses((status = 204, description = "Deleted."), openapi::Errors))]
 async fn delete_route(State(app): State<Shared>, Path(name): Path<String>, headers: HeaderMap) -> ApiResult {
     admin(&app, &headers).await?;
     match app
@@ -947,6 +1015,9 @@ struct AuditQuery {
     limit: Option<i64>,
 }
 
+#[utoipa::path(get, path = "/v1/audit", tag = "routes", security(("bearer" = [])),
+    params(("limit" = Option<i64>, Query, description = "Newest entries first; 1 to 1000, default 100.")),
+    responses((status = 200, description = "Route changes, newest first.", body = openapi::AuditLogSchema), openapi::Errors))]
 async fn audit_log(
     State(app): State<Shared>,
     headers: HeaderMap,
@@ -983,6 +1054,11 @@ async fn audit_log(
 
 // ---- fleet ----
 
+#[utoipa::path(post, path = "/v1/agents/{pop}/report", tag = "fleet", security(("bearer" = [])),
+    params(("pop" = String, Path, example = "blr", description = "The reporting PoP; its token's PoP."),
+           ("Idempotency-Key" = Option<String>, Header, description = "Repeats with this key get the first answer.")),
+    request_body = openapi::AgentReportSchema,
+    responses((status = 200, description = "Stored.", body = openapi::ReportStoredSchema), openapi::Errors))]
 async fn post_report(
     State(app): State<Shared>,
     Path(pop): Path<String>,
@@ -1031,6 +1107,8 @@ async fn post_report(
     }
 }
 
+#[utoipa::path(get, path = "/v1/fleet", tag = "fleet", security(("bearer" = [])),
+    responses((status = 200, description = "Every PoP's last report.", body = openapi::FleetSchema), openapi::Errors))]
 async fn fleet(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     admin(&app, &headers).await?;
     let now = store::now_ms();

@@ -20,6 +20,7 @@ pub mod hook;
 pub mod idempotency;
 pub mod intake;
 pub mod metrics;
+pub mod openapi;
 pub mod record;
 pub mod routing;
 pub mod spool;

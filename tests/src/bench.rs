@@ -31,8 +31,9 @@ use crate::load::{Call, CallClient, CallResult, steady};
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Which benchmark: overhead, failover, compare (HAProxy + Squid, root),
-    /// netns (failover on the real kernel network, root), all (overhead and
-    /// failover).
+    /// netns (failover on the real kernel network, root), soak (an hour of
+    /// faults on the kernel network, root; `--seconds` sets the length), all
+    /// (overhead and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -59,11 +60,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "overhead" => overhead(&args).await,
         "failover" => failover(&args).await,
         "netns" => crate::netns::bench(&args).await,
+        "soak" => crate::soak::bench(&args).await,
         "all" => {
             overhead(&args).await?;
             failover(&args).await
         }
-        other => bail!("unknown benchmark `{other}`; choose overhead, failover, compare, netns or all"),
+        other => bail!("unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak or all"),
     }
 }
 

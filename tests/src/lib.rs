@@ -14,3 +14,4 @@ pub mod mock_cp;
 pub mod netns;
 pub mod ns;
 pub mod plot;
+pub mod soak;

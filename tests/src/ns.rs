@@ -380,6 +380,11 @@ impl NsFleet {
         Ok(())
     }
 
+    /// The process id of `name`'s process (`ip netns exec` execs into it).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+
     /// Stops `pop`'s agent process.
     pub fn kill(&mut self, name: &str) {
         for (n, c) in self.children.iter_mut() {
