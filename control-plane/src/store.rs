@@ -52,8 +52,14 @@ impl From<sqlx::Error> for StoreError {
                 } else if code.starts_with("08")
                     || code.starts_with("57")
                     || code.starts_with("53")
-                    // SQLite: BUSY, LOCKED, IOERR and their extended codes.
-                    || matches!(code.as_str(), "5" | "6" | "10" | "261" | "262" | "517")
+                    // Read-only (a Postgres primary demoted in a failover, or
+                    // a replica behind the writer's address): retry later.
+                    || code == "25006"
+                    // Serialisation failure and deadlock: the next try succeeds.
+                    || code == "40001"
+                    || code == "40P01"
+                    // SQLite: BUSY, LOCKED, READONLY, IOERR and their extended codes.
+                    || matches!(code.as_str(), "5" | "6" | "8" | "10" | "261" | "262" | "517")
                 {
                     StoreError::Unavailable(e.to_string())
                 } else {

@@ -59,6 +59,8 @@ pub struct FleetOptions {
     /// Run the real `detour-control-plane` in-process (embedded SQLite, agent
     /// tokens, HTTPS) instead of the mock.
     pub real_cp: bool,
+    /// The real control plane's `database_url` (default: SQLite in its dir).
+    pub database_url: Option<String>,
 }
 
 impl Default for FleetOptions {
@@ -69,6 +71,7 @@ impl Default for FleetOptions {
             external_cp: None,
             cp_tls: true,
             real_cp: false,
+            database_url: None,
         }
     }
 }
@@ -132,7 +135,8 @@ impl Fleet {
         let (cp, cp_addr) = match opts.external_cp {
             Some(addr) => (None, addr),
             None if opts.real_cp => {
-                let (addr, token, stop) = start_real_cp(dir.path(), &opts.pops).await?;
+                let (addr, token, stop) =
+                    start_real_cp(dir.path(), &opts.pops, opts.database_url.as_deref()).await?;
                 admin_token = Some(token);
                 real_cp_stop = Some(stop);
                 (None, addr)
@@ -433,6 +437,7 @@ fn spawn_cp(
 async fn start_real_cp(
     dir: &Path,
     pops: &[String],
+    database_url: Option<&str>,
 ) -> anyhow::Result<(
     SocketAddr,
     String,
@@ -444,8 +449,9 @@ async fn start_real_cp(
     std::fs::create_dir_all(&cp_dir)?;
     let admin_token = format!("lab-admin-{}", uuid::Uuid::new_v4().simple());
     std::fs::write(cp_dir.join("admin.token"), &admin_token)?;
+    let db = database_url.map_or_else(String::new, |u| format!("database_url = \"{u}\"\n"));
     let text = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\nadmin_token_file = \"{admin}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\nadmin_token_file = \"{admin}\"\n{db}\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
         data = cp_dir.join("data").display(),
         admin = cp_dir.join("admin.token").display(),
         cert = certs.join("cp.pem").display(),

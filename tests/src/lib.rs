@@ -13,5 +13,6 @@ pub mod load;
 pub mod mock_cp;
 pub mod netns;
 pub mod ns;
+pub mod pg;
 pub mod plot;
 pub mod soak;

@@ -1,0 +1,158 @@
+//! A private PostgreSQL server for one test: its own data directory, port
+//! and socket, so the test can restart it or make it read-only without
+//! touching any other test's database. Needs the Debian `postgresql` package
+//! (`initdb`, `pg_ctl`) and root (the server runs as the `postgres` user).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// A running private server; stopped when dropped.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+/// Why a private server cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    if bin_dir().is_none() {
+        return Some("PostgreSQL's server binaries are not installed (apt-get install postgresql)".into());
+    }
+    if Command::new("runuser").arg("--help").output().is_err() {
+        return Some("`runuser` is missing".into());
+    }
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        return Some("not running as root (the server runs as the postgres user)".into());
+    }
+    None
+}
+
+fn bin_dir() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+fn as_postgres(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {args:?} failed: {}{}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl PrivatePostgres {
+    /// initdb, start on a free loopback port, create the `detour` database.
+    pub fn start() -> anyhow::Result<PrivatePostgres> {
+        let bin = bin_dir().context("no PostgreSQL server binaries")?;
+        let dir = tempfile::Builder::new().prefix("detour-pg-").tempdir()?;
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path())
+            .status()?;
+        let data = dir.path().join("data");
+        let data_s = data.display().to_string();
+        as_postgres(
+            &bin.join("initdb"),
+            &["-D", &data_s, "--auth=trust", "-U", "postgres", "--no-sync"],
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let pg = PrivatePostgres { dir, bin, port };
+        pg.ctl(&["start"])?;
+        pg.psql("CREATE ROLE detour LOGIN SUPERUSER")?;
+        pg.psql("CREATE DATABASE detour OWNER detour")?;
+        Ok(pg)
+    }
+
+    fn ctl(&self, what: &[&str]) -> anyhow::Result<()> {
+        let data = self.dir.path().join("data").display().to_string();
+        let log = self.dir.path().join("server.log").display().to_string();
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let mut args = vec!["-D", &data, "-l", &log, "-o", &opts, "-w", "-t", "30"];
+        args.extend_from_slice(what);
+        as_postgres(&self.bin.join("pg_ctl"), &args).map(|_| ())
+    }
+
+    /// Runs one SQL statement as the superuser.
+    pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        let port = self.port.to_string();
+        as_postgres(
+            &self.bin.join("psql"),
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qAtc",
+                sql,
+            ],
+        )
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://detour@127.0.0.1:{}/detour", self.port)
+    }
+
+    /// A fast restart: every session is cut, the server is away for as long
+    /// as a restart takes.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        self.ctl(&["restart", "-m", "fast"])
+    }
+
+    /// Every new transaction read-only, as on a primary demoted in a
+    /// failover; sessions are cut so none keeps writing.
+    pub fn set_read_only(&self, on: bool) -> anyhow::Result<()> {
+        self.psql(&format!(
+            "ALTER SYSTEM SET default_transaction_read_only = {}",
+            if on { "on" } else { "off" }
+        ))?;
+        self.psql("SELECT pg_reload_conf()")?;
+        self.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'detour'")?;
+        Ok(())
+    }
+
+    /// The server's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.ctl(&["stop", "-m", "immediate"]);
+    }
+}
