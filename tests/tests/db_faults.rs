@@ -42,7 +42,7 @@ async fn postgres_restarted_and_read_only_loses_and_duplicates_no_call() {
         .await
         .unwrap()
         .unwrap();
-    let mut fleet = Fleet::start(FleetOptions {
+    let fleet = Fleet::start(FleetOptions {
         real_cp: true,
         database_url: Some(pg.url()),
         ..Default::default()
