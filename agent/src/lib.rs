@@ -223,6 +223,9 @@ impl Agent {
         if old.pop != new.pop {
             needs_restart.push("pop");
         }
+        if old.ingress.max_connections != new.ingress.max_connections {
+            needs_restart.push("ingress.max_connections");
+        }
         if !needs_restart.is_empty() {
             return Err(format!(
                 "needs restart: {} changed; the running config is unchanged",
@@ -308,19 +311,7 @@ async fn serve_local(
         forwarder: shared.forwarder.clone(),
         metrics: shared.metrics.clone(),
     });
-    let limits = ConnLimits {
-        header_timeout: cfg.header_timeout,
-        idle_timeout: cfg.idle_timeout,
-    };
-    let rejection = ingress::rejection(shared.metrics.clone(), cfg.max_header_bytes);
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
-    let mut builder = http1::Builder::new();
-    // The guard owns the head and idle timeouts: hyper's header_read_timeout
-    // also runs between requests and would close pooled connections early.
-    builder
-        .timer(TokioTimer::new())
-        .max_buf_size(cfg.max_header_bytes)
-        .keep_alive(true);
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -342,7 +333,21 @@ async fn serve_local(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (io, tracker) = conn::guard(tcp, limits, rejection.clone());
+        // Limits as of now: a reload applies them to new connections.
+        let now = shared.forwarder.runtime().config.ingress.clone();
+        let limits = ConnLimits {
+            header_timeout: now.header_timeout,
+            idle_timeout: now.idle_timeout,
+        };
+        let rejection = ingress::rejection(shared.metrics.clone(), now.max_header_bytes);
+        let mut builder = http1::Builder::new();
+        // The guard owns the head and idle timeouts: hyper's header_read_timeout
+        // also runs between requests and would close pooled connections early.
+        builder
+            .timer(TokioTimer::new())
+            .max_buf_size(now.max_header_bytes)
+            .keep_alive(true);
+        let (io, tracker) = conn::guard(tcp, limits, rejection);
         let ingress = ingress.clone();
         let service = service_fn(move |req| {
             let ingress = ingress.clone();
