@@ -27,7 +27,6 @@ use crate::idempotency::{self, REPLAYED_HEADER};
 use crate::intake::{self, FieldError, Numbers, Priority};
 use crate::metrics::Metrics;
 use crate::openapi;
-use crate::record::EventKind;
 use crate::routing::{self, RouteSpec, RuleSet};
 use crate::spool::{Hold, Spool};
 use crate::store::{self, Idem, NewCall, Outcome, Store, StoreError, StoredResponse};
@@ -779,19 +778,6 @@ fn may_see(who: &Principal, pop: &str) -> bool {
     }
 }
 
-/// Oldest event time accepted: 30 days back.
-const EVENT_MAX_AGE_MS: i64 = 30 * 24 * 3600 * 1000;
-/// Clock skew allowed for event times ahead of the control plane's clock.
-const EVENT_MAX_AHEAD_MS: i64 = 10 * 60 * 1000;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventBody {
-    event: String,
-    #[serde(default)]
-    at: Option<String>,
-}
-
 #[utoipa::path(post, path = "/v1/calls/{id}/events", tag = "calls", security(("bearer" = [])),
     params(("id" = String, Path, description = "The call id."),
            ("Idempotency-Key" = Option<String>, Header, description = "Repeats with this key get the first answer.")),
@@ -806,43 +792,7 @@ async fn post_event(
     let who = app.auth.authenticate(&headers).await?;
     let bytes = read_body(&app, body).await?;
     let value = parse_json(&bytes)?;
-    let ev: EventBody = serde_json::from_value(value).map_err(|e| {
-        ApiError::invalid(vec![FieldError {
-            field: "event".into(),
-            reason: format!("body must be {{\"event\": …, \"at\": RFC 3339}} ({e})"),
-        }])
-    })?;
-    let kind = EventKind::parse(&ev.event).ok_or_else(|| {
-        ApiError::invalid(vec![FieldError {
-            field: "event".into(),
-            reason: "must be ringing, answered, completed or failed".into(),
-        }])
-    })?;
-    let now = store::now_ms();
-    let at = match &ev.at {
-        None => now,
-        Some(s) => {
-            let at = chrono::DateTime::parse_from_rfc3339(s)
-                .map(|t| t.timestamp_millis())
-                .map_err(|e| {
-                    ApiError::invalid(vec![FieldError {
-                        field: "at".into(),
-                        reason: format!("must be an RFC 3339 timestamp ({e})"),
-                    }])
-                })?;
-            // Late events are normal (an agent delivers what it held during
-            // an outage); events from the far past or the future are a
-            // broken clock or a forged body, and would corrupt the timeline.
-            if !(now - EVENT_MAX_AGE_MS..=now + EVENT_MAX_AHEAD_MS).contains(&at) {
-                return Err(ApiError::invalid(vec![FieldError {
-                    field: "at".into(),
-                    reason: "must be within the last 30 days and at most 10 minutes ahead of the control plane's clock"
-                        .into(),
-                }]));
-            }
-            at
-        }
-    };
+    let (kind, at) = intake::event_request(value, store::now_ms()).map_err(ApiError::invalid)?;
     if id.len() > 64 {
         return Err(unknown_call(&id));
     }

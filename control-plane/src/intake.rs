@@ -157,6 +157,62 @@ fn valid_call_type(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
+/// Oldest event time accepted: 30 days back.
+const EVENT_MAX_AGE_MS: i64 = 30 * 24 * 3600 * 1000;
+/// Clock skew allowed for event times ahead of the control plane's clock.
+const EVENT_MAX_AHEAD_MS: i64 = 10 * 60 * 1000;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventBody {
+    event: String,
+    #[serde(default)]
+    at: Option<String>,
+}
+
+/// Validates a call-event body (`{"event": …, "at": RFC 3339}`) received at
+/// `now_ms`: the event and its time in milliseconds (`now_ms` when absent).
+pub fn event_request(body: Value, now_ms: i64) -> Result<(crate::record::EventKind, i64), Vec<FieldError>> {
+    let ev: EventBody = serde_json::from_value(body).map_err(|e| {
+        vec![FieldError::new(
+            "event",
+            format!("body must be {{\"event\": …, \"at\": RFC 3339}} ({e})"),
+        )]
+    })?;
+    let kind = crate::record::EventKind::parse(&ev.event).ok_or_else(|| {
+        vec![FieldError::new(
+            "event",
+            "must be ringing, answered, completed or failed",
+        )]
+    })?;
+    let at = match &ev.at {
+        None => now_ms,
+        Some(s) => {
+            let at = chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| {
+                    vec![FieldError::new(
+                        "at",
+                        format!("must be an RFC 3339 timestamp ({e})"),
+                    )]
+                })?;
+            // Late events are normal (an agent delivers what it held during
+            // an outage); events from the far past or the future are a
+            // broken clock or a forged body, and would corrupt the timeline.
+            if !(now_ms.saturating_sub(EVENT_MAX_AGE_MS)..=now_ms.saturating_add(EVENT_MAX_AHEAD_MS))
+                .contains(&at)
+            {
+                return Err(vec![FieldError::new(
+                    "at",
+                    "must be within the last 30 days and at most 10 minutes ahead of the control plane's clock",
+                )]);
+            }
+            at
+        }
+    };
+    Ok((kind, at))
+}
+
 /// Validates a call-initiation body. Every problem is reported at once.
 ///
 /// Emergency workflow: when the destination is on the emergency list only
