@@ -381,6 +381,25 @@ async fn the_relay_is_never_an_open_proxy() {
             .is_err()
     );
 
+    // A certificate from the fleet CA that names no PoP: refused, counted.
+    let unnamed = {
+        let ca_key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).unwrap()).unwrap();
+        let issuer =
+            rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).unwrap(), ca_key)
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        relay_client(&certs.join("ca.pem"), Some((&cert.pem(), &key.serialize_pem())))
+    };
+    let r = try_connect(relay, &unnamed, &format!("{CP_HOST}:443")).await;
+    assert!(
+        !r.as_deref().is_ok_and(|a| a.starts_with("HTTP/1.1 200")),
+        "{r:?}"
+    );
+
     // A CONNECT head that is not HTTP: refused and counted.
     let tcp = TcpStream::connect(relay).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("maa".to_owned()).unwrap();
@@ -398,7 +417,8 @@ async fn the_relay_is_never_an_open_proxy() {
     while (rejected("no_client_cert") < 1
         || rejected("untrusted_cert") < 1
         || rejected("expired_cert") < 1
-        || rejected("malformed") < 1)
+        || rejected("malformed") < 1
+        || rejected("no_pop_name") < 1)
         && tokio::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -407,6 +427,7 @@ async fn the_relay_is_never_an_open_proxy() {
     assert_eq!(rejected("untrusted_cert"), 1);
     assert_eq!(rejected("expired_cert"), 1);
     assert_eq!(rejected("malformed"), 1);
+    assert_eq!(rejected("no_pop_name"), 1);
     assert_eq!(rejected("forbidden_target"), 5);
     let accepted = tokio::time::timeout(Duration::from_millis(200), canary.accept()).await;
     assert!(accepted.is_err(), "nothing reached the canary");
