@@ -772,6 +772,18 @@ impl HealthTable {
         self.snapshot.store(Arc::new(snap));
     }
 
+    /// Removes every series this table publishes for a path that is gone
+    /// (a removed peer), so none stays frozen at its last value: a removed
+    /// path that was down would keep alerting. The publisher removes what it
+    /// publishes; counters elsewhere keep their history.
+    pub fn forget(metrics: &Metrics, path: &str) {
+        let _ = metrics.path_state.remove_label_values(&[path]);
+        let _ = metrics.path_rtt.remove_label_values(&[path]);
+        let _ = metrics.path_loss.remove_label_values(&[path]);
+        let _ = metrics.path_retransmit.remove_label_values(&[path]);
+        let _ = metrics.active_path.remove_label_values(&[path]);
+    }
+
     /// The `/status` view of every path.
     pub fn reports(&self) -> Vec<PathReport> {
         let snap = self.snapshot();

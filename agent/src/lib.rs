@@ -252,14 +252,8 @@ impl Agent {
             .map(|o| o.name.clone())
             .collect();
         self.shared.forwarder.replace(runtime);
-        // A removed peer's path series would otherwise stay at their last
-        // values (a removed path that was down would keep alerting).
-        let m = &self.shared.metrics;
         for name in &gone {
-            let _ = m.path_state.remove_label_values(&[name]);
-            let _ = m.path_rtt.remove_label_values(&[name]);
-            let _ = m.path_loss.remove_label_values(&[name]);
-            let _ = m.active_path.remove_label_values(&[name]);
+            HealthTable::forget(&self.shared.metrics, name);
         }
         Ok(())
     }

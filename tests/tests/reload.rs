@@ -151,6 +151,7 @@ async fn adding_disabling_and_removing_peers_applies_live_without_failures() {
         "detour_path_state",
         "detour_path_rtt_seconds",
         "detour_path_loss_ratio",
+        "detour_path_retransmit_ratio",
         "detour_active_path",
     ];
     let stale: Vec<&str> = metrics
