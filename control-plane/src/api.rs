@@ -1007,7 +1007,7 @@ async fn audit_log(
 #[utoipa::path(post, path = "/v1/agents/{pop}/report", tag = "fleet", security(("bearer" = [])),
     params(("pop" = String, Path, example = "blr", description = "The reporting PoP; its token's PoP."),
            ("Idempotency-Key" = Option<String>, Header, description = "Repeats with this key get the first answer.")),
-    request_body = openapi::AgentReportSchema,
+    request_body = detour_wire::AgentReport,
     responses((status = 200, description = "Stored.", body = openapi::ReportStoredSchema), openapi::Errors))]
 async fn post_report(
     State(app): State<Shared>,

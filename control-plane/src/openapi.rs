@@ -3,7 +3,8 @@
 //! carry their own `#[utoipa::path]` (method, path, parameters, statuses);
 //! these types only describe the JSON the handlers read and write. CI runs
 //! schemathesis against a live control plane with this document, so a body
-//! that drifts from its schema fails there.
+//! that drifts from its schema fails there. The agent's report is the wire
+//! type itself (`detour-wire`'s `openapi` feature), so it cannot drift.
 
 #![allow(dead_code)] // Read by the schema derive, never built.
 
@@ -274,44 +275,6 @@ pub struct AuditLogSchema {
 }
 
 #[derive(Serialize, ToSchema)]
-#[schema(as = PathState)]
-#[serde(rename_all = "lowercase")]
-pub enum PathStateSchema {
-    Up,
-    Degraded,
-    Down,
-}
-
-/// One path in an agent's report (`detour_wire::PathReport`).
-#[derive(Serialize, ToSchema)]
-#[schema(as = PathReport)]
-pub struct PathReportSchema {
-    /// `direct` or `via:<peer>`.
-    pub path: String,
-    pub state: PathStateSchema,
-    pub rtt_seconds: Option<f64>,
-    pub rtt_p95_seconds: Option<f64>,
-    pub loss_ratio: f64,
-    pub score: f64,
-    pub active: bool,
-    pub consecutive_failures: u32,
-    pub reason: Option<String>,
-}
-
-/// `POST /v1/agents/{pop}/report` (`detour_wire::AgentReport`).
-#[derive(Serialize, ToSchema)]
-#[schema(as = AgentReport)]
-pub struct AgentReportSchema {
-    /// The same as the URL's.
-    #[schema(example = "blr")]
-    pub pop: String,
-    pub version: String,
-    pub active_path: Option<String>,
-    pub paths: Vec<PathReportSchema>,
-    pub config_error: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
 #[schema(as = ReportStored)]
 pub struct ReportStoredSchema {
     /// `stored`.
@@ -325,7 +288,7 @@ pub struct FleetPopSchema {
     pub pop: String,
     pub received_at: String,
     pub age_seconds: f64,
-    pub report: AgentReportSchema,
+    pub report: detour_wire::AgentReport,
 }
 
 #[derive(Serialize, ToSchema)]

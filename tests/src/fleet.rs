@@ -369,6 +369,28 @@ file = "peers.toml"
     /// graceful stop (in-flight requests finish, connections close, the
     /// database is closed), `down` with nothing listening, then a new
     /// instance on the same address and database.
+    /// Stores a route on the real control plane through `pop`'s agent with
+    /// the admin token (`spec` is the JSON body of `PUT /v1/routes/{name}`).
+    pub async fn put_route(&self, pop: &str, name: &str, spec: &str) -> anyhow::Result<()> {
+        let admin = self
+            .admin_token
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the fleet runs no real control plane"))?;
+        let r = crate::load::CallClient::new(Duration::from_secs(2))
+            .send(
+                http::Method::PUT,
+                &format!("{}/v1/routes/{name}", self.pop(pop).local_url()),
+                &[
+                    ("authorization", &format!("Bearer {admin}")),
+                    ("content-type", "application/json"),
+                ],
+                bytes::Bytes::from(spec.to_owned()),
+            )
+            .await;
+        anyhow::ensure!(r.ok(), "storing route {name}: {r:?}");
+        Ok(())
+    }
+
     pub async fn restart_cp(&mut self, down: Duration) -> anyhow::Result<()> {
         let (stop, task) = self
             .real_cp_stop

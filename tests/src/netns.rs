@@ -157,22 +157,10 @@ pub async fn bench(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
                 fleet.wait_ready(pop, &bins, Duration::from_secs(20)).await?;
             }
             let total = healthy + fault_for;
-            let load = Command::new("ip")
-                .args(["netns", "exec", &fleet.ns("blr")])
-                .arg(bins.join("detour-lab"))
-                .args([
-                    "load",
-                    "--url",
-                    "http://127.0.0.1:8080",
-                    "--timeout",
-                    "2s",
-                    "--rate",
-                    "50",
-                ])
-                .args(["--duration", &format!("{}s", total.as_secs())])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()?;
+            let load = fleet.spawn_load(
+                &bins,
+                &["--rate", "50", "--duration", &format!("{}s", total.as_secs())],
+            )?;
             tokio::time::sleep(healthy).await;
             fleet.uplink_loss("blr", percent)?;
             let t = tokio::time::Instant::now();

@@ -380,6 +380,21 @@ impl NsFleet {
         Ok(())
     }
 
+    /// Starts `detour-lab load` in blr's namespace against its agent (2 s
+    /// client timeout) with `args` (`--rate`, `--duration`, …); its stdout
+    /// is the JSON summary.
+    pub fn spawn_load(&self, bin_dir: &Path, args: &[&str]) -> anyhow::Result<Child> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns("blr")])
+            .arg(bin_dir.join("detour-lab"))
+            .args(["load", "--url", "http://127.0.0.1:8080", "--timeout", "2s"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting detour-lab load")
+    }
+
     /// The process id of `name`'s process (`ip netns exec` execs into it).
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())

@@ -7,7 +7,6 @@
 //! The same run, a few minutes long, is a test (`tests/tests/netns_smoke.rs`).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -108,27 +107,19 @@ pub async fn run(bins: &Path, total: Duration, every: Duration) -> anyhow::Resul
     for (pop, _) in crate::ns::POPS {
         fleet.wait_ready(pop, bins, Duration::from_secs(30)).await?;
     }
-    let load = Command::new("ip")
-        .args(["netns", "exec", &fleet.ns("blr")])
-        .arg(bins.join("detour-lab"))
-        .args([
-            "load",
-            "--url",
-            "http://127.0.0.1:8080",
-            "--timeout",
-            "2s",
+    let load = fleet.spawn_load(
+        bins,
+        &[
             "--rate",
             "200",
-        ])
-        .args(["--duration", &format!("{}s", total.as_secs())])
-        .args(["--retry-for", "10s"])
-        .args([
+            "--duration",
+            &format!("{}s", total.as_secs()),
+            "--retry-for",
+            "10s",
             "--body",
             r#"{"caller":"+919876543210","destination":"+918041234567"}"#,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+        ],
+    )?;
     let started = Instant::now();
     let warm = every.min(Duration::from_secs(60)) / 2;
     tokio::time::sleep(warm).await;

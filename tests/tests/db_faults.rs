@@ -12,11 +12,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use detour_lab::fleet::{Fleet, FleetOptions};
 use detour_lab::load::{Call, CallClient, call_with_retries};
 use detour_lab::pg::PrivatePostgres;
-use http::Method;
 use tokio::time::Instant;
 
 fn skip() -> bool {
@@ -51,20 +49,11 @@ async fn postgres_restarted_and_read_only_loses_and_duplicates_no_call() {
     .unwrap();
     fleet.wait_all_up(Duration::from_secs(10)).await.unwrap();
     let blr = fleet.pop("blr").local_url();
-    let admin = fleet.admin_token.clone().unwrap();
+    fleet
+        .put_route("blr", "india", r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#)
+        .await
+        .unwrap();
     let client = CallClient::new(Duration::from_secs(2));
-    let r = client
-        .send(
-            Method::PUT,
-            &format!("{blr}/v1/routes/india"),
-            &[
-                ("authorization", &format!("Bearer {admin}")),
-                ("content-type", "application/json"),
-            ],
-            Bytes::from_static(br#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#),
-        )
-        .await;
-    assert!(r.ok(), "seeding a route: {r:?}");
 
     // 20 calls/s for 12 s, every fifth an emergency call (112); each is
     // re-sent with its key every 200 ms while unanswered, for up to 20 s.

@@ -98,6 +98,7 @@ impl Problem {
 
 /// State of one path as the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum PathState {
     /// Answering probes and requests well.
@@ -121,6 +122,7 @@ impl PathState {
 
 /// One path in an agent's `/status` and in its report to the control plane.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PathReport {
     /// `direct` or `via:<peer>`.
     pub path: String,
@@ -144,6 +146,7 @@ pub struct PathReport {
 
 /// What `POST /v1/agents/{pop}/report` carries and `/status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentReport {
     pub pop: String,
     pub version: String,

@@ -390,3 +390,25 @@ pub fn via(url: &str, addr: SocketAddr) -> String {
 pub fn temp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// A CA and a leaf for `127.0.0.1` issued by it, written as `cp.pem` and
+/// `cp.key` in `dir`: for a control plane serving HTTPS in a test. Returns
+/// the certificate and key paths and the CA.
+pub fn tls_files(
+    dir: &std::path::Path,
+) -> (PathBuf, PathBuf, rcgen::CertifiedIssuer<'static, rcgen::KeyPair>) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf");
+    let cert = dir.join("cp.pem");
+    let key = dir.join("cp.key");
+    std::fs::write(&cert, leaf.pem()).expect("write cert");
+    std::fs::write(&key, leaf_key.serialize_pem()).expect("write key");
+    (cert, key, ca)
+}
