@@ -19,6 +19,11 @@
 //! has been handed over in full ([`ConnTracker::begin`], [`Tracked`]), so the
 //! guard knows whether bytes it reads start a new head and whether bytes
 //! hyper writes answer a request or a parse error.
+//!
+//! Not handled yet: an HTTP/1 connection upgraded after a `101` (neither
+//! server upgrades today) would be judged as a quiet HTTP/1 connection, its
+//! bytes as a new head. Whoever adds upgrades (WebSocket streams) must tell
+//! the guard the connection is no longer HTTP/1.
 
 use std::future::Future;
 use std::io;
