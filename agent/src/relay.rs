@@ -115,15 +115,7 @@ pub async fn serve(
 ) {
     loop {
         let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "relay accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = detour_wire::accept::accept(&listener, "relay") => c,
             _ = shutdown.changed() => return,
         };
         let relay = relay.load_full();

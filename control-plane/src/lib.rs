@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use detour_wire::accept::{self, ConnCap};
 use detour_wire::conn::{self, ConnLimits};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -205,26 +206,14 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let cap = ConnCap::new(limits.max_connections, "limits.max_connections");
     loop {
         let (stream, _peer) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = accept::accept(&listener, "control plane") => c,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(slot) = cap.admit() else {
             app.metrics.connections_refused.inc();
-            tracing::warn!(
-                max = limits.max_connections,
-                "limits.max_connections are open; closed a new connection"
-            );
             continue;
         };
         stream.set_nodelay(true).ok();

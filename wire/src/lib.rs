@@ -2,6 +2,7 @@
 //! the header names every part agrees on, the agent's fleet report, and
 //! the [`conn`] guard both HTTP servers put under hyper.
 
+pub mod accept;
 pub mod conn;
 
 use serde::{Deserialize, Serialize};
