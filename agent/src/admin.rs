@@ -1,15 +1,43 @@
 //! Admin listener: `/metrics` (Prometheus text), `/healthz` (alive),
-//! `/readyz` (serving, with a usable path), `/status` (JSON path table).
+//! `/readyz` (serving, with a usable path), `/status` (JSON path table); and
+//! the fleet report, the same path table sent to the control plane.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
+use detour_wire::accept::accept;
 use detour_wire::{AgentReport, PathState, Problem};
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-use crate::Shared;
+use crate::forward;
 use crate::ingress::{Body, full, problem};
+use crate::runtime::Shared;
+
+/// Serves the admin listener until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            c = accept(&listener, "admin") => c,
+            _ = shutdown.changed() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(shared.clone(), req));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Response<Body> {
     let mut r = Response::new(full(body));
@@ -71,4 +99,68 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Respo
         )),
     };
     Ok(resp)
+}
+
+/// Reports the path table to the control plane (the fleet view) every
+/// `control_plane.report_interval`, over the best path like any request.
+pub async fn report_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let Some(every) = shared.forwarder.runtime().config.control_plane.report_interval else {
+            // Reporting is off; a reload may turn it on.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                _ = shutdown.changed() => return,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let Some(out) = report_request(&shared) else {
+            continue;
+        };
+        match shared.forwarder.forward(out).await {
+            Ok(a) if a.response.status().is_success() => {}
+            Ok(a) => tracing::debug!(status = %a.response.status(), "fleet report not accepted"),
+            Err(e) => tracing::debug!(error = ?e, "fleet report not delivered"),
+        }
+    }
+}
+
+/// `POST /v1/agents/{pop}/report` with this agent's report, with its own
+/// idempotency key like any request the agent may retry.
+fn report_request(shared: &Shared) -> Option<forward::Outbound> {
+    let report = report(shared);
+    let rt = shared.forwarder.runtime();
+    let cp = &rt.config.control_plane;
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&cp.host_header()) {
+        headers.insert(http::header::HOST, v);
+    }
+    if let Some(t) = &cp.token
+        && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}"))
+    {
+        headers.insert(http::header::AUTHORIZATION, v);
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+        headers.insert(detour_wire::headers::IDEMPOTENCY_KEY, v);
+    }
+    let body = bytes::Bytes::from(serde_json::to_vec(&report).unwrap_or_default());
+    headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(body.len()));
+    let path_and_query = format!("{}/v1/agents/{}/report", cp.base_path, rt.config.pop)
+        .parse()
+        .ok()?;
+    Some(forward::Outbound {
+        method: http::Method::POST,
+        path_and_query,
+        headers,
+        body,
+        emergency: false,
+        pin: None,
+        received: tokio::time::Instant::now(),
+    })
 }

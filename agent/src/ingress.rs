@@ -3,6 +3,8 @@
 //! plane, buffers the body so it can be re-sent, adds the request's identity
 //! headers and hands it to the forwarder. Responses stream back unchanged.
 
+pub mod listener;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 

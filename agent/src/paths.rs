@@ -19,12 +19,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{AgentConfig, ControlPlane, Peer};
+use crate::tls::ClientTlsError;
 use crate::transport::{Registration, Sockets};
 
 /// Why a connection on a path could not be set up. Nothing of the request
@@ -283,66 +284,84 @@ impl DialerInner {
                     peer: peer.clone(),
                     source: io::Error::other(e),
                 })?;
-                let mut stream = tls
+                let stream = tls
                     .connect(name, tcp)
                     .await
                     .map_err(|source| DialError::PeerTls {
                         peer: peer.clone(),
                         source,
                     })?;
-                connect_tunnel(&mut stream, peer, &self.cp_authority).await?;
+                let stream = connect_tunnel(stream, peer, &self.cp_authority).await?;
                 Ok(DialStream::Tunnel(Box::new(stream), reg))
             }
         }
     }
 }
 
-/// Asks the relay for a tunnel to `authority` and reads its answer. The relay
-/// sends nothing after its answer until we speak (TLS to the control plane
-/// starts with our ClientHello), so reading up to the blank line never eats
-/// tunnel bytes.
-async fn connect_tunnel<S>(stream: &mut S, peer: &str, authority: &str) -> Result<(), DialError>
+/// Asks the relay for a tunnel to `authority` (an HTTP/1.1 `CONNECT`, with
+/// hyper's client) and, when it answers 200, hands the stream back for TLS to
+/// the control plane inside the tunnel. The relay sends nothing after its
+/// answer until we speak (TLS starts with our ClientHello); bytes read past
+/// the answer would break that and are refused.
+async fn connect_tunnel<S>(stream: S, peer: &str, authority: &str) -> Result<S, DialError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use hyper::client::conn::http1;
     let proto = |detail: String| DialError::Protocol {
         peer: peer.to_owned(),
         detail,
     };
-    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
-    stream
-        .write_all(req.as_bytes())
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .header(http::header::HOST, authority)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| proto(format!("cannot ask for {authority}: {e}")))?;
+    let (mut sender, conn) = http1::Builder::new()
+        .max_buf_size(8192)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| proto(e.to_string()))?;
-    stream.flush().await.map_err(|e| proto(e.to_string()))?;
-    let mut head = Vec::with_capacity(256);
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 8192 {
-            return Err(proto("answer head over 8 KiB".to_owned()));
+    // The connection task answers the request and, after a 200, hands the
+    // stream over to the upgrade; it ends then (or when the relay closes).
+    let mut conn = std::pin::pin!(conn.with_upgrades());
+    let mut send = std::pin::pin!(sender.send_request(req));
+    let mut conn_done = false;
+    let resp = tokio::select! {
+        biased;
+        r = send.as_mut() => r.map_err(|e| proto(e.to_string()))?,
+        r = conn.as_mut() => {
+            r.map_err(|e| proto(e.to_string()))?;
+            conn_done = true;
+            // Ended cleanly: the answer (if any) is already with `send`.
+            send.await.map_err(|e| proto(e.to_string()))?
         }
-        let n = stream.read(&mut byte).await.map_err(|e| proto(e.to_string()))?;
-        if n == 0 {
-            return Err(proto("relay closed the connection before answering".to_owned()));
-        }
-        head.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&head);
-    let status_line = text.lines().next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let code = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(proto(format!("unexpected answer `{status_line}`")));
-    }
-    if code == "200" {
-        Ok(())
-    } else {
-        Err(DialError::Refused {
+    };
+    if resp.status() != http::StatusCode::OK {
+        return Err(DialError::Refused {
             peer: peer.to_owned(),
-            status: status_line.trim().to_owned(),
-        })
+            status: format!("{:?} {}", resp.version(), resp.status()),
+        });
     }
+    let upgraded = if conn_done {
+        hyper::upgrade::on(resp).await
+    } else {
+        let (upgraded, done) = tokio::join!(hyper::upgrade::on(resp), conn);
+        done.map_err(|e| proto(e.to_string()))?;
+        upgraded
+    };
+    let upgraded = upgraded.map_err(|e| proto(e.to_string()))?;
+    let parts = upgraded
+        .downcast::<TokioIo<S>>()
+        .map_err(|_| proto("tunnel stream of an unexpected type".to_owned()))?;
+    if !parts.read_buf.is_empty() {
+        return Err(proto(format!(
+            "relay sent {} bytes after its answer, before the tunnel was used",
+            parts.read_buf.len()
+        )));
+    }
+    Ok(parts.io.into_inner())
 }
 
 /// The HTTP client type of every path.
@@ -426,10 +445,10 @@ impl PathClient {
 
 /// Builds every path of a config: `direct` first, then one per enabled or
 /// draining peer, in file order.
-pub fn build_paths(config: &AgentConfig) -> Result<Vec<Arc<PathClient>>, String> {
+pub fn build_paths(config: &AgentConfig) -> Result<Vec<Arc<PathClient>>, ClientTlsError> {
     let cp_tls = crate::tls::control_plane_client_config(&config.control_plane.ca_certs)?;
     let peer_tls = match &config.tls {
-        Some(m) => Some(m.peer_client_config().map_err(|e| format!("peer TLS: {e}"))?),
+        Some(m) => Some(m.peer_client_config().map_err(ClientTlsError::Peer)?),
         None => None,
     };
     let mut paths = vec![Arc::new(PathClient::new(
@@ -476,4 +495,79 @@ pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
         cur = e.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A relay stand-in: reads one request head, answers `answer`, then
+    /// echoes what the tunnel carries.
+    async fn relay(answer: &'static str) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if s.read(&mut b).await.unwrap() == 0 {
+                    break;
+                }
+                head.push(b[0]);
+            }
+            s.write_all(answer.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok(n) = s.read(&mut buf).await {
+                let _ = s.write_all(&buf[..n]).await;
+            }
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_is_asked_for_with_connect_and_carries_bytes_after_200() {
+        let (addr, relay) = relay("HTTP/1.1 200 OK\r\n\r\n").await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut s = connect_tunnel(tcp, "maa", "cp.example.internal:443")
+            .await
+            .unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        let head = relay.await.unwrap();
+        assert!(
+            head.starts_with("CONNECT cp.example.internal:443 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("host: cp.example.internal:443\r\n"),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_relays_status() {
+        let (addr, _relay) = relay("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n").await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err = connect_tunnel(tcp, "maa", "cp:443").await.unwrap_err();
+        assert!(err.is_refusal(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "peer maa refused the tunnel: HTTP/1.1 403 Forbidden"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_speaks_no_http_is_a_protocol_error() {
+        let (addr, _relay) = relay("SSH-2.0-OpenSSH\r\n\r\n").await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err = connect_tunnel(tcp, "maa", "cp:443").await.unwrap_err();
+        assert!(matches!(err, DialError::Protocol { .. }), "{err}");
+    }
 }

@@ -13,8 +13,9 @@ use notify_debouncer_full::notify::{EventKind, RecommendedWatcher, RecursiveMode
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::mpsc;
 
-use crate::Agent;
+use crate::agent::Agent;
 use crate::config::{AgentConfig, ConfigFiles};
+use crate::runtime::{Applied, ApplyError};
 
 /// Editors save in several steps (truncate, write, rename): events closer
 /// than this are one edit.
@@ -33,26 +34,21 @@ pub enum ReloadResult {
 /// Reloads once from the files and applies the result.
 pub fn reload_now(agent: &Agent, files: &ConfigFiles) -> ReloadResult {
     let metrics = &agent.shared.metrics;
-    let result = match AgentConfig::load(&files.agent) {
-        Err(errors) => {
+    let applied = AgentConfig::load(&files.agent)
+        .map_err(ApplyError::Invalid)
+        .and_then(|new| agent.apply(new));
+    let result = match applied {
+        Ok(Applied::Swapped) => ReloadResult::Applied,
+        Ok(Applied::Unchanged) => ReloadResult::Unchanged,
+        Err(ApplyError::Invalid(errors)) => {
             for e in &errors.0 {
                 tracing::error!("{e}");
             }
             ReloadResult::Rejected(errors.to_string())
         }
-        Ok(new) => {
-            let current = agent.shared.forwarder.runtime();
-            if same_config(&current.config, &new) {
-                ReloadResult::Unchanged
-            } else {
-                match agent.apply(new) {
-                    Ok(()) => ReloadResult::Applied,
-                    Err(e) => {
-                        tracing::error!("{}: {e}", files.agent.display());
-                        ReloadResult::Rejected(format!("{}: {e}", files.agent.display()))
-                    }
-                }
-            }
+        Err(e) => {
+            tracing::error!("{}: {e}", files.agent.display());
+            ReloadResult::Rejected(format!("{}: {e}", files.agent.display()))
         }
     };
     match &result {
@@ -83,33 +79,6 @@ pub fn reload_now(agent: &Agent, files: &ConfigFiles) -> ReloadResult {
         }
     }
     result
-}
-
-fn same_config(a: &AgentConfig, b: &AgentConfig) -> bool {
-    a.peers == b.peers
-        && a.forward == b.forward
-        && a.health == b.health
-        && a.ingress == b.ingress
-        && a.relay == b.relay
-        && a.listen == b.listen
-        && a.pop == b.pop
-        && a.control_plane.url == b.control_plane.url
-        && a.control_plane.addresses == b.control_plane.addresses
-        && a.control_plane.token == b.control_plane.token
-        && a.control_plane.ca == b.control_plane.ca
-        && a.control_plane.ca_certs == b.control_plane.ca_certs
-        && a.control_plane.report_interval == b.control_plane.report_interval
-        && same_tls(a, b)
-}
-
-/// Whether two configs carry the same peer-mesh identity and fleet CA (file
-/// contents, so a rotated certificate or CA bundle is noticed).
-pub fn same_tls(a: &AgentConfig, b: &AgentConfig) -> bool {
-    match (&a.tls, &b.tls) {
-        (None, None) => true,
-        (Some(x), Some(y)) => x.same_as(y),
-        _ => false,
-    }
 }
 
 /// How long to wait until the newest of the config files has not been

@@ -1,50 +1,87 @@
 //! `detour-agent status`: fetches `/status` from a running agent's admin
-//! listener and prints the path table.
+//! listener (hyper's client) and prints the path table (comfy-table).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
+use comfy_table::{CellAlignment, ColumnConstraint, Table, Width, presets};
 use detour_wire::AgentReport;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// Time allowed to connect to the admin listener and for its whole answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// `/status` of an agent with a hundred peers is about 40 KiB.
+const MAX_BODY: usize = 4 * 1024 * 1024;
 
 /// Fetches the report over plain HTTP/1.1 (the admin listener is local).
+/// Blocking: it runs its own small runtime.
 pub fn fetch(admin: &str) -> Result<AgentReport, String> {
     let addr: std::net::SocketAddr = admin
         .parse()
         .map_err(|_| format!("`{admin}` is not an IP:port address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("cannot reach the agent's admin listener at {admin}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(
-        s,
-        "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)
-        .map_err(|e| format!("reading /status: {e}"))?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed answer from the admin listener")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "admin listener answered: {}",
-            head.lines().next().unwrap_or_default()
-        ));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(get(addr))
+}
+
+async fn get(addr: std::net::SocketAddr) -> Result<AgentReport, String> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(http);
+    let uri: http::Uri = format!("http://{addr}/status")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let exchange = async {
+        let resp = client.get(uri).await.map_err(|e| {
+            format!(
+                "cannot reach the agent's admin listener at {addr}: {}",
+                source_chain(&e)
+            )
+        })?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("reading /status: {e}"))?
+            .to_bytes();
+        if status != http::StatusCode::OK {
+            return Err(format!("admin listener answered: {status}"));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("unexpected /status body: {e}"))
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            format!("the agent's admin listener at {addr} did not answer within {ANSWER_TIMEOUT:?}")
+        })?
+}
+
+/// An error with its causes, `a: b: c` (hyper's own message is only the outermost).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
     }
-    serde_json::from_str(body).map_err(|e| format!("unexpected /status body: {e}"))
+    out
 }
 
 fn ms(s: Option<f64>) -> String {
     s.map_or_else(|| "-".to_owned(), |v| format!("{:.1}ms", v * 1000.0))
 }
 
-/// The table a network engineer reads at 3 a.m.
+/// The table a network engineer reads at 3 a.m.: one line per path, the
+/// active one marked `*`; columns widen to fit the longest path name.
 pub fn table(r: &AgentReport) -> String {
     let mut out = format!(
         "pop {}  version {}  active {}\n",
-        r.pop,
+        detour_wire::printable(&r.pop),
         r.version,
         r.active_path.as_deref().unwrap_or("none")
     );
@@ -54,22 +91,75 @@ pub fn table(r: &AgentReport) -> String {
             e.replace('\n', "\n  ")
         ));
     }
-    out.push_str(&format!(
-        "{:<2}{:<16} {:<9} {:>9} {:>9} {:>7} {:>10}  {}\n",
-        "", "PATH", "STATE", "RTT", "P95", "LOSS", "SCORE", "REASON"
-    ));
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING);
+    t.set_header(["", "PATH", "STATE", "RTT", "P95", "LOSS", "SCORE", "REASON"]);
     for p in &r.paths {
-        out.push_str(&format!(
-            "{:<2}{:<16} {:<9} {:>9} {:>9} {:>6.1}% {:>10.1}  {}\n",
-            if p.active { "*" } else { "" },
-            p.path,
-            p.state.as_str(),
+        t.add_row([
+            if p.active { "*" } else { "" }.to_owned(),
+            detour_wire::printable(&p.path).into_owned(),
+            p.state.as_str().to_owned(),
             ms(p.rtt_seconds),
             ms(p.rtt_p95_seconds),
-            p.loss_ratio * 100.0,
-            p.score,
-            p.reason.as_deref().unwrap_or("")
-        ));
+            format!("{:.1}%", p.loss_ratio * 100.0),
+            format!("{:.1}", p.score),
+            detour_wire::printable(p.reason.as_deref().unwrap_or("")).into_owned(),
+        ]);
+    }
+    for (i, col) in t.column_iter_mut().enumerate() {
+        // `* direct`: the marker column is one wide with one space after it.
+        col.set_padding(if i == 0 { (0, 1) } else { (0, 2) });
+        if (3..=6).contains(&i) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    if let Some(marker) = t.column_mut(0) {
+        marker.set_constraint(ColumnConstraint::Absolute(Width::Fixed(1)));
+    }
+    for line in t.lines() {
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detour_wire::{PathReport, PathState};
+
+    fn path(name: &str, active: bool) -> PathReport {
+        PathReport {
+            path: name.to_owned(),
+            state: PathState::Up,
+            rtt_seconds: Some(0.0012),
+            rtt_p95_seconds: Some(0.0025),
+            loss_ratio: 0.0,
+            score: 1.2,
+            active,
+            consecutive_failures: 0,
+            reason: Some("probe ok".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_long_pop_name_keeps_the_columns_aligned() {
+        let long = format!("via:{}", "a".repeat(40));
+        let report = AgentReport {
+            pop: "blr".into(),
+            version: "0.1.0".into(),
+            active_path: Some("direct".into()),
+            paths: vec![path("direct", true), path(&long, false)],
+            config_error: None,
+        };
+        let text = table(&report);
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert!(lines[1].starts_with("* direct"), "{text}");
+        // STATE starts in the same column on every line, header included.
+        let col = lines[0].find("STATE").unwrap();
+        for l in &lines[1..] {
+            assert_eq!(&l[col..col + 2], "up", "{text}");
+        }
+        assert!(lines[2].contains(&long), "{text}");
+    }
 }

@@ -37,14 +37,39 @@ pub struct TlsMaterial {
     pub names: Vec<String>,
 }
 
+/// Why a PEM certificate file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{} is not a PEM certificate file: {source}", path.display())]
+    NotPem {
+        path: std::path::PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{} holds no PEM certificate", path.display())]
+    Empty { path: std::path::PathBuf },
+}
+
 /// Reads every certificate in a PEM file.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertsError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .map_err(|source| CertsError::Read {
+            path: path.to_owned(),
+            source,
+        })?
         .collect();
-    let certs = certs.map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    let certs = certs.map_err(|source| CertsError::NotPem {
+        path: path.to_owned(),
+        source,
+    })?;
     if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
+        return Err(CertsError::Empty {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
@@ -195,7 +220,7 @@ impl TlsMaterial {
 /// the paths trust exactly what the config (and a reload's comparison) saw.
 pub fn control_plane_client_config(
     extra_ca: &[CertificateDer<'static>],
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, ClientTlsError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for c in native.certs {
@@ -203,18 +228,29 @@ pub fn control_plane_client_config(
         let _ = roots.add(c);
     }
     for c in extra_ca {
-        roots
-            .add(c.clone())
-            .map_err(|e| format!("control_plane.ca: {e}"))?;
+        roots.add(c.clone()).map_err(ClientTlsError::ControlPlaneCa)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     // ALPN (h2, http/1.1) is set by the HTTPS connector that uses this.
     let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(ClientTlsError::Rustls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(cfg))
+}
+
+/// Why a client TLS configuration for the paths could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    /// A certificate in `control_plane.ca` is not a usable trust anchor.
+    #[error("control_plane.ca: {0}")]
+    ControlPlaneCa(rustls::Error),
+    /// The peer-mesh client identity (certificate and key) was refused.
+    #[error("peer TLS: {0}")]
+    Peer(rustls::Error),
+    #[error("{0}")]
+    Rustls(rustls::Error),
 }
 
 /// The PoP name a verified peer certificate carries: its first DNS name.

@@ -1,0 +1,122 @@
+//! Gathering evidence about the paths: a health probe of every path each
+//! `health.interval`, and the kernel's retransmission counters of every
+//! path's connections every 100 ms. Both feed the health table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::forward::{self, Runtime};
+use crate::health::{self, Outcome};
+use crate::paths;
+use crate::runtime::Shared;
+use crate::transport;
+
+/// Probes every path each interval (jittered by up to 10%) with a
+/// `GET health.path` on the path's own pooled connection.
+pub async fn probe_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let rt = shared.forwarder.runtime();
+        let interval = rt.config.health.interval;
+        for (i, path) in rt.paths.iter().enumerate() {
+            let rt = rt.clone();
+            let path = path.clone();
+            let metrics = shared.metrics.clone();
+            tokio::spawn(async move {
+                let outcome = probe(&rt, &path, i).await;
+                let label = match outcome {
+                    Outcome::Ok(_) | Outcome::Answered(_) => "ok",
+                    Outcome::Slow(_) => "slow",
+                    Outcome::Failed(_) => "failed",
+                };
+                metrics.probes.with_label_values(&[&*path.name, label]).inc();
+                rt.health.record(i, outcome);
+            });
+        }
+        let jitter = interval.mul_f64(rand::random::<f64>() * 0.1);
+        tokio::select! {
+            _ = tokio::time::sleep(interval - jitter) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One probe of path `i`. The timeout adapts: 3x the path's recent p99,
+/// within `health.timeout_min..=timeout_max`.
+pub async fn probe(rt: &Runtime, path: &paths::PathClient, i: usize) -> Outcome {
+    use http_body_util::BodyExt;
+    let h = &rt.config.health;
+    let timeout = rt.health.p99(i).map_or(h.timeout_max, |p| {
+        p.mul_f64(3.0).clamp(h.timeout_min, h.timeout_max)
+    });
+    let cp = &rt.config.control_plane;
+    let uri = format!("{}{}{}", path.origin, cp.base_path, h.path);
+    let mut req = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *req.uri_mut() = uri.parse().unwrap_or_default();
+    if let Ok(v) = http::HeaderValue::from_str(&cp.host_header()) {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    if let Some(t) = &cp.token
+        && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}"))
+    {
+        req.headers_mut().insert(http::header::AUTHORIZATION, v);
+    }
+    req.headers_mut()
+        .insert("user-agent", http::HeaderValue::from_static("detour-agent-probe"));
+    let started = tokio::time::Instant::now();
+    let exchange = async {
+        let resp = path
+            .client
+            .request(req)
+            .await
+            .map_err(|e| forward::classify(&e).0)?;
+        // Any answer proves the path; read it whole so the connection stays pooled.
+        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await;
+        Ok::<_, health::FailureKind>(())
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(())) => {
+            let elapsed = started.elapsed();
+            if elapsed > timeout / 2 {
+                Outcome::Slow(elapsed)
+            } else {
+                Outcome::Ok(elapsed)
+            }
+        }
+        Ok(Err(kind)) => Outcome::Failed(kind),
+        Err(_) => Outcome::Failed(health::FailureKind::Timeout),
+    }
+}
+
+/// Every 100 ms: reads the kernel's retransmission counters of every path's
+/// connections into the health table, and republishes the snapshot if any
+/// evidence arrived.
+pub async fn refresh_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut diag = match transport::Diag::new() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read TCP statistics (NETLINK_SOCK_DIAG); packet loss is judged from exchanges alone");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                let rt = shared.forwarder.runtime();
+                if let Some(diag) = diag.as_mut() {
+                    for (i, path) in rt.paths.iter().enumerate() {
+                        let delta = path.sockets.sample(diag);
+                        if !delta.is_empty() {
+                            rt.health.record_transport(i, delta);
+                        }
+                    }
+                }
+                rt.health.refresh();
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The agent's running state and its replacement on reload.
+//!
+//! [`Shared`] is what every listener and loop of one agent holds. A new
+//! config is applied in one place, [`Shared::apply`]: it is compared with the
+//! running one ([`restart_needed`], [`same_config`]), a new [`Runtime`] is
+//! built beside the running one keeping what has not changed ([`build`]:
+//! warm connection pools of unchanged paths, the evidence about every path
+//! that stays), and only then is everything swapped in. A failure at any step
+//! leaves the running config whole.
+
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::config::{AgentConfig, ConfigErrors};
+use crate::forward::{Forwarder, Runtime};
+use crate::health::{HealthTable, PathInfo};
+use crate::metrics::Metrics;
+use crate::paths::{self, Route};
+use crate::relay;
+use crate::tls::ClientTlsError;
+
+/// State shared by the listeners and background tasks of one agent.
+pub struct Shared {
+    pub forwarder: Arc<Forwarder>,
+    pub metrics: Arc<Metrics>,
+    pub relay: Option<Arc<ArcSwap<relay::Relay>>>,
+    /// The last reload error, shown in `/status` until a reload succeeds.
+    pub config_error: ArcSwapOption<String>,
+}
+
+/// Why a config was not applied. The running config is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Settings that take effect only at start changed (listener addresses,
+    /// the PoP name, `ingress.max_connections`).
+    #[error("needs restart: {} changed; the running config is unchanged", .0.join(", "))]
+    NeedsRestart(Vec<&'static str>),
+    /// The files do not make a valid config.
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    /// Valid, but the paths' TLS configuration could not be built from it.
+    #[error("{0}")]
+    Paths(#[from] ClientTlsError),
+    /// Valid, but the relay's TLS configuration could not be built from it.
+    #[error("relay TLS configuration: {0}")]
+    Relay(rustls::Error),
+}
+
+/// What [`Shared::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The new config is running.
+    Swapped,
+    /// The new config is the running one; nothing was rebuilt.
+    Unchanged,
+}
+
+impl Shared {
+    /// The running state for a freshly loaded config (agent start).
+    pub fn new(config: Arc<AgentConfig>) -> Result<Shared, ApplyError> {
+        let metrics = Arc::new(Metrics::new(&config.pop));
+        let runtime = build(config.clone(), &metrics, None)?;
+        let forwarder = Arc::new(Forwarder::new(runtime, metrics.clone()));
+        let counts = Arc::new(relay::TunnelCounts::default());
+        let relay = relay_state(&config, &metrics, counts)?.map(|r| Arc::new(ArcSwap::from_pointee(r)));
+        Ok(Shared {
+            forwarder,
+            metrics,
+            relay,
+            config_error: ArcSwapOption::empty(),
+        })
+    }
+
+    /// Applies a new, already validated config. A rotated certificate, key
+    /// or CA is applied: the relay presents and checks the new ones on new
+    /// handshakes, and tunnels through peers are set up again with them.
+    pub fn apply(&self, new: AgentConfig) -> Result<Applied, ApplyError> {
+        let rt = self.forwarder.runtime();
+        if same_config(&rt.config, &new) {
+            return Ok(Applied::Unchanged);
+        }
+        let needs = restart_needed(&rt.config, &new);
+        if !needs.is_empty() {
+            return Err(ApplyError::NeedsRestart(needs));
+        }
+        let new = Arc::new(new);
+        // Everything is built before anything is swapped.
+        let runtime = build(new.clone(), &self.metrics, Some(&rt))?;
+        let relay_next = match &self.relay {
+            Some(relay) => relay_state(&new, &self.metrics, relay.load().counts.clone())?,
+            None => None,
+        };
+        if let (Some(relay), Some(r)) = (&self.relay, relay_next) {
+            relay.store(Arc::new(r));
+        }
+        let gone: Vec<Arc<str>> = rt
+            .paths
+            .iter()
+            .filter(|o| !runtime.paths.iter().any(|p| p.name == o.name))
+            .map(|o| o.name.clone())
+            .collect();
+        self.forwarder.replace(runtime);
+        for name in &gone {
+            HealthTable::forget(&self.metrics, name);
+        }
+        Ok(Applied::Swapped)
+    }
+}
+
+/// Builds the runtime (paths and health table) for a config, reusing the
+/// connection pools of paths that are unchanged in `old` and the evidence
+/// of every path that keeps its name.
+pub fn build(
+    config: Arc<AgentConfig>,
+    metrics: &Arc<Metrics>,
+    old: Option<&Runtime>,
+) -> Result<Runtime, ApplyError> {
+    let mut paths = paths::build_paths(&config)?;
+    if let Some(old) = old {
+        let same_mesh = same_mesh(&old.config, &config);
+        if same_cp_connections(&old.config, &config) {
+            for p in paths.iter_mut() {
+                let via = matches!(p.route, Route::Via { .. });
+                if via && !same_mesh {
+                    continue;
+                }
+                if let Some(o) = old
+                    .paths
+                    .iter()
+                    .find(|o| o.name == p.name && same_route(&o.route, &p.route))
+                {
+                    // Same path, same endpoint: keep its warm connections.
+                    *p = o.clone();
+                }
+            }
+        }
+    }
+    let infos = paths
+        .iter()
+        .map(|p| {
+            let peer = config.peers.iter().find(|x| x.path_name() == *p.name);
+            PathInfo {
+                name: p.name.clone(),
+                direct: peer.is_none(),
+                weight: peer.map_or(100, |x| x.weight),
+                enabled: peer.is_none_or(|x| x.enabled),
+            }
+        })
+        .collect();
+    let health = Arc::new(HealthTable::new(config.health.clone(), infos, metrics.clone()));
+    if let Some(old) = old {
+        health.inherit(&old.health);
+    }
+    Ok(Runtime {
+        config,
+        paths,
+        health,
+    })
+}
+
+fn relay_state(
+    config: &Arc<AgentConfig>,
+    metrics: &Arc<Metrics>,
+    counts: Arc<relay::TunnelCounts>,
+) -> Result<Option<relay::Relay>, ApplyError> {
+    let (Some(_), Some(tls)) = (config.listen.relay, &config.tls) else {
+        return Ok(None);
+    };
+    let server = tls.relay_server_config().map_err(ApplyError::Relay)?;
+    Ok(Some(relay::Relay {
+        config: config.clone(),
+        acceptor: tokio_rustls::TlsAcceptor::from(server),
+        metrics: metrics.clone(),
+        counts,
+    }))
+}
+
+// ---- What changed on reload, and what can be kept -------------------------
+
+/// The settings that differ between `old` and `new` and take effect only
+/// when the agent starts; empty when `new` can be applied live.
+pub fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> {
+    let mut needs = Vec::new();
+    if old.listen != new.listen {
+        needs.push("listen addresses");
+    }
+    if old.pop != new.pop {
+        needs.push("pop");
+    }
+    if old.ingress.max_connections != new.ingress.max_connections {
+        needs.push("ingress.max_connections");
+    }
+    needs
+}
+
+/// Whether two configs would run the same: a reload that finds this is a no-op.
+pub fn same_config(a: &AgentConfig, b: &AgentConfig) -> bool {
+    a.peers == b.peers
+        && a.forward == b.forward
+        && a.health == b.health
+        && a.ingress == b.ingress
+        && a.relay == b.relay
+        && a.listen == b.listen
+        && a.pop == b.pop
+        && same_cp_connections(a, b)
+        && a.control_plane.token == b.control_plane.token
+        && a.control_plane.report_interval == b.control_plane.report_interval
+        && same_mesh(a, b)
+}
+
+/// Whether connections made for `a` to the control plane are good for `b`:
+/// same URL, addresses and trust. The token is sent per request, so it does
+/// not matter here.
+fn same_cp_connections(a: &AgentConfig, b: &AgentConfig) -> bool {
+    let (a, b) = (&a.control_plane, &b.control_plane);
+    a.url == b.url && a.addresses == b.addresses && a.ca == b.ca && a.ca_certs == b.ca_certs
+}
+
+/// Whether two configs carry the same peer-mesh identity and fleet CA (file
+/// contents, so a rotated certificate or CA bundle is noticed). Tunnels
+/// through peers were set up with them: a rotated one needs new tunnels.
+pub fn same_mesh(a: &AgentConfig, b: &AgentConfig) -> bool {
+    match (&a.tls, &b.tls) {
+        (None, None) => true,
+        (Some(x), Some(y)) => x.same_as(y),
+        _ => false,
+    }
+}
+
+fn same_route(a: &Route, b: &Route) -> bool {
+    match (a, b) {
+        (Route::Direct, Route::Direct) => true,
+        (Route::Via { peer: p1, relay: r1 }, Route::Via { peer: p2, relay: r2 }) => p1 == p2 && r1 == r2,
+        _ => false,
+    }
+}
