@@ -146,21 +146,34 @@ pub fn valid_route_name(name: &str) -> bool {
     valid_name(name, 64) && !name.bytes().all(|b| b == b'.')
 }
 
+/// What makes two rules' matchers identical: prefix, call type, priority
+/// and window together. The database keeps it unique among routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matcher {
+    /// The destination prefix, as in the rule.
+    pub prefix: String,
+    /// The call type, or empty when the rule matches every type.
+    pub call_type: String,
+    /// The priority, or empty when the rule matches both.
+    pub priority: String,
+    /// The window as `HH:MM-HH:MM/day,day`, or empty when there is none.
+    pub window: String,
+}
+
 impl RouteSpec {
-    /// Key that makes two rules' matchers identical: prefix, call type,
-    /// priority and window together. The database keeps it unique.
-    pub fn matcher_key(&self) -> (String, String, String, String) {
+    /// The rule's [`Matcher`].
+    pub fn matcher_key(&self) -> Matcher {
         let window = self
             .window
             .as_ref()
             .map(|w| format!("{}-{}/{}", w.start, w.end, w.days.join(",")))
             .unwrap_or_default();
-        (
-            self.prefix.clone(),
-            self.call_type.clone().unwrap_or_default(),
-            self.priority.clone().unwrap_or_default(),
+        Matcher {
+            prefix: self.prefix.clone(),
+            call_type: self.call_type.clone().unwrap_or_default(),
+            priority: self.priority.clone().unwrap_or_default(),
             window,
-        )
+        }
     }
 
     /// Validates the rule and compiles it; every problem is reported at once.
