@@ -71,6 +71,15 @@ pub fn valid_pop(pop: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// The admin token in `path` (one line, not empty).
+pub(crate) fn read_admin_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let token = text.trim().to_owned();
+    anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
+    Ok(token)
+}
+
 /// How long a verified token is trusted without asking the database again.
 const CACHE_TTL: Duration = Duration::from_secs(30);
 /// How long an unknown token is remembered as unknown.

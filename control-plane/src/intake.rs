@@ -238,27 +238,7 @@ pub fn call_request(body: &Value, numbers: &Numbers) -> Result<CallRequest, Vec<
     };
 
     if let Some(code) = destination_raw.and_then(|d| numbers.emergency_code(d)) {
-        let caller = match body.get("caller") {
-            Some(Value::String(s)) => Some(
-                normalise(s, numbers.region).unwrap_or_else(|_| s.chars().take(MAX_NUMBER_CHARS).collect()),
-            ),
-            _ => None,
-        };
-        let call_type = match str_field(body, "call_type") {
-            Ok(Some(t)) if valid_call_type(t) => t.to_owned(),
-            _ => "outbound".to_owned(),
-        };
-        let metadata = match body.get("metadata") {
-            Some(m @ Value::Object(_)) => m.clone(),
-            _ => Value::Object(Default::default()),
-        };
-        return Ok(CallRequest {
-            caller,
-            destination: code,
-            call_type,
-            priority: Priority::Emergency,
-            metadata,
-        });
+        return Ok(emergency_call(body, code, numbers));
     }
 
     let destination = destination_raw.and_then(|d| match normalise(d, numbers.region) {
@@ -268,38 +248,8 @@ pub fn call_request(body: &Value, numbers: &Numbers) -> Result<CallRequest, Vec<
             None
         }
     });
-    let caller = match str_field(body, "caller") {
-        Ok(Some(c)) => match normalise(c, numbers.region) {
-            Ok(n) => Some(n),
-            Err(reason) => {
-                errors.push(FieldError::new("caller", reason));
-                None
-            }
-        },
-        Ok(None) => {
-            errors.push(FieldError::new("caller", "is required"));
-            None
-        }
-        Err(e) => {
-            errors.push(e);
-            None
-        }
-    };
-    let call_type = match str_field(body, "call_type") {
-        Ok(None) => "outbound".to_owned(),
-        Ok(Some(t)) if valid_call_type(t) => t.to_owned(),
-        Ok(Some(_)) => {
-            errors.push(FieldError::new(
-                "call_type",
-                "must be 1 to 32 lowercase letters, digits, '_' or '-', starting with a letter",
-            ));
-            String::new()
-        }
-        Err(e) => {
-            errors.push(e);
-            String::new()
-        }
-    };
+    let caller = caller_field(body, numbers, &mut errors);
+    let call_type = call_type_field(body, &mut errors);
     match str_field(body, "priority") {
         Ok(None) | Ok(Some("normal")) => {}
         Ok(Some("emergency")) => errors.push(FieldError::new(
@@ -336,6 +286,72 @@ pub fn call_request(body: &Value, numbers: &Numbers) -> Result<CallRequest, Vec<
             metadata,
         }),
         _ => Err(errors),
+    }
+}
+
+/// A call to the emergency number `code`: never refused, whatever else the
+/// body holds (see [`call_request`]).
+fn emergency_call(body: &Value, code: String, numbers: &Numbers) -> CallRequest {
+    let caller = match body.get("caller") {
+        Some(Value::String(s)) => {
+            Some(normalise(s, numbers.region).unwrap_or_else(|_| s.chars().take(MAX_NUMBER_CHARS).collect()))
+        }
+        _ => None,
+    };
+    let call_type = match str_field(body, "call_type") {
+        Ok(Some(t)) if valid_call_type(t) => t.to_owned(),
+        _ => "outbound".to_owned(),
+    };
+    let metadata = match body.get("metadata") {
+        Some(m @ Value::Object(_)) => m.clone(),
+        _ => Value::Object(Default::default()),
+    };
+    CallRequest {
+        caller,
+        destination: code,
+        call_type,
+        priority: Priority::Emergency,
+        metadata,
+    }
+}
+
+/// A normal call's caller, in E.164 (required).
+fn caller_field(body: &Value, numbers: &Numbers, errors: &mut Vec<FieldError>) -> Option<String> {
+    match str_field(body, "caller") {
+        Ok(Some(c)) => match normalise(c, numbers.region) {
+            Ok(n) => Some(n),
+            Err(reason) => {
+                errors.push(FieldError::new("caller", reason));
+                None
+            }
+        },
+        Ok(None) => {
+            errors.push(FieldError::new("caller", "is required"));
+            None
+        }
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    }
+}
+
+/// A normal call's type (`outbound` when not given).
+fn call_type_field(body: &Value, errors: &mut Vec<FieldError>) -> String {
+    match str_field(body, "call_type") {
+        Ok(None) => "outbound".to_owned(),
+        Ok(Some(t)) if valid_call_type(t) => t.to_owned(),
+        Ok(Some(_)) => {
+            errors.push(FieldError::new(
+                "call_type",
+                "must be 1 to 32 lowercase letters, digits, '_' or '-', starting with a letter",
+            ));
+            String::new()
+        }
+        Err(e) => {
+            errors.push(e);
+            String::new()
+        }
     }
 }
 

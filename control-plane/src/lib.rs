@@ -41,6 +41,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::{Config, ConfigError, ConfigErrors};
+// `config` checks the admin token file with this (its old path).
+pub(crate) use auth::read_admin_token_file;
 
 use crate::api::App;
 use crate::store::Store;
@@ -56,14 +58,6 @@ fn read_admin_token(config: &Config) -> anyhow::Result<Option<String>> {
         .as_deref()
         .map(read_admin_token_file)
         .transpose()
-}
-
-/// The admin token in `path` (one line, not empty).
-pub(crate) fn read_admin_token_file(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    let token = text.trim().to_owned();
-    anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
-    Ok(token)
 }
 
 /// Opens the database and applies pending migrations.

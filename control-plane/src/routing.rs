@@ -146,21 +146,34 @@ pub fn valid_route_name(name: &str) -> bool {
     valid_name(name, 64) && !name.bytes().all(|b| b == b'.')
 }
 
+/// What makes two rules' matchers identical: prefix, call type, priority
+/// and window together. The database keeps it unique among routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matcher {
+    /// The destination prefix, as in the rule.
+    pub prefix: String,
+    /// The call type, or empty when the rule matches every type.
+    pub call_type: String,
+    /// The priority, or empty when the rule matches both.
+    pub priority: String,
+    /// The window as `HH:MM-HH:MM/day,day`, or empty when there is none.
+    pub window: String,
+}
+
 impl RouteSpec {
-    /// Key that makes two rules' matchers identical: prefix, call type,
-    /// priority and window together. The database keeps it unique.
-    pub fn matcher_key(&self) -> (String, String, String, String) {
+    /// The rule's [`Matcher`].
+    pub fn matcher_key(&self) -> Matcher {
         let window = self
             .window
             .as_ref()
             .map(|w| format!("{}-{}/{}", w.start, w.end, w.days.join(",")))
             .unwrap_or_default();
-        (
-            self.prefix.clone(),
-            self.call_type.clone().unwrap_or_default(),
-            self.priority.clone().unwrap_or_default(),
+        Matcher {
+            prefix: self.prefix.clone(),
+            call_type: self.call_type.clone().unwrap_or_default(),
+            priority: self.priority.clone().unwrap_or_default(),
             window,
-        )
+        }
     }
 
     /// Validates the rule and compiles it; every problem is reported at once.
@@ -188,31 +201,7 @@ impl RouteSpec {
         if !valid_name(&self.pop, 32) {
             err("pop", "must be 1 to 32 letters, digits, '.', '_' or '-'");
         }
-        let mut weighted: Vec<(String, u32)> = Vec::new();
-        match (&self.trunk, self.trunks.is_empty()) {
-            (Some(t), true) => weighted.push((t.clone(), 1)),
-            (None, false) => weighted.extend(self.trunks.iter().map(|t| (t.name.clone(), t.weight))),
-            (Some(_), false) => err("trunks", "give either trunk or trunks, not both"),
-            (None, true) => err("trunk", "is required (or trunks)"),
-        }
-        for (t, _) in &weighted {
-            if !valid_name(t, 64) {
-                err(
-                    "trunks",
-                    "trunk names must be 1 to 64 letters, digits, '.', '_' or '-'",
-                );
-            }
-        }
-        if !weighted.is_empty() && weighted.iter().all(|(_, w)| *w == 0) {
-            err("trunks", "at least one trunk needs a weight above 0");
-        }
-        let mut seen = std::collections::HashSet::new();
-        if weighted.iter().any(|(t, _)| !seen.insert(t.clone())) {
-            err("trunks", "a trunk is listed twice");
-        }
-        if weighted.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() > u64::from(u32::MAX) {
-            err("trunks", "weights add up to too much");
-        }
+        let weighted = self.weighted_trunks(&mut err);
         for t in &self.failover {
             if !valid_name(t, 64) {
                 err(
@@ -241,68 +230,12 @@ impl RouteSpec {
                 }
             },
         };
-        let window = match &self.window {
-            None => None,
-            Some(w) => {
-                let (start, end) = (parse_hhmm(&w.start), parse_hhmm(&w.end));
-                let mut days = 0u8;
-                for d in &w.days {
-                    match d.as_str() {
-                        "mon" => days |= 1,
-                        "tue" => days |= 2,
-                        "wed" => days |= 4,
-                        "thu" => days |= 8,
-                        "fri" => days |= 16,
-                        "sat" => days |= 32,
-                        "sun" => days |= 64,
-                        _ => err("window.days", "days are mon, tue, wed, thu, fri, sat, sun"),
-                    }
-                }
-                match (start, end) {
-                    (Some(s), Some(e)) if s != e => Some(Window {
-                        start: s,
-                        end: e,
-                        days,
-                    }),
-                    (Some(_), Some(_)) => {
-                        err("window", "start and end are equal; omit the window for all day");
-                        None
-                    }
-                    _ => {
-                        err("window", "start and end must be HH:MM on a 24-hour clock");
-                        None
-                    }
-                }
-            }
-        };
+        let window = self.window.as_ref().and_then(|w| w.compile(&mut err));
         if let Some(h) = &self.hook {
-            if !(h.url.starts_with("http://") || h.url.starts_with("https://"))
-                || reqwest::Url::parse(&h.url).is_err()
-            {
-                err("hook.url", "must be an http:// or https:// URL");
-            }
-            if let Some(t) = h.timeout
-                && (t.is_zero() || t > Duration::from_secs(5))
-            {
-                err("hook.timeout", "must be above 0 and at most 5s");
-            }
+            h.check(&mut err);
         }
         if !errors.is_empty() {
             return Err(errors);
-        }
-        let mut cumulative = Vec::new();
-        let mut total = 0u64;
-        for (t, w) in &weighted {
-            total += u64::from(*w);
-            cumulative.push((t.clone(), total));
-        }
-        let mut by_weight = weighted.clone();
-        by_weight.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let mut others: Vec<String> = by_weight.into_iter().map(|(t, _)| t).collect();
-        for t in &self.failover {
-            if !others.contains(t) {
-                others.push(t.clone());
-            }
         }
         Ok(Rule {
             name: name.to_owned(),
@@ -310,9 +243,116 @@ impl RouteSpec {
             call_type,
             priority,
             window,
-            cumulative,
-            others,
+            cumulative: cumulative(&weighted),
+            others: self.others(&weighted),
         })
+    }
+
+    /// The trunks with their weights, checked (`trunk` is one of weight 1).
+    fn weighted_trunks(&self, err: &mut impl FnMut(&str, &str)) -> Vec<(String, u32)> {
+        let mut weighted: Vec<(String, u32)> = Vec::new();
+        match (&self.trunk, self.trunks.is_empty()) {
+            (Some(t), true) => weighted.push((t.clone(), 1)),
+            (None, false) => weighted.extend(self.trunks.iter().map(|t| (t.name.clone(), t.weight))),
+            (Some(_), false) => err("trunks", "give either trunk or trunks, not both"),
+            (None, true) => err("trunk", "is required (or trunks)"),
+        }
+        for (t, _) in &weighted {
+            if !valid_name(t, 64) {
+                err(
+                    "trunks",
+                    "trunk names must be 1 to 64 letters, digits, '.', '_' or '-'",
+                );
+            }
+        }
+        if !weighted.is_empty() && weighted.iter().all(|(_, w)| *w == 0) {
+            err("trunks", "at least one trunk needs a weight above 0");
+        }
+        let mut seen = std::collections::HashSet::new();
+        if weighted.iter().any(|(t, _)| !seen.insert(t.clone())) {
+            err("trunks", "a trunk is listed twice");
+        }
+        if weighted.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() > u64::from(u32::MAX) {
+            err("trunks", "weights add up to too much");
+        }
+        weighted
+    }
+
+    /// Every trunk after the drawn one, in failover order: the weighted
+    /// trunks by weight (then name), then `failover`'s others.
+    fn others(&self, weighted: &[(String, u32)]) -> Vec<String> {
+        let mut by_weight = weighted.to_vec();
+        by_weight.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut others: Vec<String> = by_weight.into_iter().map(|(t, _)| t).collect();
+        for t in &self.failover {
+            if !others.contains(t) {
+                others.push(t.clone());
+            }
+        }
+        others
+    }
+}
+
+/// Each trunk with the running total of the weights up to it.
+fn cumulative(weighted: &[(String, u32)]) -> Vec<(String, u64)> {
+    let mut cumulative = Vec::new();
+    let mut total = 0u64;
+    for (t, w) in weighted {
+        total += u64::from(*w);
+        cumulative.push((t.clone(), total));
+    }
+    cumulative
+}
+
+impl WindowSpec {
+    /// The window in minutes and a day mask; `None` (and an error) when it
+    /// is invalid.
+    fn compile(&self, err: &mut impl FnMut(&str, &str)) -> Option<Window> {
+        let (start, end) = (parse_hhmm(&self.start), parse_hhmm(&self.end));
+        let mut days = 0u8;
+        for d in &self.days {
+            match d.as_str() {
+                "mon" => days |= 1,
+                "tue" => days |= 2,
+                "wed" => days |= 4,
+                "thu" => days |= 8,
+                "fri" => days |= 16,
+                "sat" => days |= 32,
+                "sun" => days |= 64,
+                _ => err("window.days", "days are mon, tue, wed, thu, fri, sat, sun"),
+            }
+        }
+        match (start, end) {
+            (Some(s), Some(e)) if s != e => Some(Window {
+                start: s,
+                end: e,
+                days,
+            }),
+            (Some(_), Some(_)) => {
+                err("window", "start and end are equal; omit the window for all day");
+                None
+            }
+            _ => {
+                err("window", "start and end must be HH:MM on a 24-hour clock");
+                None
+            }
+        }
+    }
+}
+
+impl HookSpec {
+    /// Reports what is wrong with the hook's URL and timeout.
+    fn check(&self, err: &mut impl FnMut(&str, &str)) {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://"))
+            || reqwest::Url::parse(&self.url).is_err()
+        {
+            err("hook.url", "must be an http:// or https:// URL");
+        }
+        if let Some(t) = self.timeout
+            && (t.is_zero() || t > Duration::from_secs(5))
+        {
+            err("hook.timeout", "must be above 0 and at most 5s");
+        }
     }
 }
 
@@ -457,225 +497,4 @@ impl Rule {
 }
 
 #[cfg(test)]
-mod tests {
-    #[test]
-    fn route_names_are_never_dot_segments() {
-        for bad in [".", "..", "...", "", "a/b", "a b"] {
-            assert!(!super::valid_route_name(bad), "{bad:?}");
-        }
-        for good in ["blr-1", ".hidden", "a..b", "v1.2"] {
-            assert!(super::valid_route_name(good), "{good:?}");
-        }
-    }
-
-    use super::*;
-    use rand::SeedableRng;
-    use rand::rngs::StdRng;
-    use serde_json::json;
-
-    fn rule(name: &str, spec: serde_json::Value) -> Rule {
-        let spec: RouteSpec = serde_json::from_value(spec).unwrap();
-        spec.compile(name).unwrap()
-    }
-
-    fn q(dest: &str) -> Query<'_> {
-        Query {
-            destination: dest,
-            call_type: "outbound",
-            priority: Priority::Normal,
-            weekday: Weekday::Wed,
-            minute: 12 * 60,
-        }
-    }
-
-    fn set() -> RuleSet {
-        RuleSet::new(
-            1,
-            [
-                rule("india", json!({"prefix": "+91", "trunk": "in-1", "pop": "del"})),
-                rule("blr", json!({"prefix": "+9180", "trunk": "blr-1", "pop": "blr"})),
-                rule(
-                    "blr-night",
-                    json!({"prefix": "+9180", "trunk": "blr-night", "pop": "maa",
-                           "window": {"start": "22:00", "end": "06:00"}}),
-                ),
-                rule(
-                    "blr-inbound",
-                    json!({"prefix": "+9180", "trunk": "blr-in", "pop": "blr",
-                           "call_type": "inbound"}),
-                ),
-                rule(
-                    "emergency",
-                    json!({"prefix": "1", "trunk": "psap", "pop": "blr",
-                           "priority": "emergency"}),
-                ),
-                rule("default", json!({"prefix": "", "trunk": "world", "pop": "del"})),
-            ],
-        )
-    }
-
-    #[test]
-    fn longest_prefix_wins() {
-        let s = set();
-        let mut rng = StdRng::seed_from_u64(1);
-        let pick = |d: &str, rng: &mut StdRng| s.decide(&q(d), rng).unwrap().1.rule;
-        assert_eq!(pick("+918041234567", &mut rng), "blr");
-        assert_eq!(pick("+912212345678", &mut rng), "india");
-        assert_eq!(pick("+14155550100", &mut rng), "default");
-    }
-
-    #[test]
-    fn call_type_priority_and_window_filter_then_fall_through() {
-        let s = set();
-        let mut query = q("+918041234567");
-        query.call_type = "inbound";
-        assert_eq!(s.matching(&query).unwrap().name, "blr-inbound");
-        let mut night = q("+918041234567");
-        night.minute = 23 * 60;
-        assert_eq!(s.matching(&night).unwrap().name, "blr-night");
-        night.minute = 5 * 60 + 59;
-        assert_eq!(s.matching(&night).unwrap().name, "blr-night");
-        night.minute = 6 * 60;
-        assert_eq!(s.matching(&night).unwrap().name, "blr");
-        // Emergency-only rule does not catch normal calls to "1…".
-        let mut e = q("112");
-        assert_eq!(s.matching(&e).unwrap().name, "default");
-        e.priority = Priority::Emergency;
-        assert_eq!(s.matching(&e).unwrap().name, "emergency");
-    }
-
-    #[test]
-    fn window_days_and_local_time() {
-        let r = rule(
-            "weekday",
-            json!({"prefix": "+91", "trunk": "t", "pop": "p",
-                   "window": {"start": "09:00", "end": "18:00", "days": ["mon", "fri"]}}),
-        );
-        let s = RuleSet::new(1, [r]);
-        let mut query = q("+918041234567");
-        query.weekday = Weekday::Mon;
-        query.minute = 9 * 60;
-        assert!(s.matching(&query).is_some());
-        query.minute = 18 * 60;
-        assert!(s.matching(&query).is_none());
-        query.minute = 10 * 60;
-        query.weekday = Weekday::Tue;
-        assert!(s.matching(&query).is_none());
-        // 04:00 UTC on a Monday is 09:30 IST: inside the window.
-        let utc = chrono::DateTime::parse_from_rfc3339("2026-11-23T04:00:00Z").unwrap();
-        let ist = utc.with_timezone(&chrono_tz::Asia::Kolkata);
-        let at = Query::at("+918041234567", "outbound", Priority::Normal, &ist);
-        assert_eq!((at.weekday, at.minute), (Weekday::Mon, 9 * 60 + 30));
-        assert!(s.matching(&at).is_some());
-    }
-
-    #[test]
-    fn ties_are_broken_by_specificity_then_name() {
-        let s = RuleSet::new(
-            1,
-            [
-                rule(
-                    "b-type",
-                    json!({"prefix": "+91", "trunk": "t1", "pop": "p", "call_type": "outbound"}),
-                ),
-                rule(
-                    "a-prio",
-                    json!({"prefix": "+91", "trunk": "t2", "pop": "p", "priority": "normal"}),
-                ),
-                rule(
-                    "z-both",
-                    json!({"prefix": "+91", "trunk": "t3", "pop": "p", "priority": "normal", "call_type": "outbound"}),
-                ),
-            ],
-        );
-        assert_eq!(s.matching(&q("+918041234567")).unwrap().name, "z-both");
-        let s = RuleSet::new(
-            1,
-            [
-                rule(
-                    "b-type",
-                    json!({"prefix": "+91", "trunk": "t1", "pop": "p", "call_type": "outbound"}),
-                ),
-                rule(
-                    "a-prio",
-                    json!({"prefix": "+91", "trunk": "t2", "pop": "p", "priority": "normal"}),
-                ),
-            ],
-        );
-        assert_eq!(s.matching(&q("+918041234567")).unwrap().name, "a-prio");
-    }
-
-    #[test]
-    fn weights_hold_within_tolerance_over_many_draws() {
-        let r = rule(
-            "w",
-            json!({"prefix": "+91", "pop": "p", "failover": ["backup"],
-                   "trunks": [{"name": "a", "weight": 70}, {"name": "b", "weight": 20},
-                              {"name": "c", "weight": 10}, {"name": "drained", "weight": 0}]}),
-        );
-        let mut rng = StdRng::seed_from_u64(7);
-        let n = 100_000;
-        let mut counts: HashMap<String, u32> = HashMap::new();
-        for _ in 0..n {
-            *counts.entry(r.pick(&mut rng).trunk).or_default() += 1;
-        }
-        for (t, share) in [("a", 0.7), ("b", 0.2), ("c", 0.1)] {
-            let got = f64::from(counts[t]) / f64::from(n);
-            assert!((got - share).abs() < 0.01, "{t}: {got}");
-        }
-        assert!(!counts.contains_key("drained"));
-    }
-
-    #[test]
-    fn failover_order_is_other_trunks_by_weight_then_the_list() {
-        let r = rule(
-            "w",
-            json!({"prefix": "+91", "pop": "p", "failover": ["backup", "a"],
-                   "trunks": [{"name": "a", "weight": 1}, {"name": "b", "weight": 5}]}),
-        );
-        assert_eq!(r.decision_with("b".into()).failover, ["a", "backup"]);
-        assert_eq!(r.decision_with("a".into()).failover, ["b", "backup"]);
-    }
-
-    #[test]
-    fn invalid_specs_name_their_fields() {
-        let spec: RouteSpec = serde_json::from_value(json!({
-            "prefix": "+91x", "pop": "", "trunk": "a", "trunks": [{"name": "b"}],
-            "priority": "high", "window": {"start": "25:00", "end": "01:00"},
-            "hook": {"url": "ftp://x"}
-        }))
-        .unwrap();
-        let errs = spec.compile("bad name").unwrap_err();
-        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(
-            fields,
-            [
-                "name", "prefix", "pop", "trunks", "priority", "window", "hook.url"
-            ]
-        );
-    }
-
-    #[test]
-    fn ten_thousand_rules_index() {
-        let rules = (0..10_000).map(|i| {
-            rule(
-                &format!("r{i}"),
-                json!({"prefix": format!("+91{}", 10_000 + i), "trunk": "t", "pop": "p"}),
-            )
-        });
-        let s = RuleSet::new(1, rules);
-        assert_eq!(s.len(), 10_000);
-        assert_eq!(s.matching(&q("+911234512345")).unwrap().name, "r2345");
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn pick_is_always_a_positive_weight_trunk(seed in 0u64..1000, wa in 0u32..10, wb in 1u32..10) {
-            let r = rule("p", json!({"prefix": "+9", "pop": "p",
-                "trunks": [{"name": "a", "weight": wa}, {"name": "b", "weight": wb}]}));
-            let d = r.pick(&mut StdRng::seed_from_u64(seed));
-            proptest::prop_assert!(d.trunk == "b" || (d.trunk == "a" && wa > 0));
-            proptest::prop_assert_eq!(d.failover.len(), 1);
-        }
-    }
-}
+mod tests;
