@@ -12,20 +12,19 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use clap::Args;
-use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::fleet::{CP_HOST, Fleet, FleetOptions};
 use crate::link::Fault;
-use crate::load::{Call, CallClient, CallResult, steady};
+use crate::load::{Call, CallClient, CallResult, Latencies, closed_loop, fixed_rate, q3, steady};
+use crate::mock_cp::MockCpProcess;
+use crate::process::{Proc, cpu_us, free_port, loopback, rss_kib, sibling, spawn_agent, wait_listening};
+use crate::report::{machine, us, write_block};
 
 /// Options of `detour-lab bench`.
 #[derive(Args, Debug, Clone)]
@@ -69,217 +68,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`
-/// in `doc` (appending the block when the markers are missing).
-pub fn write_block(doc: &Path, name: &str, content: &str) -> anyhow::Result<()> {
-    let begin = format!("<!-- {name}:begin -->");
-    let end = format!("<!-- {name}:end -->");
-    let text = std::fs::read_to_string(doc).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-    let block = format!("{begin}\n{}\n{end}", content.trim_end());
-    let new = match (text.find(&begin), text.find(&end)) {
-        (Some(b), Some(e)) if e > b => format!("{}{}{}", &text[..b], block, &text[e + end.len()..]),
-        _ => format!("{}\n{}\n", text.trim_end(), block),
-    };
-    std::fs::write(doc, new).with_context(|| format!("writing {}", doc.display()))
-}
-
-pub(crate) fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    // Other work on the machine moves these numbers; say how busy it was.
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    format!("{date} on {cpus} cores ({model}, load average {load} at the start), Linux loopback,")
-}
-
-/// A child process killed on drop.
-pub(crate) struct Proc(pub(crate) Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe.with_file_name(name);
-    if !p.exists() {
-        bail!(
-            "{} is missing; build it first: cargo build --release -p detour-agent -p detour-lab",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-pub(crate) async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr} after 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-pub(crate) fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// CPU time (user + system) a process has used so far, in microseconds.
-fn cpu_us(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    cpu_ticks(&stat) * 10_000
-}
-
-/// User + system CPU of a `/proc/<pid>/stat` line, in clock ticks (10 ms).
-fn cpu_ticks(stat: &str) -> u64 {
-    // Fields after the command name, which is in parentheses and may hold
-    // spaces. `rest` starts at field 3 (the state), so utime and stime, fields
-    // 14 and 15 of the line, are at 11 and 12. Position matters: some fields
-    // are negative (tpgid is -1 without a terminal), so nothing may be skipped.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12)
-}
-
-/// Closed loop: `conns` keep-alive connections each sending one request after
-/// another for `dur`. Returns (requests/s, latency histogram in µs, errors).
-pub(crate) async fn closed_loop(
-    target: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    conns: usize,
-    dur: Duration,
-) -> anyhow::Result<(f64, Histogram<u64>, u64)> {
-    let deadline = Instant::now() + dur;
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..conns {
-        let path = path.to_owned();
-        let headers: Vec<(String, String)> = headers
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        set.spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
-            let mut errors = 0u64;
-            let Ok(stream) = TcpStream::connect(target).await else {
-                return (hist, 1u64);
-            };
-            let _ = stream.set_nodelay(true);
-            let Ok((mut send, conn)) =
-                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-                    .await
-            else {
-                return (hist, 1);
-            };
-            tokio::spawn(conn);
-            while Instant::now() < deadline {
-                let mut req = http::Request::post(path.as_str())
-                    .header("host", target.to_string())
-                    .header("content-type", "application/json");
-                for (k, v) in &headers {
-                    req = req.header(k.as_str(), v.as_str());
-                }
-                let Ok(req) = req.body(Full::new(Bytes::from_static(
-                    br#"{"caller":"+919876543210","destination":"08041234567"}"#,
-                ))) else {
-                    break;
-                };
-                if send.ready().await.is_err() {
-                    errors += 1;
-                    break;
-                }
-                let started = Instant::now();
-                match send.send_request(req).await {
-                    Ok(resp) => {
-                        let ok = resp.status().is_success();
-                        let _ = resp.into_body().collect().await;
-                        if ok {
-                            let _ = hist.record(started.elapsed().as_micros() as u64);
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    Err(_) => {
-                        errors += 1;
-                        break;
-                    }
-                }
-            }
-            (hist, errors)
-        });
-    }
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut errors = 0;
-    while let Some(r) = set.join_next().await {
-        let (h, e) = r?;
-        total.add(&h)?;
-        errors += e;
-    }
-    Ok((total.len() as f64 / dur.as_secs_f64(), total, errors))
-}
-
-/// Open loop at `rate` requests/s for `dur`: latency percentiles.
-pub(crate) async fn fixed_rate(
-    url: &str,
-    headers: &[(&str, &str)],
-    rate: u32,
-    dur: Duration,
-) -> (Vec<CallResult>, usize) {
-    let client = CallClient::new(Duration::from_secs(2));
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let results = steady(&client, url, rate, dur, |_| {
-        let mut c = Call::post(
-            "/v1/calls",
-            r#"{"caller":"+919876543210","destination":"08041234567"}"#,
-        );
-        c.headers.extend(headers.iter().cloned());
-        c
-    })
-    .await;
-    let failed = results.iter().filter(|r| !r.ok()).count();
-    (results, failed)
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
 struct OverheadRow {
     target: &'static str,
     p50_us: f64,
@@ -297,7 +85,6 @@ struct OverheadRow {
 
 async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
     let dur = Duration::from_secs(args.seconds);
-    let lab = sibling("detour-lab")?;
     let agent_bin = sibling("detour-agent")?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
@@ -308,16 +95,8 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
     }
     // The control-plane stand-in: plain HTTP, so the direct baseline and the
     // agent compare like for like (HAProxy + Squid was measured the same way).
-    let cp_port = free_port()?;
-    let cp_addr: SocketAddr = format!("127.0.0.1:{cp_port}").parse()?;
-    let _cp = Proc(
-        Command::new(&lab)
-            .args(["mock-cp", "--listen", &cp_addr.to_string()])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the mock control plane")?,
-    );
-    wait_listening(cp_addr).await?;
+    let cp = MockCpProcess::start().await?;
+    let (cp_port, cp_addr) = (cp.addr.port(), cp.addr);
     let mut ports = std::collections::BTreeMap::new();
     for pop in ["blr", "maa"] {
         ports.insert(pop, (free_port()?, free_port()?, free_port()?));
@@ -342,22 +121,15 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
                  [peers]\nfile = \"peers.toml\"\n"
             ),
         )?;
-        let mut cmd = Command::new(&agent_bin);
-        cmd.args(["run", "--config"]).arg(pop_dir.join("agent.toml"));
-        if let Some(n) = args.agent_threads {
-            cmd.arg("--threads").arg(n.to_string());
-        }
-        let child = cmd
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting detour-agent")?;
-        agents.push(Proc(child));
-        wait_listening(format!("127.0.0.1:{local}").parse()?).await?;
+        agents.push(spawn_agent(
+            &agent_bin,
+            &pop_dir.join("agent.toml"),
+            args.agent_threads,
+        )?);
+        wait_listening(loopback(local)).await?;
     }
     let blr_pid = agents[0].0.id();
-    let blr_local: SocketAddr = format!("127.0.0.1:{}", ports["blr"].0).parse()?;
+    let blr_local = loopback(ports["blr"].0);
     // Let probes warm every path.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -410,13 +182,8 @@ async fn overhead(args: &BenchArgs) -> anyhow::Result<()> {
         let (results, failed) = fixed_rate(&format!("http://{addr}"), headers, 1000, dur).await;
         let cpu_fixed = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
         let fixed_done = results.len();
-        let mut lat: Vec<Duration> = results.iter().filter(|r| r.ok()).map(|r| r.latency).collect();
-        lat.sort();
-        let q = |p: f64| {
-            lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
-                .copied()
-                .unwrap_or_default()
-        };
+        let lat = Latencies::new(results.iter().filter(|r| r.ok()).map(|r| r.latency));
+        let q = |p: f64| lat.at(p);
         let cpu_before: u64 = pids.iter().map(|p| cpu_us(*p)).sum();
         let (rps, hist, errors) = closed_loop(*addr, "/v1/calls", headers, 64, dur).await?;
         let cpu_used = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
@@ -542,7 +309,7 @@ async fn haproxy_alone(dir: &Path, cp: SocketAddr) -> anyhow::Result<(Proc, Sock
         .spawn()
         .context("starting haproxy")?;
     let proc = Proc(child);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let addr = loopback(port);
     wait_listening(addr).await.context("haproxy did not listen")?;
     Ok((proc, addr))
 }
@@ -555,16 +322,6 @@ struct FailoverRow {
     during: (Duration, Duration, Duration),
     outside: (Duration, Duration, Duration),
     switches: u64,
-}
-
-pub(crate) fn q3(results: &[&CallResult]) -> (Duration, Duration, Duration) {
-    let mut v: Vec<Duration> = results.iter().map(|r| r.latency).collect();
-    if v.is_empty() {
-        return Default::default();
-    }
-    v.sort();
-    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    (q(0.5), q(0.99), q(1.0))
 }
 
 async fn failover(args: &BenchArgs) -> anyhow::Result<()> {
@@ -618,7 +375,7 @@ async fn failover(args: &BenchArgs) -> anyhow::Result<()> {
         });
         fleet.shutdown().await;
     }
-    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    let ms = crate::report::ms;
     let mut md = format!(
         "## Failover (issue: agent brains)\n\nMeasured {} with `target/release/detour-lab bench failover` (in-process fleet \
          blr/maa/del and a TLS control-plane stand-in on loopback; faults by the lab's links on blr's uplink: a blackhole \
@@ -657,16 +414,4 @@ async fn failover(args: &BenchArgs) -> anyhow::Result<()> {
         write_block(&args.doc, "failover", &md)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cpu_ticks_reads_utime_and_stime_even_without_a_terminal() {
-        // A daemon's line: tty 0, tpgid -1; utime 452, stime 131.
-        let line =
-            "6771 (detour-agent x) S 6762 6762 6762 0 -1 4194560 1302 0 0 0 452 131 0 0 20 0 1 0 2930 0";
-        assert_eq!(super::cpu_ticks(line), 583);
-        assert_eq!(super::cpu_ticks("garbage"), 0);
-    }
 }

@@ -25,14 +25,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::time::Instant;
 
-use crate::bench::{
-    BenchArgs, Proc, closed_loop, fixed_rate, free_port, machine, q3, rss_kib, sibling, wait_listening,
-    write_block,
-};
+use crate::bench::BenchArgs;
 use crate::fleet::{Fleet, FleetOptions};
 use crate::link::{Fault, Link};
-use crate::load::{Call, CallClient, CallResult, steady};
-use crate::mock_cp::MockCp;
+use crate::load::{Call, CallClient, CallResult, closed_loop, fixed_rate, q3, steady};
+use crate::mock_cp::{MockCp, MockCpProcess};
+use crate::process::{Proc, free_port, loopback, rss_kib, sibling, spawn_agent, wait_listening};
+use crate::report::{machine, ms, write_block};
 
 /// HAProxy health-check timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,7 +244,7 @@ async fn start_chain(cp: SocketAddr, blr_uplink: SocketAddr, profile: Profile) -
     std::fs::write(&cfg, haproxy_cfg(dir.path(), listen, cp, &squids, profile))?;
     validate(&dir.path().join("squid-direct.conf"), &cfg)?;
     for (pop, port) in &squids {
-        if let Err(e) = wait_listening(format!("127.0.0.1:{port}").parse()?).await {
+        if let Err(e) = wait_listening(loopback(*port)).await {
             let read = |f: String| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
             bail!(
                 "squid for {pop}: {e}\n{}{}",
@@ -263,7 +262,7 @@ async fn start_chain(cp: SocketAddr, blr_uplink: SocketAddr, profile: Profile) -
             .spawn()
             .context("starting haproxy")?,
     );
-    let frontend: SocketAddr = format!("127.0.0.1:{listen}").parse()?;
+    let frontend = loopback(listen);
     wait_listening(frontend).await.context("haproxy")?;
     // Let the first health checks pass (rise 2).
     let client = CallClient::new(Duration::from_secs(2));
@@ -426,22 +425,11 @@ async fn agent_process(cp: SocketAddr, dir: &Path) -> anyhow::Result<(Proc, Sock
              [control_plane]\nurl = \"http://{cp}\"\nreport_interval = \"off\"\n[peers]\nfile = \"peers.toml\"\n"
         ),
     )?;
-    let child = Command::new(sibling("detour-agent")?)
-        .args(["run", "--config"])
-        .arg(dir.join("agent.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting detour-agent")?;
-    let addr: SocketAddr = format!("127.0.0.1:{local}").parse()?;
+    let agent = spawn_agent(&sibling("detour-agent")?, &dir.join("agent.toml"), None)?;
+    let addr = loopback(local);
     wait_listening(addr).await.context("detour-agent")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    Ok((Proc(child), addr))
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1000.0)
+    Ok((agent, addr))
 }
 
 /// `detour-lab bench compare`.
@@ -521,16 +509,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     eprintln!("compare: healthy-path overhead …");
     let dur = Duration::from_secs(args.seconds.clamp(3, 10));
-    let lab = sibling("detour-lab")?;
-    let cp_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let _cp = Proc(
-        Command::new(&lab)
-            .args(["mock-cp", "--listen", &cp_addr.to_string()])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the mock control plane")?,
-    );
-    wait_listening(cp_addr).await.context("mock control plane")?;
+    let cp = MockCpProcess::start().await?;
+    let cp_addr = cp.addr;
     let mut healthy_rows = vec![healthy("control plane directly", cp_addr, &[], dur).await?];
     let dir = tempfile::tempdir()?;
     {
@@ -539,7 +519,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     {
         let chain = start_chain(cp_addr, cp_addr, Profile::Design).await?;
-        let pids = [chain.haproxy.0.id(), chain.squid_blr.child.id()];
+        let pids = [chain.haproxy.id(), chain.squid_blr.child.id()];
         healthy_rows.push(
             healthy(
                 "HAProxy + Squid (blr's HAProxy and Squid)",

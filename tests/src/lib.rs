@@ -1,7 +1,8 @@
 //! The Detour lab: whole fleets on one machine. [`fleet`] builds a control
 //! plane and agents on loopback joined by fault-injecting [`link`]s;
-//! [`mock_cp`] is a fast in-process control plane; [`load`] is a call
-//! handler's steady traffic. The scenario tests in `tests/` and the
+//! [`mock_cp`] is a fast control-plane stand-in; [`load`] is a call
+//! handler's traffic and its latencies; [`process`] and [`report`] are the
+//! helpers for processes the lab starts and for what it writes. The scenario tests in `tests/` and the
 //! `detour-lab` binary (demo, benchmarks) are built on these.
 
 pub mod bench;
@@ -15,4 +16,6 @@ pub mod netns;
 pub mod ns;
 pub mod pg;
 pub mod plot;
+pub mod process;
+pub mod report;
 pub mod soak;

@@ -23,10 +23,7 @@ pub async fn demo(args: &crate::demo::DemoArgs) -> anyhow::Result<bool> {
     if let Some(why) = crate::ns::unavailable() {
         anyhow::bail!("--netns needs root, `ip` and `nft`: {why}");
     }
-    let bins = std::env::current_exe()?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let bins = crate::process::exe_dir()?;
     anyhow::ensure!(
         bins.join("detour-agent").exists(),
         "{} is missing; build it first: cargo build -p detour-agent",
@@ -125,10 +122,7 @@ pub async fn bench(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
     if let Some(why) = crate::ns::unavailable() {
         anyhow::bail!("bench netns needs root, `ip` and `nft`: {why}");
     }
-    let bins = crate::bench::sibling("detour-agent")?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let bins = crate::process::built_bins()?;
     let fault_for = Duration::from_secs(args.seconds.clamp(6, 60));
     let healthy = Duration::from_secs(3);
     let runs = args.runs.max(1);
@@ -142,7 +136,7 @@ pub async fn bench(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
          `/status` showing a peer path (polled every 50 ms, so up to ~50 ms late); latencies are over the whole run.\n\n\
          | fault | runs | requests | failed | left direct: min / median / max | worst p99 (ms) | worst max (ms) |\n\
          |---|---|---|---|---|---|---|\n",
-        crate::bench::machine(),
+        crate::report::machine(),
         healthy.as_secs(),
         fault_for.as_secs(),
     );
@@ -207,7 +201,7 @@ pub async fn bench(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
     );
     println!("{md}");
     if !args.no_write {
-        crate::bench::write_block(&args.doc, "netns", &md)?;
+        crate::report::write_block(&args.doc, "netns", &md)?;
     }
     Ok(())
 }

@@ -200,10 +200,7 @@ pub async fn bench(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
     if let Some(why) = crate::ns::unavailable() {
         anyhow::bail!("bench soak needs root, `ip` and `nft`: {why}");
     }
-    let bins = crate::bench::sibling("detour-agent")?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let bins = crate::process::built_bins()?;
     let total = Duration::from_secs(args.seconds.max(60));
     let every = if total >= Duration::from_secs(1800) {
         Duration::from_secs(180)
@@ -230,7 +227,7 @@ pub async fn bench(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
          | tokio tasks | {} | {} | {} | {} | {} |\n\n\
          Goals (issue 12): zero failed; RSS and fds drift at most 5% after warm-up. Retries happen only around \
          the control-plane restarts (503 problem+json while it is away); network faults are absorbed by the agent.\n",
-        crate::bench::machine(),
+        crate::report::machine(),
         r.seconds,
         every.as_secs(),
         FAULTS.join(", "),
@@ -262,7 +259,7 @@ pub async fn bench(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
     println!("{md}");
     eprintln!("{}", serde_json::to_string(&r)?);
     if !args.no_write {
-        crate::bench::write_block(&args.doc, "soak", &md)?;
+        crate::report::write_block(&args.doc, "soak", &md)?;
     }
     Ok(())
 }
