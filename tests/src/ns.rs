@@ -312,6 +312,18 @@ impl NsFleet {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `pop`'s active path as its agent reports it (`detour-agent status`),
+    /// `?` when the agent does not answer.
+    pub fn active_path(&self, pop: &str, bin_dir: &Path) -> String {
+        let out = self
+            .exec(pop, &bin_dir.join("detour-agent"), &["status", "--json"])
+            .unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v["active_path"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned())
+    }
+
     /// Waits until `pop`'s agent reports every path up (via its admin /status).
     pub async fn wait_ready(&self, pop: &str, bin_dir: &Path, within: Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + within;
