@@ -2,17 +2,35 @@
 //! the fleet of [`crate::ns`] in network namespaces, faults from nftables on
 //! blr's uplink, call-handler traffic from `detour-lab load` inside blr.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::DemoArgs;
 use crate::ns::{NsFleet, POPS};
+use crate::process::exe_dir;
+
+/// The story: (phase, what happens).
+const PHASES: [(&str, &str); 7] = [
+    ("healthy", "all paths up"),
+    ("cut", "nft drops every packet on blr's uplink"),
+    ("restored", "rules removed"),
+    (
+        "lossy",
+        "nft drops 10% of packets on blr's uplink (numgen random)",
+    ),
+    (
+        "restored",
+        "rules removed; direct must stay clean 30 s before it is trusted",
+    ),
+    ("peer-dies", "the agent of blr's active peer is killed"),
+    ("restored", "the peer is restarted"),
+];
 
 /// `detour-lab demo --netns`; `Ok(true)` when no request failed.
-pub async fn demo(args: &crate::demo::DemoArgs) -> anyhow::Result<bool> {
+pub async fn run(args: &DemoArgs) -> anyhow::Result<bool> {
     if let Some(why) = crate::ns::unavailable() {
         anyhow::bail!("--netns needs root, `ip` and `nft`: {why}");
     }
-    let bins = crate::process::exe_dir()?;
+    let bins = exe_dir()?;
     anyhow::ensure!(
         bins.join("detour-agent").exists(),
         "{} is missing; build it first: cargo build -p detour-agent",
@@ -24,28 +42,13 @@ pub async fn demo(args: &crate::demo::DemoArgs) -> anyhow::Result<bool> {
         fleet.wait_ready(pop, &bins, Duration::from_secs(20)).await?;
     }
     let secs = args.duration.max(3);
-    let phases: [(&str, &str); 7] = [
-        ("healthy", "all paths up"),
-        ("cut", "nft drops every packet on blr's uplink"),
-        ("restored", "rules removed"),
-        (
-            "lossy",
-            "nft drops 10% of packets on blr's uplink (numgen random)",
-        ),
-        (
-            "restored",
-            "rules removed; direct must stay clean 30 s before it is trusted",
-        ),
-        ("peer-dies", "the agent of blr's active peer is killed"),
-        ("restored", "the peer is restarted"),
-    ];
     let mut killed: Option<String> = None;
     let mut all_ok = true;
     println!(
         "\n{:<10} {:>8} {:>6} {:>8} {:>8} {:>8}  {:<10} {:<10}  what happened",
         "phase", "requests", "failed", "p50", "p99", "max", "before", "after"
     );
-    for (name, story) in phases {
+    for (name, story) in PHASES {
         let before = fleet.active_path("blr", &bins);
         match name {
             "cut" => fleet.uplink_loss("blr", 100)?,
@@ -63,18 +66,16 @@ pub async fn demo(args: &crate::demo::DemoArgs) -> anyhow::Result<bool> {
             }
             _ => {}
         }
-        let out = Command::new("ip")
-            .args(["netns", "exec", &fleet.ns("blr")])
-            .arg(bins.join("detour-lab"))
-            .args(["load", "--url", "http://127.0.0.1:8080", "--timeout", "2s"])
-            .args([
+        let load = fleet.spawn_load(
+            &bins,
+            &[
                 "--rate",
                 &args.rate.to_string(),
                 "--duration",
                 &format!("{secs}s"),
-            ])
-            .stderr(Stdio::null())
-            .output()?;
+            ],
+        )?;
+        let out = load.wait_with_output()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let failed = v["failed"].as_u64().unwrap_or(u64::MAX);
         all_ok &= failed == 0;
