@@ -89,9 +89,9 @@ pub struct Fleet {
     pub opts: FleetOptions,
 }
 
-/// TLS material for a test control plane named [`CP_HOST`], issued by the fleet CA.
+/// TLS material for a test control plane named [`CP_HOST`], issued by the
+/// fleet CA in `certs` and written there as `cp.pem` and `cp.key`.
 pub fn cp_server_config(certs: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use rustls::pki_types::pem::PemObject;
     let ca_pem = std::fs::read_to_string(certs.join("ca.pem"))?;
     let ca_key = std::fs::read_to_string(certs.join("ca.key"))?;
     let now = time::OffsetDateTime::now_utc();
@@ -104,16 +104,7 @@ pub fn cp_server_config(certs: &Path) -> anyhow::Result<Arc<rustls::ServerConfig
     )?;
     std::fs::write(certs.join("cp.pem"), &pem)?;
     std::fs::write(certs.join("cp.key"), &key)?;
-    let chain: Vec<_> =
-        rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?;
-    let mut cfg =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    crate::mock_cp::server_config(&certs.join("cp.pem"), &certs.join("cp.key"))
 }
 
 /// Installs the ring crypto provider once per process.
@@ -365,10 +356,6 @@ file = "peers.toml"
         }
     }
 
-    /// Restarts the real control plane as `systemctl restart` would: a
-    /// graceful stop (in-flight requests finish, connections close, the
-    /// database is closed), `down` with nothing listening, then a new
-    /// instance on the same address and database.
     /// Stores a route on the real control plane through `pop`'s agent with
     /// the admin token (`spec` is the JSON body of `PUT /v1/routes/{name}`).
     pub async fn put_route(&self, pop: &str, name: &str, spec: &str) -> anyhow::Result<()> {
@@ -391,6 +378,10 @@ file = "peers.toml"
         Ok(())
     }
 
+    /// Restarts the real control plane as `systemctl restart` would: a
+    /// graceful stop (in-flight requests finish, connections close, the
+    /// database is closed), `down` with nothing listening, then a new
+    /// instance on the same address and database.
     pub async fn restart_cp(&mut self, down: Duration) -> anyhow::Result<()> {
         let (stop, task) = self
             .real_cp_stop

@@ -2,15 +2,13 @@
 //! on a whole fleet; `bench` measures; `mock-cp` and `load` are the building
 //! blocks other hosts (network namespaces, HAProxy + Squid runs) use.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use detour_lab::load::{Call, CallClient, call_with_retries, paced, quantile, steady};
+use detour_lab::load::{Call, CallClient, retrying, steady, summary};
 
 #[derive(Parser)]
 #[command(
@@ -99,7 +97,9 @@ fn main() -> ExitCode {
                     () = interrupted() => anyhow::bail!("interrupted; every process the benchmark started is stopped"),
                 }
             }
-            Command::MockCp { listen, cert, key } => mock_cp(listen, cert, key).await.map(|()| true),
+            Command::MockCp { listen, cert, key } => {
+                detour_lab::mock_cp::serve(listen, cert, key).await.map(|()| true)
+            }
             Command::Load {
                 url,
                 path,
@@ -111,22 +111,12 @@ fn main() -> ExitCode {
             } => {
                 let client = CallClient::new(timeout);
                 let make = |n: u64| Call::post(&path, &body.replace("{n}", &n.to_string()));
-                match retry_for {
-                    None => {
-                        let results = steady(&client, &url, rate, duration, make).await;
-                        let failed = results.iter().filter(|r| !r.ok()).count();
-                        let summary = serde_json::json!({
-                            "requests": results.len(),
-                            "failed": failed,
-                            "p50_ms": quantile(&results, 0.5).as_secs_f64() * 1000.0,
-                            "p99_ms": quantile(&results, 0.99).as_secs_f64() * 1000.0,
-                            "max_ms": quantile(&results, 1.0).as_secs_f64() * 1000.0,
-                        });
-                        println!("{summary}");
-                        Ok(failed == 0)
-                    }
-                    Some(give_up) => retrying_load(&client, &url, rate, duration, give_up, make).await,
-                }
+                let summary = match retry_for {
+                    None => summary::steady(&steady(&client, &url, rate, duration, make).await),
+                    Some(give_up) => summary::retrying(&retrying(&client, &url, rate, duration, give_up, make).await),
+                };
+                println!("{summary}");
+                Ok(summary["failed"].as_u64() == Some(0))
             }
         }
     });
@@ -138,66 +128,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `detour-lab load --retry-for`: calls that are retried with their own
-/// Idempotency-Key until answered. Prints one JSON summary line.
-async fn retrying_load(
-    client: &CallClient,
-    base: &str,
-    rate: u32,
-    duration: Duration,
-    give_up: Duration,
-    make: impl Fn(u64) -> Call,
-) -> anyhow::Result<bool> {
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let outcomes = paced(rate, duration, |n| {
-        let call = make(n);
-        let client = client.clone();
-        let url = format!("{base}{}", call.path);
-        let key = format!("load-{}-{n}", &run[..12]);
-        async move { call_with_retries(&client, &url, &call, &key, give_up, Duration::from_millis(200)).await }
-    })
-    .await;
-    let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
-    let mut examples: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let (mut failed, mut retried) = (0, 0);
-    let mut call_ids = Vec::new();
-    for (_, (last, failures)) in &outcomes {
-        if !last.ok() {
-            failed += 1;
-        }
-        if !failures.is_empty() {
-            retried += 1;
-        }
-        for f in failures {
-            let status = f
-                .split(' ')
-                .next()
-                .filter(|s| s.parse::<u16>().is_ok())
-                .unwrap_or("error");
-            *by_status.entry(status.to_owned()).or_default() += 1;
-            let ex = examples.entry(status.to_owned()).or_default();
-            if ex.len() < 3 {
-                ex.push(f.chars().take(300).collect());
-            }
-        }
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&last.body)
-            && let Some(id) = v["call_id"].as_str()
-        {
-            call_ids.push(id.to_owned());
-        }
-    }
-    let summary = serde_json::json!({
-        "calls": outcomes.len(),
-        "failed": failed,
-        "retried": retried,
-        "failures_by_status": by_status,
-        "failure_examples": examples,
-        "call_ids": call_ids,
-    });
-    println!("{summary}");
-    Ok(failed == 0)
 }
 
 /// Ctrl-C or SIGTERM.
@@ -214,16 +144,4 @@ async fn interrupted() {
             ctrl_c.await.ok();
         }
     }
-}
-
-async fn mock_cp(listen: SocketAddr, cert: Option<PathBuf>, key: Option<PathBuf>) -> anyhow::Result<()> {
-    let tls = match (cert, key) {
-        (Some(c), Some(k)) => Some(detour_lab::mock_cp::server_config(&c, &k)?),
-        _ => None,
-    };
-    let cp = detour_lab::mock_cp::MockCp::start_on(listen, tls).await?;
-    cp.recorder.forgetful.store(true, Ordering::Relaxed);
-    println!("mock control plane listening on {}", cp.addr);
-    tokio::signal::ctrl_c().await?;
-    Ok(())
 }

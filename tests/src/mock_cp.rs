@@ -1,5 +1,9 @@
-//! A fast, in-process stand-in for the control plane: HTTPS (HTTP/2 and
-//! HTTP/1.1 by ALPN) or plain HTTP, recording every request it receives.
+//! A fast stand-in for the control plane: HTTPS (HTTP/2 and HTTP/1.1 by
+//! ALPN) or plain HTTP, recording every request it receives. In-process
+//! ([`MockCp::start`]) for the loopback fleet and tests; as its own
+//! `detour-lab mock-cp` process ([`MockCpProcess::start`] on loopback,
+//! [`command_args`] for other hosts such as network namespaces), which keeps
+//! nothing, for runs that must not share a runtime with it.
 //!
 //! Routes: `GET /healthz` -> 200; `/stream/{bytes}` -> a streamed body of that
 //! many bytes; `/status/{code}` -> that status; `/slow/{ms}` -> answers after
@@ -8,10 +12,13 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -23,6 +30,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+use crate::process::{Proc, free_port, loopback, sibling, wait_listening};
 
 /// One request as the control plane saw it.
 #[derive(Debug, Clone)]
@@ -218,10 +227,7 @@ pub fn stream_byte(i: usize) -> u8 {
 }
 
 /// A TLS server configuration (h2 + HTTP/1.1) from PEM files.
-pub fn server_config(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(cert)?.collect::<Result<_, _>>()?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)?;
@@ -232,4 +238,51 @@ pub fn server_config(
             .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The arguments of `detour-lab mock-cp` listening on `listen`, serving
+/// HTTPS with `tls` (certificate, key) when given.
+pub fn command_args(listen: &str, tls: Option<(&Path, &Path)>) -> Vec<String> {
+    let mut args = vec!["mock-cp".to_owned(), "--listen".to_owned(), listen.to_owned()];
+    if let Some((cert, key)) = tls {
+        args.extend(["--cert".to_owned(), cert.display().to_string()]);
+        args.extend(["--key".to_owned(), key.display().to_string()]);
+    }
+    args
+}
+
+/// `detour-lab mock-cp` as its own process on loopback, plain HTTP; killed
+/// on drop.
+pub struct MockCpProcess {
+    pub addr: SocketAddr,
+    _proc: Proc,
+}
+
+impl MockCpProcess {
+    /// Starts it on a free loopback port and waits until it listens.
+    pub async fn start() -> anyhow::Result<MockCpProcess> {
+        let addr = loopback(free_port()?);
+        let child = Command::new(sibling("detour-lab")?)
+            .args(command_args(&addr.to_string(), None))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the mock control plane")?;
+        let proc = Proc(child);
+        wait_listening(addr).await.context("mock control plane")?;
+        Ok(MockCpProcess { addr, _proc: proc })
+    }
+}
+
+/// What `detour-lab mock-cp` runs: the stand-in on `listen` (HTTPS with
+/// `cert` and `key`), keeping nothing, until Ctrl-C.
+pub async fn serve(listen: SocketAddr, cert: Option<PathBuf>, key: Option<PathBuf>) -> anyhow::Result<()> {
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some(server_config(&c, &k)?),
+        _ => None,
+    };
+    let cp = MockCp::start_on(listen, tls).await?;
+    cp.recorder.forgetful.store(true, Ordering::Relaxed);
+    println!("mock control plane listening on {}", cp.addr);
+    tokio::signal::ctrl_c().await?;
+    Ok(())
 }

@@ -18,15 +18,7 @@ use anyhow::{Context, bail};
 /// Why the namespace lab cannot run here, if it cannot.
 pub fn unavailable() -> Option<String> {
     // Only root may create namespaces.
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("1").to_owned())
-        })
-        .unwrap_or_default();
-    if uid != "0" {
+    if !crate::process::is_root() {
         return Some("not running as root".to_owned());
     }
     for tool in ["ip", "nft"] {
@@ -81,19 +73,12 @@ impl NsFleet {
     pub fn start(bin_dir: &Path) -> anyhow::Result<NsFleet> {
         let mut f = NsFleet::prepare(false)?;
         let d = f.dir.path().to_path_buf();
-        f.spawn(
-            "cp",
-            &bin_dir.join("detour-lab"),
-            &[
-                "mock-cp",
-                "--listen",
-                &format!("{CP_ADDR}:443"),
-                "--cert",
-                &d.join("certs/cp.pem").display().to_string(),
-                "--key",
-                &d.join("certs/cp.key").display().to_string(),
-            ],
-        )?;
+        let args = crate::mock_cp::command_args(
+            &format!("{CP_ADDR}:443"),
+            Some((&d.join("certs/cp.pem"), &d.join("certs/cp.key"))),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        f.spawn("cp", &bin_dir.join("detour-lab"), &args)?;
         f.spawn_agents(bin_dir)?;
         Ok(f)
     }
@@ -325,6 +310,18 @@ impl NsFleet {
             .args(args)
             .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `pop`'s active path as its agent reports it (`detour-agent status`),
+    /// `?` when the agent does not answer.
+    pub fn active_path(&self, pop: &str, bin_dir: &Path) -> String {
+        let out = self
+            .exec(pop, &bin_dir.join("detour-agent"), &["status", "--json"])
+            .unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v["active_path"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned())
     }
 
     /// Waits until `pop`'s agent reports every path up (via its admin /status).

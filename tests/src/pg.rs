@@ -23,15 +23,7 @@ pub fn unavailable() -> Option<String> {
     if Command::new("runuser").arg("--help").output().is_err() {
         return Some("`runuser` is missing".into());
     }
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root {
+    if !crate::process::is_root() {
         return Some("not running as root (the server runs as the postgres user)".into());
     }
     None
@@ -80,7 +72,7 @@ impl PrivatePostgres {
             &bin.join("initdb"),
             &["-D", &data_s, "--auth=trust", "-U", "postgres", "--no-sync"],
         )?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = crate::process::free_port()?;
         let pg = PrivatePostgres { dir, bin, port };
         pg.ctl(&["start"])?;
         pg.psql("CREATE ROLE detour LOGIN SUPERUSER")?;

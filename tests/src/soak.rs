@@ -1,10 +1,10 @@
-//! `detour-lab bench soak`: a long run on the real kernel network (the
-//! namespace fleet with the real control plane) at 200 calls/s through blr,
+//! The soak: a long run on the real kernel network (the namespace fleet
+//! with the real control plane) at 200 calls/s through blr,
 //! with a fault every few minutes: blr's uplink blackholed, 10% and 30% lossy,
 //! a peer agent restarted, the control plane restarted, blr's peer list
 //! edited. Reports failed calls and how blr's agent process grew: RSS, open
 //! file descriptors, OS threads and tokio tasks after warm-up and at the end.
-//! The same run, a few minutes long, is a test (`tests/tests/netns_smoke.rs`).
+//! `detour-lab bench soak` runs it for an hour; the same run, a few minutes long, is a test (`tests/tests/netns_smoke.rs`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::ns::NsFleet;
+use crate::process::{fd_count, status, status_field};
 
 /// One look at blr's agent process.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -57,19 +58,24 @@ impl Report {
     }
 }
 
-fn sample(fleet: &NsFleet, bins: &Path) -> anyhow::Result<Sample> {
+impl Sample {
+    /// The larger of each of `self`'s and `other`'s.
+    fn max(self, other: Sample) -> Sample {
+        Sample {
+            rss_kib: self.rss_kib.max(other.rss_kib),
+            fds: self.fds.max(other.fds),
+            threads: self.threads.max(other.threads),
+            tasks: self.tasks.max(other.tasks),
+        }
+    }
+}
+
+/// A look at blr's agent: `/proc` for memory, descriptors and threads, its
+/// metrics for tasks.
+fn sample(fleet: &NsFleet) -> anyhow::Result<Sample> {
     let pid = fleet.pid("blr").context("blr's agent is not running")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
-    let _ = bins;
+    let status = status(pid)?;
+    let fds = fd_count(pid)?;
     let metrics = fleet.exec(
         "blr",
         Path::new("curl"),
@@ -82,15 +88,15 @@ fn sample(fleet: &NsFleet, bins: &Path) -> anyhow::Result<Sample> {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0) as u64;
     Ok(Sample {
-        rss_kib: field("VmRSS:"),
+        rss_kib: status_field(&status, "VmRSS:"),
         fds,
-        threads: field("Threads:"),
+        threads: status_field(&status, "Threads:"),
         tasks,
     })
 }
 
 /// The faults, in the order they are applied, one per `every`.
-const FAULTS: [&str; 6] = [
+pub const FAULTS: [&str; 6] = [
     "blackhole",
     "10% loss",
     "peer restart (maa)",
@@ -123,7 +129,7 @@ pub async fn run(bins: &Path, total: Duration, every: Duration) -> anyhow::Resul
     let started = Instant::now();
     let warm = every.min(Duration::from_secs(60)) / 2;
     tokio::time::sleep(warm).await;
-    let first = sample(&fleet, bins)?;
+    let first = sample(&fleet)?;
     let mut max = first;
     let peers_file = fleet.dir().join("blr").join("peers.toml");
     let peers = std::fs::read_to_string(&peers_file)?;
@@ -137,43 +143,18 @@ pub async fn run(bins: &Path, total: Duration, every: Duration) -> anyhow::Resul
         eprintln!("soak: {at:>5} s: {name}");
         faults.push(format!("{at} s: {name}"));
         let hold = every / 3;
-        match name {
-            "blackhole" => fleet.uplink_loss("blr", 100)?,
-            "10% loss" => fleet.uplink_loss("blr", 10)?,
-            "30% loss" => fleet.uplink_loss("blr", 30)?,
-            "peer restart (maa)" => {
-                fleet.kill("maa");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                fleet.restart("maa", bins)?;
-            }
-            "control-plane restart" => {
-                fleet
-                    .restart_control_plane(bins, true, Duration::from_secs(2))
-                    .await?
-            }
-            _ => {
-                // Drain del from blr's peer list (a hot reload), then put it back.
-                let edited = peers.replacen("name = \"del\"", "name = \"del\"\nenabled = false", 1);
-                std::fs::write(&peers_file, edited)?;
-            }
-        }
+        apply(&mut fleet, bins, name, &peers_file, &peers).await?;
         tokio::time::sleep(hold).await;
         fleet.heal("blr")?;
         std::fs::write(&peers_file, &peers)?;
-        let s = sample(&fleet, bins)?;
-        max = Sample {
-            rss_kib: max.rss_kib.max(s.rss_kib),
-            fds: max.fds.max(s.fds),
-            threads: max.threads.max(s.threads),
-            tasks: max.tasks.max(s.tasks),
-        };
+        max = max.max(sample(&fleet)?);
         tokio::time::sleep(every - hold).await;
         if n == FAULTS.len() {
-            after_round = Some(sample(&fleet, bins)?);
+            after_round = Some(sample(&fleet)?);
         }
     }
     let out = load.wait_with_output()?;
-    let end = sample(&fleet, bins)?;
+    let end = sample(&fleet)?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("load printed: {}", String::from_utf8_lossy(&out.stdout)))?;
     Ok(Report {
@@ -186,83 +167,39 @@ pub async fn run(bins: &Path, total: Duration, every: Duration) -> anyhow::Resul
         start: first,
         after_round,
         end,
-        max: Sample {
-            rss_kib: max.rss_kib.max(end.rss_kib),
-            fds: max.fds.max(end.fds),
-            threads: max.threads.max(end.threads),
-            tasks: max.tasks.max(end.tasks),
-        },
+        max: max.max(end),
     })
 }
 
-/// `detour-lab bench soak --seconds N` (default an hour, a fault every 3 minutes).
-pub async fn bench(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
-    if let Some(why) = crate::ns::unavailable() {
-        anyhow::bail!("bench soak needs root, `ip` and `nft`: {why}");
-    }
-    let bins = crate::bench::sibling("detour-agent")?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let total = Duration::from_secs(args.seconds.max(60));
-    let every = if total >= Duration::from_secs(1800) {
-        Duration::from_secs(180)
-    } else {
-        (total / 8).max(Duration::from_secs(15))
-    };
-    let r = run(&bins, total, every).await?;
-    let round = r.after_round.unwrap_or(r.start);
-    let pct = |a: u64, b: u64| format!("{:+.1}%", Report::drift(a, b) * 100.0);
-    let md = format!(
-        "## Soak\n\nMeasured {} with `target/release/detour-lab bench soak --seconds {}` (root): the namespace \
-         fleet with the real control plane (SQLite, HTTPS), 200 calls/s (`POST /v1/calls`) from blr's call handler, \
-         each re-sent with its Idempotency-Key for up to 10 s while unanswered (2 s client timeout). A fault every \
-         {} s, held for a third of that, then healed: {}.\n\n\
-         | calls | failed | answered after a retry | failures seen in between |\n|---|---|---|---|\n\
-         | {} | {} | {} | `{}` |\n\n\
-         blr's agent process before the first fault, after one round of every fault (warm-up: the allocator's \
-         high-water mark is reached at the control-plane restart, when retried calls pile up), at the end, and the \
-         most seen at any sample; drift is from after the round to the end:\n\n\
-         | | before faults | after one round | end | drift | max |\n|---|---|---|---|---|---|\n\
-         | RSS (MiB) | {:.1} | {:.1} | {:.1} | {} | {:.1} |\n\
-         | open fds | {} | {} | {} | {} | {} |\n\
-         | OS threads | {} | {} | {} | {} | {} |\n\
-         | tokio tasks | {} | {} | {} | {} | {} |\n\n\
-         Goals (issue 12): zero failed; RSS and fds drift at most 5% after warm-up. Retries happen only around \
-         the control-plane restarts (503 problem+json while it is away); network faults are absorbed by the agent.\n",
-        crate::bench::machine(),
-        r.seconds,
-        every.as_secs(),
-        FAULTS.join(", "),
-        r.calls,
-        r.failed,
-        r.retried,
-        r.failures_by_status,
-        r.start.rss_kib as f64 / 1024.0,
-        round.rss_kib as f64 / 1024.0,
-        r.end.rss_kib as f64 / 1024.0,
-        pct(round.rss_kib, r.end.rss_kib),
-        r.max.rss_kib as f64 / 1024.0,
-        r.start.fds,
-        round.fds,
-        r.end.fds,
-        pct(round.fds, r.end.fds),
-        r.max.fds,
-        r.start.threads,
-        round.threads,
-        r.end.threads,
-        pct(round.threads, r.end.threads),
-        r.max.threads,
-        r.start.tasks,
-        round.tasks,
-        r.end.tasks,
-        pct(round.tasks, r.end.tasks),
-        r.max.tasks,
-    );
-    println!("{md}");
-    eprintln!("{}", serde_json::to_string(&r)?);
-    if !args.no_write {
-        crate::bench::write_block(&args.doc, "soak", &md)?;
+/// Applies the fault `name` (one of [`FAULTS`]). Network faults and the
+/// peer-list edit stay until the caller heals blr and writes `peers` back to
+/// `peers_file`; restarts are over when this returns.
+async fn apply(
+    fleet: &mut NsFleet,
+    bins: &Path,
+    name: &str,
+    peers_file: &Path,
+    peers: &str,
+) -> anyhow::Result<()> {
+    match name {
+        "blackhole" => fleet.uplink_loss("blr", 100)?,
+        "10% loss" => fleet.uplink_loss("blr", 10)?,
+        "30% loss" => fleet.uplink_loss("blr", 30)?,
+        "peer restart (maa)" => {
+            fleet.kill("maa");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            fleet.restart("maa", bins)?;
+        }
+        "control-plane restart" => {
+            fleet
+                .restart_control_plane(bins, true, Duration::from_secs(2))
+                .await?
+        }
+        _ => {
+            // Drain del from blr's peer list (a hot reload), then put it back.
+            let edited = peers.replacen("name = \"del\"", "name = \"del\"\nenabled = false", 1);
+            std::fs::write(peers_file, edited)?;
+        }
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use detour_lab::compare::{Profile, haproxy_cfg, squid_conf, validate};
+use detour_lab::haproxy_squid::{Profile, haproxy_cfg, squid_conf, validate};
 
 fn tools_missing() -> Option<String> {
     for tool in ["haproxy", "squid"] {

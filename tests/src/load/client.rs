@@ -1,5 +1,5 @@
-//! A call handler's traffic: requests at a steady rate with a client
-//! timeout, every result recorded. Bounded in count and time.
+//! One call handler's HTTP client: a keep-alive client with a timeout, the
+//! request it sends ([`Call`]) and what it saw ([`CallResult`]).
 
 use std::time::Duration;
 
@@ -10,6 +10,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
+
+/// The small JSON call initiation the benchmarks send (`POST /v1/calls`).
+pub const SMALL_CALL: &str = r#"{"caller":"+919876543210","destination":"08041234567"}"#;
 
 /// What one request saw.
 #[derive(Debug, Clone)]
@@ -151,105 +154,4 @@ impl Call {
             body: Bytes::from(body.to_owned()),
         }
     }
-}
-
-/// Sends `make(n)` at `rate` per second for `duration` (so `rate x duration`
-/// requests, each on its own task) and returns every result in send order.
-pub async fn steady(
-    client: &CallClient,
-    base: &str,
-    rate: u32,
-    duration: Duration,
-    make: impl Fn(u64) -> Call,
-) -> Vec<CallResult> {
-    let runs = paced(rate, duration, |n| {
-        let call = make(n);
-        let client = client.clone();
-        let url = format!("{base}{}", call.path);
-        async move {
-            let headers = call.headers_ref();
-            client
-                .send(call.method.clone(), &url, &headers, call.body.clone())
-                .await
-        }
-    })
-    .await;
-    runs.into_iter()
-        .map(|(at, mut r)| {
-            r.at = at;
-            r
-        })
-        .collect()
-}
-
-/// A call handler that retries: each call carries its own Idempotency-Key
-/// and, when it is not answered (no response, or a 5xx), is sent again with
-/// the same key every `pause` until it is answered or `give_up_after` has
-/// passed. Returns the last result and every failure before it, as
-/// `"<status> <body>"` or the client error.
-pub async fn call_with_retries(
-    client: &CallClient,
-    url: &str,
-    call: &Call,
-    key: &str,
-    give_up_after: Duration,
-    pause: Duration,
-) -> (CallResult, Vec<String>) {
-    let start = Instant::now();
-    let mut failures = Vec::new();
-    let mut headers = call.headers_ref();
-    headers.push(("idempotency-key", key));
-    loop {
-        let r = client
-            .send(call.method.clone(), url, &headers, call.body.clone())
-            .await;
-        let answered = r.error.is_none() && r.status.is_some_and(|s| s < 500);
-        if answered || start.elapsed() + pause > give_up_after {
-            return (r, failures);
-        }
-        failures.push(match r.status {
-            Some(s) => format!("{s} {}", String::from_utf8_lossy(&r.body)),
-            None => r.error.unwrap_or_default(),
-        });
-        tokio::time::sleep(pause).await;
-    }
-}
-
-/// Starts `start(n)` for n in `0..rate x duration`, one every `1/rate`
-/// seconds, each on its own task; returns (when it started, its output) in
-/// start order. Bounded: the count is fixed before the first request.
-pub async fn paced<T, F, Fut>(rate: u32, duration: Duration, mut start: F) -> Vec<(Duration, T)>
-where
-    F: FnMut(u64) -> Fut,
-    Fut: Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let count = (f64::from(rate) * duration.as_secs_f64()).round() as u64;
-    let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
-    let begin = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for n in 0..count {
-        tokio::time::sleep_until(begin + period.mul_f64(n as f64)).await;
-        let fut = start(n);
-        let at = begin.elapsed();
-        set.spawn(async move { (n, at, fut.await) });
-    }
-    let mut out = Vec::with_capacity(count as usize);
-    while let Some(r) = set.join_next().await {
-        if let Ok(r) = r {
-            out.push(r);
-        }
-    }
-    out.sort_by_key(|(n, _, _)| *n);
-    out.into_iter().map(|(_, at, t)| (at, t)).collect()
-}
-
-/// The `q` quantile of latencies.
-pub fn quantile(results: &[CallResult], q: f64) -> Duration {
-    let mut v: Vec<Duration> = results.iter().map(|r| r.latency).collect();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v.sort();
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }

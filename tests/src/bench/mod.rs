@@ -1,0 +1,76 @@
+//! `detour-lab bench`: benchmarks whose numbers go to docs/benchmarks.md,
+//! one module each; this one holds their options and picks one.
+//!
+//! - [`overhead`]: the agent's cost on a healthy path, as processes.
+//! - [`failover`]: the in-process fleet under faults on blr's uplink.
+//! - [`compare`]: the same load and faults against HAProxy + Squid (root).
+//! - [`netns`]: failover on the real kernel network (root).
+//! - [`soak`]: an hour of faults on the kernel network (root).
+//!
+//! [`faults`] is what failover and compare share.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+
+pub mod compare;
+pub mod failover;
+pub mod faults;
+pub mod netns;
+pub mod overhead;
+pub mod soak;
+
+/// Options of `detour-lab bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Which benchmark: overhead, failover, compare (HAProxy + Squid, root),
+    /// netns (failover on the real kernel network, root), soak (an hour of
+    /// faults on the kernel network, root; `--seconds` sets the length), all
+    /// (overhead and failover).
+    #[arg(default_value = "all")]
+    pub what: String,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Write the results into docs/benchmarks.md (else only print them).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    pub doc: PathBuf,
+    /// Print only; leave the doc alone.
+    #[arg(long)]
+    pub no_write: bool,
+    /// Worker threads for the agents (`detour-agent run --threads`); the
+    /// agent's default when absent.
+    #[arg(long)]
+    pub agent_threads: Option<u16>,
+    /// Runs per fault (`netns`): each on a fresh fleet.
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+}
+
+impl BenchArgs {
+    /// Prints a benchmark's Markdown and, unless `--no-write`, puts it in
+    /// the `name` block of the doc.
+    pub fn publish(&self, name: &str, md: &str) -> anyhow::Result<()> {
+        println!("{md}");
+        if !self.no_write {
+            crate::report::write_block(&self.doc, name, md)?;
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what.as_str() {
+        "compare" => compare::run(&args).await,
+        "overhead" => overhead::run(&args).await,
+        "failover" => failover::run(&args).await,
+        "netns" => netns::run(&args).await,
+        "soak" => soak::run(&args).await,
+        "all" => {
+            overhead::run(&args).await?;
+            failover::run(&args).await
+        }
+        other => bail!("unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak or all"),
+    }
+}
