@@ -1,9 +1,13 @@
-//! Wire types that cross between Detour processes: RFC 9457 problem details,
-//! the header names every part agrees on, the agent's fleet report, and
-//! the [`conn`] guard both HTTP servers put under hyper.
+//! What the agent and the control plane share, so it has one home: the wire
+//! types that cross between Detour processes (RFC 9457 problem details, the
+//! header names every part agrees on, the agent's fleet report), the [`conn`]
+//! guard both HTTP servers put under hyper, and [`diag`], the config
+//! diagnostics both binaries print (`file:line:col: message`, columns in
+//! characters).
 
 pub mod accept;
 pub mod conn;
+pub mod diag;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,155 @@
+//! Configuration: `cp.toml` parsed with serde, then validated as a whole so
+//! every problem is reported at once as `file:line:col: message` (the shared
+//! [`detour_wire::diag`] type, as the agent's).
+//!
+//! This file holds the top level ([`Config`]) and loading; `sections` the
+//! tables below it with their defaults, `validate` the checks.
+
+mod sections;
+mod validate;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use detour_wire::diag::{ConfigError, ConfigErrors};
+pub use sections::{
+    DatabaseConfig, HookConfig, IdempotencyConfig, LimitsConfig, NumbersConfig, RoutingConfig, TlsConfig,
+};
+
+/// The control plane's configuration (`cp.toml`). An unset field is filled
+/// from [`Config::default`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP(S) API listens on. Default `127.0.0.1:8000`.
+    pub listen: SocketAddr,
+    /// Directory for the embedded SQLite database (`detour-cp.sqlite3`).
+    /// Relative paths are resolved against the config file's directory.
+    /// Default `data`.
+    pub data_dir: PathBuf,
+    /// `postgres://user:pass@host/db` for a shared Postgres (several replicas),
+    /// or `sqlite://path`. Unset: SQLite in `data_dir`.
+    pub database_url: Option<Spanned<String>>,
+    /// File holding the admin bearer token (one line). Unset: admin endpoints
+    /// answer 403 to everyone.
+    pub admin_token_file: Option<PathBuf>,
+    pub database: DatabaseConfig,
+    pub numbers: NumbersConfig,
+    pub routing: RoutingConfig,
+    pub hook: HookConfig,
+    pub limits: LimitsConfig,
+    pub idempotency: IdempotencyConfig,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) from this certificate and key.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Config {
+    /// Default of `listen`.
+    pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8000);
+    /// Default of `data_dir`.
+    pub const DEFAULT_DATA_DIR: &str = "data";
+}
+
+/// What an empty `cp.toml` means, before its relative paths are resolved
+/// and before validation ([`Config::for_data_dir`] gives a validated one).
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: Self::DEFAULT_LISTEN,
+            data_dir: PathBuf::from(Self::DEFAULT_DATA_DIR),
+            database_url: None,
+            admin_token_file: None,
+            database: DatabaseConfig::default(),
+            numbers: NumbersConfig::default(),
+            routing: RoutingConfig::default(),
+            hook: HookConfig::default(),
+            limits: LimitsConfig::default(),
+            idempotency: IdempotencyConfig::default(),
+            tls: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`. Relative paths inside are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![ConfigError::in_file(path, format!("cannot read: {e}"))]))?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `file_name` is used in error
+    /// messages and its directory anchors relative paths.
+    pub fn from_toml_str(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
+        let file = Path::new(file_name);
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![validate::problem(
+                file,
+                text,
+                e.span(),
+                e.message().to_owned(),
+            )])
+        })?;
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.resolve_paths(&base);
+        let errors = validate::validate(&config, file, text);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        if let Some(p) = &mut self.admin_token_file {
+            fix(p);
+        }
+        if let Some(tls) = &mut self.tls {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+        }
+    }
+
+    /// The database URL in use: `database_url`, or an SQLite file in `data_dir`.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.get_ref().clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("detour-cp.sqlite3").display()
+            ),
+        }
+    }
+
+    /// The time zone rule windows are read in (validated at load).
+    pub fn time_zone(&self) -> chrono_tz::Tz {
+        self.routing
+            .time_zone
+            .get_ref()
+            .parse()
+            .unwrap_or(chrono_tz::Asia::Kolkata)
+    }
+
+    /// A config with every default, for tests and the lab: SQLite in `data_dir`.
+    pub fn for_data_dir(data_dir: &Path) -> Config {
+        let mut c = Self::from_toml_str("", "<defaults>").unwrap_or_else(|e| {
+            // The empty document is valid by construction; this is unreachable.
+            panic!("defaults do not validate: {e}")
+        });
+        c.data_dir = data_dir.to_path_buf();
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests;

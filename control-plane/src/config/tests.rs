@@ -1,0 +1,79 @@
+use super::*;
+
+#[test]
+fn example_config_parses() {
+    // The example names the production admin token file, which the
+    // load reads: a copy points at one made here.
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/cp.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "example\n").unwrap();
+    let text = text.replace("/etc/detour/admin.token", &token.display().to_string());
+    let path = dir.path().join("cp.toml");
+    let c = Config::from_toml_str(&text, &path.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.numbers.default_region.get_ref(), "IN");
+    assert_eq!(c.numbers.emergency.len(), 5);
+    assert_eq!(c.time_zone(), chrono_tz::Asia::Kolkata);
+}
+
+#[test]
+fn unknown_key_reports_line_and_column() {
+    let text = "listen = \"127.0.0.1:8000\"\n[numbers]\ndefault_regoin = \"IN\"\n";
+    let err = Config::from_toml_str(text, "cp.toml").unwrap_err().to_string();
+    assert!(err.starts_with("cp.toml:3:1: "), "{err}");
+    assert!(err.contains("default_regoin"), "{err}");
+}
+
+#[test]
+fn every_semantic_problem_is_reported_with_its_place() {
+    let text = "[numbers]\ndefault_region = \"XX\"\nemergency = [\"112\", \"1a\"]\n\
+                [routing]\ntime_zone = \"Mars/Olympus\"\n";
+    let errs = Config::from_toml_str(text, "cp.toml").unwrap_err();
+    let shown: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
+    assert_eq!(shown.len(), 3, "{shown:?}");
+    assert!(shown[0].starts_with("cp.toml:2:18: "), "{shown:?}");
+    assert!(shown[1].starts_with("cp.toml:3:21: "), "{shown:?}");
+    assert!(shown[2].starts_with("cp.toml:5:13: "), "{shown:?}");
+}
+
+#[test]
+fn batch_writers_must_fit_the_pool() {
+    for (writers, ok) in [(0, false), (1, true), (16, true), (17, false)] {
+        let text = format!("[database]\nmax_connections = 16\nbatch_writers = {writers}\n");
+        let result = Config::from_toml_str(&text, "cp.toml");
+        assert_eq!(result.is_ok(), ok, "batch_writers = {writers}");
+        if let Err(e) = result {
+            let e = e.to_string();
+            assert!(
+                e.contains("database.batch_writers must be between 1 and database.max_connections (16)"),
+                "{e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_duration_is_a_located_error() {
+    let text = "[routing]\nrefresh_interval = \"soon\"\n";
+    let err = Config::from_toml_str(text, "cp.toml").unwrap_err().to_string();
+    assert!(err.starts_with("cp.toml:2:"), "{err}");
+}
+
+#[test]
+fn defaults_use_sqlite_in_data_dir() {
+    let c = Config::for_data_dir(Path::new("/tmp/x"));
+    assert_eq!(c.database_url(), "sqlite:///tmp/x/detour-cp.sqlite3?mode=rwc");
+}
+
+#[test]
+fn columns_count_characters_as_the_agents_do() {
+    // `१` (a Devanagari digit) is three bytes: `"1a"` starts at the 26th
+    // character of line 2 and its 28th byte.
+    let text = "[numbers]\nemergency = [\"112\", \"१\", \"1a\"]\n";
+    let errs = Config::from_toml_str(text, "cp.toml").unwrap_err();
+    let shown: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    assert!(shown[0].starts_with("cp.toml:2:21: "), "{shown:?}");
+    assert!(shown[1].starts_with("cp.toml:2:26: "), "{shown:?}");
+}

@@ -1,0 +1,199 @@
+//! The checks serde cannot do on `cp.toml`, each reported with its place
+//! when the value has one in the text: one function per concern, in the
+//! order the problems are printed.
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Config, ConfigError, DatabaseConfig, HookConfig, LimitsConfig, NumbersConfig, RoutingConfig};
+
+/// A problem at `place` (a byte range of `text`), or with the file as a whole.
+pub(super) fn problem(file: &Path, text: &str, place: Option<Range<usize>>, message: String) -> ConfigError {
+    match place {
+        Some(r) => ConfigError::at(file, text, r.start, message),
+        None => ConfigError::in_file(file, message),
+    }
+}
+
+/// Every problem with `config`, parsed from `text` (the contents of `file`).
+pub(super) fn validate(config: &Config, file: &Path, text: &str) -> Vec<ConfigError> {
+    let mut p = Problems {
+        file,
+        text,
+        list: Vec::new(),
+    };
+    database_url(&mut p, config.database_url.as_ref());
+    numbers(&mut p, &config.numbers);
+    routing(&mut p, &config.routing);
+    hook(&mut p, &config.hook);
+    capacity(&mut p, &config.limits, &config.database);
+    connections(&mut p, &config.limits);
+    files(&mut p, config);
+    p.list
+}
+
+/// Collects problems against one file's text.
+struct Problems<'a> {
+    file: &'a Path,
+    text: &'a str,
+    list: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn push(&mut self, place: Option<Range<usize>>, message: impl Into<String>) {
+        self.list
+            .push(problem(self.file, self.text, place, message.into()));
+    }
+}
+
+/// Where `s` is in the text; `None` for a default, which has no place there
+/// (defaults carry an empty span at 0).
+fn place(s: &Spanned<String>) -> Option<Range<usize>> {
+    let r = s.span();
+    if r == (0..0) { None } else { Some(r) }
+}
+
+fn database_url(p: &mut Problems<'_>, url: Option<&Spanned<String>>) {
+    let Some(url) = url else { return };
+    let v = url.get_ref();
+    if !(v.starts_with("postgres://") || v.starts_with("postgresql://") || v.starts_with("sqlite:")) {
+        p.push(
+            place(url),
+            format!("database_url must start with postgres:// or sqlite: (got {v:?})"),
+        );
+    }
+}
+
+fn numbers(p: &mut Problems<'_>, numbers: &NumbersConfig) {
+    let region = &numbers.default_region;
+    if crate::intake::region(region.get_ref()).is_none() {
+        p.push(
+            place(region),
+            format!(
+                "numbers.default_region {:?} is not an ISO 3166 region code such as \"IN\"",
+                region.get_ref()
+            ),
+        );
+    }
+    for e in &numbers.emergency {
+        let v = e.get_ref();
+        if v.is_empty() || v.len() > 8 || !v.bytes().all(|b| b.is_ascii_digit()) {
+            p.push(
+                place(e),
+                format!("numbers.emergency entry {v:?} must be 1 to 8 digits"),
+            );
+        }
+    }
+}
+
+fn routing(p: &mut Problems<'_>, routing: &RoutingConfig) {
+    let tz = &routing.time_zone;
+    if tz.get_ref().parse::<chrono_tz::Tz>().is_err() {
+        p.push(
+            place(tz),
+            format!(
+                "routing.time_zone {:?} is not an IANA time zone such as \"Asia/Kolkata\"",
+                tz.get_ref()
+            ),
+        );
+    }
+    if routing.refresh_interval.is_zero() {
+        p.push(None, "routing.refresh_interval must be above 0");
+    }
+}
+
+fn hook(p: &mut Problems<'_>, hook: &HookConfig) {
+    if hook.timeout.is_zero() || hook.failure_threshold == 0 {
+        p.push(None, "hook.timeout and hook.failure_threshold must be above 0");
+    }
+}
+
+/// Call slots and the database pool that serves them.
+fn capacity(p: &mut Problems<'_>, limits: &LimitsConfig, database: &DatabaseConfig) {
+    if limits.max_in_flight == 0 || limits.emergency_reserved == 0 {
+        p.push(
+            None,
+            "limits.max_in_flight and limits.emergency_reserved must be above 0",
+        );
+    }
+    if database.max_connections == 0 {
+        p.push(None, "database.max_connections must be above 0");
+    }
+    if database.batch_writers == 0 || database.batch_writers > database.max_connections {
+        p.push(
+            None,
+            format!(
+                "database.batch_writers must be between 1 and database.max_connections ({})",
+                database.max_connections
+            ),
+        );
+    }
+}
+
+/// What one connection may send, and how many may be open.
+fn connections(p: &mut Problems<'_>, limits: &LimitsConfig) {
+    if !(16 * 1024..=1024 * 1024).contains(&limits.max_header_bytes) {
+        p.push(
+            None,
+            "limits.max_header_bytes must be between 16384 and 1048576 (agents send up to 49152)",
+        );
+    }
+    if limits.header_timeout.is_zero() || limits.idle_timeout.is_zero() {
+        p.push(
+            None,
+            "limits.header_timeout and limits.idle_timeout must be above 0",
+        );
+    }
+    if limits.max_connections == 0 {
+        p.push(None, "limits.max_connections must be above 0");
+    }
+    if limits.max_body_bytes < 256 {
+        p.push(None, "limits.max_body_bytes must be at least 256");
+    }
+}
+
+/// Where the file settings are in the text, for messages about the files
+/// (the typed [`Config`] keeps paths, not places).
+#[derive(Debug, Default, Deserialize)]
+struct FilePlaces {
+    admin_token_file: Option<Spanned<toml::Value>>,
+    tls: Option<TlsPlaces>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TlsPlaces {
+    cert: Option<Spanned<toml::Value>>,
+    key: Option<Spanned<toml::Value>>,
+}
+
+/// The files `serve` reads are read here too, so `check-config` fails
+/// exactly when `serve` would, and says where.
+fn files(p: &mut Problems<'_>, config: &Config) {
+    let places: FilePlaces = toml::from_str(p.text).unwrap_or_default();
+    let at = |s: &Option<Spanned<toml::Value>>| s.as_ref().map(|v| v.span());
+    if let Some(path) = &config.admin_token_file
+        && let Err(e) = crate::read_admin_token_file(path)
+    {
+        p.push(at(&places.admin_token_file), format!("admin_token_file: {e:#}"));
+    }
+    let Some(tls) = &config.tls else { return };
+    let t = places.tls.unwrap_or_default();
+    match (crate::tls::load_certs(&tls.cert), crate::tls::load_key(&tls.key)) {
+        (Ok(certs), Ok(key)) => {
+            if let Err(e) = crate::tls::server_config_from(certs, key) {
+                p.push(at(&t.key), format!("{e:#}"));
+            }
+        }
+        (certs, key) => {
+            if let Err(e) = certs {
+                p.push(at(&t.cert), format!("{e:#}"));
+            }
+            if let Err(e) = key {
+                p.push(at(&t.key), format!("{e:#}"));
+            }
+        }
+    }
+}
