@@ -44,6 +44,10 @@ pub struct Report {
     /// reached by then (the control-plane restart piles up retried calls),
     /// so growth from here on is what a leak would show.
     pub after_round: Option<Sample>,
+    /// At the same point of every complete round (quiet, two thirds of a
+    /// fault period after the round's last heal): a leak grows round by
+    /// round, an allocator's high-water mark does not.
+    pub rounds: Vec<Sample>,
     pub end: Sample,
     pub max: Sample,
 }
@@ -135,6 +139,7 @@ pub async fn run(bins: &Path, total: Duration, every: Duration) -> anyhow::Resul
     let peers = std::fs::read_to_string(&peers_file)?;
     let mut faults = Vec::new();
     let mut after_round = None;
+    let mut rounds = Vec::new();
     let mut n = 0;
     while started.elapsed() + every <= total {
         let name = FAULTS[n % FAULTS.len()];
@@ -149,8 +154,10 @@ pub async fn run(bins: &Path, total: Duration, every: Duration) -> anyhow::Resul
         std::fs::write(&peers_file, &peers)?;
         max = max.max(sample(&fleet)?);
         tokio::time::sleep(every - hold).await;
-        if n == FAULTS.len() {
-            after_round = Some(sample(&fleet)?);
+        if n % FAULTS.len() == 0 {
+            let s = sample(&fleet)?;
+            after_round.get_or_insert(s);
+            rounds.push(s);
         }
     }
     let out = load.wait_with_output()?;
@@ -166,6 +173,7 @@ pub async fn run(bins: &Path, total: Duration, every: Duration) -> anyhow::Resul
         faults,
         start: first,
         after_round,
+        rounds,
         end,
         max: max.max(end),
     })

@@ -1,7 +1,8 @@
 //! What the agent and the control plane share, so it has one home: the wire
 //! types that cross between Detour processes (RFC 9457 problem details, the
-//! header names every part agrees on, the agent's fleet report), the [`conn`]
-//! guard both HTTP servers put under hyper, and [`diag`], the config
+//! header names every part agrees on, the agent's fleet report), [`accept`],
+//! the accept loop and connection cap of every listener, the [`conn`] guard
+//! both HTTP servers put under hyper, and [`diag`], the config
 //! diagnostics both binaries print (`file:line:col: message`, columns in
 //! characters).
 

@@ -61,6 +61,17 @@ fn render(r: &Report, every: Duration, machine: &str) -> String {
          most seen at any sample; drift is from after the round to the end:\n\n",
     );
     md.push_str(&growth_table(r));
+    if !r.rounds.is_empty() {
+        let each: Vec<String> = r
+            .rounds
+            .iter()
+            .map(|s| format!("{:.1}", s.rss_kib as f64 / 1024.0))
+            .collect();
+        md.push_str(&format!(
+            "\nRSS at the same point of each round (MiB): {}.\n",
+            each.join(", ")
+        ));
+    }
     md.push_str(
         "\nGoals (issue 12): zero failed; RSS and fds drift at most 5% after warm-up. Retries happen only around \
          the control-plane restarts (503 problem+json while it is away); network faults are absorbed by the agent.\n",
