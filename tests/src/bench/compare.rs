@@ -251,7 +251,7 @@ fn render(window: &Window, rows: &[Row], plotted: bool, healthy: &[Healthy], mac
          same lab link (a blackhole holds every byte; loss stalls that share of chunks for 300 ms, like a retransmission). \
          HAProxy 2.6 and Squid 5.7 from Debian, configured as the Exotel design: HAProxy on blr with blr's Squid as its \
          server and maa's and del's Squids as `backup`, `option httpchk` through each Squid, `timeout server 2s`, \
-         `retries 2`, `option redispatch`; the generated configs are in `tests/src/compare.rs` (`haproxy_cfg`, \
+         `retries 2`, `option redispatch`; the generated configs are in `tests/src/haproxy_squid.rs` (`haproxy_cfg`, \
          `squid_conf`) and are checked by `haproxy -c` and `squid -k parse` before every run and in a test. Detour's \
          control plane is reached over TLS end to end, HAProxy + Squid's over plain HTTP (Squid forwards it).\n\n",
         window.fault_for.as_secs(),
