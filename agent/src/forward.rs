@@ -2,25 +2,32 @@
 //! ranked paths, with adaptive attempt timeouts, retries on another path,
 //! hedging, and a retry budget. `docs/failover.md` describes this policy; keep
 //! the two in step.
+//!
+//! [`Forwarder::forward`] runs one request's race ([`race`]) of attempts
+//! ([`attempt`]) under the [`budget`].
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+mod attempt;
+mod budget;
+mod race;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use http::{HeaderMap, Method, Request, Response};
-use http_body_util::Full;
+use http::{HeaderMap, Method, Response};
 use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::time::Instant;
 
+pub use attempt::classify;
+pub use budget::RetryBudget;
+
 use crate::config::AgentConfig;
-use crate::health::{FailureKind, HealthTable, Outcome};
+use crate::health::HealthTable;
 use crate::metrics::Metrics;
-use crate::paths::{PathClient, dial_error};
+use crate::paths::PathClient;
+use race::{Event, Race};
 
 /// Everything a request needs that may change on reload.
 pub struct Runtime {
@@ -77,88 +84,11 @@ pub enum Failure {
     },
 }
 
-/// Caps retries and hedges to a share of recent requests plus a floor, so an
-/// outage cannot turn into a retry storm on the peers.
-pub struct RetryBudget {
-    ratio: f64,
-    floor_per_sec: u32,
-    /// Per second: (second, requests, extra attempts).
-    window: Mutex<VecDeque<(u64, u32, u32)>>,
-    epoch: Instant,
-}
-
-const BUDGET_WINDOW_SECS: u64 = 10;
-
-impl RetryBudget {
-    pub fn new(ratio: f64, floor_per_sec: u32) -> RetryBudget {
-        RetryBudget {
-            ratio,
-            floor_per_sec,
-            window: Mutex::new(VecDeque::new()),
-            epoch: Instant::now(),
-        }
-    }
-
-    fn with_bucket<R>(&self, f: impl FnOnce(&mut VecDeque<(u64, u32, u32)>) -> R) -> R {
-        let sec = Instant::now().saturating_duration_since(self.epoch).as_secs();
-        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        while w.front().is_some_and(|b| b.0 + BUDGET_WINDOW_SECS <= sec) {
-            w.pop_front();
-        }
-        if w.back().is_none_or(|b| b.0 != sec) {
-            w.push_back((sec, 0, 0));
-        }
-        f(&mut w)
-    }
-
-    /// Counts one incoming request.
-    pub fn request(&self) {
-        self.with_bucket(|w| {
-            if let Some(b) = w.back_mut() {
-                b.1 += 1;
-            }
-        });
-    }
-
-    /// Takes one retry or hedge from the budget, if there is one left.
-    pub fn try_spend(&self) -> bool {
-        let (ratio, floor) = (self.ratio, self.floor_per_sec);
-        self.with_bucket(|w| {
-            let (reqs, extra) = w
-                .iter()
-                .fold((0u64, 0u64), |(r, e), b| (r + u64::from(b.1), e + u64::from(b.2)));
-            let allowed = ratio * reqs as f64 + f64::from(floor) * BUDGET_WINDOW_SECS as f64;
-            if (extra as f64) < allowed {
-                if let Some(b) = w.back_mut() {
-                    b.2 += 1;
-                }
-                true
-            } else {
-                false
-            }
-        })
-    }
-}
-
 /// Sends requests over the best paths.
 pub struct Forwarder {
     runtime: ArcSwap<Runtime>,
     budget: RetryBudget,
     metrics: Arc<Metrics>,
-}
-
-type AttemptResult = (u64, Result<Response<Incoming>, (FailureKind, String)>);
-
-/// An attempt still waiting for its answer.
-#[derive(Debug, Clone)]
-struct Pending {
-    path: usize,
-    kind: &'static str,
-    started: Instant,
-    /// Past this the attempt counts as timed out: the next path is tried,
-    /// but this one may still win.
-    timeout_at: Instant,
-    timed_out: bool,
 }
 
 impl Forwarder {
@@ -187,214 +117,56 @@ impl Forwarder {
     /// the next path is tried beside it and the first answer wins, so a slow
     /// but working control plane is never turned into a failure. An attempt
     /// that fails outright (connect error, reset, refusal) moves the request
-    /// on at once. See `docs/failover.md`.
+    /// on at once. Emergency requests race the two best paths from the start
+    /// and skip the budget. See `docs/failover.md`.
     pub async fn forward(&self, out: Outbound) -> Result<Answer, Failure> {
         let rt = self.runtime.load_full();
-        let cfg = &rt.config.forward;
-        let snap = rt.health.snapshot();
-        let pin = out.pin.clone().or_else(|| cfg.pin.clone());
-        let candidates: Vec<usize> = match &pin {
-            Some(p) => match rt.paths.iter().position(|c| &*c.name == p) {
-                Some(i) => vec![i],
-                None => return Err(Failure::UnknownPin(p.clone())),
-            },
-            None => snap.ranked.clone(),
-        };
-        let deadline = out.received + cfg.deadline;
-        let mut attempts = Vec::new();
-        if candidates.is_empty() {
+        let candidates = self.candidates(&rt, &out)?;
+        let Some(&first) = candidates.first() else {
             return Err(Failure::Exhausted {
-                attempts,
+                attempts: Vec::new(),
                 deadline_passed: false,
             });
-        }
+        };
         self.budget.request();
-
-        let mut inflight = FuturesUnordered::new();
-        let mut pending: Vec<(u64, Pending)> = Vec::new();
-        let mut next = 0usize;
-        let mut ids = 0u64;
-        let mut launch = |i: usize,
-                          kind: &'static str,
-                          inflight: &mut FuturesUnordered<_>,
-                          pending: &mut Vec<(u64, Pending)>| {
-            let path = rt.paths[i].clone();
-            let started = Instant::now();
-            let timeout = self.attempt_timeout(&rt, i, deadline);
-            let req = build_request(&path, &out);
-            ids += 1;
-            pending.push((
-                ids,
-                Pending {
-                    path: i,
-                    kind,
-                    started,
-                    timeout_at: started + timeout,
-                    timed_out: false,
-                },
-            ));
-            inflight.push(run_attempt(ids, path, req));
-        };
-        launch(candidates[next], "first", &mut inflight, &mut pending);
-        next += 1;
-        if out.emergency && next < candidates.len() {
-            // Emergency requests do not wait: the two best paths race. They
-            // are few and must never be refused, so they skip the budget.
-            launch(candidates[next], "hedge", &mut inflight, &mut pending);
-            next += 1;
+        let mut race = Race::new(self, &rt, &out, candidates, attempt::run_attempt);
+        race.launch("first");
+        if out.emergency {
+            race.launch("hedge");
         }
-        let mut hedge_at = if cfg.hedge && !out.emergency && next < candidates.len() {
-            Some(Instant::now() + self.hedge_delay(&rt, candidates[0]))
-        } else {
-            None
-        };
-
+        let mut hedge_at = (rt.config.forward.hedge && !out.emergency && race.more())
+            .then(|| Instant::now() + self.hedge_delay(&rt, first));
         loop {
-            let next_timeout = pending
-                .iter()
-                .filter(|(_, p)| !p.timed_out)
-                .map(|(id, p)| (p.timeout_at, *id))
-                .min();
-            tokio::select! {
-                Some((id, result)) = inflight.next() => {
-                    let Some(pos) = pending.iter().position(|(x, _)| *x == id) else { continue };
-                    let (_, p) = pending.remove(pos);
-                    let path = &rt.paths[p.path];
-                    match result {
-                        Ok(resp) => {
-                            // A late winner proves little about its path; an
-                            // answer in time is good evidence.
-                            if !p.timed_out {
-                                rt.health.record(p.path, Outcome::Answered(p.started.elapsed()));
-                            }
-                            self.metrics.attempts.with_label_values(&[&*path.name, p.kind, "ok"]).inc();
-                            let status = resp.status().as_u16();
-                            attempts.push(record(path, p.kind, format!("answered {status}"), out.received));
-                            self.settle_losers(&rt, inflight, pending);
-                            return Ok(Answer { response: resp, path: path.name.clone(), attempts });
-                        }
-                        Err((kind_failed, msg)) => {
-                            rt.health.record(p.path, Outcome::Failed(kind_failed));
-                            self.metrics.attempts.with_label_values(&[&*path.name, p.kind, "failed"]).inc();
-                            tracing::debug!(path = %path.name, kind = p.kind, error = %msg, "attempt failed");
-                            attempts.push(record(path, p.kind, msg, out.received));
-                            if next < candidates.len() && Instant::now() < deadline {
-                                // Nothing was sent when a connect fails, so the
-                                // retry duplicates no work and costs no budget.
-                                let free = out.emergency || kind_failed == FailureKind::Connect;
-                                if free || self.budget.try_spend() {
-                                    launch(candidates[next], "retry", &mut inflight, &mut pending);
-                                    next += 1;
-                                } else {
-                                    self.metrics.budget_exhausted.inc();
-                                }
-                            }
-                            if pending.is_empty() {
-                                return Err(Failure::Exhausted { attempts, deadline_passed: false });
-                            }
-                        }
+            match race.next_event(hedge_at).await {
+                Event::Done(id, Ok(resp)) => {
+                    if let Some(answer) = race.answered(id, resp) {
+                        return Ok(answer);
                     }
                 }
-                _ = sleep_until_opt(next_timeout.map(|t| t.0)), if next_timeout.is_some() => {
-                    let id = next_timeout.map(|t| t.1).unwrap_or_default();
-                    if let Some((_, p)) = pending.iter_mut().find(|(x, _)| *x == id) {
-                        p.timed_out = true;
-                        let name = rt.paths[p.path].name.clone();
-                        tracing::debug!(path = %name, "attempt timed out; trying the next path beside it");
-                        let waited = p.timeout_at.duration_since(p.started).as_millis();
-                        attempts.push(AttemptRecord {
-                            path: name.to_string(),
-                            kind: p.kind,
-                            result: format!("no answer within {waited}ms (kept waiting)"),
-                            elapsed_ms: out.received.elapsed().as_millis() as u64,
-                        });
-                    }
-                    if next < candidates.len() {
-                        if out.emergency || self.budget.try_spend() {
-                            launch(candidates[next], "retry", &mut inflight, &mut pending);
-                            next += 1;
-                        } else {
-                            self.metrics.budget_exhausted.inc();
-                        }
+                Event::Done(id, Err((kind, msg))) => {
+                    if let Some(failure) = race.failed(id, kind, msg) {
+                        return Err(failure);
                     }
                 }
-                _ = sleep_until_opt(hedge_at), if hedge_at.is_some() => {
+                Event::TimedOut(id) => race.timed_out(id),
+                Event::Hedge => {
                     hedge_at = None;
-                    if next < candidates.len() {
-                        if self.budget.try_spend() {
-                            launch(candidates[next], "hedge", &mut inflight, &mut pending);
-                            next += 1;
-                        } else {
-                            self.metrics.budget_exhausted.inc();
-                        }
-                    }
+                    race.extra("hedge", false);
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    for (_, p) in &pending {
-                        rt.health.record(p.path, Outcome::Failed(FailureKind::Timeout));
-                        let path = &rt.paths[p.path];
-                        self.metrics.attempts.with_label_values(&[&*path.name, p.kind, "failed"]).inc();
-                        attempts.push(record(path, p.kind, "still no answer at the deadline".to_owned(), out.received));
-                    }
-                    return Err(Failure::Exhausted { attempts, deadline_passed: true });
-                }
+                Event::Deadline => return Err(race.deadline_passed()),
             }
         }
     }
 
-    /// Decides what the attempts that lost the race say about their paths.
-    /// One that had already run past its timeout when another path answered
-    /// failed. The others are watched in the background until their own
-    /// timeout: an answer in time is good evidence, none is a failure. Their
-    /// responses are discarded.
-    fn settle_losers<F>(
-        &self,
-        rt: &Arc<Runtime>,
-        mut inflight: FuturesUnordered<F>,
-        mut pending: Vec<(u64, Pending)>,
-    ) where
-        F: Future<Output = AttemptResult> + Send + 'static,
-    {
-        pending.retain(|(_, p)| {
-            if p.timed_out {
-                rt.health.record(p.path, Outcome::Failed(FailureKind::Timeout));
-                self.metrics
-                    .attempts
-                    .with_label_values(&[&*rt.paths[p.path].name, p.kind, "failed"])
-                    .inc();
-            }
-            !p.timed_out
-        });
-        if pending.is_empty() {
-            return;
+    /// The paths `out` may take, best first: the pinned one, or all enabled.
+    fn candidates(&self, rt: &Runtime, out: &Outbound) -> Result<Vec<usize>, Failure> {
+        match out.pin.as_ref().or(rt.config.forward.pin.as_ref()) {
+            Some(p) => match rt.paths.iter().position(|c| &*c.name == p) {
+                Some(i) => Ok(vec![i]),
+                None => Err(Failure::UnknownPin(p.clone())),
+            },
+            None => Ok(rt.health.snapshot().ranked.clone()),
         }
-        let rt = rt.clone();
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            while let Some((first_deadline, first_id)) =
-                pending.iter().map(|(id, p)| (p.timeout_at, *id)).min()
-            {
-                tokio::select! {
-                    Some((id, result)) = inflight.next() => {
-                        let Some(pos) = pending.iter().position(|(x, _)| *x == id) else { continue };
-                        let (_, p) = pending.remove(pos);
-                        let (outcome, label) = match result {
-                            Ok(_) => (Outcome::Answered(p.started.elapsed()), "discarded"),
-                            Err((k, _)) => (Outcome::Failed(k), "failed"),
-                        };
-                        rt.health.record(p.path, outcome);
-                        metrics.attempts.with_label_values(&[&*rt.paths[p.path].name, p.kind, label]).inc();
-                    }
-                    _ = tokio::time::sleep_until(first_deadline) => {
-                        if let Some(pos) = pending.iter().position(|(x, _)| *x == first_id) {
-                            let (_, p) = pending.remove(pos);
-                            rt.health.record(p.path, Outcome::Failed(FailureKind::Timeout));
-                            metrics.attempts.with_label_values(&[&*rt.paths[p.path].name, p.kind, "failed"]).inc();
-                        }
-                    }
-                }
-            }
-        });
     }
 
     /// Attempt timeout for path `i`: `factor` x its recent p99, within the
@@ -423,126 +195,5 @@ impl Forwarder {
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn record(path: &PathClient, kind: &'static str, result: String, received: Instant) -> AttemptRecord {
-    AttemptRecord {
-        path: path.name.to_string(),
-        kind,
-        result,
-        elapsed_ms: received.elapsed().as_millis() as u64,
-    }
-}
-
-fn build_request(path: &PathClient, out: &Outbound) -> Request<Full<Bytes>> {
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(path.scheme.clone());
-    uri.authority = path.authority.clone();
-    uri.path_and_query = Some(out.path_and_query.clone());
-    let mut req = Request::new(Full::new(out.body.clone()));
-    *req.method_mut() = out.method.clone();
-    *req.uri_mut() = http::Uri::from_parts(uri).unwrap_or_default();
-    *req.headers_mut() = out.headers.clone();
-    req
-}
-
-async fn run_attempt(id: u64, path: Arc<PathClient>, req: Request<Full<Bytes>>) -> AttemptResult {
-    let result = match path.client.request(req).await {
-        Ok(resp) => Ok(resp),
-        Err(e) => Err(classify(&e)),
-    };
-    (id, result)
-}
-
-/// Turns a client error into a failure kind and a message a person can read.
-pub fn classify(e: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
-    if let Some(d) = dial_error(e) {
-        let kind = if matches!(d, crate::paths::DialError::Timeout { .. }) {
-            FailureKind::Timeout
-        } else {
-            FailureKind::Connect
-        };
-        return (kind, d.to_string());
-    }
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    if e.is_connect() {
-        (FailureKind::Connect, msg)
-    } else if refused_by_far_end(e) {
-        (FailureKind::Refused, msg)
-    } else {
-        (FailureKind::Broken, msg)
-    }
-}
-
-/// Whether the control plane's HTTP/2 side refused this stream or closed the
-/// connection with a GOAWAY: it answered at the protocol level, so the bytes
-/// got through and the path is not to blame.
-fn refused_by_far_end(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.is_remote() && (h2.is_go_away() || h2.is_reset());
-        }
-        cur = err.source();
-    }
-    false
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
-    /// An HTTP/2 server on loopback that refuses every stream with an
-    /// RST_STREAM carrying `reason`.
-    async fn refusing_server(reason: h2::Reason) -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut conn = h2::server::handshake(tcp).await.unwrap();
-            while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                respond.send_reset(reason);
-            }
-        });
-        addr
-    }
-
-    #[tokio::test]
-    async fn a_refusal_by_the_control_plane_is_not_a_broken_path() {
-        for reason in [h2::Reason::REFUSED_STREAM, h2::Reason::ENHANCE_YOUR_CALM] {
-            let addr = refusing_server(reason).await;
-            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build_http();
-            let err = client
-                .get(format!("http://{addr}/v1/x").parse().unwrap())
-                .await
-                .expect_err("refused");
-            let (kind, msg) = classify(&err);
-            assert_eq!(kind, FailureKind::Refused, "{reason:?}: {msg}");
-        }
-        // A connection that cannot be made stays a connect failure.
-        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = dead.local_addr().unwrap();
-        drop(dead);
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-        let err = client
-            .get(format!("http://{addr}/").parse().unwrap())
-            .await
-            .expect_err("nothing listens");
-        assert_eq!(classify(&err).0, FailureKind::Connect);
-    }
-}
+mod tests;

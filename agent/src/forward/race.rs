@@ -1,0 +1,319 @@
+//! One request's race: attempts on the candidate paths in rank order, each
+//! with its own timeout, the first answer winning. Every attempt's end is
+//! evidence for its path's health, including the losers', which are watched
+//! in the background after the winner has been returned.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::attempt::{AttemptResult, build_request};
+use super::{Answer, AttemptRecord, Failure, Forwarder, Outbound, Runtime};
+use crate::health::{FailureKind, Outcome};
+use crate::paths::PathClient;
+
+/// How an attempt is started (`attempt::run_attempt`; a parameter so the
+/// race can hold its futures without boxing them).
+type Start<F> = fn(u64, Arc<PathClient>, Request<Full<Bytes>>) -> F;
+
+/// An attempt still waiting for its answer.
+#[derive(Debug, Clone)]
+struct Pending {
+    path: usize,
+    kind: &'static str,
+    started: Instant,
+    /// Past this the attempt counts as timed out: the next path is tried,
+    /// but this one may still win.
+    timeout_at: Instant,
+    timed_out: bool,
+}
+
+/// What the race waits for next.
+pub(super) enum Event {
+    /// Attempt `id` ended.
+    Done(u64, Result<Response<Incoming>, (FailureKind, String)>),
+    /// Attempt `id` ran past its timeout (it keeps running).
+    TimedOut(u64),
+    /// Time to hedge.
+    Hedge,
+    /// The request's deadline passed.
+    Deadline,
+}
+
+pub(super) struct Race<'a, F> {
+    fwd: &'a Forwarder,
+    rt: &'a Arc<Runtime>,
+    out: &'a Outbound,
+    candidates: Vec<usize>,
+    /// Index into `candidates` of the next path to try.
+    next: usize,
+    ids: u64,
+    deadline: Instant,
+    start: Start<F>,
+    inflight: FuturesUnordered<F>,
+    pending: Vec<(u64, Pending)>,
+    attempts: Vec<AttemptRecord>,
+}
+
+impl<'a, F> Race<'a, F>
+where
+    F: Future<Output = AttemptResult> + Send + 'static,
+{
+    pub(super) fn new(
+        fwd: &'a Forwarder,
+        rt: &'a Arc<Runtime>,
+        out: &'a Outbound,
+        candidates: Vec<usize>,
+        start: Start<F>,
+    ) -> Race<'a, F> {
+        Race {
+            fwd,
+            rt,
+            out,
+            candidates,
+            next: 0,
+            ids: 0,
+            deadline: out.received + rt.config.forward.deadline,
+            start,
+            inflight: FuturesUnordered::new(),
+            pending: Vec::new(),
+            attempts: Vec::new(),
+        }
+    }
+
+    /// Whether a candidate path is left to try.
+    pub(super) fn more(&self) -> bool {
+        self.next < self.candidates.len()
+    }
+
+    /// Starts an attempt on the next candidate path, if there is one.
+    pub(super) fn launch(&mut self, kind: &'static str) {
+        let Some(&i) = self.candidates.get(self.next) else {
+            return;
+        };
+        self.next += 1;
+        let path = self.rt.paths[i].clone();
+        let started = Instant::now();
+        let timeout = self.fwd.attempt_timeout(self.rt, i, self.deadline);
+        let req = build_request(&path, self.out);
+        self.ids += 1;
+        self.pending.push((
+            self.ids,
+            Pending {
+                path: i,
+                kind,
+                started,
+                timeout_at: started + timeout,
+                timed_out: false,
+            },
+        ));
+        self.inflight.push((self.start)(self.ids, path, req));
+    }
+
+    /// A retry or hedge on the next path, paid from the retry budget unless
+    /// `free`.
+    pub(super) fn extra(&mut self, kind: &'static str, free: bool) {
+        if !self.more() {
+            return;
+        }
+        if free || self.fwd.budget.try_spend() {
+            self.launch(kind);
+        } else {
+            self.fwd.metrics.budget_exhausted.inc();
+        }
+    }
+
+    /// Waits for the next attempt to end, the earliest attempt timeout, the
+    /// hedge time, or the deadline.
+    pub(super) async fn next_event(&mut self, hedge_at: Option<Instant>) -> Event {
+        let next_timeout = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.timed_out)
+            .map(|(id, p)| (p.timeout_at, *id))
+            .min();
+        tokio::select! {
+            Some((id, result)) = self.inflight.next() => Event::Done(id, result),
+            _ = sleep_until_opt(next_timeout.map(|t| t.0)), if next_timeout.is_some() => {
+                Event::TimedOut(next_timeout.map(|t| t.1).unwrap_or_default())
+            }
+            _ = sleep_until_opt(hedge_at), if hedge_at.is_some() => Event::Hedge,
+            _ = tokio::time::sleep_until(self.deadline) => Event::Deadline,
+        }
+    }
+
+    fn take(&mut self, id: u64) -> Option<Pending> {
+        let pos = self.pending.iter().position(|(x, _)| *x == id)?;
+        Some(self.pending.remove(pos).1)
+    }
+
+    /// Attempt `id` was answered: the request's answer. The attempts still
+    /// running are settled in the background.
+    pub(super) fn answered(&mut self, id: u64, resp: Response<Incoming>) -> Option<Answer> {
+        let p = self.take(id)?;
+        let path = &self.rt.paths[p.path];
+        // A late winner proves little about its path; an answer in time is
+        // good evidence.
+        if !p.timed_out {
+            self.rt
+                .health
+                .record(p.path, Outcome::Answered(p.started.elapsed()));
+        }
+        self.fwd
+            .metrics
+            .attempts
+            .with_label_values(&[&*path.name, p.kind, "ok"])
+            .inc();
+        let status = resp.status().as_u16();
+        let mut attempts = std::mem::take(&mut self.attempts);
+        attempts.push(record(
+            path,
+            p.kind,
+            format!("answered {status}"),
+            self.out.received,
+        ));
+        self.settle_losers();
+        Some(Answer {
+            response: resp,
+            path: path.name.clone(),
+            attempts,
+        })
+    }
+
+    /// Attempt `id` failed outright: the next path is tried at once. The
+    /// request fails when nothing is left running.
+    pub(super) fn failed(&mut self, id: u64, kind: FailureKind, msg: String) -> Option<Failure> {
+        let p = self.take(id)?;
+        let path = &self.rt.paths[p.path];
+        self.rt.health.record(p.path, Outcome::Failed(kind));
+        self.fwd
+            .metrics
+            .attempts
+            .with_label_values(&[&*path.name, p.kind, "failed"])
+            .inc();
+        tracing::debug!(path = %path.name, kind = p.kind, error = %msg, "attempt failed");
+        self.attempts.push(record(path, p.kind, msg, self.out.received));
+        if Instant::now() < self.deadline {
+            // Nothing was sent when a connect fails, so the retry duplicates
+            // no work and costs no budget.
+            self.extra("retry", self.out.emergency || kind == FailureKind::Connect);
+        }
+        self.pending.is_empty().then(|| Failure::Exhausted {
+            attempts: std::mem::take(&mut self.attempts),
+            deadline_passed: false,
+        })
+    }
+
+    /// Attempt `id` ran past its timeout: the next path is tried beside it.
+    pub(super) fn timed_out(&mut self, id: u64) {
+        if let Some((_, p)) = self.pending.iter_mut().find(|(x, _)| *x == id) {
+            p.timed_out = true;
+            let name = self.rt.paths[p.path].name.clone();
+            tracing::debug!(path = %name, "attempt timed out; trying the next path beside it");
+            let waited = p.timeout_at.duration_since(p.started).as_millis();
+            self.attempts.push(AttemptRecord {
+                path: name.to_string(),
+                kind: p.kind,
+                result: format!("no answer within {waited}ms (kept waiting)"),
+                elapsed_ms: self.out.received.elapsed().as_millis() as u64,
+            });
+        }
+        self.extra("retry", self.out.emergency);
+    }
+
+    /// The deadline passed: every attempt still running failed.
+    pub(super) fn deadline_passed(&mut self) -> Failure {
+        for (_, p) in &self.pending {
+            self.rt
+                .health
+                .record(p.path, Outcome::Failed(FailureKind::Timeout));
+            let path = &self.rt.paths[p.path];
+            self.fwd
+                .metrics
+                .attempts
+                .with_label_values(&[&*path.name, p.kind, "failed"])
+                .inc();
+            self.attempts.push(record(
+                path,
+                p.kind,
+                "still no answer at the deadline".to_owned(),
+                self.out.received,
+            ));
+        }
+        Failure::Exhausted {
+            attempts: std::mem::take(&mut self.attempts),
+            deadline_passed: true,
+        }
+    }
+
+    /// Decides what the attempts that lost the race say about their paths.
+    /// One that had already run past its timeout when another path answered
+    /// failed. The others are watched in the background until their own
+    /// timeout: an answer in time is good evidence, none is a failure. Their
+    /// responses are discarded.
+    fn settle_losers(&mut self) {
+        let (rt, metrics) = (self.rt.clone(), self.fwd.metrics.clone());
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.retain(|(_, p)| {
+            if p.timed_out {
+                rt.health.record(p.path, Outcome::Failed(FailureKind::Timeout));
+                metrics
+                    .attempts
+                    .with_label_values(&[&*rt.paths[p.path].name, p.kind, "failed"])
+                    .inc();
+            }
+            !p.timed_out
+        });
+        if pending.is_empty() {
+            return;
+        }
+        let mut inflight = std::mem::take(&mut self.inflight);
+        tokio::spawn(async move {
+            while let Some((first_deadline, first_id)) =
+                pending.iter().map(|(id, p)| (p.timeout_at, *id)).min()
+            {
+                tokio::select! {
+                    Some((id, result)) = inflight.next() => {
+                        let Some(pos) = pending.iter().position(|(x, _)| *x == id) else { continue };
+                        let (_, p) = pending.remove(pos);
+                        let (outcome, label) = match result {
+                            Ok(_) => (Outcome::Answered(p.started.elapsed()), "discarded"),
+                            Err((k, _)) => (Outcome::Failed(k), "failed"),
+                        };
+                        rt.health.record(p.path, outcome);
+                        metrics.attempts.with_label_values(&[&*rt.paths[p.path].name, p.kind, label]).inc();
+                    }
+                    _ = tokio::time::sleep_until(first_deadline) => {
+                        if let Some(pos) = pending.iter().position(|(x, _)| *x == first_id) {
+                            let (_, p) = pending.remove(pos);
+                            rt.health.record(p.path, Outcome::Failed(FailureKind::Timeout));
+                            metrics.attempts.with_label_values(&[&*rt.paths[p.path].name, p.kind, "failed"]).inc();
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn record(path: &PathClient, kind: &'static str, result: String, received: Instant) -> AttemptRecord {
+    AttemptRecord {
+        path: path.name.to_string(),
+        kind,
+        result,
+        elapsed_ms: received.elapsed().as_millis() as u64,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
