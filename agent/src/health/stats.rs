@@ -1,0 +1,471 @@
+//! One path's evidence (exchanges, RTT samples, the kernel's retransmission
+//! counts) and its `up`/`degraded`/`down` state machine with hysteresis,
+//! hold-down and the clean run a lossy path must show.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use detour_wire::PathState;
+use tokio::time::Instant;
+
+use super::{Outcome, PathInfo};
+use crate::config::Health as HealthConfig;
+use crate::transport::Delta;
+
+/// Evidence and state of one path.
+#[derive(Debug)]
+pub struct PathStats {
+    pub info: PathInfo,
+    state: PathState,
+    reason: Option<String>,
+    /// Smoothed RTT (EWMA, alpha 0.2), seconds.
+    ewma: Option<f64>,
+    /// The most recent RTT samples, newest last.
+    recent: VecDeque<f64>,
+    /// The most recent request latencies (time to response headers), newest last.
+    req_recent: VecDeque<f64>,
+    /// Recent exchanges: when, and whether it was bad.
+    exchanges: VecDeque<(Instant, bool)>,
+    consecutive_failures: u32,
+    consecutive_ok: u32,
+    /// No rise before this instant.
+    hold_until: Option<Instant>,
+    /// Flaps in a row; each one doubles the hold-down.
+    flaps: u32,
+    /// When the path last became `up`.
+    up_since: Option<Instant>,
+    /// Since the path left `up`: whether any exchange succeeded.
+    ok_since_out: bool,
+    /// Since the path left `up`: whether failures and successes alternated (loss).
+    mixed: bool,
+    /// The path has never been `up` and never failed.
+    never_up: bool,
+    /// When the last lost, stalled or failed exchange happened, or the
+    /// kernel last showed the path losing packets.
+    last_bad: Option<Instant>,
+    /// What the kernel's TCP stack saw on the path's connections recently
+    /// (see [`PathStats::record_transport`]).
+    transport: VecDeque<(Instant, Delta)>,
+    /// Since the path left `up`: when it first answered again.
+    answering_since: Option<Instant>,
+    /// Since the path went `down`: when the kernel first delivered data on
+    /// it while sending segments again, and in how many samples since.
+    down_repeats: Option<(Instant, u32)>,
+}
+
+const RECENT: usize = 64;
+/// Evidence older than this is forgotten, however few exchanges there were.
+const MAX_AGE: Duration = Duration::from_secs(30);
+/// A lossy path rises only after this long without a bad exchange.
+pub const CLEAN_RUN: Duration = Duration::from_secs(30);
+/// A path that stayed up this long forgets its past flaps.
+const FLAP_FORGET: Duration = Duration::from_secs(60);
+/// Fewest bad exchanges in the short window that make a path degraded (and
+/// fewest segments sent again among the last [`TRANSPORT_SEGMENTS`]).
+const MIN_BAD_FOR_DEGRADED: u32 = 3;
+/// How long the kernel's retransmission counts are remembered.
+const TRANSPORT_WINDOW: Duration = Duration::from_secs(10);
+/// How many of the most recent data segments the retransmission share is
+/// taken over.
+const TRANSPORT_SEGMENTS: u64 = 200;
+/// Retransmissions in this long after a down path first answers again are
+/// the outage's (the data sent into it going out again), not loss.
+const TRANSPORT_SETTLE: Duration = Duration::from_millis(500);
+/// A down path whose connections deliver data while sending segments again
+/// in this many samples, spread over at least [`LOSS_SPREAD`], is losing
+/// packets, not out (see [`PathStats::down_transport`]).
+const LOSS_SAMPLES: u32 = 3;
+const LOSS_SPREAD: Duration = Duration::from_secs(1);
+
+impl PathStats {
+    pub fn new(info: PathInfo) -> PathStats {
+        PathStats {
+            info,
+            state: PathState::Down,
+            reason: Some("no evidence yet".to_owned()),
+            ewma: None,
+            recent: VecDeque::with_capacity(RECENT),
+            req_recent: VecDeque::with_capacity(RECENT),
+            exchanges: VecDeque::with_capacity(64),
+            consecutive_failures: 0,
+            consecutive_ok: 0,
+            hold_until: None,
+            flaps: 0,
+            up_since: None,
+            ok_since_out: false,
+            mixed: false,
+            never_up: true,
+            last_bad: None,
+            transport: VecDeque::new(),
+            answering_since: None,
+            down_repeats: None,
+        }
+    }
+
+    pub fn state(&self) -> PathState {
+        self.state
+    }
+
+    /// Smoothed RTT in seconds.
+    pub fn rtt(&self) -> Option<f64> {
+        self.ewma
+    }
+
+    /// The `q` quantile (0..1) of recent RTT samples, in seconds.
+    pub fn rtt_quantile(&self, q: f64) -> Option<f64> {
+        quantile(&self.recent, q)
+    }
+
+    /// The `q` quantile (0..1) of recent request latencies, in seconds.
+    pub fn request_quantile(&self, q: f64) -> Option<f64> {
+        quantile(&self.req_recent, q)
+    }
+
+    /// (exchanges, bad ones) among the last `health.window` exchanges that
+    /// are not older than [`MAX_AGE`].
+    fn window(&self, now: Instant) -> (u32, u32) {
+        self.exchanges
+            .iter()
+            .filter(|(t, _)| now.saturating_duration_since(*t) <= MAX_AGE)
+            .fold((0, 0), |(t, b), (_, bad)| (t + 1, b + u32::from(*bad)))
+    }
+
+    /// Share of bad exchanges among the recent ones, or of retransmitted
+    /// segments among those sent recently, whichever is worse.
+    pub fn loss(&self, now: Instant, epoch: Instant) -> f64 {
+        let _ = epoch;
+        let (total, bad) = self.window(now);
+        let exchanges = if total == 0 {
+            0.0
+        } else {
+            f64::from(bad) / f64::from(total)
+        };
+        exchanges.max(self.retransmit_ratio(now).unwrap_or(0.0))
+    }
+
+    /// (segments sent, segments sent again) over the most recent
+    /// [`TRANSPORT_SEGMENTS`] segments, or the whole transport window when
+    /// fewer were sent in it. Counting segments rather than time keeps the
+    /// figure fresh under traffic (a few seconds of history, so new loss
+    /// shows within a second) and meaningful when only probes flow.
+    fn transport_totals(&self, now: Instant) -> (u64, u64) {
+        let mut totals = (0, 0);
+        for (t, d) in self.transport.iter().rev() {
+            if now.saturating_duration_since(*t) > TRANSPORT_WINDOW || totals.0 >= TRANSPORT_SEGMENTS {
+                break;
+            }
+            totals = (totals.0 + d.sent, totals.1 + d.repeats);
+        }
+        totals
+    }
+
+    /// Share of the data segments sent recently on this path's connections
+    /// that the kernel had to retransmit; `None` without recent traffic.
+    pub fn retransmit_ratio(&self, now: Instant) -> Option<f64> {
+        let (sent, retrans) = self.transport_totals(now);
+        (sent > 0).then(|| (retrans as f64 / sent as f64).min(1.0))
+    }
+
+    /// Takes the kernel's view of the path's connections since the previous
+    /// sample into account: data segments sent, retransmitted, delivered.
+    ///
+    /// A path that delivers data while retransmitting at least
+    /// `health.degraded_loss` of it is losing packets, even when every
+    /// exchange still answers in time (short paths repair a loss in
+    /// milliseconds). Such a path is degraded, and it counts as bad for the
+    /// clean run a lossy path must show before it is trusted again.
+    /// Retransmissions that deliver nothing are an outage, which the
+    /// exchanges judge; a down path's are read by [`Self::down_transport`].
+    pub fn record_transport(&mut self, delta: Delta, now: Instant, cfg: &HealthConfig) -> Option<PathState> {
+        while self
+            .transport
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > TRANSPORT_WINDOW)
+        {
+            self.transport.pop_front();
+        }
+        if delta.delivered == 0 {
+            return None;
+        }
+        if self.state == PathState::Down {
+            self.down_transport(delta, now);
+            return None;
+        }
+        self.transport.push_back((now, delta));
+        let (sent, retrans) = self.transport_totals(now);
+        let ratio = retrans as f64 / sent.max(1) as f64;
+        // Only a sample with repeats of its own is new evidence; the clean
+        // run counts from the last segment sent again, not from the moment
+        // old repeats leave the window.
+        if delta.repeats == 0 || retrans < u64::from(MIN_BAD_FOR_DEGRADED) || ratio < cfg.degraded_loss {
+            return None;
+        }
+        self.last_bad = Some(now);
+        if self.state != PathState::Up {
+            return None;
+        }
+        self.reason = Some(format!(
+            "{:.0}% of packets sent again ({retrans} of the last {sent})",
+            ratio * 100.0
+        ));
+        self.transition(PathState::Up, PathState::Degraded, now, cfg);
+        Some(PathState::Degraded)
+    }
+
+    /// The kernel's view of a down path. Data delivered between segments
+    /// sent again, sample after sample for a second or more, is loss, not an
+    /// outage: a loss burst can begin with exchanges lost back to back and
+    /// take the path down looking like an outage, and its probes may then all
+    /// time out behind retransmissions. An outage's backlog, by contrast,
+    /// goes out in one or two samples when it heals (one per connection
+    /// whose retransmission timer fires). Once the path answers and the
+    /// backlog has settled, the samples feed its loss figures again.
+    fn down_transport(&mut self, delta: Delta, now: Instant) {
+        if delta.repeats > 0 {
+            let (first, samples) = self.down_repeats.get_or_insert((now, 0));
+            *samples += 1;
+            if *samples >= LOSS_SAMPLES && now.saturating_duration_since(*first) >= LOSS_SPREAD {
+                self.mixed = true;
+                self.last_bad = Some(now);
+            }
+        }
+        if self
+            .answering_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= TRANSPORT_SETTLE)
+        {
+            self.transport.push_back((now, delta));
+        }
+    }
+
+    /// Lower is better. Latency in milliseconds, inflated by loss, divided by
+    /// the peer's weight share; a state adds a large constant so a healthier
+    /// state always ranks first.
+    pub fn score(&self, now: Instant, epoch: Instant) -> f64 {
+        let rtt_ms = self.ewma.map_or(1000.0, |s| s * 1000.0).max(0.1);
+        let loss = self.loss(now, epoch);
+        let weight = f64::from(self.info.weight.max(1)) / 100.0;
+        let base = rtt_ms * (1.0 + 20.0 * loss) / weight;
+        let penalty = match self.state {
+            PathState::Up => 0.0,
+            PathState::Degraded => 100_000.0,
+            PathState::Down => 1_000_000.0,
+        };
+        penalty + base + f64::from(self.consecutive_failures) * 1000.0
+    }
+
+    /// Takes one outcome into account and moves the state machine. Returns
+    /// the new state when it changed.
+    pub fn record(
+        &mut self,
+        outcome: Outcome,
+        now: Instant,
+        epoch: Instant,
+        cfg: &HealthConfig,
+    ) -> Option<PathState> {
+        let _ = epoch;
+        let bad = !matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_));
+        self.exchanges.push_back((now, bad));
+        while self.exchanges.len() > cfg.window
+            || self
+                .exchanges
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > MAX_AGE)
+        {
+            self.exchanges.pop_front();
+        }
+        let hard = match outcome {
+            Outcome::Ok(rtt) => {
+                self.sample(rtt);
+                self.consecutive_failures = 0;
+                self.consecutive_ok += 1;
+                false
+            }
+            Outcome::Answered(took) => {
+                if self.req_recent.len() == RECENT {
+                    self.req_recent.pop_front();
+                }
+                self.req_recent.push_back(took.as_secs_f64());
+                self.consecutive_failures = 0;
+                self.consecutive_ok += 1;
+                false
+            }
+            Outcome::Slow(_) => {
+                self.last_bad = Some(now);
+                // A stall is loss, not latency: keeping it out of the RTT
+                // samples keeps attempt timeouts short on a lossy path.
+                self.consecutive_ok = 0;
+                false
+            }
+            Outcome::Failed(_) => {
+                self.last_bad = Some(now);
+                self.never_up = false;
+                self.consecutive_ok = 0;
+                self.consecutive_failures += 1;
+                true
+            }
+        };
+        if self.state == PathState::Up
+            && self
+                .up_since
+                .is_some_and(|t| now.duration_since(t) >= FLAP_FORGET)
+        {
+            self.flaps = 0;
+        }
+        let before = self.state;
+        let (short_total, short_bad) = self.window(now);
+        let short_loss = if short_total == 0 {
+            0.0
+        } else {
+            f64::from(short_bad) / f64::from(short_total)
+        };
+        let lossy = short_bad >= MIN_BAD_FOR_DEGRADED && short_loss >= cfg.degraded_loss;
+
+        // Once a path is out, a failure after a success means loss, not an outage.
+        if self.state != PathState::Up && hard && self.ok_since_out {
+            self.mixed = true;
+        }
+        if self.state != PathState::Up && !hard && matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_)) {
+            self.ok_since_out = true;
+            self.answering_since.get_or_insert(now);
+        }
+        let next = if hard && self.consecutive_failures >= cfg.fall {
+            let why = match outcome {
+                Outcome::Failed(k) => k.as_str(),
+                _ => "failed",
+            };
+            self.reason = Some(format!(
+                "{} consecutive failures ({why})",
+                self.consecutive_failures
+            ));
+            PathState::Down
+        } else if self.state == PathState::Up {
+            if lossy {
+                self.reason = Some(format!(
+                    "{:.0}% of recent exchanges lost or stalled",
+                    short_loss * 100.0
+                ));
+                PathState::Degraded
+            } else {
+                PathState::Up
+            }
+        } else {
+            let held = self.hold_until.is_some_and(|t| now < t);
+            // A clean outage (nothing but failures, then nothing but
+            // successes) may rise after `rise` good exchanges. A lossy path
+            // must first go a whole clean run without a bad exchange, or it
+            // would flap.
+            let clean = !self.mixed || self.last_bad.is_none_or(|t| now.duration_since(t) >= CLEAN_RUN);
+            // A path nobody has seen fail yet is up on its first good answer,
+            // so an agent is useful the moment it starts.
+            let first_light =
+                self.up_since.is_none() && self.never_up && !self.mixed && self.consecutive_ok >= 1;
+            if (self.consecutive_ok >= cfg.rise || first_light) && clean && !held {
+                self.reason = None;
+                PathState::Up
+            } else if self.state == PathState::Down && self.consecutive_ok >= cfg.rise && !held && self.mixed
+            {
+                self.reason = Some(format!(
+                    "answering, but {:.0}% lost or stalled",
+                    short_loss * 100.0
+                ));
+                PathState::Degraded
+            } else {
+                self.state
+            }
+        };
+        if next != before {
+            self.transition(before, next, now, cfg);
+            Some(next)
+        } else {
+            None
+        }
+    }
+
+    fn sample(&mut self, rtt: Duration) {
+        let s = rtt.as_secs_f64();
+        self.ewma = Some(match self.ewma {
+            None => s,
+            Some(e) => e * 0.8 + s * 0.2,
+        });
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(s);
+    }
+
+    fn transition(&mut self, from: PathState, to: PathState, now: Instant, cfg: &HealthConfig) {
+        // A good exchange after a bad one in the recent window is loss, not a
+        // clean outage (which is good ones, then only bad ones): such a path
+        // must show the long clean run before it is trusted again.
+        let loss_pattern = {
+            let mut seen_bad = false;
+            self.exchanges.iter().any(|(_, bad)| {
+                seen_bad |= *bad;
+                seen_bad && !*bad
+            })
+        };
+        if from == PathState::Up {
+            // Falling soon after rising is a flap: wait longer before the next rise.
+            let recently_up = self.up_since.is_some_and(|t| now.duration_since(t) < FLAP_FORGET);
+            if recently_up {
+                self.flaps = (self.flaps + 1).min(16);
+            }
+            let base = cfg.hold_down_min.as_secs_f64() * 2f64.powi(self.flaps as i32);
+            let jitter = 1.0 + (rand::random::<f64>() - 0.5) * 0.4;
+            let hold = (base * jitter).min(cfg.hold_down_max.as_secs_f64());
+            self.hold_until = Some(now + Duration::from_secs_f64(hold));
+            self.up_since = None;
+        }
+        // An outage's retransmissions say nothing about loss, and a path
+        // that rises is judged afresh.
+        if to == PathState::Down || to == PathState::Up {
+            self.transport.clear();
+        }
+        if to == PathState::Down {
+            self.answering_since = None;
+            self.down_repeats = None;
+        }
+        if to == PathState::Down && from != PathState::Degraded {
+            // The outage is the state; recovery is judged on fresh evidence.
+            self.exchanges.clear();
+            self.consecutive_ok = 0;
+        }
+        if from == PathState::Up {
+            self.ok_since_out = false;
+            self.answering_since = None;
+            self.mixed = to == PathState::Degraded || loss_pattern;
+        }
+        if to == PathState::Up || from == PathState::Up || to == PathState::Degraded {
+            self.never_up = false;
+        }
+        if to == PathState::Up {
+            // The evidence that kept the path out is history now; judge it
+            // afresh, or the old failures would push it straight out again.
+            self.exchanges.clear();
+            self.up_since = Some(now);
+            self.hold_until = None;
+        }
+        self.state = to;
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+}
+
+fn quantile(samples: &VecDeque<f64>, q: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v: Vec<f64> = samples.iter().copied().collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v.get(idx.min(v.len() - 1)).copied()
+}
+
+#[cfg(test)]
+mod tests;

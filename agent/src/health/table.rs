@@ -1,0 +1,324 @@
+//! The health of every path of one agent: evidence in under a short per-path
+//! lock, the ranked [`Snapshot`] out through `ArcSwap`, the per-path metrics
+//! published (and removed with their path), and the active path's switches.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use detour_wire::{PathReport, PathState};
+use tokio::time::Instant;
+
+use super::{FailureKind, Outcome, PathInfo, PathStats};
+use crate::config::Health as HealthConfig;
+use crate::metrics::Metrics;
+use crate::transport::Delta;
+
+/// One path as the request path sees it.
+#[derive(Debug, Clone)]
+pub struct PathView {
+    pub index: usize,
+    pub name: Arc<str>,
+    pub state: PathState,
+    pub enabled: bool,
+    pub rtt: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+    /// p95 of recent request latencies on this path, seconds (the hedge delay).
+    pub request_p95: Option<f64>,
+    pub loss: f64,
+    /// Share of recent data segments sent again, from the kernel.
+    pub retransmit: Option<f64>,
+    pub score: f64,
+    pub consecutive_failures: u32,
+    pub reason: Option<String>,
+}
+
+/// The ranked view of every path, published on every change.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every path, in table order (index = position in the path table).
+    pub paths: Vec<PathView>,
+    /// Indices of enabled paths, best first.
+    pub ranked: Vec<usize>,
+}
+
+impl Snapshot {
+    /// The path new requests go to first.
+    pub fn active(&self) -> Option<&PathView> {
+        self.ranked.first().map(|&i| &self.paths[i])
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&PathView> {
+        self.paths.iter().find(|p| &*p.name == name)
+    }
+}
+
+/// The current path keeps traffic unless the best is this much better...
+const STICKY_RATIO: f64 = 1.5;
+/// ...plus this many score points (about milliseconds of RTT).
+const STICKY_MARGIN: f64 = 2.0;
+
+/// Selection class: lower is better.
+fn class(p: &PathView) -> u8 {
+    match p.state {
+        PathState::Up if &*p.name == "direct" => 0,
+        PathState::Up => 1,
+        PathState::Degraded => 2,
+        PathState::Down => 3,
+    }
+}
+
+/// Ranks paths: `direct` when it is up, then up paths by score, then degraded
+/// by score, then down by score (fail static: a bad path beats no path).
+/// Disabled paths are left out.
+pub fn rank(paths: &[PathView]) -> Vec<usize> {
+    let mut order: Vec<usize> = paths.iter().filter(|p| p.enabled).map(|p| p.index).collect();
+    order.sort_by(|&a, &b| {
+        let (pa, pb) = (&paths[a], &paths[b]);
+        class(pa)
+            .cmp(&class(pb))
+            .then(pa.score.total_cmp(&pb.score))
+            .then(a.cmp(&b))
+    });
+    order
+}
+
+/// The health of every path of one agent.
+pub struct HealthTable {
+    cfg: HealthConfig,
+    epoch: Instant,
+    paths: Vec<Mutex<PathStats>>,
+    snapshot: ArcSwap<Snapshot>,
+    metrics: Arc<Metrics>,
+    active: Mutex<Option<Arc<str>>>,
+    dirty: AtomicBool,
+}
+
+impl HealthTable {
+    pub fn new(cfg: HealthConfig, infos: Vec<PathInfo>, metrics: Arc<Metrics>) -> HealthTable {
+        let table = HealthTable {
+            cfg,
+            epoch: Instant::now(),
+            paths: infos.into_iter().map(|i| Mutex::new(PathStats::new(i))).collect(),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            metrics,
+            active: Mutex::new(None),
+            dirty: AtomicBool::new(false),
+        };
+        table.publish();
+        table
+    }
+
+    /// Carries the evidence of an older table over to paths of the same name
+    /// (used when the peer list is reloaded).
+    pub fn inherit(&self, old: &HealthTable) {
+        for p in &self.paths {
+            let mut new = lock(p);
+            for o in &old.paths {
+                let mut o = lock(o);
+                if o.info.name == new.info.name {
+                    let info = new.info.clone();
+                    std::mem::swap(&mut *new, &mut *o);
+                    new.info = info;
+                    break;
+                }
+            }
+        }
+        *lock(&self.active) = lock(&old.active).clone();
+        self.publish();
+    }
+
+    pub fn config(&self) -> &HealthConfig {
+        &self.cfg
+    }
+
+    /// The current ranked view; lock-free.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Records one outcome on path `index`.
+    pub fn record(&self, index: usize, outcome: Outcome) {
+        if outcome == Outcome::Failed(FailureKind::Refused) {
+            tracing::trace!(index, "refused by the control plane: no evidence about the path");
+            return;
+        }
+        self.update(index, |s, now| {
+            let changed = s.record(outcome, now, self.epoch, &self.cfg);
+            tracing::trace!(path = %s.info.name, ?outcome, state = s.state().as_str(), "evidence");
+            changed
+        });
+    }
+
+    /// Records what the kernel saw on path `index`'s connections since the
+    /// previous sample.
+    pub fn record_transport(&self, index: usize, delta: Delta) {
+        self.update(index, |s, now| {
+            let changed = s.record_transport(delta, now, &self.cfg);
+            tracing::trace!(path = %s.info.name, sent = delta.sent, again = delta.repeats, delivered = delta.delivered, state = s.state().as_str(), "transport");
+            changed
+        });
+    }
+
+    /// Applies `f` to path `index`'s stats under its lock; logs a state change.
+    fn update(&self, index: usize, f: impl FnOnce(&mut PathStats, Instant) -> Option<PathState>) {
+        let Some(p) = self.paths.get(index) else { return };
+        let changed = {
+            let mut s = lock(p);
+            let changed = f(&mut s, Instant::now());
+            if let Some(to) = changed {
+                tracing::info!(path = %s.info.name, state = to.as_str(), reason = s.reason().unwrap_or("recovered"), "path state changed");
+            }
+            changed
+        };
+        // A state change is published at once; fresher RTT and loss figures
+        // wait for the next refresh tick, keeping the hot path cheap.
+        if changed.is_some() {
+            self.publish();
+        } else {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Republishes the snapshot if evidence arrived since the last one.
+    /// The agent calls this every 100 ms.
+    pub fn refresh(&self) {
+        if self.dirty.swap(false, Ordering::Relaxed) {
+            self.publish();
+        }
+    }
+
+    /// A hint for timeouts on path `index`: its recent p99 RTT.
+    pub fn p99(&self, index: usize) -> Option<Duration> {
+        let s = self.snapshot.load();
+        s.paths
+            .get(index)
+            .and_then(|p| p.p99)
+            .map(Duration::from_secs_f64)
+    }
+
+    fn publish(&self) {
+        let now = Instant::now();
+        let mut views = Vec::with_capacity(self.paths.len());
+        for (i, p) in self.paths.iter().enumerate() {
+            let s = lock(p);
+            views.push(PathView {
+                index: i,
+                name: s.info.name.clone(),
+                state: s.state(),
+                enabled: s.info.enabled,
+                rtt: s.rtt(),
+                p95: s.rtt_quantile(0.95),
+                p99: s.rtt_quantile(0.99),
+                request_p95: s.request_quantile(0.95),
+                loss: s.loss(now, self.epoch),
+                retransmit: s.retransmit_ratio(now),
+                score: s.score(now, self.epoch),
+                consecutive_failures: s.consecutive_failures(),
+                reason: s.reason().map(str::to_owned),
+            });
+        }
+        let mut ranked = rank(&views);
+        // Stickiness: stay on the current path while it is as healthy as the
+        // best and not clearly worse, so small RTT wobbles between peers do
+        // not move traffic back and forth.
+        if let Some(current) = lock(&self.active).clone()
+            && let (Some(&best), Some(pos)) = (
+                ranked.first(),
+                ranked.iter().position(|&i| views[i].name == current),
+            )
+        {
+            let (b, c) = (&views[best], &views[ranked[pos]]);
+            let same_class = class(b) == class(c);
+            if pos > 0 && same_class && c.score <= b.score * STICKY_RATIO + STICKY_MARGIN {
+                let i = ranked.remove(pos);
+                ranked.insert(0, i);
+            }
+        }
+        let snap = Snapshot { paths: views, ranked };
+        for v in &snap.paths {
+            let state = match v.state {
+                PathState::Up => 2,
+                PathState::Degraded => 1,
+                PathState::Down => 0,
+            };
+            self.metrics.path_state.with_label_values(&[&*v.name]).set(state);
+            if let Some(rtt) = v.rtt {
+                self.metrics.path_rtt.with_label_values(&[&*v.name]).set(rtt);
+            }
+            self.metrics.path_loss.with_label_values(&[&*v.name]).set(v.loss);
+            if let Some(r) = v.retransmit {
+                self.metrics.path_retransmit.with_label_values(&[&*v.name]).set(r);
+            }
+        }
+        let new_active = snap.active().map(|p| p.name.clone());
+        {
+            let mut active = lock(&self.active);
+            if *active != new_active {
+                let reason = match snap.active() {
+                    Some(p) => format!("{} is {}", p.name, p.state.as_str()),
+                    None => "no enabled path".to_owned(),
+                };
+                let from = active.as_deref().unwrap_or("none").to_owned();
+                if let Some(old) = active.as_deref() {
+                    self.metrics.active_path.with_label_values(&[old]).set(0);
+                    let old_state = snap.by_name(old).map_or("removed", |p| p.state.as_str());
+                    tracing::warn!(from = %from, to = new_active.as_deref().unwrap_or("none"), reason = %reason, old_state, "active path switched");
+                    self.metrics.path_switches.inc();
+                }
+                if let Some(new) = new_active.as_deref() {
+                    self.metrics.active_path.with_label_values(&[new]).set(1);
+                }
+                *active = new_active;
+            }
+        }
+        self.snapshot.store(Arc::new(snap));
+    }
+
+    /// Removes every series this table publishes for a path that is gone
+    /// (a removed peer), so none stays frozen at its last value: a removed
+    /// path that was down would keep alerting. The publisher removes what it
+    /// publishes; counters elsewhere keep their history.
+    pub fn forget(metrics: &Metrics, path: &str) {
+        let _ = metrics.path_state.remove_label_values(&[path]);
+        let _ = metrics.path_rtt.remove_label_values(&[path]);
+        let _ = metrics.path_loss.remove_label_values(&[path]);
+        let _ = metrics.path_retransmit.remove_label_values(&[path]);
+        let _ = metrics.active_path.remove_label_values(&[path]);
+    }
+
+    /// The `/status` view of every path.
+    pub fn reports(&self) -> Vec<PathReport> {
+        let snap = self.snapshot();
+        let active = snap.active().map(|p| p.index);
+        snap.paths
+            .iter()
+            .map(|p| PathReport {
+                path: p.name.to_string(),
+                state: p.state,
+                rtt_seconds: p.rtt,
+                rtt_p95_seconds: p.p95,
+                loss_ratio: p.loss,
+                score: p.score,
+                active: Some(p.index) == active,
+                consecutive_failures: p.consecutive_failures,
+                reason: if p.enabled {
+                    p.reason.clone()
+                } else {
+                    Some("disabled (draining)".to_owned())
+                },
+            })
+            .collect()
+    }
+}
+
+/// Locks a mutex, recovering from a poisoned one: health stats stay usable
+/// even if a thread panicked while holding the lock.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

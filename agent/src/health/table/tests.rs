@@ -1,0 +1,84 @@
+use detour_wire::PathState;
+use proptest::prelude::*;
+
+use super::*;
+
+fn view(i: usize, name: &str, state: PathState, score: f64, enabled: bool) -> PathView {
+    PathView {
+        index: i,
+        name: name.into(),
+        state,
+        enabled,
+        rtt: None,
+        p95: None,
+        p99: None,
+        request_p95: None,
+        loss: 0.0,
+        retransmit: None,
+        score,
+        consecutive_failures: 0,
+        reason: None,
+    }
+}
+
+#[test]
+fn direct_wins_when_up_then_peers_by_score() {
+    let paths = vec![
+        view(0, "direct", PathState::Up, 50.0, true),
+        view(1, "via:maa", PathState::Up, 1.0, true),
+        view(2, "via:del", PathState::Up, 2.0, true),
+    ];
+    assert_eq!(rank(&paths), vec![0, 1, 2]);
+    let paths = vec![
+        view(0, "direct", PathState::Degraded, 1.0, true),
+        view(1, "via:maa", PathState::Up, 9.0, true),
+        view(2, "via:del", PathState::Up, 2.0, true),
+    ];
+    assert_eq!(rank(&paths), vec![2, 1, 0]);
+    let paths = vec![
+        view(0, "direct", PathState::Down, 1.0, true),
+        view(1, "via:maa", PathState::Degraded, 9.0, true),
+        view(2, "via:del", PathState::Up, 2.0, false),
+    ];
+    assert_eq!(
+        rank(&paths),
+        vec![1, 0],
+        "disabled paths are never chosen; fail static keeps down ones last"
+    );
+}
+
+fn state() -> impl Strategy<Value = PathState> {
+    prop_oneof![
+        Just(PathState::Up),
+        Just(PathState::Degraded),
+        Just(PathState::Down)
+    ]
+}
+
+proptest! {
+    #[test]
+    fn selection_never_picks_a_worse_state_while_a_better_one_exists(
+        states in proptest::collection::vec((state(), 0.0f64..1e6, any::<bool>()), 1..8)
+    ) {
+        let paths: Vec<PathView> = states
+            .iter()
+            .enumerate()
+            .map(|(i, (s, score, enabled))| view(i, if i == 0 { "direct" } else { "via:p" }, *s, *score, *enabled))
+            .collect();
+        let ranked = rank(&paths);
+        let rankv = |s: PathState| match s { PathState::Up => 0, PathState::Degraded => 1, PathState::Down => 2 };
+        for w in ranked.windows(2) {
+            prop_assert!(rankv(paths[w[0]].state) <= rankv(paths[w[1]].state));
+        }
+        if let Some(&first) = ranked.first() {
+            if paths.iter().any(|p| p.enabled && p.state == PathState::Up) {
+                prop_assert_eq!(paths[first].state, PathState::Up);
+            }
+            if paths[0].enabled && paths[0].state == PathState::Up {
+                prop_assert_eq!(first, 0, "direct first when it is up");
+            }
+        }
+        prop_assert!(ranked.iter().all(|&i| paths[i].enabled));
+        prop_assert_eq!(ranked.len(), paths.iter().filter(|p| p.enabled).count());
+    }
+}
