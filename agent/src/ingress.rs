@@ -266,109 +266,34 @@ impl Ingress {
         received: Instant,
         request_id: &str,
     ) -> (Response<Body>, String) {
-        let none = || "none".to_owned();
         let rt = self.forwarder.runtime();
         let config = rt.config.clone();
         let (parts, body) = req.into_parts();
+        let rejected = |resp| (resp, "none".to_owned());
 
         let Admitted { emergency, pin } = match admit(&parts, &config) {
             Ok(a) => a,
-            Err(p) if p.status == 431 => return (closing(problem(p)), none()),
-            Err(p) => return (problem(p), none()),
+            Err(p) if p.status == 431 => return rejected(closing(problem(p))),
+            Err(p) => return rejected(problem(p)),
         };
-        let Some(pq) = parts.uri.path_and_query() else {
-            return (
-                problem(Problem::new(400, "Bad request target", "the request has no path")),
-                none(),
-            );
+        let path_and_query = match target(&parts.uri, &config.control_plane.base_path) {
+            Ok(pq) => pq,
+            Err(p) => return rejected(problem(p)),
         };
-
-        // The body is buffered whole so any path can re-send it.
-        let max = config.ingress.max_body;
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max) {
-            return (closing(problem(too_large(max))), none());
-        }
-        let collected = tokio::time::timeout(
-            config.ingress.body_timeout,
-            Limited::new(body, max as usize).collect(),
-        )
-        .await;
-        let body = match collected {
-            Ok(Ok(c)) => c.to_bytes(),
-            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                return (closing(problem(too_large(max))), none());
-            }
-            Ok(Err(e)) => {
-                let p = Problem::new(400, "Could not read the request body", e.to_string());
-                return (closing(problem(p)), none());
-            }
-            Err(_) => {
-                let p = Problem::new(
-                    408,
-                    "Request body too slow",
-                    format!(
-                        "the body did not arrive within {}",
-                        humantime::format_duration(config.ingress.body_timeout)
-                    ),
-                );
-                return (closing(problem(p)), none());
-            }
+        let body = match read_body(&config.ingress, &parts.headers, body).await {
+            Ok(b) => b,
+            Err(resp) => return rejected(resp),
         };
-
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        headers.remove(names::PIN);
-        let cp = &config.control_plane;
-        if let Some(v) = &cp.host_value {
-            headers.insert(header::HOST, v.clone());
-        }
-        if let Ok(v) = HeaderValue::from_str(request_id) {
-            headers.insert(names::REQUEST_ID, v);
-        }
-        if !headers.contains_key(names::IDEMPOTENCY_KEY)
-            && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-        {
-            headers.insert(names::IDEMPOTENCY_KEY, v);
-        }
-        if let Some(v) = &cp.auth_value
-            && !headers.contains_key(header::AUTHORIZATION)
-        {
-            headers.insert(header::AUTHORIZATION, v.clone());
-        }
-        headers.remove(header::CONTENT_LENGTH);
-        if !body.is_empty()
-            || !matches!(
-                parts.method,
-                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-            )
-        {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        }
-
+        let headers = upstream_headers(
+            parts.headers,
+            &parts.method,
+            &body,
+            &config.control_plane,
+            request_id,
+        );
         let out = Outbound {
             method: parts.method,
-            path_and_query: if cp.base_path.is_empty() {
-                pq.clone()
-            } else {
-                match format!("{}{}", cp.base_path, pq.as_str()).parse() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        return (
-                            problem(Problem::new(
-                                400,
-                                "Bad request target",
-                                "the request path is not valid",
-                            )),
-                            none(),
-                        );
-                    }
-                }
-            },
+            path_and_query,
             headers,
             body,
             emergency,
@@ -390,40 +315,136 @@ impl Ingress {
                     answer.path.to_string(),
                 )
             }
-            Err(Failure::UnknownPin(p)) => {
-                let pr = Problem::new(
-                    400,
-                    "Unknown path",
-                    format!("X-Detour-Pin names `{p}`, which is not a configured path"),
-                );
-                (problem(pr), none())
-            }
-            Err(Failure::Exhausted {
-                attempts,
-                deadline_passed,
-            }) => {
-                let detail = if attempts.is_empty() {
-                    "no enabled path to the control plane".to_owned()
-                } else if deadline_passed {
-                    format!(
-                        "no path delivered within the deadline of {}",
-                        humantime::format_duration(config.forward.deadline)
-                    )
-                } else {
-                    format!("all {} attempt(s) failed", attempts.len())
-                };
-                tracing::warn!(request_id, %detail, ?attempts, "request failed on every path");
-                let p = Problem::new(503, "No path to the control plane", detail)
-                    .with_type("https://detour.dev/problems/no-path")
-                    .with("request_id", request_id)
-                    .with("attempts", &attempts);
-                let mut resp = problem(p);
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                (resp, none())
-            }
+            Err(failure) => rejected(no_path(failure, request_id, config.forward.deadline)),
         }
     }
+}
+
+/// The path and query to send upstream: the control plane's base path, then
+/// the request's.
+fn target(uri: &http::Uri, base_path: &str) -> Result<http::uri::PathAndQuery, Problem> {
+    let bad = |detail: &str| Problem::new(400, "Bad request target", detail.to_owned());
+    let pq = uri
+        .path_and_query()
+        .ok_or_else(|| bad("the request has no path"))?;
+    if base_path.is_empty() {
+        return Ok(pq.clone());
+    }
+    format!("{base_path}{}", pq.as_str())
+        .parse()
+        .map_err(|_| bad("the request path is not valid"))
+}
+
+/// Reads the body whole (so any path can re-send it), within
+/// `ingress.max_body` and `ingress.body_timeout`. A refusal closes the
+/// connection: the rest of the body is never read.
+async fn read_body(
+    ingress: &crate::config::Ingress,
+    headers: &http::HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, Response<Body>> {
+    let max = ingress.max_body;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(closing(problem(too_large(max))));
+    }
+    let collected =
+        tokio::time::timeout(ingress.body_timeout, Limited::new(body, max as usize).collect()).await;
+    let p = match collected {
+        Ok(Ok(c)) => return Ok(c.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => too_large(max),
+        Ok(Err(e)) => Problem::new(400, "Could not read the request body", e.to_string()),
+        Err(_) => Problem::new(
+            408,
+            "Request body too slow",
+            format!(
+                "the body did not arrive within {}",
+                humantime::format_duration(ingress.body_timeout)
+            ),
+        ),
+    };
+    Err(closing(problem(p)))
+}
+
+/// The headers sent upstream: hop-by-hop and the pin removed; `Host`, the
+/// request id, an `Idempotency-Key` (when the caller sent none) and the
+/// agent's token (when the caller sent no `Authorization`) set; the length
+/// of the buffered body.
+fn upstream_headers(
+    mut headers: http::HeaderMap,
+    method: &Method,
+    body: &Bytes,
+    cp: &crate::config::ControlPlane,
+    request_id: &str,
+) -> http::HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    headers.remove(names::PIN);
+    if let Some(v) = &cp.host_value {
+        headers.insert(header::HOST, v.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(names::REQUEST_ID, v);
+    }
+    if !headers.contains_key(names::IDEMPOTENCY_KEY)
+        && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+    {
+        headers.insert(names::IDEMPOTENCY_KEY, v);
+    }
+    if let Some(v) = &cp.auth_value
+        && !headers.contains_key(header::AUTHORIZATION)
+    {
+        headers.insert(header::AUTHORIZATION, v.clone());
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    if !body.is_empty()
+        || !matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+        )
+    {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    headers
+}
+
+/// The answer when no path delivered: 400 for an unknown pin, else 503 with
+/// every attempt listed and `Retry-After: 1`.
+fn no_path(failure: Failure, request_id: &str, deadline: std::time::Duration) -> Response<Body> {
+    let (attempts, deadline_passed) = match failure {
+        Failure::UnknownPin(p) => {
+            return problem(Problem::new(
+                400,
+                "Unknown path",
+                format!("X-Detour-Pin names `{p}`, which is not a configured path"),
+            ));
+        }
+        Failure::Exhausted {
+            attempts,
+            deadline_passed,
+        } => (attempts, deadline_passed),
+    };
+    let detail = if attempts.is_empty() {
+        "no enabled path to the control plane".to_owned()
+    } else if deadline_passed {
+        format!(
+            "no path delivered within the deadline of {}",
+            humantime::format_duration(deadline)
+        )
+    } else {
+        format!("all {} attempt(s) failed", attempts.len())
+    };
+    tracing::warn!(request_id, %detail, ?attempts, "request failed on every path");
+    let p = Problem::new(503, "No path to the control plane", detail)
+        .with_type("https://detour.dev/problems/no-path")
+        .with("request_id", request_id)
+        .with("attempts", &attempts);
+    let mut resp = problem(p);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// Marks an answer given before the request body was read to its end: the

@@ -270,54 +270,12 @@ async fn handle_connect(
             );
         }
     };
-    let addrs = if cp.addresses.is_empty() {
-        match tokio::net::lookup_host((cp.host.as_str(), cp.port)).await {
-            Ok(a) => a.collect(),
-            Err(e) => {
-                return refuse(
-                    &relay,
-                    502,
-                    "upstream_unreachable",
-                    "Control plane unreachable",
-                    format!("resolving {}: {e}", cp.host),
-                );
-            }
-        }
-    } else {
-        cp.addresses.clone()
-    };
-    let connect = async {
-        let mut last = None;
-        for a in &addrs {
-            match TcpStream::connect(a).await {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
-    };
-    let upstream = match tokio::time::timeout(relay.config.forward.connect_timeout, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return refuse(
-                &relay,
-                502,
-                "upstream_unreachable",
-                "Control plane unreachable",
-                format!("connecting: {e}"),
-            );
-        }
-        Err(_) => {
-            return refuse(
-                &relay,
-                504,
-                "upstream_timeout",
-                "Control plane unreachable",
-                "connect timed out".to_owned(),
-            );
+    let upstream = match dial_control_plane(&relay).await {
+        Ok(s) => s,
+        Err((status, reason, detail)) => {
+            return refuse(&relay, status, reason, "Control plane unreachable", detail);
         }
     };
-    let _ = upstream.set_nodelay(true);
     relay
         .metrics
         .relay_tunnels_total
@@ -346,6 +304,40 @@ async fn handle_connect(
         .status(StatusCode::OK)
         .body(crate::ingress::full(bytes::Bytes::new()))
         .unwrap_or_default()
+}
+
+/// Connects to the control plane's configured addresses (or its resolved
+/// host), the first that answers, within `forward.connect_timeout`. The
+/// relay dials only this: never an address a peer names.
+async fn dial_control_plane(relay: &Relay) -> Result<TcpStream, (u16, &'static str, String)> {
+    let cp = &relay.config.control_plane;
+    let unreachable = |detail: String| (502, "upstream_unreachable", detail);
+    let addrs: Vec<std::net::SocketAddr> = if cp.addresses.is_empty() {
+        tokio::net::lookup_host((cp.host.as_str(), cp.port))
+            .await
+            .map_err(|e| unreachable(format!("resolving {}: {e}", cp.host)))?
+            .collect()
+    } else {
+        cp.addresses.clone()
+    };
+    let connect = async {
+        let mut last = None;
+        for a in &addrs {
+            match TcpStream::connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
+    };
+    match tokio::time::timeout(relay.config.forward.connect_timeout, connect).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(unreachable(format!("connecting: {e}"))),
+        Err(_) => Err((504, "upstream_timeout", "connect timed out".to_owned())),
+    }
 }
 
 /// `host:port` equality with the configured control plane (host

@@ -263,6 +263,28 @@ impl PathStats {
         cfg: &HealthConfig,
     ) -> Option<PathState> {
         let _ = epoch;
+        let hard = self.count(outcome, now, cfg);
+        if self.state == PathState::Up
+            && self
+                .up_since
+                .is_some_and(|t| now.duration_since(t) >= FLAP_FORGET)
+        {
+            self.flaps = 0;
+        }
+        let before = self.state;
+        let next = self.next_state(outcome, hard, now, cfg);
+        if next != before {
+            self.transition(before, next, now, cfg);
+            Some(next)
+        } else {
+            None
+        }
+    }
+
+    /// Adds `outcome` to the evidence: the window of exchanges, RTT or
+    /// request-latency samples, the runs of successes and failures. Returns
+    /// whether it was a hard failure.
+    fn count(&mut self, outcome: Outcome, now: Instant, cfg: &HealthConfig) -> bool {
         let bad = !matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_));
         self.exchanges.push_back((now, bad));
         while self.exchanges.len() > cfg.window
@@ -273,7 +295,7 @@ impl PathStats {
         {
             self.exchanges.pop_front();
         }
-        let hard = match outcome {
+        match outcome {
             Outcome::Ok(rtt) => {
                 self.sample(rtt);
                 self.consecutive_failures = 0;
@@ -303,15 +325,14 @@ impl PathStats {
                 self.consecutive_failures += 1;
                 true
             }
-        };
-        if self.state == PathState::Up
-            && self
-                .up_since
-                .is_some_and(|t| now.duration_since(t) >= FLAP_FORGET)
-        {
-            self.flaps = 0;
         }
-        let before = self.state;
+    }
+
+    /// The state the evidence calls for after `outcome`: down after `fall`
+    /// hard failures in a row; degraded when recent exchanges are lossy; back
+    /// up after `rise` good ones, past the hold-down and, for a lossy path,
+    /// the clean run.
+    fn next_state(&mut self, outcome: Outcome, hard: bool, now: Instant, cfg: &HealthConfig) -> PathState {
         let (short_total, short_bad) = self.window(now);
         let short_loss = if short_total == 0 {
             0.0
@@ -328,7 +349,7 @@ impl PathStats {
             self.ok_since_out = true;
             self.answering_since.get_or_insert(now);
         }
-        let next = if hard && self.consecutive_failures >= cfg.fall {
+        if hard && self.consecutive_failures >= cfg.fall {
             let why = match outcome {
                 Outcome::Failed(k) => k.as_str(),
                 _ => "failed",
@@ -372,12 +393,6 @@ impl PathStats {
             } else {
                 self.state
             }
-        };
-        if next != before {
-            self.transition(before, next, now, cfg);
-            Some(next)
-        } else {
-            None
         }
     }
 
