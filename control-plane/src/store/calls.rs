@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::{AnyConnection, AnyPool, Row};
 
 use super::batch::{Batcher, Written};
-use super::idempotency::{Claim, claim, finish_claim};
+use super::idempotency::{claim, finish_claim};
 use super::{Idem, Outcome, Result, Store, StoredResponse, now_ms};
 use crate::intake::Priority;
 use crate::record::{self, EventKind};
@@ -71,12 +71,10 @@ impl Store {
             Some(_) => {}
         }
         let mut tx = self.pool.begin().await?;
-        if let Some(idem) = idem {
-            match claim(&mut tx, idem, Some(response), retention).await? {
-                Claim::Claimed => {}
-                Claim::Replay(r) => return Ok(Outcome::Replay(r)),
-                Claim::Mismatch => return Ok(Outcome::Mismatch),
-            }
+        if let Some(idem) = idem
+            && let Some(early) = claim(&mut tx, idem, Some(response), retention).await?.answered()
+        {
+            return Ok(early);
         }
         insert_call(&mut *tx, call).await?;
         tx.commit().await?;
@@ -125,12 +123,10 @@ impl Store {
         F: FnOnce(&CallRow) -> StoredResponse,
     {
         let mut tx = self.pool.begin().await?;
-        if let Some(idem) = idem {
-            match claim(&mut tx, idem, None, retention).await? {
-                Claim::Claimed => {}
-                Claim::Replay(r) => return Ok(Outcome::Replay(r)),
-                Claim::Mismatch => return Ok(Outcome::Mismatch),
-            }
+        if let Some(idem) = idem
+            && let Some(early) = claim(&mut tx, idem, None, retention).await?.answered()
+        {
+            return Ok(early);
         }
         let now = now_ms();
         let locked = sqlx::query("UPDATE calls SET updated_at = $2 WHERE id = $1")
@@ -192,7 +188,7 @@ async fn insert_call_claiming(
     call: &NewCall,
     response: &StoredResponse,
 ) -> Result<bool> {
-    let done = sqlx::query(
+    let query = sqlx::query(
         "WITH claim AS (INSERT INTO idempotency \
          (key, request_hash, created_at, status, content_type, body) \
          VALUES ($10, $11, $2, $12, $13, $14) ON CONFLICT (key) DO NOTHING \
@@ -201,23 +197,15 @@ async fn insert_call_claiming(
          priority, metadata, decision, state, updated_at) \
          SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'initiated', $2 \
          WHERE EXISTS (SELECT 1 FROM claim)",
-    )
-    .bind(&call.id)
-    .bind(call.created_at)
-    .bind(&call.pop)
-    .bind(call.caller.as_deref())
-    .bind(&call.destination)
-    .bind(&call.call_type)
-    .bind(&call.priority)
-    .bind(&call.metadata)
-    .bind(&call.decision)
-    .bind(&idem.key)
-    .bind(&idem.request_hash)
-    .bind(i64::from(response.status))
-    .bind(&response.content_type)
-    .bind(&response.body)
-    .execute(pool)
-    .await?;
+    );
+    let done = bind_call(query, call)
+        .bind(&idem.key)
+        .bind(&idem.request_hash)
+        .bind(i64::from(response.status))
+        .bind(&response.content_type)
+        .bind(&response.body)
+        .execute(pool)
+        .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -225,23 +213,30 @@ async fn insert_call<'e, E>(executor: E, call: &NewCall) -> Result<()>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO calls (id, created_at, pop, caller, destination, call_type, priority, \
          metadata, decision, state, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'initiated', $2)",
-    )
-    .bind(&call.id)
-    .bind(call.created_at)
-    .bind(&call.pop)
-    .bind(call.caller.as_deref())
-    .bind(&call.destination)
-    .bind(&call.call_type)
-    .bind(&call.priority)
-    .bind(&call.metadata)
-    .bind(&call.decision)
-    .execute(executor)
-    .await?;
+    );
+    bind_call(query, call).execute(executor).await?;
     Ok(())
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Binds a new call's columns as `$1`..`$9` (id, created_at, pop, caller,
+/// destination, call_type, priority, metadata, decision).
+fn bind_call<'q>(query: AnyQuery<'q>, call: &'q NewCall) -> AnyQuery<'q> {
+    query
+        .bind(&call.id)
+        .bind(call.created_at)
+        .bind(&call.pop)
+        .bind(call.caller.as_deref())
+        .bind(&call.destination)
+        .bind(&call.call_type)
+        .bind(&call.priority)
+        .bind(&call.metadata)
+        .bind(&call.decision)
 }
 
 async fn read_events(conn: &mut AnyConnection, call_id: &str) -> Result<Vec<(EventKind, i64)>> {

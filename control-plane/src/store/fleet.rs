@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 
-use super::idempotency::{Claim, claim};
+use super::idempotency::claim;
 use super::{Idem, Outcome, Result, Store, StoredResponse, now_ms};
 
 impl Store {
@@ -18,12 +18,10 @@ impl Store {
         retention: Duration,
     ) -> Result<Outcome<()>> {
         let mut tx = self.pool.begin().await?;
-        if let Some(idem) = idem {
-            match claim(&mut tx, idem, Some(response), retention).await? {
-                Claim::Claimed => {}
-                Claim::Replay(r) => return Ok(Outcome::Replay(r)),
-                Claim::Mismatch => return Ok(Outcome::Mismatch),
-            }
+        if let Some(idem) = idem
+            && let Some(early) = claim(&mut tx, idem, Some(response), retention).await?.answered()
+        {
+            return Ok(early);
         }
         sqlx::query(
             "INSERT INTO agent_reports (pop, received_at, report) VALUES ($1, $2, $3) \

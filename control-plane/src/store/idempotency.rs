@@ -5,13 +5,26 @@ use std::time::Duration;
 
 use sqlx::{AnyConnection, Row};
 
-use super::{Idem, Result, Store, StoreError, StoredResponse, now_ms};
+use super::{Idem, Outcome, Result, Store, StoreError, StoredResponse, now_ms};
 
 /// What claiming a key found.
 pub(super) enum Claim {
     Claimed,
     Replay(StoredResponse),
     Mismatch,
+}
+
+impl Claim {
+    /// What the guarded write answers without writing: `None` when the key
+    /// was claimed (go on and write), else the earlier response or the
+    /// mismatch.
+    pub(super) fn answered<T>(self) -> Option<Outcome<T>> {
+        match self {
+            Claim::Claimed => None,
+            Claim::Replay(r) => Some(Outcome::Replay(r)),
+            Claim::Mismatch => Some(Outcome::Mismatch),
+        }
+    }
 }
 
 /// Claims an idempotency key inside the caller's transaction. With
