@@ -7,13 +7,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use detour_agent::config::AgentConfig;
 
-/// mimalloc instead of glibc's malloc: after a burst (hundreds of calls
-/// piling up while the control plane restarts) it gives the freed pages
-/// back to the kernel, where glibc kept the burst's high-water mark and
-/// grew with each one (docs/benchmarks.md, "Soak").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "detour-agent",
