@@ -79,8 +79,10 @@ fn redact(url: &str) -> String {
 /// Runs the control plane on `listener` until `shutdown` resolves: migrates,
 /// loads the rules, starts the background loops ([`tasks`]) and serves
 /// HTTP/1.1 and HTTP/2 ([`server`]; HTTPS with ALPN when `[tls]` is set).
-/// On shutdown the listener closes first, then open requests drain, then held
-/// emergency calls get a last write before the database closes.
+/// On shutdown `/readyz` fails at once and the replica keeps serving for
+/// `shutdown.grace`; then the listener closes, open requests drain (up to
+/// `shutdown.drain_timeout`), and held emergency calls get a last write
+/// before the database closes.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -103,9 +105,20 @@ pub async fn serve(
 
     let mut tasks = tasks::Tasks::start(&app);
     let stopping = {
-        let stop = tasks.stopper();
+        let (app, stop) = (app.clone(), tasks.stopper());
         async move {
             shutdown.await;
+            // Out of rotation first: /readyz fails while the replica still
+            // serves, until the load balancer has noticed.
+            app.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+            let grace = app.config.shutdown.grace;
+            if !grace.is_zero() {
+                tracing::info!(
+                    ?grace,
+                    "shutting down: /readyz answers 503; serving until the grace ends"
+                );
+                tokio::time::sleep(grace).await;
+            }
             stop.send(true).ok();
         }
     };

@@ -2,7 +2,7 @@
 //! terminates TLS when `[tls]` is set, and serves HTTP/1.1 and HTTP/2 on each
 //! behind `detour_wire::conn`'s guard (head and idle timeouts, problem+json for
 //! unparsable heads). Shutdown is graceful: connections finish what they carry
-//! for up to [`DRAIN`].
+//! for up to `shutdown.drain_timeout`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,9 +19,6 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::api::{self, App};
 
-/// How long in-flight requests may finish after shutdown is requested.
-pub const DRAIN: Duration = Duration::from_secs(5);
-
 /// What every connection is served with.
 #[derive(Clone)]
 struct Serving {
@@ -35,7 +32,7 @@ struct Serving {
 }
 
 /// Serves `listener` until `shutdown` resolves, then closes it and drains the
-/// open connections (at most [`DRAIN`]).
+/// open connections (at most `shutdown.drain_timeout`).
 pub async fn run(
     app: Arc<App>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -59,8 +56,9 @@ pub async fn run(
         tokio::spawn(serving.clone().connection(stream, slot, graceful.watcher()));
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
-        tracing::warn!("connections still open after {DRAIN:?}; closing them");
+    let drain = app.config.shutdown.drain_timeout;
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {drain:?} (shutdown.drain_timeout); closing them");
     }
 }
 

@@ -21,8 +21,12 @@ pub(super) async fn healthz() -> Response {
 
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "Migrated and the database answers.", body = openapi::ReadySchema),
-              (status = 503, description = "The database does not answer.", body = openapi::ProblemSchema, content_type = "application/problem+json")))]
+              (status = 503, description = "The database does not answer, or the replica is shutting down.", body = openapi::ProblemSchema, content_type = "application/problem+json")))]
 pub(super) async fn readyz(State(app): State<Shared>) -> Response {
+    if app.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        let why = "shutting down: this replica takes no new traffic (shutdown.grace)";
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", why).into_response();
+    }
     let check = tokio::time::timeout(Duration::from_secs(2), app.store.ready()).await;
     let result = match check {
         Ok(r) => r,

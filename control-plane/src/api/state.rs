@@ -39,6 +39,9 @@ pub struct App {
     reload: Mutex<()>,
     /// Emergency calls answered while the database was down.
     pub spool: Spool,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on, so the
+    /// load balancer stops sending while the replica still serves.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -63,6 +66,7 @@ impl App {
             emergency_slots: Semaphore::new(config.limits.emergency_reserved),
             reload: Mutex::new(()),
             spool: Spool::new(EMERGENCY_SPOOL_MAX),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             store,
             config,
         })

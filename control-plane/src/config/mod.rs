@@ -16,7 +16,8 @@ use toml::Spanned;
 
 pub use detour_wire::diag::{ConfigError, ConfigErrors};
 pub use sections::{
-    DatabaseConfig, HookConfig, IdempotencyConfig, LimitsConfig, NumbersConfig, RoutingConfig, TlsConfig,
+    DatabaseConfig, HookConfig, IdempotencyConfig, LimitsConfig, NumbersConfig, RoutingConfig,
+    ShutdownConfig, TlsConfig,
 };
 
 /// The control plane's configuration (`cp.toml`). An unset field is filled
@@ -42,6 +43,7 @@ pub struct Config {
     pub hook: HookConfig,
     pub limits: LimitsConfig,
     pub idempotency: IdempotencyConfig,
+    pub shutdown: ShutdownConfig,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) from this certificate and key.
     pub tls: Option<TlsConfig>,
 }
@@ -68,6 +70,7 @@ impl Default for Config {
             hook: HookConfig::default(),
             limits: LimitsConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            shutdown: ShutdownConfig::default(),
             tls: None,
         }
     }

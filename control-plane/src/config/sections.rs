@@ -271,3 +271,37 @@ pub struct TlsConfig {
     /// PEM private key.
     pub key: PathBuf,
 }
+
+/// What `serve` does on SIGTERM (a deploy or `systemctl stop`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long the replica keeps serving after SIGTERM with `/readyz`
+    /// answering 503, so its load balancer takes it out of rotation before
+    /// the listener closes. Set it to the load balancer's time to mark a
+    /// backend down (HAProxy: `inter` x `fall`; a Kubernetes readiness
+    /// probe: `periodSeconds` x `failureThreshold`). Default `0s`: the
+    /// default setup is one replica on SQLite with no load balancer.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// After the listener closes, how long requests in flight may finish
+    /// before their connections are closed. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl ShutdownConfig {
+    /// Default of `shutdown.grace`.
+    pub const DEFAULT_GRACE: Duration = Duration::ZERO;
+    /// Default of `shutdown.drain_timeout`.
+    pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: Self::DEFAULT_GRACE,
+            drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}

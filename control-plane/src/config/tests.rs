@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::*;
 
 #[test]
@@ -76,4 +78,23 @@ fn columns_count_characters_as_the_agents_do() {
     assert_eq!(shown.len(), 2, "{shown:?}");
     assert!(shown[0].starts_with("cp.toml:2:21: "), "{shown:?}");
     assert!(shown[1].starts_with("cp.toml:2:26: "), "{shown:?}");
+}
+
+#[test]
+fn shutdown_defaults_and_limits() {
+    let c = Config::from_toml_str("", "cp.toml").unwrap();
+    assert_eq!(c.shutdown.grace, Duration::ZERO);
+    assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(5));
+    let c =
+        Config::from_toml_str("[shutdown]\ngrace = \"6s\"\ndrain_timeout = \"20s\"\n", "cp.toml").unwrap();
+    assert_eq!(c.shutdown.grace, Duration::from_secs(6));
+    assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(20));
+    let err = Config::from_toml_str("[shutdown]\ndrain_timeout = \"0s\"\n", "cp.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shutdown.drain_timeout must be above 0"), "{err}");
+    let err = Config::from_toml_str("[shutdown]\ngrace = \"soon\"\n", "cp.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("cp.toml:2:"), "{err}");
 }

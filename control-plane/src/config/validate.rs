@@ -31,6 +31,15 @@ pub(super) fn validate(config: &Config, file: &Path, text: &str) -> Vec<ConfigEr
     hook(&mut p, &config.hook);
     capacity(&mut p, &config.limits, &config.database);
     connections(&mut p, &config.limits);
+    if config.shutdown.drain_timeout.is_zero() {
+        p.push(
+            None,
+            "shutdown.drain_timeout must be above 0 (requests in flight need time to finish)",
+        );
+    }
+    if config.shutdown.grace > std::time::Duration::from_secs(600) {
+        p.push(None, "shutdown.grace must be at most 10m");
+    }
     files(&mut p, config);
     p.list
 }

@@ -221,10 +221,15 @@ impl Instance {
         s
     }
 
-    pub async fn stop(mut self) {
+    /// Starts the shutdown (what SIGTERM does) without waiting for it.
+    pub fn begin_stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             tx.send(()).ok();
         }
+    }
+
+    pub async fn stop(mut self) {
+        self.begin_stop();
         if let Some(task) = self.task.take() {
             match tokio::time::timeout(Duration::from_secs(10), task).await {
                 Ok(Ok(Ok(()))) => {}
