@@ -54,6 +54,13 @@ impl Metrics {
                 m
             }};
         }
+        // The build, for rollouts: a gate reads the version a host now runs.
+        reg!(IntGaugeVec::new(
+            Opts::new("detour_build_info", "Always 1; the labels say which build runs."),
+            &["version", "binary"]
+        ))
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), "detour-agent"])
+        .set(1);
         let latency_buckets = vec![
             0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
         ];

@@ -9,6 +9,9 @@ use prometheus::{
 /// Every metric the control plane exports.
 pub struct Metrics {
     registry: Registry,
+    /// Series outside the `detour_cp_` prefix: `detour_build_info`, named
+    /// as the agent's so one rollout gate reads both.
+    unprefixed: Registry,
     /// Requests by matched route and status code.
     pub requests: IntCounterVec,
     /// Request latency by matched route.
@@ -151,15 +154,32 @@ impl Metrics {
             db_batched_calls,
             connections,
             connections_refused,
+            unprefixed: build_info(),
         }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).ok();
+        let mut families = self.registry.gather();
+        families.extend(self.unprefixed.gather());
+        TextEncoder::new().encode(&families, &mut buf).ok();
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// `detour_build_info{version,binary}`, always 1.
+fn build_info() -> Registry {
+    let registry = Registry::new();
+    if let Ok(info) = prometheus::IntGaugeVec::new(
+        Opts::new("detour_build_info", "Always 1; the labels say which build runs."),
+        &["version", "binary"],
+    ) {
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), "detour-control-plane"])
+            .set(1);
+        registry.register(Box::new(info)).ok();
+    }
+    registry
 }
 
 impl Default for Metrics {

@@ -99,6 +99,11 @@ async fn health_ready_and_metrics(backend: Backend) {
         "{text}"
     );
     assert!(text.contains("detour_cp_db_up 1"), "{text}");
+    let build = format!(
+        "detour_build_info{{binary=\"detour-control-plane\",version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.contains(&build), "{text}");
     let batched = if backend == Backend::Postgres { 1 } else { 0 };
     for name in ["detour_cp_db_batches_total", "detour_cp_db_batched_calls_total"] {
         assert!(

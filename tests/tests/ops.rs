@@ -431,6 +431,14 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
         metrics.contains("detour_path_state{path=\"direct\",pop=\"blr\"}"),
         "{metrics}"
     );
+    // The installed binary says which build it is (what a rollout gate checks).
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("detour_build_info{binary=\"detour-agent\",version=\"")
+                && l.ends_with(",pop=\"blr\"} 1")
+        ),
+        "{metrics}"
+    );
 
     // The canary gate passes once the direct path is up…
     let gate = lab
