@@ -287,7 +287,8 @@ async fn everything_down_fails_fast_and_clearly_then_recovers_without_restart() 
     let r = client
         .send(Method::POST, &format!("{base}/v1/calls"), &[], Bytes::from("{}"))
         .await;
-    assert_eq!(r.status, Some(200));
+    // Seen once as a 503 (a flake under investigation): the body lists the attempts.
+    assert_eq!(r.status, Some(200), "{r:?}");
     fleet.shutdown().await;
 }
 
