@@ -48,10 +48,9 @@ pub struct PathStats {
     transport: VecDeque<(Instant, Delta)>,
     /// Since the path left `up`: when it first answered again.
     answering_since: Option<Instant>,
-    /// Since the path went `down`: the kernel's samples that delivered
-    /// data, for the last [`TRANSPORT_WINDOW`] (see
-    /// [`PathStats::down_transport`]).
-    down_samples: VecDeque<(Instant, Delta)>,
+    /// Since the path went `down`: when the kernel first delivered data on
+    /// it while sending segments again, and in how many samples since.
+    down_repeats: Option<(Instant, u32)>,
 }
 
 const RECENT: usize = 64;
@@ -73,10 +72,8 @@ const TRANSPORT_SEGMENTS: u64 = 200;
 /// the outage's (the data sent into it going out again), not loss.
 const TRANSPORT_SETTLE: Duration = Duration::from_millis(500);
 /// A down path whose connections deliver data while sending segments again
-/// in this many samples, spread over at least [`LOSS_SPREAD`] within the
-/// last [`TRANSPORT_WINDOW`], with repeats at least `health.degraded_loss`
-/// of the segments sent, is losing packets, not out (see
-/// [`PathStats::down_transport`]).
+/// in this many samples, spread over at least [`LOSS_SPREAD`], is losing
+/// packets, not out (see [`PathStats::down_transport`]).
 const LOSS_SAMPLES: u32 = 3;
 const LOSS_SPREAD: Duration = Duration::from_secs(1);
 
@@ -101,7 +98,7 @@ impl PathStats {
             last_bad: None,
             transport: VecDeque::new(),
             answering_since: None,
-            down_samples: VecDeque::new(),
+            down_repeats: None,
         }
     }
 
@@ -191,7 +188,7 @@ impl PathStats {
             return None;
         }
         if self.state == PathState::Down {
-            self.down_transport(delta, now, cfg);
+            self.down_transport(delta, now);
             return None;
         }
         self.transport.push_back((now, delta));
@@ -223,29 +220,11 @@ impl PathStats {
     /// goes out in one or two samples when it heals (one per connection
     /// whose retransmission timer fires). Once the path answers and the
     /// backlog has settled, the samples feed its loss figures again.
-    fn down_transport(&mut self, delta: Delta, now: Instant, cfg: &HealthConfig) {
-        while self
-            .down_samples
-            .front()
-            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > TRANSPORT_WINDOW)
-        {
-            self.down_samples.pop_front();
-        }
-        self.down_samples.push_back((now, delta));
+    fn down_transport(&mut self, delta: Delta, now: Instant) {
         if delta.repeats > 0 {
-            let (lossy, first, sent, repeats) = self.down_samples.iter().fold(
-                (0u32, None, 0u64, 0u64),
-                |(n, first, sent, repeats), (t, d)| {
-                    let n = n + u32::from(d.repeats > 0);
-                    let first = first.or((d.repeats > 0).then_some(*t));
-                    (n, first, sent + d.sent, repeats + d.repeats)
-                },
-            );
-            let spread = first.is_some_and(|f: Instant| now.saturating_duration_since(f) >= LOSS_SPREAD);
-            // As on an `up` path, a few repeats among many segments are not
-            // loss: the share must reach `health.degraded_loss` too.
-            let share = repeats as f64 / sent.max(1) as f64;
-            if lossy >= LOSS_SAMPLES && spread && share >= cfg.degraded_loss {
+            let (first, samples) = self.down_repeats.get_or_insert((now, 0));
+            *samples += 1;
+            if *samples >= LOSS_SAMPLES && now.saturating_duration_since(*first) >= LOSS_SPREAD {
                 self.mixed = true;
                 self.last_bad = Some(now);
             }
@@ -459,7 +438,7 @@ impl PathStats {
         }
         if to == PathState::Down {
             self.answering_since = None;
-            self.down_samples.clear();
+            self.down_repeats = None;
         }
         if to == PathState::Down && from != PathState::Degraded {
             // The outage is the state; recovery is judged on fresh evidence.

