@@ -8,12 +8,16 @@
 //! retry on this replica during the outage gets the same answer, and a retry
 //! after the flush is replayed from the database like any other.
 //!
+//! A keyed call's id is derived from its key and request (api/calls.rs), so
+//! when another attempt of the same call reached the database first (the
+//! agent sends emergency calls on two paths at once; a retry may land on
+//! another replica), the call stored under the key has the id this replica
+//! answered with, and the held copy is dropped at the flush.
+//!
 //! Limits, by design: held calls live in this replica's memory. A crash during
-//! an outage loses their records (the calls themselves were answered), and a
-//! retry of the same key on *another* replica during the outage is answered
-//! by that replica separately (the first write to land wins the key; the other
-//! is logged and dropped). `spool_max` bounds the memory; past it an emergency
-//! call is still answered but its record is not kept (counted as `lost`).
+//! an outage loses their records (the calls themselves were answered).
+//! `spool_max` bounds the memory; past it an emergency call is still answered
+//! but its record is not kept (counted as `lost`).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -66,6 +70,28 @@ impl Spool {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The answer for a key that is held here: a repeat of a held call is
+    /// answered as it was the first time, even once the database is back
+    /// and before the call is written.
+    pub fn held(&self, idem: &Idem) -> Option<Hold> {
+        Self::find(&self.lock(), idem)
+    }
+
+    fn find(held: &VecDeque<Held>, idem: &Idem) -> Option<Hold> {
+        let h = held
+            .iter()
+            .find(|h| h.idem.as_ref().is_some_and(|i| i.key == idem.key))?;
+        let same = h
+            .idem
+            .as_ref()
+            .is_some_and(|i| i.request_hash == idem.request_hash);
+        Some(if same {
+            Hold::Replay(h.response.clone())
+        } else {
+            Hold::Mismatch
+        })
+    }
+
     /// Holds an emergency call whose write failed.
     pub fn hold(
         &self,
@@ -75,20 +101,8 @@ impl Spool {
         metrics: &Metrics,
     ) -> Hold {
         let mut held = self.lock();
-        if let Some(idem) = &idem
-            && let Some(h) = held
-                .iter()
-                .find(|h| h.idem.as_ref().is_some_and(|i| i.key == idem.key))
-        {
-            let same = h
-                .idem
-                .as_ref()
-                .is_some_and(|i| i.request_hash == idem.request_hash);
-            return if same {
-                Hold::Replay(h.response.clone())
-            } else {
-                Hold::Mismatch
-            };
+        if let Some(earlier) = idem.as_ref().and_then(|idem| Self::find(&held, idem)) {
+            return earlier;
         }
         if held.len() >= self.max {
             tracing::error!(call_id = %call.id, held = held.len(),
@@ -122,10 +136,11 @@ impl Spool {
             {
                 Ok(outcome) => {
                     if !matches!(outcome, Outcome::Done(())) {
-                        // Another replica answered the same key after the
-                        // database came back; its call holds the key.
-                        tracing::warn!(call_id = %next.call.id, ?outcome,
-                            "deferred emergency call not written: its Idempotency-Key was used meanwhile");
+                        // Another attempt of the same call (same key, so
+                        // the same id) was written first; a key reused for
+                        // a different request keeps its own call.
+                        tracing::info!(call_id = %next.call.id, ?outcome,
+                            "deferred emergency call already written by another attempt");
                     }
                     let mut held = self.lock();
                     if held.front().is_some_and(|h| h.call.id == next.call.id) {

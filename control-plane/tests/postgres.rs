@@ -166,6 +166,103 @@ async fn database_down_fails_ready_and_writes_then_recovers_without_restart() {
     db.finish().await;
 }
 
+/// The agent sends an emergency call on two paths at once, and a retry may
+/// reach another replica: one attempt can be held in memory by a replica that
+/// lost its database while another is written by a replica that has it. The
+/// call the caller was told about must be the one stored (CI once saw 239
+/// calls stored for 240 answered when the two attempts got different ids).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emergency_call_held_on_one_replica_and_written_by_another_is_stored_once() {
+    let Some(db) = Db::new(Backend::Postgres, "held_and_written").await else {
+        return;
+    };
+    let url = db.url.clone().expect("postgres url");
+    let proxy = DbProxy::start(pg_addr(&url)).await;
+    let cut_off = Instance::start(db.config_with_url(
+        Some(&via(&url, proxy.addr)),
+        "",
+        "[database]\nacquire_timeout = \"500ms\"\nmax_connections = 4\n",
+    ))
+    .await;
+    let healthy = Instance::start(db.config("", "")).await;
+    cut_off
+        .put_route(
+            "weighted",
+            json!({"prefix": "", "pop": "blr",
+                   "trunks": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}),
+        )
+        .await;
+    let token = cut_off.token("blr").await;
+    // The replica knows the token before its database goes (as a replica
+    // that has been serving does).
+    assert_eq!(cut_off.post_call(&token, &call_body(), None).await.status(), 201);
+    proxy.cut().await;
+
+    let emergency = json!({"destination": "112"});
+    let held = cut_off.post_call(&token, &emergency, Some("sos-two-paths")).await;
+    assert_eq!(held.status(), 201);
+    assert_eq!(held.headers()["x-detour-deferred"], "true");
+    let held: Value = held.json().await.unwrap();
+    let written = healthy.post_call(&token, &emergency, Some("sos-two-paths")).await;
+    assert_eq!(written.status(), 201);
+    assert!(written.headers().get("x-detour-deferred").is_none());
+    let written: Value = written.json().await.unwrap();
+    assert_eq!(held["call_id"], written["call_id"], "two ids for one call");
+    assert_eq!(held["route"], written["route"], "two routes for one call");
+
+    // A keyed normal call made twice on one replica names one call too, and
+    // weighted trunks are chosen the same way for its every attempt.
+    let mut trunks = std::collections::BTreeSet::new();
+    for n in 0..8 {
+        let key = format!("weighted-{n}");
+        let first: Value = healthy
+            .post_call(&token, &call_body(), Some(&key))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let again: Value = healthy
+            .post_call(&token, &call_body(), Some(&key))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(first, again);
+        trunks.insert(first["route"]["trunk"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        trunks.len(),
+        2,
+        "keyed calls still spread over the weighted trunks: {trunks:?}"
+    );
+
+    proxy.heal();
+    wait_until("the held copy is flushed", Duration::from_secs(10), || async {
+        let m = cut_off.client.get(cut_off.url("/metrics")).send().await.unwrap();
+        m.text()
+            .await
+            .unwrap()
+            .contains("detour_cp_emergency_deferred_calls 0")
+    })
+    .await;
+    let id = held["call_id"].as_str().unwrap();
+    let r = cut_off
+        .client
+        .get(cut_off.url(&format!("/v1/calls/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the call its caller was given is not stored");
+    let store = cut_off.store().await;
+    assert_eq!(store.count_calls().await.unwrap(), 10);
+    store.close().await;
+    cut_off.stop().await;
+    healthy.stop().await;
+    drop(proxy);
+    db.finish().await;
+}
+
 fn new_call(n: usize, metadata: &str) -> (Idem, NewCall, StoredResponse) {
     let id = format!("call-{n:04}");
     let idem = Idem {

@@ -409,18 +409,19 @@ pub async fn check_stored_once(config: &detour_control_plane::Config, ids: &[&st
     );
     let store = detour_control_plane::store::Store::open(config).await?;
     let result = async {
-        let stored = store.count_calls().await?;
-        anyhow::ensure!(
-            stored == ids.len() as i64,
-            "{stored} calls stored for {} answered calls",
-            ids.len()
-        );
+        // Which answered call is missing says more than a count.
         for id in ids {
             anyhow::ensure!(
                 store.get_call(id).await?.is_some(),
                 "call {id} was answered but not stored"
             );
         }
+        let stored = store.count_calls().await?;
+        anyhow::ensure!(
+            stored == ids.len() as i64,
+            "{stored} calls stored for {} answered calls",
+            ids.len()
+        );
         Ok(())
     }
     .await;

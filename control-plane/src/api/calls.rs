@@ -5,6 +5,8 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult, mismatch};
@@ -40,13 +42,43 @@ pub(super) async fn create_call(State(app): State<Shared>, headers: HeaderMap, b
     }
     let _slot = acquire_slot(&app, priority).await?;
 
-    let call_id = uuid::Uuid::now_v7().to_string();
+    let call_id = call_id_for(idem.as_ref());
     let now = chrono::Utc::now();
     let local = now.with_timezone(&app.tz);
     let rules = app.rules.load();
-    let routed = route_call(&app, &rules, &call_id, &call, &local).await?;
+    let routed = route_call(&app, &rules, &call_id, &call, &local, idem.as_ref()).await?;
     let (new, response) = created(call_id, now.timestamp_millis(), &who, call, routed, rules.version);
     store_call(&app, idem, new, response, priority).await
+}
+
+/// The id of a new call. With an Idempotency-Key it is derived from the key
+/// and the request's fingerprint, so every attempt of one request gets the
+/// same id on every replica: an emergency call answered from memory during a
+/// database outage (spool.rs) while another attempt of it was written to the
+/// database is stored under the id its caller was given, whichever attempt
+/// wins the key. Without a key: a time-ordered random id.
+fn call_id_for(idem: Option<&Idem>) -> String {
+    match idem {
+        Some(idem) => {
+            let digest = key_digest(idem);
+            let mut bytes = [0u8; 16];
+            bytes.copy_from_slice(&digest[..16]);
+            uuid::Uuid::new_v8(bytes).to_string()
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    }
+}
+
+/// SHA-256 over the key and its request fingerprint: the seed of a keyed
+/// call's id and of its weighted route choice.
+fn key_digest(idem: &Idem) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"detour call\0");
+    h.update((idem.key.len() as u64).to_be_bytes());
+    h.update(idem.key.as_bytes());
+    h.update(idem.request_hash.as_bytes());
+    h.finalize().into()
 }
 
 /// The route a call gets: the matching rule's decision (or its hook's).
@@ -65,10 +97,16 @@ async fn route_call(
     call_id: &str,
     call: &CallRequest,
     local: &chrono::DateTime<chrono_tz::Tz>,
+    idem: Option<&Idem>,
 ) -> Result<Routed, ApiError> {
     let priority = call.priority;
     let query = routing::Query::at(&call.destination, &call.call_type, priority, local);
-    let decided = rules.decide(&query, &mut rand::rng());
+    // Attempts of one keyed request pick the same weighted trunk, so the
+    // answer a caller used and the record stored agree.
+    let decided = match idem {
+        Some(idem) => rules.decide(&query, &mut StdRng::from_seed(key_digest(idem))),
+        None => rules.decide(&query, &mut rand::rng()),
+    };
     let (route, fallback, fallback_reason) = match decided {
         None if priority == Priority::Normal => {
             return Err(ApiError::new(
@@ -181,23 +219,32 @@ fn created(
 async fn store_call(
     app: &App,
     idem: Option<Idem>,
-    new: NewCall,
-    response: StoredResponse,
+    mut new: NewCall,
+    mut response: StoredResponse,
     priority: Priority,
 ) -> ApiResult {
+    if let Some(earlier) = idem.as_ref().and_then(|i| app.spool.held(i)) {
+        return answer_held(earlier);
+    }
     let retention = app.config.idempotency.retention;
-    let outcome = match app
+    let mut result = app
         .store
         .create_call(idem.as_ref(), &new, &response, retention)
-        .await
-    {
+        .await;
+    if idem.is_some() && matches!(result, Err(StoreError::Conflict(_))) {
+        // The id derived from the key is taken: the key was used for a call
+        // before and has outlived its retention. A new call gets a new id.
+        tracing::warn!(call_id = %new.id, "Idempotency-Key reused after its retention: the call gets a fresh id");
+        reid(&mut new, &mut response, uuid::Uuid::now_v7().to_string());
+        result = app
+            .store
+            .create_call(idem.as_ref(), &new, &response, retention)
+            .await;
+    }
+    let outcome = match result {
         Ok(o) => o,
         Err(StoreError::Unavailable(_)) if priority == Priority::Emergency => {
-            return match app.spool.hold(idem, new, response, &app.metrics) {
-                Hold::Answer(r) => Ok(deferred(stored_response(r, false))),
-                Hold::Replay(r) => Ok(deferred(stored_response(r, true))),
-                Hold::Mismatch => Err(mismatch()),
-            };
+            return answer_held(app.spool.hold(idem, new, response, &app.metrics));
         }
         Err(e) => {
             app.metrics
@@ -224,6 +271,24 @@ async fn store_call(
         }
         Outcome::Mismatch => Err(mismatch()),
     }
+}
+
+/// The answer for an emergency call held in the spool.
+fn answer_held(hold: Hold) -> ApiResult {
+    match hold {
+        Hold::Answer(r) => Ok(deferred(stored_response(r, false))),
+        Hold::Replay(r) => Ok(deferred(stored_response(r, true))),
+        Hold::Mismatch => Err(mismatch()),
+    }
+}
+
+/// Gives a call, and the answer that names it, another id.
+fn reid(call: &mut NewCall, response: &mut StoredResponse, id: String) {
+    if let Ok(mut body) = serde_json::from_str::<Value>(&response.body) {
+        body["call_id"] = Value::String(id.clone());
+        response.body = body.to_string();
+    }
+    call.id = id;
 }
 
 /// Marks an answer whose call record is written later.
