@@ -19,7 +19,7 @@ mod table;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use stats::{CLEAN_RUN, PathStats};
+pub use stats::{CLEAN_RUN, PathMemory, PathStats};
 pub use table::{HealthTable, PathView, Snapshot, rank};
 
 /// What one exchange on a path showed.

@@ -38,6 +38,12 @@ enum Command {
         /// microseconds of CPU, so one thread carries thousands per second.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: u16,
+        /// Take the listening sockets and the path table over from the agent
+        /// running with the same upgrade.dir, which then drains and exits (an
+        /// upgrade or restart that refuses no connection). Starts on its own
+        /// when no agent runs there.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate agent.toml and the peers file; print every problem as file:line:col: message.
     CheckConfig {
@@ -115,7 +121,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, threads } => {
+        Command::Run {
+            config,
+            threads,
+            takeover,
+        } => {
             init_tracing(cli.log_format);
             let config = match AgentConfig::load(&config) {
                 Ok(c) => c,
@@ -139,7 +149,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(detour_agent::run(config, shutdown_signal())) {
+            match rt.block_on(detour_agent::run(config, takeover, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("detour-agent: {e:#}");

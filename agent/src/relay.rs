@@ -107,11 +107,14 @@ pub struct Relay {
     pub counts: Arc<TunnelCounts>,
 }
 
-/// Accepts peer connections until `shutdown` turns true.
+/// Accepts peer connections until `shutdown` turns true. Tunnels open then
+/// carry on (a peer's request in flight through one finishes) until `close`
+/// turns true, when the agent has drained its own call handlers.
 pub async fn serve(
     listener: TcpListener,
     relay: Arc<arc_swap::ArcSwap<Relay>>,
     mut shutdown: watch::Receiver<bool>,
+    close: watch::Receiver<bool>,
 ) {
     loop {
         let (tcp, remote) = tokio::select! {
@@ -119,10 +122,10 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let relay = relay.load_full();
-        let mut stop = shutdown.clone();
+        let mut stop = close.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            // Tunnels end with the agent: peers see the reset and move their
+            // Tunnels end with the agent: peers see the close and move their
             // requests to another path.
             tokio::select! {
                 _ = handle_conn(relay, tcp, remote, stop.clone()) => {}

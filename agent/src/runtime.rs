@@ -191,6 +191,9 @@ pub fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str>
     if old.ingress.max_connections != new.ingress.max_connections {
         needs.push("ingress.max_connections");
     }
+    if old.upgrade.dir != new.upgrade.dir {
+        needs.push("upgrade.dir");
+    }
     needs
 }
 
@@ -203,6 +206,7 @@ pub fn same_config(a: &AgentConfig, b: &AgentConfig) -> bool {
         && a.relay == b.relay
         && a.listen == b.listen
         && a.pop == b.pop
+        && a.upgrade == b.upgrade
         && same_cp_connections(a, b)
         && a.control_plane.token == b.control_plane.token
         && a.control_plane.report_interval == b.control_plane.report_interval

@@ -227,6 +227,9 @@ key = "../certs/{pop}.key"
 
 [peers]
 file = "peers.toml"
+
+[upgrade]
+dir = "run"
 "#,
             scheme = self.scheme(),
             cp_extra = {
@@ -326,7 +329,9 @@ file = "peers.toml"
             r.abort();
         }
         if let Some(a) = p.agent.take() {
-            a.shutdown().await;
+            // At once: no successor is coming, and nothing waits in a
+            // socket unit's backlog for one.
+            a.shutdown(detour_agent::agent::Stop::HandedOver).await;
         }
     }
 
@@ -343,6 +348,40 @@ file = "peers.toml"
         p.reloader = Some(detour_agent::reload::spawn(agent.clone(), files));
         p.agent = Some(agent);
         Ok(())
+    }
+
+    /// Upgrades `pop`'s agent as `detour-agent run --takeover` does: a new
+    /// agent, loaded from the same files, takes the listening sockets and the
+    /// path table over from the running one, which drains and stops. Returns
+    /// the old agent's drain, done when it has stopped.
+    pub async fn hand_over(&mut self, pop: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let p = self.pops.get_mut(pop).context("no such pop")?;
+        let old = p.agent.clone().context("the agent is not running")?;
+        let dir = old
+            .shared
+            .forwarder
+            .runtime()
+            .config
+            .upgrade
+            .dir
+            .clone()
+            .context("no upgrade.dir")?;
+        // The running agent offers its sockets, as `run` does all along.
+        let listener = detour_agent::upgrade::handover::listen(&dir)?;
+        let drain = tokio::spawn(async move {
+            detour_agent::upgrade::handover::serve(listener, &old).await;
+            old.shutdown(detour_agent::agent::Stop::HandedOver).await;
+        });
+        let config = AgentConfig::load(&p.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let files = config.files.clone();
+        let agent = detour_agent::start(config, true).await?;
+        if let Some(r) = p.reloader.take() {
+            r.abort();
+        }
+        p.reloader = Some(detour_agent::reload::spawn(agent.clone(), files));
+        p.relay_addr = agent.relay_addr;
+        p.agent = Some(agent);
+        Ok(drain)
     }
 
     /// Drains every agent, then stops the control plane.

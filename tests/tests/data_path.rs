@@ -651,7 +651,7 @@ async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
     }
     let local = blr.agent().local_addr;
     let agent = blr.agent().clone();
-    let drain = tokio::spawn(async move { agent.shutdown().await });
+    let drain = tokio::spawn(async move { agent.shutdown(detour_agent::agent::Stop::Terminate).await });
     let r = in_flight.await.unwrap();
     assert_eq!(r.status, Some(200), "the in-flight request finished: {r:?}");
     drain.await.unwrap();

@@ -365,8 +365,26 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
         "PrivateTmp=yes".to_owned(),
         "CapabilityBoundingSet=".to_owned(),
         "User=detour".to_owned(),
+        "Requires=detour-agent.socket".to_owned(),
+        "RuntimeDirectoryPreserve=restart".to_owned(),
     ] {
         assert!(unit.lines().any(|l| l == line), "unit has `{line}`:\n{unit}");
+    }
+    // The listening sockets live in the socket unit, so a restart refuses
+    // no connection (tests/upgrade.rs restarts an agent the way it does).
+    let socket = std::fs::read_to_string(lab.installed("/etc/systemd/system/detour-agent.socket")).unwrap();
+    let listens: Vec<&str> = socket
+        .lines()
+        .filter(|l| l.starts_with("ListenStream="))
+        .collect();
+    assert_eq!(listens.len(), 3, "local, relay and admin:\n{socket}");
+    let toml = std::fs::read_to_string(&agent_toml).unwrap();
+    for l in listens {
+        let addr = l.trim_start_matches("ListenStream=");
+        assert!(
+            toml.contains(&format!("\"{addr}\"")),
+            "{addr} is a [listen] address:\n{toml}"
+        );
     }
     let cp_unit =
         std::fs::read_to_string(lab.installed("/etc/systemd/system/detour-control-plane.service")).unwrap();
@@ -379,7 +397,11 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
 
     // systemd's own parser finds nothing to warn about (it exits 0 even on
     // bad values, so read what it prints about the files).
-    for unit in ["detour-agent.service", "detour-control-plane.service"] {
+    for unit in [
+        "detour-agent.service",
+        "detour-agent.socket",
+        "detour-control-plane.service",
+    ] {
         let path = lab.installed(&format!("/etc/systemd/system/{unit}"));
         match Command::new("systemd-analyze")
             .arg("verify")

@@ -51,6 +51,7 @@ pub struct AgentConfig {
     pub relay: RelayLimits,
     /// The peer list, in file order.
     pub peers: Vec<Peer>,
+    pub upgrade: Upgrade,
     /// Where the config came from, for reloads and messages.
     pub files: ConfigFiles,
 }
@@ -246,8 +247,13 @@ pub struct Ingress {
     pub max_connections: usize,
     /// A client must send its complete body within this time.
     pub body_timeout: Duration,
-    /// On SIGTERM, in-flight requests get this long to finish.
+    /// On shutdown, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// On shutdown, how long kept-alive connections go on being served
+    /// (every answer then says `Connection: close`) before the ones that
+    /// stayed idle are closed. A call handler's next request on a connection
+    /// is answered, never met by a close.
+    pub drain_idle: Duration,
 }
 
 impl Ingress {
@@ -273,6 +279,30 @@ impl Ingress {
     pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
     /// Default of `ingress.drain_timeout`.
     pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default of `ingress.drain_idle`.
+    pub const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(1);
+}
+
+/// Restarts and upgrades without a refused or failed call: where the
+/// handover socket and the health snapshot live (docs/operations.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// `handover.sock` (a new process takes the listeners from the running
+    /// one) and `health.json` (the path table at the last shutdown). `None`:
+    /// neither; a restart starts with no memory of the paths.
+    pub dir: Option<PathBuf>,
+    /// A snapshot older than this is ignored (the paths are probed afresh).
+    pub snapshot_max_age: Duration,
+}
+
+impl Upgrade {
+    /// Default of `upgrade.snapshot_max_age`: longer than a restart takes,
+    /// shorter than the evidence a health decision rests on stays true.
+    pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(60);
+    /// The handover socket's file name in `dir`.
+    pub const SOCKET: &str = "handover.sock";
+    /// The health snapshot's file name in `dir`.
+    pub const SNAPSHOT: &str = "health.json";
 }
 
 /// [`Ingress::DEFAULT_MAX_HEADER_BYTES`], at the path the lab's tests size

@@ -22,6 +22,15 @@ pub struct Agent {
     #[serde(default)]
     pub relay: Relay,
     pub peers: Option<PeersRef>,
+    #[serde(default)]
+    pub upgrade: Upgrade,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Upgrade {
+    pub dir: Option<Spanned<String>>,
+    pub snapshot_max_age: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -92,6 +101,7 @@ pub struct Ingress {
     pub max_connections: Option<Spanned<u32>>,
     pub body_timeout: Option<Spanned<String>>,
     pub drain_timeout: Option<Spanned<String>>,
+    pub drain_idle: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

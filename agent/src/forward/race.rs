@@ -59,6 +59,8 @@ pub(super) struct Race<'a, F> {
     inflight: FuturesUnordered<F>,
     pending: Vec<(u64, Pending)>,
     attempts: Vec<AttemptRecord>,
+    /// Whether a path whose connection broke was put back (once a request).
+    again: bool,
 }
 
 impl<'a, F> Race<'a, F>
@@ -84,6 +86,7 @@ where
             inflight: FuturesUnordered::new(),
             pending: Vec::new(),
             attempts: Vec::new(),
+            again: false,
         }
     }
 
@@ -199,6 +202,14 @@ where
             .inc();
         tracing::debug!(path = %path.name, kind = p.kind, error = %msg, "attempt failed");
         self.attempts.push(record(path, p.kind, msg, self.out.received));
+        if kind == FailureKind::Broken && !self.again && !self.pending.iter().any(|(_, q)| q.path == p.path) {
+            // The connection under the attempt broke (a peer's relay that
+            // restarted and closed its tunnels, a connection the far end
+            // dropped): the path may well work on a new connection, and the
+            // next attempt on it finds out. Once a request.
+            self.again = true;
+            self.candidates.insert(self.next, p.path);
+        }
         if Instant::now() < self.deadline {
             // Nothing was sent when a connect fails, so the retry duplicates
             // no work and costs no budget.

@@ -482,5 +482,8 @@ fn quantile(samples: &VecDeque<f64>, q: f64) -> Option<f64> {
     v.get(idx.min(v.len() - 1)).copied()
 }
 
+mod memory;
 #[cfg(test)]
 mod tests;
+
+pub use memory::PathMemory;

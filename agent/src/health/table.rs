@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use detour_wire::{PathReport, PathState};
 use tokio::time::Instant;
 
-use super::{FailureKind, Outcome, PathInfo, PathStats};
+use super::{FailureKind, Outcome, PathInfo, PathMemory, PathStats};
 use crate::config::Health as HealthConfig;
 use crate::metrics::Metrics;
 use crate::transport::Delta;
@@ -128,6 +128,35 @@ impl HealthTable {
         }
         *lock(&self.active) = lock(&old.active).clone();
         self.publish();
+    }
+
+    /// Every path's evidence and state, and the active path, as of now (the
+    /// health snapshot a restart starts from).
+    pub fn memory(&self) -> (Vec<PathMemory>, Option<String>) {
+        let now = Instant::now();
+        let paths = self.paths.iter().map(|p| lock(p).memory(now)).collect();
+        (paths, lock(&self.active).as_deref().map(str::to_owned))
+    }
+
+    /// Takes over the evidence of paths of the same name from a snapshot
+    /// written `elapsed` ago; returns how many paths it knew.
+    pub fn remember(&self, paths: &[PathMemory], active: Option<&str>, elapsed: Duration) -> usize {
+        let now = Instant::now();
+        let mut known = 0;
+        for p in &self.paths {
+            let mut s = lock(p);
+            if let Some(m) = paths.iter().find(|m| *m.name == *s.info.name) {
+                s.remember(m, now, elapsed);
+                known += 1;
+            }
+        }
+        if let Some(active) = active
+            && self.paths.iter().any(|p| &*lock(p).info.name == active)
+        {
+            *lock(&self.active) = Some(Arc::from(active));
+        }
+        self.publish();
+        known
     }
 
     pub fn config(&self) -> &HealthConfig {

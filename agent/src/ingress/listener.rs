@@ -1,54 +1,130 @@
 //! The local listener: accepts the call handler's connections and serves
 //! each with HTTP/1.1 under the connection guard ([`detour_wire::conn`]),
-//! every request through [`Ingress::handle`].
+//! every request through [`Ingress::handle`]. On shutdown it drains without
+//! closing a connection under a request (see [`serve`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
+use http::HeaderValue;
+use http::header::CONNECTION;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use detour_wire::accept::{ConnCap, accept};
 use detour_wire::conn::{self, ConnLimits, Tracked};
 
 use super::{Ingress, rejection};
+use crate::agent::Stop;
 use crate::config;
 use crate::runtime::Shared;
 
-/// Serves the local listener until `shutdown` turns true, then lets the
-/// requests in flight finish (up to `ingress.drain_timeout`).
+/// How long a connection accepted at the end of the drain's accepting
+/// stays open for its first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(250);
+
+/// What every connection of the listener shares.
+struct Conns {
+    shared: Arc<Shared>,
+    ingress: Arc<Ingress>,
+    cap: ConnCap,
+    graceful: GracefulShutdown,
+    /// Set when shutdown begins: every answer from then on says
+    /// `Connection: close`, so each kept-alive connection closes right after
+    /// its next request is answered.
+    draining: Arc<AtomicBool>,
+    /// Connections open now.
+    open: Arc<AtomicUsize>,
+}
+
+/// Serves the local listener until `stop` says how the agent stops, then
+/// drains:
+/// 1. Every answer from now on says `Connection: close`.
+/// 2. On [`Stop::Terminate`] (the last process serving this host) new
+///    connections are still accepted for `ingress.drain_idle`, so a systemd
+///    restart keeps them waiting in the backlog only while the process
+///    starts again; on [`Stop::HandedOver`] the new process accepts them and
+///    this one stops at once.
+/// 3. Kept-alive connections close on their own after their next answer;
+///    those that stay idle for all of `ingress.drain_idle` are closed then.
+/// 4. Requests still in flight get up to `ingress.drain_timeout`.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Option<Stop>>,
     cfg: config::Ingress,
 ) {
-    let graceful = GracefulShutdown::new();
-    let ingress = Arc::new(Ingress {
-        forwarder: shared.forwarder.clone(),
-        metrics: shared.metrics.clone(),
-    });
-    let cap = ConnCap::new(cfg.max_connections, "ingress.max_connections");
+    let conns = Conns {
+        ingress: Arc::new(Ingress {
+            forwarder: shared.forwarder.clone(),
+            metrics: shared.metrics.clone(),
+        }),
+        cap: ConnCap::new(cfg.max_connections, "ingress.max_connections"),
+        shared,
+        graceful: GracefulShutdown::new(),
+        draining: Arc::new(AtomicBool::new(false)),
+        open: Arc::new(AtomicUsize::new(0)),
+    };
     loop {
-        let (tcp, _) = tokio::select! {
-            c = accept(&listener, "local") => c,
-            _ = shutdown.changed() => break,
-        };
-        let Some(slot) = cap.admit() else {
-            shared.metrics.local_connections_refused.inc();
-            continue;
+        tokio::select! {
+            (tcp, _) = accept(&listener, "local") => conns.serve(tcp),
+            _ = stop.changed() => break,
+        }
+    }
+    let how = (*stop.borrow()).unwrap_or(Stop::Terminate);
+    conns.draining.store(true, Ordering::Relaxed);
+    let linger_end = Instant::now() + cfg.drain_idle;
+    if how == Stop::Terminate {
+        loop {
+            tokio::select! {
+                (tcp, _) = accept(&listener, "local") => conns.serve(tcp),
+                _ = tokio::time::sleep_until(linger_end) => break,
+            }
+        }
+    }
+    drop(listener);
+    // A connection accepted just now has its request on the way: it gets
+    // the time to send it before idle connections are closed.
+    let close_idle_at = linger_end.max(Instant::now() + FIRST_REQUEST_GRACE);
+    while conns.open.load(Ordering::Relaxed) > 0 && Instant::now() < close_idle_at {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let idle = conns.open.load(Ordering::Relaxed);
+    if idle > 0 {
+        tracing::info!(
+            connections = idle,
+            "closing kept-alive connections that stayed idle through ingress.drain_idle"
+        );
+    }
+    if tokio::time::timeout(cfg.drain_timeout, conns.graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed with requests still in flight");
+    }
+}
+
+impl Conns {
+    /// Serves one accepted connection on its own task.
+    fn serve(&self, tcp: TcpStream) {
+        let Some(slot) = self.cap.admit() else {
+            self.shared.metrics.local_connections_refused.inc();
+            return;
         };
         let _ = tcp.set_nodelay(true);
         // Limits as of now: a reload applies them to new connections.
-        let now = shared.forwarder.runtime().config.ingress.clone();
+        let now = self.shared.forwarder.runtime().config.ingress.clone();
         let limits = ConnLimits {
             header_timeout: now.header_timeout,
             idle_timeout: now.idle_timeout,
         };
-        let rejection = rejection(shared.metrics.clone(), now.max_header_bytes);
+        let rejection = rejection(self.shared.metrics.clone(), now.max_header_bytes);
         let mut builder = http1::Builder::new();
         // The guard owns the head and idle timeouts: hyper's header_read_timeout
         // also runs between requests and would close pooled connections early.
@@ -57,32 +133,32 @@ pub async fn serve(
             .max_buf_size(now.max_header_bytes)
             .keep_alive(true);
         let (io, tracker) = conn::guard(tcp, limits, rejection);
-        let ingress = ingress.clone();
+        let (ingress, draining) = (self.ingress.clone(), self.draining.clone());
         let service = service_fn(move |req| {
-            let ingress = ingress.clone();
+            let (ingress, draining) = (ingress.clone(), draining.clone());
             let flight = tracker.begin();
             async move {
-                let resp = ingress.handle(req).await;
+                let mut resp = ingress.handle(req).await;
+                if draining.load(Ordering::Relaxed) {
+                    resp.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, flight)))
             }
         });
         let conn = builder.serve_connection(TokioIo::new(io), service);
-        let conn = graceful.watch(conn);
-        let gauge = shared.metrics.local_connections.clone();
+        let conn = self.graceful.watch(conn);
+        let gauge = self.shared.metrics.local_connections.clone();
+        let open = self.open.clone();
         gauge.inc();
+        open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "local connection ended");
             }
             gauge.dec();
+            open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
-    }
-    drop(listener);
-    if tokio::time::timeout(cfg.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout passed with requests still in flight");
     }
 }

@@ -49,10 +49,23 @@ impl Default for CallClient {
 
 impl CallClient {
     pub fn new(timeout: Duration) -> CallClient {
+        Self::build(timeout, true)
+    }
+
+    /// A client that never sends a request twice: hyper's client otherwise
+    /// re-sends, on a new connection, a request whose pooled connection was
+    /// found closed before it was written. A server that closes a kept-alive
+    /// connection under such a client fails the request.
+    pub fn strict(timeout: Duration) -> CallClient {
+        Self::build(timeout, false)
+    }
+
+    fn build(timeout: Duration, retry_canceled: bool) -> CallClient {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(512)
+            .retry_canceled_requests(retry_canceled)
             .build(http);
         CallClient { client, timeout }
     }

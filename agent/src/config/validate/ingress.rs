@@ -50,6 +50,12 @@ pub(super) fn validate(d: &mut Diag<'_>, i: &raw::Ingress) -> Ingress {
             &i.drain_timeout,
             Ingress::DEFAULT_DRAIN_TIMEOUT,
         ),
+        drain_idle: duration_or(
+            d,
+            "ingress.drain_idle",
+            &i.drain_idle,
+            Ingress::DEFAULT_DRAIN_IDLE,
+        ),
     }
 }
 

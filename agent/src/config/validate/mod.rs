@@ -11,6 +11,7 @@ mod ingress;
 mod listen;
 mod relay;
 mod tls;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -37,6 +38,7 @@ pub(super) fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -
     let forward = forward::validate(&mut d, &raw.forward);
     let ingress = ingress::validate(&mut d, &raw.ingress);
     let relay = relay::validate(&mut d, &raw.relay);
+    let upgrade = upgrade::validate(&mut d, &raw.upgrade, path);
     // The peers file is validated against its own text.
     let (peers, peers_path) = peers::named_in(&mut d, raw.peers.as_ref(), &pop, listen.relay);
 
@@ -72,6 +74,7 @@ pub(super) fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -
         ingress,
         relay,
         peers,
+        upgrade,
         files: ConfigFiles {
             agent: path.to_path_buf(),
             peers: peers_path,
