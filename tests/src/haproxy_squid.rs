@@ -335,3 +335,33 @@ pub async fn haproxy_alone(dir: &Path, cp: SocketAddr) -> anyhow::Result<(Proc, 
     wait_listening(addr).await.context("haproxy did not listen")?;
     Ok((proc, addr))
 }
+
+/// HAProxy as the control plane's load balancer (what an AWS NLB does in
+/// production): TCP mode, so TLS stays end to end between agent and
+/// replica; each replica health-checked with `GET /readyz` over TLS every
+/// 200 ms, out at the first failure, back after two passes. Returns the
+/// process, the frontend's address and the config's path.
+pub async fn haproxy_balancer(dir: &Path, replicas: &[SocketAddr]) -> anyhow::Result<(Proc, SocketAddr)> {
+    let port = free_port()?;
+    let cfg = dir.join("haproxy-balancer.cfg");
+    let mut text = format!(
+        "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 60s\n  \
+         timeout server 60s\nfrontend cp\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\
+         backend replicas\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  \
+         default-server check check-ssl verify none inter 200ms fall 1 rise 2\n"
+    );
+    for (i, r) in replicas.iter().enumerate() {
+        text.push_str(&format!("  server r{i} {r}\n"));
+    }
+    std::fs::write(&cfg, text)?;
+    let out = Command::new("haproxy").arg("-c").arg("-f").arg(&cfg).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "haproxy -c: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let proc = spawn_haproxy(&cfg)?;
+    let addr = loopback(port);
+    wait_listening(addr).await.context("haproxy did not listen")?;
+    Ok((proc, addr))
+}

@@ -202,11 +202,13 @@ where
             .inc();
         tracing::debug!(path = %path.name, kind = p.kind, error = %msg, "attempt failed");
         self.attempts.push(record(path, p.kind, msg, self.out.received));
-        if kind == FailureKind::Broken && !self.again && !self.pending.iter().any(|(_, q)| q.path == p.path) {
+        let connection_gone = matches!(kind, FailureKind::Broken | FailureKind::Refused);
+        if connection_gone && !self.again && !self.pending.iter().any(|(_, q)| q.path == p.path) {
             // The connection under the attempt broke (a peer's relay that
-            // restarted and closed its tunnels, a connection the far end
-            // dropped): the path may well work on a new connection, and the
-            // next attempt on it finds out. Once a request.
+            // restarted and closed its tunnels) or is going away (a control
+            // plane replica's GOAWAY as it shuts down): the path may well
+            // work on a new connection, and the next attempt on it finds
+            // out. Once a request.
             self.again = true;
             self.candidates.insert(self.next, p.path);
         }
