@@ -219,13 +219,13 @@ async fn a_rolling_restart_behind_haproxy_fails_and_duplicates_no_call() {
     let roll = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut carried = 0;
-        for i in 0..replicas.len() {
-            let addr = replicas[i].addr;
+        for replica in replicas.iter_mut() {
+            let addr = replica.addr;
             carried += calls_created(addr, &ca).await;
-            let old = std::mem::replace(&mut replicas[i], start_placeholder());
+            let old = std::mem::replace(replica, start_placeholder());
             let _ = old.stop.send(());
             old.task.await.unwrap();
-            replicas[i] = start_replica(&config, addr).await;
+            *replica = start_replica(&config, addr).await;
             // Back in the balancer after two passed checks.
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
