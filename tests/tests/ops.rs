@@ -180,6 +180,11 @@ impl Lab {
     /// `ansible-playbook` on a playbook of ansible/ with the lab's inventory
     /// and variables, plus `extra` (JSON).
     async fn playbook(&self, playbook: &str, extra: serde_json::Value) -> Output {
+        self.playbook_args(&[], playbook, extra).await
+    }
+
+    /// [`Lab::playbook`] with more `ansible-playbook` arguments (`--check`).
+    async fn playbook_args(&self, args: &[&str], playbook: &str, extra: serde_json::Value) -> Output {
         let extra_file = self.path("extra.json");
         std::fs::write(&extra_file, extra.to_string()).unwrap();
         let started = Instant::now();
@@ -190,6 +195,7 @@ impl Lab {
             .env("ANSIBLE_FORCE_COLOR", "0")
             .env("ANSIBLE_LOCAL_TEMP", self.path("ansible-tmp"))
             .env("ANSIBLE_REMOTE_TEMP", self.path("ansible-tmp"))
+            .args(args)
             .arg("-i")
             .arg(self.path("inventory.yml"))
             .arg(playbook)
@@ -541,6 +547,211 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
         std::fs::read(&prev).unwrap() == new,
         "and keeps the rolled-back one as .prev"
     );
+}
+
+/// A copy of `bin` that reports another version (same length, so nothing
+/// else in the binary moves): the release a rollout installs.
+fn other_version(bin: &Path, to: &Path) -> String {
+    const VERSION: &str = env!("CARGO_PKG_VERSION");
+    let mut next = VERSION.to_owned();
+    let last = next.pop().unwrap();
+    next.push(if last == '9' { '8' } else { '9' });
+    let mut bytes = std::fs::read(bin).unwrap();
+    let mut i = 0;
+    while let Some(at) = bytes[i..]
+        .windows(VERSION.len())
+        .position(|w| w == VERSION.as_bytes())
+    {
+        bytes[i + at..i + at + VERSION.len()].copy_from_slice(next.as_bytes());
+        i += at + VERSION.len();
+    }
+    std::fs::write(to, bytes).unwrap();
+    std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    next
+}
+
+/// Kills the agents a rollout started detached (their pid files) when the
+/// test ends.
+struct Detached(Vec<PathBuf>);
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            if let Ok(pid) = std::fs::read_to_string(f) {
+                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_bakes_each_batch_and_stops_at_the_first_host_that_fails() {
+    if !have("ansible-playbook", "Ansible rollout test").await {
+        return;
+    }
+    let bins = bin_dir();
+    let cp = detour_lab::mock_cp::MockCp::start(None).await.unwrap();
+    let lab = lab(&bins, &format!("http://{}", cp.addr)).await;
+    let old_bin = lab.path("release/detour-agent");
+    let new_bin = lab.path("release/detour-agent-next");
+    let new_version = other_version(&old_bin, &new_bin);
+    let pki = lab.path("pki");
+    for pop in ["maa", "del"] {
+        let out = run(Command::new(&old_bin)
+            .args(["pki", "issue", "--ca"])
+            .arg(&pki)
+            .args(["--name", pop, "--out"])
+            .arg(&pki))
+        .await;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // Three telephony servers on this machine, each under its own prefix
+    // with its own ports. Without systemd the role restarts an agent with
+    // detour_agent_restart_command: a detached `run --takeover`. maa-1's
+    // restart does nothing, as when a restart silently did not happen: its
+    // bake gate must catch the old version still running.
+    let mut hosts = String::new();
+    let mut admins = Vec::new();
+    let mut pidfiles = Vec::new();
+    for (host, pop) in [("blr-1", "blr"), ("maa-1", "maa"), ("del-1", "del")] {
+        let prefix = lab.path(host);
+        let admin = format!("127.0.0.1:{}", free_port());
+        let restart = if pop == "maa" {
+            "true".to_owned()
+        } else {
+            format!(
+                "setsid nohup {p}/usr/local/bin/detour-agent run --takeover --config {p}/etc/detour/agent.toml \
+                 >> {p}/agent.log 2>&1 < /dev/null & echo $! > {p}/agent.pid",
+                p = prefix.display()
+            )
+        };
+        hosts.push_str(&format!(
+            "        {host}:\n          detour_pop: {pop}\n          detour_prefix: \"{}\"\n          \
+             detour_agent_listen_local: \"127.0.0.1:{}\"\n          detour_agent_listen_relay: \"off\"\n          \
+             detour_agent_listen_admin: \"{admin}\"\n          detour_agent_relay_advertise: \"127.0.0.1:{}\"\n          \
+             detour_agent_restart_command: \"{}\"\n",
+            prefix.display(),
+            free_port(),
+            free_port(),
+            restart.replace('"', "\\\"")
+        ));
+        admins.push((host, prefix, admin));
+        pidfiles.push(lab.path(host).join("agent.pid"));
+    }
+    let _detached = Detached(pidfiles);
+    std::fs::write(
+        lab.path("inventory.yml"),
+        format!(
+            "all:\n  vars:\n    ansible_connection: local\n    ansible_python_interpreter: /usr/bin/python3\n  \
+             children:\n    detour_agents:\n      hosts:\n{hosts}"
+        ),
+    )
+    .unwrap();
+    let mut vars: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.path("vars.json")).unwrap()).unwrap();
+    let o = vars.as_object_mut().unwrap();
+    for k in [
+        "detour_prefix",
+        "detour_agent_listen_local",
+        "detour_agent_listen_relay",
+        "detour_agent_listen_admin",
+    ] {
+        o.remove(k);
+    }
+    o.insert("detour_agent_peers_extra".into(), serde_json::json!([]));
+    std::fs::write(lab.path("vars.json"), vars.to_string()).unwrap();
+
+    // The fleet as it runs today: the old release installed and running.
+    let install = lab
+        .playbook("rollout.yml", serde_json::json!({"detour_health_gate": false}))
+        .await;
+    assert!(install.status.success(), "first install: {}", text(&install));
+    let mut old_agents = Vec::new();
+    for (_, prefix, admin) in &admins {
+        let log = prefix.join("agent.log");
+        old_agents.push(Running(
+            Command::new(prefix.join("usr/local/bin/detour-agent"))
+                .arg("run")
+                .arg("--config")
+                .arg(prefix.join("etc/detour/agent.toml"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        ));
+        wait_status(admin, "/readyz", 200, Duration::from_secs(20), &log).await;
+    }
+
+    // A dry run (what an operator runs first) changes nothing and passes.
+    let new_src = serde_json::json!({"detour_agent_binary_src": new_bin, "detour_health_gate": true});
+    let dry = lab
+        .playbook_args(&["--check", "--diff"], "rollout.yml", new_src.clone())
+        .await;
+    assert!(dry.status.success(), "rollout.yml --check --diff: {}", text(&dry));
+    let old = std::fs::read(&old_bin).unwrap();
+    for (_, prefix, _) in &admins {
+        let installed = std::fs::read(prefix.join("usr/local/bin/detour-agent")).unwrap();
+        assert!(installed == old, "check mode installed nothing");
+    }
+
+    // The rollout: one host a batch, a 2 s bake after each.
+    let mut extra = new_src;
+    extra["detour_rollout_serial"] = serde_json::json!([1]);
+    extra["detour_rollout_bake"] = serde_json::json!(2);
+    extra["detour_agent_gate_retries"] = serde_json::json!(40);
+    extra["detour_agent_gate_delay"] = serde_json::json!(0.5);
+    let roll = lab.playbook("rollout.yml", extra).await;
+    let stdout = String::from_utf8_lossy(&roll.stdout).into_owned();
+    assert!(
+        !roll.status.success(),
+        "maa-1 must stop the rollout: {}",
+        text(&roll)
+    );
+    // blr-1: upgraded in place, serving the new version.
+    let (_, blr_prefix, blr_admin) = &admins[0];
+    let metrics = wait_status(
+        blr_admin,
+        "/metrics",
+        200,
+        Duration::from_secs(5),
+        &blr_prefix.join("agent.log"),
+    )
+    .await;
+    assert!(
+        metrics.contains(&format!("version=\"{new_version}\"")),
+        "blr-1 runs the new release:\n{metrics}"
+    );
+    assert_eq!(count(&recap(&stdout, "blr-1").unwrap(), "failed"), 0, "{stdout}");
+    // maa-1: the new binary is installed but the old process still runs;
+    // the bake gate says so and stops the rollout.
+    assert_eq!(count(&recap(&stdout, "maa-1").unwrap(), "failed"), 1, "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "maa-1 failed the bake gate: runs {} (installed {new_version})",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "the failure says why:\n{stdout}"
+    );
+    // del-1: never reached, still the old release, still serving.
+    let (_, del_prefix, del_admin) = &admins[2];
+    assert!(
+        std::fs::read(del_prefix.join("usr/local/bin/detour-agent")).unwrap() == old,
+        "del-1 was left untouched"
+    );
+    let metrics = wait_status(
+        del_admin,
+        "/metrics",
+        200,
+        Duration::from_secs(5),
+        &del_prefix.join("agent.log"),
+    )
+    .await;
+    assert!(
+        metrics.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{metrics}"
+    );
+    drop(old_agents);
 }
 
 #[tokio::test]
