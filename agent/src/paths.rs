@@ -475,7 +475,7 @@ pub fn peer_path(
     PathClient::new(
         &p.path_name(),
         Route::Via {
-            peer: p.name.clone(),
+            peer: p.pop.clone(),
             relay: p.relay.clone(),
         },
         &config.control_plane,

@@ -184,7 +184,6 @@ async fn an_emergency_call_held_on_one_replica_and_written_by_another_is_stored_
         "[database]\nacquire_timeout = \"500ms\"\nmax_connections = 4\n",
     ))
     .await;
-    let healthy = Instance::start(db.config("", "")).await;
     cut_off
         .put_route(
             "weighted",
@@ -192,6 +191,8 @@ async fn an_emergency_call_held_on_one_replica_and_written_by_another_is_stored_
                    "trunks": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}),
         )
         .await;
+    // Started after the route is stored, so it routes with it from the start.
+    let healthy = Instance::start(db.config("", "")).await;
     let token = cut_off.token("blr").await;
     // The replica knows the token before its database goes (as a replica
     // that has been serving does).

@@ -263,6 +263,7 @@ async fn lab(bins: &Path, cp_url: &str) -> Lab {
           detour_agent_peer_exclude: [hyd]
           detour_agent_peer_disabled: [del]
         maa-test: {detour_pop: maa, detour_agent_relay_advertise: "127.0.0.1:1"}
+        maa-test-2: {detour_pop: maa, detour_agent_relay_advertise: "127.0.0.1:4"}
         del-test: {detour_pop: del, ansible_host: 127.0.0.2, detour_agent_relay_port: 2}
         hyd-test: {detour_pop: hyd, detour_agent_relay_advertise: "127.0.0.1:3"}
 "#,
@@ -342,8 +343,14 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
 
     // Peers: the other PoPs of the group, with blr's overrides.
     let peers = std::fs::read_to_string(lab.installed("/etc/detour/peers.toml")).unwrap();
+    // maa runs two telephony servers: each is a peer under a name of its
+    // own, with the PoP name its certificate carries.
     assert!(
-        peers.contains("name = \"maa\"\nrelay = \"127.0.0.1:1\"\nweight = 250"),
+        peers.contains("name = \"maa-1\"\npop = \"maa\"\nrelay = \"127.0.0.1:1\"\nweight = 250"),
+        "{peers}"
+    );
+    assert!(
+        peers.contains("name = \"maa-2\"\npop = \"maa\"\nrelay = \"127.0.0.1:4\"\nweight = 250"),
         "{peers}"
     );
     assert!(
@@ -432,7 +439,7 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
     .await;
     assert!(check.status.success(), "{}", text(&check));
     let said = String::from_utf8_lossy(&check.stdout);
-    assert!(said.contains("OK (pop blr, 2 peer(s)"), "{said}");
+    assert!(said.contains("OK (pop blr, 3 peer(s)"), "{said}");
     let cp_check = run(Command::new(lab.installed("/usr/local/bin/detour-control-plane"))
         .arg("check-config")
         .arg("--config")

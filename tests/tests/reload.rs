@@ -396,3 +396,54 @@ async fn a_rotated_certificate_is_applied_by_a_reload() {
     assert_eq!(r.status, Some(200), "{:?}", String::from_utf8_lossy(&r.body));
     fleet.shutdown().await;
 }
+
+/// A PoP with two telephony servers: blr lists two agents of maa under names
+/// of their own (`pop = "maa"`, the name their certificates carry; the lab
+/// has one maa agent, so both entries reach it, through two relay
+/// addresses). Both paths come up and carry requests. A peer whose `pop`
+/// does not match its certificate never comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_agents_of_one_pop_are_separate_paths() {
+    let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+    let maa = fleet.pop("maa").relay_addr.unwrap();
+    // A second address for maa's relay: a link in front of it.
+    let second = detour_lab::link::Link::start(maa).await.unwrap();
+    let del = fleet.pop("del").relay_addr.unwrap();
+    save_by_rename(
+        &peers_path(&fleet, "blr"),
+        &format!(
+            "[[peer]]\nname = \"maa-1\"\npop = \"maa\"\nrelay = \"{maa}\"\n\n\
+             [[peer]]\nname = \"maa-2\"\npop = \"maa\"\nrelay = \"{}\"\n\n\
+             [[peer]]\nname = \"impostor\"\npop = \"maa\"\nrelay = \"{del}\"\n",
+            second.addr
+        ),
+    );
+    wait_for("via:maa-1 and via:maa-2 up", Duration::from_secs(10), || {
+        let p = paths_of(&fleet, "blr");
+        ["via:maa-1", "via:maa-2"]
+            .iter()
+            .all(|n| p.iter().any(|(name, s, _)| name == n && *s == PathState::Up))
+    })
+    .await;
+    // del's relay presents del's certificate, not maa's.
+    let p = paths_of(&fleet, "blr");
+    assert!(
+        p.iter()
+            .any(|(n, s, _)| n == "via:impostor" && *s == PathState::Down),
+        "{p:?}"
+    );
+    let client = CallClient::default();
+    for pin in ["via:maa-1", "via:maa-2"] {
+        let r = client
+            .send(
+                Method::POST,
+                &format!("{}/v1/calls", fleet.pop("blr").local_url()),
+                &[("x-detour-pin", pin)],
+                Bytes::from_static(b"{}"),
+            )
+            .await;
+        assert_eq!(r.status, Some(200), "{pin}: {r:?}");
+        assert_eq!(r.path.as_deref(), Some(pin));
+    }
+    fleet.shutdown().await;
+}

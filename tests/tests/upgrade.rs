@@ -427,6 +427,8 @@ async fn a_peer_upgraded_while_blr_relays_through_it_fails_nothing_on_blr() {
     // relay at every handover.
     let traffic = load(fleet.pop("blr").agent().local_addr, 12, true);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let blr = fleet.pop("blr").agent().clone();
+    let switches = blr.shared.metrics.path_switches.get();
     let mut drains = Vec::new();
     for _ in 0..3 {
         drains.push(fleet.hand_over("maa").await.unwrap());
@@ -437,5 +439,17 @@ async fn a_peer_upgraded_while_blr_relays_through_it_fails_nothing_on_blr() {
     }
     let results = traffic.await.unwrap();
     assert_none_failed(&results, "three upgrades of the peer blr relays through", "");
+    // A tunnel closed by a planned restart is no failure of the path: the
+    // requests on it were answered on a new one, so via:maa stayed up.
+    assert_eq!(
+        blr.shared.metrics.path_switches.get(),
+        switches,
+        "blr moved off via:maa while maa was upgraded"
+    );
+    let state = blr.shared.forwarder.runtime().health.snapshot();
+    assert_eq!(
+        state.by_name("via:maa").map(|p| p.state),
+        Some(detour_wire::PathState::Up)
+    );
     fleet.shutdown().await;
 }

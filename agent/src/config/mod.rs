@@ -336,8 +336,12 @@ impl RelayLimits {
 /// One peer agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
-    /// The peer's PoP name, which its certificate must carry.
+    /// The peer's name, unique in the file: the path is `via:<name>`.
     pub name: String,
+    /// The PoP its certificate names; `name` unless set. Several agents of
+    /// one PoP (telephony servers of one city) share its certificate name and
+    /// are listed under names of their own, e.g. `maa-1` and `maa-2`.
+    pub pop: String,
     /// `host:port` of the peer's relay listener.
     pub relay: String,
     /// Preference among healthy peers; higher is preferred.

@@ -63,6 +63,9 @@ fn validate(d: &mut Diag<'_>, pop: &str, own_relay: Option<SocketAddr>) -> Vec<P
     for p in &raw.peer {
         let p = p.get_ref();
         check_name(d, &p.name, pop, &mut names);
+        if let Some(cert) = &p.pop {
+            check_pop(d, cert, pop);
+        }
         check_relay(d, &p.relay, own_relay, &mut relays);
         let weight = match &p.weight {
             None => Peer::DEFAULT_WEIGHT,
@@ -74,6 +77,7 @@ fn validate(d: &mut Diag<'_>, pop: &str, own_relay: Option<SocketAddr>) -> Vec<P
         };
         peers.push(Peer {
             name: p.name.get_ref().clone(),
+            pop: p.pop.as_ref().unwrap_or(&p.name).get_ref().clone(),
             relay: p.relay.get_ref().clone(),
             weight,
             enabled: p.enabled.unwrap_or(Peer::DEFAULT_ENABLED),
@@ -97,6 +101,24 @@ fn check_name(d: &mut Diag<'_>, name: &toml::Spanned<String>, pop: &str, seen: &
         );
     } else if !seen.insert(v.clone()) {
         d.span(name, format!("peer.name: `{v}` is listed twice"));
+    }
+}
+
+/// `peer.pop`: a PoP name, not this agent's.
+fn check_pop(d: &mut Diag<'_>, cert: &toml::Spanned<String>, pop: &str) {
+    let v = cert.get_ref();
+    if !valid_pop_name(v) {
+        d.span(
+            cert,
+            format!("peer.pop: `{v}` is not a PoP name (lowercase letters, digits and '-', at most 32)"),
+        );
+    } else if v == pop {
+        d.span(
+            cert,
+            format!(
+                "peer.pop: `{v}` is this agent's own PoP; a detour must leave through another city's uplink"
+            ),
+        );
     }
 }
 

@@ -130,6 +130,7 @@ pub struct PeersFile {
 #[serde(deny_unknown_fields)]
 pub struct Peer {
     pub name: Spanned<String>,
+    pub pop: Option<Spanned<String>>,
     pub relay: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
     pub enabled: Option<bool>,

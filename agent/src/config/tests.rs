@@ -335,3 +335,30 @@ fn diagnostics_never_print_control_characters() {
         "{text}"
     );
 }
+
+#[test]
+fn several_agents_of_one_pop_are_peers_under_names_of_their_own() {
+    let dir = setup();
+    let peers = "[[peer]]\nname = \"maa-1\"\npop = \"maa\"\nrelay = \"10.1.2.3:4443\"\n\
+                 [[peer]]\nname = \"maa-2\"\npop = \"maa\"\nrelay = \"10.1.2.4:4443\"\n\
+                 [[peer]]\nname = \"del\"\nrelay = \"10.1.3.3:4443\"\n";
+    std::fs::write(dir.path().join("peers.toml"), peers).unwrap();
+    let c = load(dir.path()).unwrap();
+    let got: Vec<(&str, &str)> = c
+        .peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.pop.as_str()))
+        .collect();
+    assert_eq!(got, [("maa-1", "maa"), ("maa-2", "maa"), ("del", "del")]);
+    // The certificate name is the PoP's, not this agent's own.
+    let errs = errors_with(
+        dir.path(),
+        VALID,
+        "[[peer]]\nname = \"blr-2\"\npop = \"blr\"\nrelay = \"10.1.2.3:4443\"\n",
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("peer.pop: `blr` is this agent's own PoP")),
+        "{errs:#?}"
+    );
+}

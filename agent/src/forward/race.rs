@@ -61,6 +61,9 @@ pub(super) struct Race<'a, F> {
     attempts: Vec<AttemptRecord>,
     /// Whether a path whose connection broke was put back (once a request).
     again: bool,
+    /// That path's failure, held until its second try tells whether the
+    /// path or only the connection failed.
+    deferred: Option<(usize, FailureKind)>,
 }
 
 impl<'a, F> Race<'a, F>
@@ -87,6 +90,7 @@ where
             pending: Vec::new(),
             attempts: Vec::new(),
             again: false,
+            deferred: None,
         }
     }
 
@@ -161,6 +165,15 @@ where
     pub(super) fn answered(&mut self, id: u64, resp: Response<Incoming>) -> Option<Answer> {
         let p = self.take(id)?;
         let path = &self.rt.paths[p.path];
+        // A path put back after its connection broke, and answered on a new
+        // one: the connection failed (a relay restarted on purpose, a
+        // replica went away), not the path. Another path's answer proves
+        // nothing about it.
+        if let Some((dp, dk)) = self.deferred.take()
+            && dp != p.path
+        {
+            self.rt.health.record(dp, Outcome::Failed(dk));
+        }
         // A late winner proves little about its path; an answer in time is
         // good evidence.
         if !p.timed_out {
@@ -194,7 +207,16 @@ where
     pub(super) fn failed(&mut self, id: u64, kind: FailureKind, msg: String) -> Option<Failure> {
         let p = self.take(id)?;
         let path = &self.rt.paths[p.path];
-        self.rt.health.record(p.path, Outcome::Failed(kind));
+        let connection_gone = matches!(kind, FailureKind::Broken | FailureKind::Refused);
+        let again = connection_gone && !self.again && !self.pending.iter().any(|(_, q)| q.path == p.path);
+        if again {
+            self.deferred = Some((p.path, kind));
+        } else {
+            if let Some((dp, dk)) = self.deferred.take_if(|(dp, _)| *dp == p.path) {
+                self.rt.health.record(dp, Outcome::Failed(dk));
+            }
+            self.rt.health.record(p.path, Outcome::Failed(kind));
+        }
         self.fwd
             .metrics
             .attempts
@@ -202,8 +224,7 @@ where
             .inc();
         tracing::debug!(path = %path.name, kind = p.kind, error = %msg, "attempt failed");
         self.attempts.push(record(path, p.kind, msg, self.out.received));
-        let connection_gone = matches!(kind, FailureKind::Broken | FailureKind::Refused);
-        if connection_gone && !self.again && !self.pending.iter().any(|(_, q)| q.path == p.path) {
+        if again {
             // The connection under the attempt broke (a peer's relay that
             // restarted and closed its tunnels) or is going away (a control
             // plane replica's GOAWAY as it shuts down): the path may well
@@ -216,6 +237,16 @@ where
             // Nothing was sent when a connect fails, so the retry duplicates
             // no work and costs no budget.
             self.extra("retry", self.out.emergency || kind == FailureKind::Connect);
+        }
+        if !self
+            .pending
+            .iter()
+            .any(|(_, q)| Some(q.path) == self.deferred.map(|d| d.0))
+            && let Some((dp, dk)) = self.deferred.take()
+        {
+            // Its second try did not start (no budget, no time): the failure
+            // counts as it was.
+            self.rt.health.record(dp, Outcome::Failed(dk));
         }
         self.pending.is_empty().then(|| Failure::Exhausted {
             attempts: std::mem::take(&mut self.attempts),
@@ -242,6 +273,9 @@ where
 
     /// The deadline passed: every attempt still running failed.
     pub(super) fn deadline_passed(&mut self) -> Failure {
+        if let Some((dp, dk)) = self.deferred.take() {
+            self.rt.health.record(dp, Outcome::Failed(dk));
+        }
         for (_, p) in &self.pending {
             self.rt
                 .health

@@ -6,6 +6,8 @@
 //! - [`compare`]: the same load and faults against HAProxy + Squid (root).
 //! - [`netns`]: failover on the real kernel network (root).
 //! - [`soak`]: an hour of faults on the kernel network (root).
+//! - [`upgrade`]: the local entry point upgraded under traffic, against
+//!   HAProxy's seamless reload.
 //!
 //! [`faults`] is what failover and compare share.
 
@@ -20,14 +22,16 @@ pub mod faults;
 pub mod netns;
 pub mod overhead;
 pub mod soak;
+pub mod upgrade;
 
 /// Options of `detour-lab bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Which benchmark: overhead, failover, compare (HAProxy + Squid, root),
     /// netns (failover on the real kernel network, root), soak (an hour of
-    /// faults on the kernel network, root; `--seconds` sets the length), all
-    /// (overhead and failover).
+    /// faults on the kernel network, root; `--seconds` sets the length),
+    /// upgrade (the agent upgraded under traffic, against HAProxy's seamless
+    /// reload; `--runs` upgrades each), all (overhead and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -43,7 +47,8 @@ pub struct BenchArgs {
     /// agent's default when absent.
     #[arg(long)]
     pub agent_threads: Option<u16>,
-    /// Runs per fault (`netns`): each on a fresh fleet.
+    /// Runs per fault (`netns`): each on a fresh fleet; upgrades per system
+    /// (`upgrade`).
     #[arg(long, default_value_t = 5)]
     pub runs: u32,
 }
@@ -67,10 +72,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "failover" => failover::run(&args).await,
         "netns" => netns::run(&args).await,
         "soak" => soak::run(&args).await,
+        "upgrade" => upgrade::run(&args).await,
         "all" => {
             overhead::run(&args).await?;
             failover::run(&args).await
         }
-        other => bail!("unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak or all"),
+        other => bail!(
+            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade or all"
+        ),
     }
 }
