@@ -107,6 +107,26 @@ pub fn cp_server_config(certs: &Path) -> anyhow::Result<Arc<rustls::ServerConfig
     crate::mock_cp::server_config(&certs.join("cp.pem"), &certs.join("cp.key"))
 }
 
+/// The sum of counter `metric` on `agent` over every series whose `label`
+/// has `value` (e.g. `detour_attempts_total` with `path` = `direct`).
+pub fn counter_sum(agent: &Agent, metric: &str, label: &str, value: &str) -> u64 {
+    agent
+        .shared
+        .metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == metric)
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == label && l.value() == value)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
 /// Installs the ring crypto provider once per process.
 pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use detour_agent::Agent;
 use detour_agent::config::AgentConfig;
-use detour_lab::fleet::{CP_HOST, check_stored_once, cp_server_config, init_crypto};
+use detour_lab::fleet::{CP_HOST, check_stored_once, counter_sum, cp_server_config, init_crypto};
 use detour_lab::haproxy_squid::haproxy_balancer;
 use detour_lab::load::{CallClient, CallResult, paced};
 use detour_lab::pg::PrivatePostgres;
@@ -263,21 +263,7 @@ async fn a_rolling_restart_behind_haproxy_fails_and_duplicates_no_call() {
          the restarted replicas had created {carried} before their restart",
         done.len()
     );
-    let failed_attempts: u64 = agent
-        .shared
-        .metrics
-        .registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == "detour_attempts_total")
-        .flat_map(|f| f.get_metric())
-        .filter(|m| {
-            m.get_label()
-                .iter()
-                .any(|l| l.name() == "result" && l.value() == "failed")
-        })
-        .map(|m| m.get_counter().get_value() as u64)
-        .sum();
+    let failed_attempts = counter_sum(&agent, "detour_attempts_total", "result", "failed");
     eprintln!("attempts that failed and were sent again by the agent: {failed_attempts}");
     agent.shutdown(detour_agent::agent::Stop::HandedOver).await;
     for r in replicas {

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use command_fds::{CommandFdExt, FdMapping};
-use detour_lab::fleet::Fleet;
+use detour_lab::fleet::{Fleet, counter_sum};
 use detour_lab::link::Fault;
 use detour_lab::load::{Call, CallClient, CallResult, SMALL_CALL, steady};
 use detour_lab::mock_cp::MockCp;
@@ -313,25 +313,6 @@ async fn five_socket_activated_restarts_fail_and_refuse_nothing() {
     );
 }
 
-/// `detour_attempts_total` on `direct`, summed over kinds and results.
-fn direct_attempts(agent: &detour_agent::Agent) -> u64 {
-    agent
-        .shared
-        .metrics
-        .registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == "detour_attempts_total")
-        .flat_map(|f| f.get_metric())
-        .filter(|m| {
-            m.get_label()
-                .iter()
-                .any(|l| l.name() == "path" && l.value() == "direct")
-        })
-        .map(|m| m.get_counter().get_value() as u64)
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_during_an_outage_keep_to_the_peer_from_the_first_request() {
     let mut fleet = Fleet::start(Default::default()).await.unwrap();
@@ -395,7 +376,7 @@ async fn upgrades_during_an_outage_keep_to_the_peer_from_the_first_request() {
             "the new agent carried the traffic"
         );
         assert_eq!(
-            direct_attempts(&agent),
+            counter_sum(&agent, "detour_attempts_total", "path", "direct"),
             0,
             "the new agent sent requests to the uplink its predecessor knew was down"
         );
