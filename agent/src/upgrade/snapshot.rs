@@ -80,3 +80,74 @@ pub fn restore(dir: &Path, pop: &str, max_age: Duration, health: &HealthTable) -
     let paths = health.remember(&snap.paths, snap.active.as_deref(), age);
     Restored::Used { paths, age }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::AgentConfig;
+    use crate::health::{FailureKind, Outcome, PathInfo};
+    use crate::metrics::Metrics;
+
+    fn table() -> HealthTable {
+        let cfg = AgentConfig::from_str_at(
+            Path::new("agent.toml"),
+            "pop = \"blr\"\n[control_plane]\nurl = \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap()
+        .health;
+        let info = PathInfo {
+            name: Arc::from("direct"),
+            direct: true,
+            weight: 100,
+            enabled: true,
+        };
+        HealthTable::new(cfg, vec![info], Arc::new(Metrics::new("blr")))
+    }
+
+    #[tokio::test]
+    async fn a_fresh_snapshot_is_used_and_a_stale_or_foreign_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            restore(dir.path(), "blr", Duration::from_secs(60), &table()),
+            Restored::Ignored("no snapshot".to_owned())
+        );
+        let old = table();
+        for _ in 0..5 {
+            old.record(0, Outcome::Ok(Duration::from_millis(10)));
+        }
+        old.record(0, Outcome::Failed(FailureKind::Timeout));
+        old.record(0, Outcome::Failed(FailureKind::Timeout));
+        save(dir.path(), "blr", &old).unwrap();
+
+        let new = table();
+        assert!(matches!(
+            restore(dir.path(), "blr", Duration::from_secs(60), &new),
+            Restored::Used { paths: 1, .. }
+        ));
+        assert_eq!(new.snapshot().paths[0].state, old.snapshot().paths[0].state);
+        assert_eq!(new.snapshot().paths[0].consecutive_failures, 2);
+
+        // Written two minutes ago: over a 60 s snapshot_max_age.
+        let path = dir.path().join(Upgrade::SNAPSHOT);
+        let mut snap: Snapshot = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        snap.written_at_ms -= 120_000;
+        std::fs::write(&path, serde_json::to_vec(&snap).unwrap()).unwrap();
+        let stale = restore(dir.path(), "blr", Duration::from_secs(60), &table());
+        assert!(
+            matches!(&stale, Restored::Ignored(why) if why.contains("snapshot_max_age")),
+            "{stale:?}"
+        );
+        let foreign = restore(dir.path(), "maa", Duration::from_secs(60), &table());
+        assert!(
+            matches!(&foreign, Restored::Ignored(why) if why.contains("\"blr\"")),
+            "{foreign:?}"
+        );
+        std::fs::write(dir.path().join(Upgrade::SNAPSHOT), "{torn").unwrap();
+        assert!(matches!(
+            restore(dir.path(), "blr", Duration::from_secs(60), &table()),
+            Restored::Ignored(_)
+        ));
+    }
+}
