@@ -203,12 +203,31 @@ impl Agent {
             self.save_snapshot();
         }
         self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
         let _ = self.stop.send(Some(how));
         let _ = self.shutdown.send(true);
         if let Some(local) = self.local.lock().await.take() {
             let limit = self.drain_timeout + Duration::from_secs(1);
             if tokio::time::timeout(limit, local).await.is_err() {
                 tracing::warn!("local listener did not drain in time");
+            }
+        }
+        // Peers were told the relay is draining (over framed tunnels); they
+        // close each tunnel once their requests on it are answered. Whatever
+        // is open at the end of the drain time, and every tunnel of a peer
+        // too old to be told, is closed now.
+        if let Some(relay) = &self.shared.relay {
+            let counts = relay.load().counts.clone();
+            let drained = async {
+                while counts.framed() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                tracing::warn!(
+                    tunnels = counts.framed(),
+                    "relayed tunnels still open at the end of the drain: closing them"
+                );
             }
         }
         let _ = self.close.send(true);

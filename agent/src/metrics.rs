@@ -34,6 +34,7 @@ pub struct Metrics {
     pub local_connections_refused: IntCounter,
     pub relay_tunnels_active: IntGauge,
     pub relay_tunnels_total: IntCounterVec,
+    pub path_pool_renewals: IntCounterVec,
     pub relay_rejected: IntCounterVec,
     pub config_reloads: IntCounterVec,
     /// Tasks alive in the agent's tokio runtime, read at each scrape (a
@@ -130,6 +131,13 @@ impl Metrics {
             relay_tunnels_active: reg!(IntGauge::new(
                 "detour_relay_tunnels_active",
                 "Peer tunnels open through this agent's relay."
+            )),
+            path_pool_renewals: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_path_pool_renewals_total",
+                    "Times a peer's relay said it was draining (its agent is being restarted or upgraded) and the path moved new requests to fresh tunnels."
+                ),
+                &["path"]
             )),
             relay_tunnels_total: reg!(IntCounterVec::new(
                 Opts::new(

@@ -7,10 +7,12 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::Full;
@@ -25,6 +27,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{AgentConfig, ControlPlane, Peer};
+use crate::relay::frames::{self, Deframer};
 use crate::tls::ClientTlsError;
 use crate::transport::{Registration, Sockets};
 
@@ -74,14 +77,16 @@ pub enum Route {
 /// as long as the connection lives.
 pub enum DialStream {
     Tcp(TcpStream, Option<Registration>),
-    Tunnel(Box<TlsStream<TcpStream>>, Option<Registration>),
+    /// Through a relay; its downstream is framed when the relay agreed to.
+    Tunnel(Box<TlsStream<TcpStream>>, Option<Registration>, Option<Deframer>),
 }
 
 impl AsyncRead for DialStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             DialStream::Tcp(s, _) => Pin::new(s).poll_read(cx, buf),
-            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            DialStream::Tunnel(s, _, Some(f)) => f.poll_read(Pin::new(s.as_mut()), cx, buf),
+            DialStream::Tunnel(s, _, None) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -90,21 +95,21 @@ impl AsyncWrite for DialStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             DialStream::Tcp(s, _) => Pin::new(s).poll_write(cx, buf),
-            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            DialStream::Tunnel(s, ..) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             DialStream::Tcp(s, _) => Pin::new(s).poll_flush(cx),
-            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            DialStream::Tunnel(s, ..) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             DialStream::Tcp(s, _) => Pin::new(s).poll_shutdown(cx),
-            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            DialStream::Tunnel(s, ..) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -115,14 +120,14 @@ impl AsyncWrite for DialStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             DialStream::Tcp(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
-            DialStream::Tunnel(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            DialStream::Tunnel(s, ..) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             DialStream::Tcp(s, _) => s.is_write_vectored(),
-            DialStream::Tunnel(s, _) => s.is_write_vectored(),
+            DialStream::Tunnel(s, ..) => s.is_write_vectored(),
         }
     }
 }
@@ -177,6 +182,8 @@ impl hyper::rt::Write for Io {
 #[derive(Clone)]
 pub struct Dialer {
     inner: Arc<DialerInner>,
+    /// The pool generation this dialer's connections belong to.
+    generation: u64,
 }
 
 struct DialerInner {
@@ -188,6 +195,55 @@ struct DialerInner {
     connect_timeout: Duration,
     peer_tls: Option<TlsConnector>,
     sockets: Arc<Sockets>,
+    retirement: Arc<Retirement>,
+}
+
+/// When a peer's relay says it is draining (its process is being replaced),
+/// the path's pool is retired at once: requests in flight on its tunnels
+/// finish there, each old tunnel closes as its last request ends (its idle
+/// ones at once), which lets the old process exit early, and the next request
+/// gets a fresh pool whose tunnels reach the process that took over. Nothing
+/// is cut, so nothing counts against the path.
+#[derive(Debug)]
+pub struct Retirement {
+    path: Arc<str>,
+    /// The generation of the pool in use (or the next one, when none is).
+    current: AtomicU64,
+    /// The path's pool slot (weak: the pool's dialer holds this).
+    pool: OnceLock<Weak<ArcSwapOption<HttpClient>>>,
+    /// Counts retirements (`detour_path_pool_renewals_total`), once the
+    /// runtime has given it one.
+    renewals: OnceLock<prometheus::IntCounter>,
+    lock: Mutex<()>,
+}
+
+impl Retirement {
+    fn new(path: &str) -> Retirement {
+        Retirement {
+            path: Arc::from(path),
+            current: AtomicU64::new(1),
+            pool: OnceLock::new(),
+            renewals: OnceLock::new(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// A relay said "draining" on a tunnel of pool `generation`.
+    fn signal(&self, generation: u64) {
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.current.load(Ordering::Relaxed) != generation {
+            // Another tunnel of that pool said so first.
+            return;
+        }
+        self.current.store(generation + 1, Ordering::Relaxed);
+        if let Some(slot) = self.pool.get().and_then(Weak::upgrade) {
+            slot.store(None);
+        }
+        if let Some(c) = self.renewals.get() {
+            c.inc();
+        }
+        tracing::info!(path = %self.path, "the peer's relay is draining: new requests go on fresh tunnels, those in flight finish");
+    }
 }
 
 impl tower_service::Service<Uri> for Dialer {
@@ -201,8 +257,9 @@ impl tower_service::Service<Uri> for Dialer {
 
     fn call(&mut self, _dst: Uri) -> Self::Future {
         let inner = self.inner.clone();
+        let generation = self.generation;
         Box::pin(async move {
-            let stream = inner.dial().await?;
+            let stream = inner.dial(generation).await?;
             Ok(Io(TokioIo::new(stream)))
         })
     }
@@ -243,13 +300,13 @@ async fn resolve(target: &str) -> Result<Vec<SocketAddr>, DialError> {
 }
 
 impl DialerInner {
-    async fn dial(&self) -> Result<DialStream, DialError> {
+    async fn dial(&self, generation: u64) -> Result<DialStream, DialError> {
         let target = match &self.route {
             Route::Direct => self.cp_authority.clone(),
             Route::Via { relay, .. } => relay.clone(),
         };
         let started = tokio::time::Instant::now();
-        match tokio::time::timeout(self.connect_timeout, self.dial_inner()).await {
+        match tokio::time::timeout(self.connect_timeout, self.dial_inner(generation)).await {
             Ok(r) => r,
             Err(_) => Err(DialError::Timeout {
                 target,
@@ -258,7 +315,7 @@ impl DialerInner {
         }
     }
 
-    async fn dial_inner(&self) -> Result<DialStream, DialError> {
+    async fn dial_inner(&self, generation: u64) -> Result<DialStream, DialError> {
         match &self.route {
             Route::Direct => {
                 let addrs = if self.cp_addresses.is_empty() {
@@ -291,8 +348,12 @@ impl DialerInner {
                         peer: peer.clone(),
                         source,
                     })?;
-                let stream = connect_tunnel(stream, peer, &self.cp_authority).await?;
-                Ok(DialStream::Tunnel(Box::new(stream), reg))
+                let (stream, framed) = connect_tunnel(stream, peer, &self.cp_authority).await?;
+                let deframer = framed.then(|| {
+                    let retirement = self.retirement.clone();
+                    Deframer::new(Box::new(move || retirement.signal(generation)))
+                });
+                Ok(DialStream::Tunnel(Box::new(stream), reg, deframer))
             }
         }
     }
@@ -300,10 +361,11 @@ impl DialerInner {
 
 /// Asks the relay for a tunnel to `authority` (an HTTP/1.1 `CONNECT`, with
 /// hyper's client) and, when it answers 200, hands the stream back for TLS to
-/// the control plane inside the tunnel. The relay sends nothing after its
+/// the control plane inside the tunnel, with whether the relay agreed to
+/// frame the downstream ([`frames`]). The relay sends nothing after its
 /// answer until we speak (TLS starts with our ClientHello); bytes read past
 /// the answer would break that and are refused.
-async fn connect_tunnel<S>(stream: S, peer: &str, authority: &str) -> Result<S, DialError>
+async fn connect_tunnel<S>(stream: S, peer: &str, authority: &str) -> Result<(S, bool), DialError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -316,6 +378,7 @@ where
         .method(http::Method::CONNECT)
         .uri(authority)
         .header(http::header::HOST, authority)
+        .header(frames::HEADER, frames::FRAMED)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| proto(format!("cannot ask for {authority}: {e}")))?;
     let (mut sender, conn) = http1::Builder::new()
@@ -344,6 +407,10 @@ where
             status: format!("{:?} {}", resp.version(), resp.status()),
         });
     }
+    let framed = resp
+        .headers()
+        .get(frames::HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(frames::FRAMED.as_bytes()));
     let upgraded = if conn_done {
         hyper::upgrade::on(resp).await
     } else {
@@ -361,7 +428,7 @@ where
             parts.read_buf.len()
         )));
     }
-    Ok(parts.io.into_inner())
+    Ok((parts.io.into_inner(), framed))
 }
 
 /// The HTTP client type of every path.
@@ -372,7 +439,11 @@ pub struct PathClient {
     /// `direct` or `via:<peer>`.
     pub name: Arc<str>,
     pub route: Route,
-    pub client: HttpClient,
+    /// The pool in use; emptied when a relay announces it is draining, and
+    /// filled again by the next request.
+    client: Arc<ArcSwapOption<HttpClient>>,
+    dialer: Arc<DialerInner>,
+    cp_tls: Arc<rustls::ClientConfig>,
     /// `http(s)://host:port`, the prefix of every request URI on this path.
     pub origin: String,
     /// The same, parsed once: every request URI is built from these parts.
@@ -400,37 +471,26 @@ impl PathClient {
         peer_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> PathClient {
         let sockets = Arc::new(Sockets::default());
-        let dialer = Dialer {
-            inner: Arc::new(DialerInner {
-                route: route.clone(),
-                cp_host: cp.host.clone(),
-                cp_port: cp.port,
-                cp_authority: cp.authority(),
-                cp_addresses: cp.addresses.clone(),
-                connect_timeout,
-                peer_tls: peer_tls.map(TlsConnector::from),
-                sockets: sockets.clone(),
-            }),
-        };
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*cp_tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(dialer);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
-            .http2_keep_alive_timeout(Duration::from_secs(5))
-            .build(https);
+        let dialer = Arc::new(DialerInner {
+            route: route.clone(),
+            cp_host: cp.host.clone(),
+            cp_port: cp.port,
+            cp_authority: cp.authority(),
+            cp_addresses: cp.addresses.clone(),
+            connect_timeout,
+            peer_tls: peer_tls.map(TlsConnector::from),
+            sockets: sockets.clone(),
+            retirement: Arc::new(Retirement::new(name)),
+        });
+        let client = Arc::new(ArcSwapOption::from_pointee(pool(&dialer, 1, &cp_tls)));
+        let _ = dialer.retirement.pool.set(Arc::downgrade(&client));
         let scheme = if cp.tls { "https" } else { "http" };
         PathClient {
             name: Arc::from(name),
             route,
             client,
+            dialer,
+            cp_tls,
             origin: format!("{scheme}://{}", cp.authority()),
             scheme: if cp.tls {
                 http::uri::Scheme::HTTPS
@@ -441,6 +501,55 @@ impl PathClient {
             sockets,
         }
     }
+}
+
+impl PathClient {
+    /// The pool to send a request on: a new one after a relay announced it
+    /// is draining (see [`Retirement`]).
+    pub fn client(&self) -> Arc<HttpClient> {
+        if let Some(c) = self.client.load_full() {
+            return c;
+        }
+        let r = &self.dialer.retirement;
+        let _one = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = self.client.load_full() {
+            return c;
+        }
+        let c = Arc::new(pool(
+            &self.dialer,
+            r.current.load(Ordering::Relaxed),
+            &self.cp_tls,
+        ));
+        self.client.store(Some(c.clone()));
+        c
+    }
+
+    /// Counts this path's pool retirements on `counter`.
+    pub fn count_renewals(&self, counter: prometheus::IntCounter) {
+        let _ = self.dialer.retirement.renewals.set(counter);
+    }
+}
+
+/// A connection pool (an HTTP client) whose connections `dialer` sets up,
+/// as generation `generation` of the path's pools.
+fn pool(dialer: &Arc<DialerInner>, generation: u64, cp_tls: &Arc<rustls::ClientConfig>) -> HttpClient {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((**cp_tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(Dialer {
+            inner: dialer.clone(),
+            generation,
+        });
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+        .http2_keep_alive_timeout(Duration::from_secs(5))
+        .build(https)
 }
 
 /// Builds every path of a config: `direct` first, then one per enabled or

@@ -66,11 +66,8 @@ pub async fn probe(rt: &Runtime, path: &paths::PathClient, i: usize) -> Outcome 
         .insert("user-agent", http::HeaderValue::from_static("detour-agent-probe"));
     let started = tokio::time::Instant::now();
     let exchange = async {
-        let resp = path
-            .client
-            .request(req)
-            .await
-            .map_err(|e| forward::classify(&e).0)?;
+        let sent = path.client().request(req);
+        let resp = sent.await.map_err(|e| forward::classify(&e).0)?;
         // Any answer proves the path; read it whole so the connection stays pooled.
         let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
             .collect()

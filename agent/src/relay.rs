@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -28,10 +28,31 @@ use crate::config::AgentConfig;
 use crate::ingress::{Body, problem};
 use crate::metrics::Metrics;
 
+pub mod frames;
+
 /// Counts open tunnels, in total and per peer.
 #[derive(Default)]
 pub struct TunnelCounts {
     per_peer: Mutex<HashMap<String, usize>>,
+    /// Of those, the framed ones: their peers are told when this relay
+    /// drains and close them themselves.
+    framed: AtomicUsize,
+}
+
+/// Counts one framed tunnel while it lives.
+struct FramedTunnel(Arc<TunnelCounts>);
+
+impl FramedTunnel {
+    fn new(counts: Arc<TunnelCounts>) -> FramedTunnel {
+        counts.framed.fetch_add(1, Ordering::Relaxed);
+        FramedTunnel(counts)
+    }
+}
+
+impl Drop for FramedTunnel {
+    fn drop(&mut self) {
+        self.0.framed.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A slot in the tunnel limits, released on drop.
@@ -55,6 +76,11 @@ impl Drop for TunnelSlot {
 }
 
 impl TunnelCounts {
+    /// Open tunnels whose peers were told of a drain (framed ones).
+    pub fn framed(&self) -> usize {
+        self.framed.load(Ordering::Relaxed)
+    }
+
     /// Takes a slot, or says which limit is full.
     fn acquire(
         self: &Arc<Self>,
@@ -108,8 +134,11 @@ pub struct Relay {
 }
 
 /// Accepts peer connections until `shutdown` turns true. Tunnels open then
-/// carry on (a peer's request in flight through one finishes) until `close`
-/// turns true, when the agent has drained its own call handlers.
+/// carry on: each framed one tells its peer at once that this relay is
+/// draining, so the peer sends new requests on fresh tunnels (to the process
+/// that took over) and closes this one when its requests in flight are
+/// answered. Whatever is still open when `close` turns true (the agent's
+/// drain time is over) is closed.
 pub async fn serve(
     listener: TcpListener,
     relay: Arc<arc_swap::ArcSwap<Relay>>,
@@ -123,12 +152,13 @@ pub async fn serve(
         };
         let relay = relay.load_full();
         let mut stop = close.clone();
+        let drain = shutdown.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            // Tunnels end with the agent: peers see the close and move their
-            // requests to another path.
+            // Tunnels end with the agent at the latest: a peer sees the close
+            // and moves its requests to another path.
             tokio::select! {
-                _ = handle_conn(relay, tcp, remote, stop.clone()) => {}
+                _ = handle_conn(relay, tcp, remote, drain, stop.clone()) => {}
                 _ = stop.wait_for(|s| *s) => {}
             }
         });
@@ -139,7 +169,8 @@ async fn handle_conn(
     relay: Arc<Relay>,
     tcp: TcpStream,
     remote: std::net::SocketAddr,
-    shutdown: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+    close: watch::Receiver<bool>,
 ) {
     let limits = &relay.config.relay;
     let started = Instant::now();
@@ -184,8 +215,10 @@ async fn handle_conn(
     let service = service_fn(move |req| {
         let relay = relay2.clone();
         let peer = peer2.clone();
-        let shutdown = shutdown.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle_connect(relay, peer, remote, req, shutdown).await) }
+        let (drain, close) = (drain.clone(), close.clone());
+        async move {
+            Ok::<_, std::convert::Infallible>(handle_connect(relay, peer, remote, req, drain, close).await)
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -227,7 +260,8 @@ async fn handle_connect(
     peer: String,
     remote: std::net::SocketAddr,
     req: Request<Incoming>,
-    mut shutdown: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+    mut close: watch::Receiver<bool>,
 ) -> Response<Body> {
     let cp = &relay.config.control_plane;
     if req.method() != Method::CONNECT {
@@ -285,27 +319,42 @@ async fn handle_connect(
         .with_label_values(&[&peer])
         .inc();
     let idle = limits.idle_timeout;
+    let framed = req
+        .headers()
+        .get(frames::HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(frames::FRAMED.as_bytes()));
+    let counts = relay.counts.clone();
     tokio::spawn(async move {
         let _slot = slot;
+        let framed = framed.then(|| FramedTunnel::new(counts));
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let down = TokioIo::new(upgraded);
+                let spliced = async {
+                    if let Some(framed) = framed {
+                        splice_framed(down, upstream, idle, drain, framed).await
+                    } else {
+                        splice(down, upstream, idle).await
+                    }
+                };
                 tokio::select! {
-                    r = splice(down, upstream, idle) => match r {
+                    r = spliced => match r {
                         Ok((up_bytes, down_bytes)) => {
                             tracing::debug!(%peer, up_bytes, down_bytes, "tunnel closed");
                         }
                         Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended"),
                     },
-                    _ = shutdown.wait_for(|s| *s) => tracing::debug!(%peer, "tunnel closed at shutdown"),
+                    _ = close.wait_for(|c| *c) => tracing::info!(%peer, "tunnel still open at the end of the drain: closed"),
                 }
             }
             Err(e) => tracing::debug!(%peer, error = %e, "tunnel upgrade failed"),
         }
     });
-    Response::builder()
-        .status(StatusCode::OK)
-        .body(crate::ingress::full(bytes::Bytes::new()))
+    let mut resp = Response::builder().status(StatusCode::OK);
+    if framed {
+        resp = resp.header(frames::HEADER, frames::FRAMED);
+    }
+    resp.body(crate::ingress::full(bytes::Bytes::new()))
         .unwrap_or_default()
 }
 
@@ -377,6 +426,59 @@ where
         epoch,
     };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    until_idle(copy, last, epoch, idle).await
+}
+
+/// [`splice`] with the downstream (to the peer, `a`) framed, so the relay can
+/// announce that it is draining when `drain` turns true (see [`frames`]).
+/// `held` is dropped when the peer has closed its side: a draining relay
+/// waits for its peers, not for a control plane that never closes its side
+/// (e.g. behind a blackholed uplink).
+pub async fn splice_framed<A, B, H>(
+    a: A,
+    b: B,
+    idle: Duration,
+    drain: watch::Receiver<bool>,
+    held: H,
+) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let epoch = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let (mut a_read, mut a_write) = tokio::io::split(Activity {
+        inner: a,
+        last: last.clone(),
+        epoch,
+    });
+    let (mut b_read, mut b_write) = tokio::io::split(Activity {
+        inner: b,
+        last: last.clone(),
+        epoch,
+    });
+    let up = async {
+        let copied = tokio::io::copy(&mut a_read, &mut b_write).await;
+        drop(held);
+        let n = copied?;
+        b_write.shutdown().await?;
+        Ok::<_, io::Error>(n)
+    };
+    let down = frames::copy_framed(&mut b_read, &mut a_write, drain);
+    until_idle(async { tokio::try_join!(up, down) }, last, epoch, idle).await
+}
+
+/// Runs `copy` to its end, or fails it when no read has moved a byte for
+/// `idle` (`last`: milliseconds after `epoch` of the latest read).
+async fn until_idle<F>(
+    copy: F,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+    idle: Duration,
+) -> io::Result<(u64, u64)>
+where
+    F: Future<Output = io::Result<(u64, u64)>>,
+{
     tokio::pin!(copy);
     loop {
         let since = Duration::from_millis(last.load(Ordering::Relaxed));

@@ -136,6 +136,9 @@ pub fn build(
             }
         }
     }
+    for p in &paths {
+        p.count_renewals(metrics.path_pool_renewals.with_label_values(&[&*p.name]));
+    }
     let infos = paths
         .iter()
         .map(|p| {

@@ -410,16 +410,54 @@ async fn a_peer_upgraded_while_blr_relays_through_it_fails_nothing_on_blr() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let blr = fleet.pop("blr").agent().clone();
     let switches = blr.shared.metrics.path_switches.get();
+    let m = &blr.shared.metrics;
+    let failed_attempts = || {
+        m.attempts
+            .with_label_values(&["via:maa", "first", "failed"])
+            .get()
+            + m.attempts
+                .with_label_values(&["via:maa", "retry", "failed"])
+                .get()
+            + m.attempts
+                .with_label_values(&["via:maa", "hedge", "failed"])
+                .get()
+    };
+    let failed_before = failed_attempts();
     let mut drains = Vec::new();
     for _ in 0..3 {
-        drains.push(fleet.hand_over("maa").await.unwrap());
+        let started = tokio::time::Instant::now();
+        let drain = fleet.hand_over("maa").await.unwrap();
+        drains.push(tokio::spawn(async move {
+            drain.await.unwrap();
+            started.elapsed()
+        }));
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    let mut took = Vec::new();
     for d in drains {
-        d.await.unwrap();
+        took.push(d.await.unwrap());
     }
     let results = traffic.await.unwrap();
     assert_none_failed(&results, "three upgrades of the peer blr relays through", "");
+    // Drained, not cut: maa's relay said it was draining on every tunnel,
+    // blr moved new requests to fresh tunnels (to the new process) at once,
+    // finished those in flight on the old ones and closed them, so no
+    // attempt through maa failed and each old process was gone long before
+    // its drain time (11 s) ran out.
+    assert_eq!(
+        m.path_pool_renewals.with_label_values(&["via:maa"]).get(),
+        3,
+        "blr heard maa drain once per upgrade"
+    );
+    assert_eq!(
+        failed_attempts(),
+        failed_before,
+        "an attempt through maa failed: a tunnel was cut"
+    );
+    assert!(
+        took.iter().all(|t| *t < Duration::from_secs(5)),
+        "an old maa process waited for its tunnels until the drain time: {took:?}"
+    );
     // A tunnel closed by a planned restart is no failure of the path: the
     // requests on it were answered on a new one, so via:maa stayed up.
     assert_eq!(

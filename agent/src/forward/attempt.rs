@@ -28,7 +28,8 @@ pub(super) fn build_request(path: &PathClient, out: &Outbound) -> Request<Full<B
 }
 
 pub(super) async fn run_attempt(id: u64, path: Arc<PathClient>, req: Request<Full<Bytes>>) -> AttemptResult {
-    let result = match path.client.request(req).await {
+    let sent = path.client().request(req);
+    let result = match sent.await {
         Ok(resp) => Ok(resp),
         Err(e) => Err(classify(&e)),
     };

@@ -316,6 +316,7 @@ impl HealthTable {
         let _ = metrics.path_loss.remove_label_values(&[path]);
         let _ = metrics.path_retransmit.remove_label_values(&[path]);
         let _ = metrics.active_path.remove_label_values(&[path]);
+        let _ = metrics.path_pool_renewals.remove_label_values(&[path]);
     }
 
     /// The `/status` view of every path.

@@ -33,9 +33,13 @@ async fn relay(answer: &'static str) -> (SocketAddr, tokio::task::JoinHandle<Str
 async fn a_tunnel_is_asked_for_with_connect_and_carries_bytes_after_200() {
     let (addr, relay) = relay("HTTP/1.1 200 OK\r\n\r\n").await;
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut s = connect_tunnel(tcp, "maa", "cp.example.internal:443")
+    let (mut s, framed) = connect_tunnel(tcp, "maa", "cp.example.internal:443")
         .await
         .unwrap();
+    assert!(
+        !framed,
+        "a relay that does not answer the header gets a raw tunnel"
+    );
     s.write_all(b"hello").await.unwrap();
     let mut back = [0u8; 5];
     s.read_exact(&mut back).await.unwrap();
@@ -50,6 +54,18 @@ async fn a_tunnel_is_asked_for_with_connect_and_carries_bytes_after_200() {
             .contains("host: cp.example.internal:443\r\n"),
         "{head}"
     );
+    assert!(
+        head.to_ascii_lowercase().contains("detour-tunnel: framed\r\n"),
+        "the agent offers a framed tunnel: {head}"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_that_agrees_frames_the_tunnel() {
+    let (addr, _relay) = relay("HTTP/1.1 200 OK\r\ndetour-tunnel: framed\r\n\r\n").await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (_s, framed) = connect_tunnel(tcp, "maa", "cp:443").await.unwrap();
+    assert!(framed);
 }
 
 #[tokio::test]
