@@ -25,7 +25,7 @@ use rustix::net::{
     SendFlags,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::Agent;
@@ -33,6 +33,9 @@ use crate::config::Upgrade;
 
 /// The most sockets an agent has: local, admin, relay.
 const MAX_SOCKETS: usize = 3;
+/// The longest line either side reads (hello, ready): a client that sends
+/// more gets a parse error, not unbounded memory.
+const MAX_LINE: u64 = 4096;
 /// How long the new process may take to say hello, and then to start.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -102,7 +105,7 @@ async fn give(stream: UnixStream, agent: &Agent) -> anyhow::Result<u32> {
     );
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    tokio::time::timeout(HELLO_TIMEOUT, reader.read_line(&mut line)).await??;
+    tokio::time::timeout(HELLO_TIMEOUT, (&mut reader).take(MAX_LINE).read_line(&mut line)).await??;
     let hello: Hello = serde_json::from_str(line.trim())?;
     tracing::info!(version = %hello.version, pid = hello.pid, "a new process asks for the listeners");
     agent.save_snapshot();
@@ -120,7 +123,7 @@ async fn give(stream: UnixStream, agent: &Agent) -> anyhow::Result<u32> {
     drop(sockets);
     let mut reader = BufReader::new(stream);
     line.clear();
-    tokio::time::timeout(READY_TIMEOUT, reader.read_line(&mut line)).await??;
+    tokio::time::timeout(READY_TIMEOUT, (&mut reader).take(MAX_LINE).read_line(&mut line)).await??;
     anyhow::ensure!(
         line.trim() == "ready",
         "the new process did not start (it said {:?})",
