@@ -83,8 +83,19 @@ async fn start_replica(config: &detour_control_plane::Config, addr: SocketAddr) 
 }
 
 /// `detour_cp_calls_total{outcome="created",priority="normal"}` on the
-/// replica at `addr` (its own `/metrics`, over TLS).
+/// replica at `addr`.
 async fn calls_created(addr: SocketAddr, ca: &Path) -> u64 {
+    metric(
+        addr,
+        ca,
+        "detour_cp_calls_total{outcome=\"created\",priority=\"normal\"}",
+    )
+    .await
+}
+
+/// The value of `series` on the replica at `addr` (its own `/metrics`, over
+/// TLS); 0 when it has none.
+async fn metric(addr: SocketAddr, ca: &Path, series: &str) -> u64 {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -115,7 +126,7 @@ async fn calls_created(addr: SocketAddr, ca: &Path) -> u64 {
         .unwrap();
     let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
     text.lines()
-        .find(|l| l.starts_with("detour_cp_calls_total{outcome=\"created\",priority=\"normal\"}"))
+        .find(|l| l.split_whitespace().next() == Some(series))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
@@ -196,6 +207,18 @@ async fn a_rolling_restart_behind_haproxy_fails_and_duplicates_no_call() {
         }
         assert!(tokio::time::Instant::now() < deadline, "no route stored: {r:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The other replica uses the route within `routing.refresh_interval`
+    // (documented); calls start once both do.
+    for r in &replicas {
+        while metric(r.addr, &certs.join("ca.pem"), "detour_cp_route_rules").await < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replica {} never loaded the route",
+                r.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     // 25 calls/s for 14 s, each with its own key, never re-sent by the
