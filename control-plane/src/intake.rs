@@ -213,6 +213,102 @@ pub fn event_request(body: Value, now_ms: i64) -> Result<(crate::record::EventKi
     Ok((kind, at))
 }
 
+/// A recording of a call, as stored in the object store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recording {
+    pub bucket: String,
+    pub key: String,
+    pub size: i64,
+    /// Lower-case hex.
+    pub sha256: String,
+    pub duration_ms: Option<i64>,
+    pub content_type: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordingBody {
+    bucket: String,
+    key: String,
+    size: i64,
+    sha256: String,
+    #[serde(default)]
+    duration_seconds: Option<f64>,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+/// The largest object S3 stores (5 TiB).
+const RECORDING_MAX_SIZE: i64 = 5 << 40;
+/// A recording longer than a day is a broken clock or a forged body.
+const RECORDING_MAX_SECONDS: f64 = 24.0 * 3600.0;
+
+/// Validates a recording body (`POST /v1/calls/{id}/recordings`). Every
+/// problem is reported at once.
+pub fn recording_request(body: Value) -> Result<Recording, Vec<FieldError>> {
+    let r: RecordingBody = serde_json::from_value(body).map_err(|e| {
+        vec![FieldError::new(
+            "",
+            format!("body must be {{\"bucket\", \"key\", \"size\", \"sha256\", \"duration_seconds\"?, \"content_type\"?}} ({e})"),
+        )]
+    })?;
+    let mut errors = Vec::new();
+    // S3's bucket naming rules, the parts that matter for a key we store.
+    let bucket_ok = (3..=63).contains(&r.bucket.len())
+        && r.bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && r.bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && r.bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !bucket_ok {
+        errors.push(FieldError::new(
+            "bucket",
+            "must be an S3 bucket name: 3 to 63 lower-case letters, digits, '-' or '.'",
+        ));
+    }
+    if r.key.is_empty() || r.key.len() > 1024 || r.key.chars().any(char::is_control) {
+        errors.push(FieldError::new(
+            "key",
+            "must be an object key of 1 to 1024 bytes without control characters",
+        ));
+    }
+    if !(0..=RECORDING_MAX_SIZE).contains(&r.size) {
+        errors.push(FieldError::new("size", "must be a byte count from 0 to 5 TiB"));
+    }
+    if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        errors.push(FieldError::new("sha256", "must be 64 hexadecimal digits"));
+    }
+    let duration_ms = match r.duration_seconds {
+        None => None,
+        Some(d) if d.is_finite() && (0.0..=RECORDING_MAX_SECONDS).contains(&d) => {
+            Some((d * 1000.0).round() as i64)
+        }
+        Some(_) => {
+            errors.push(FieldError::new("duration_seconds", "must be from 0 to 86400"));
+            None
+        }
+    };
+    if let Some(t) = &r.content_type
+        && (t.is_empty() || t.len() > 255 || !t.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+    {
+        errors.push(FieldError::new(
+            "content_type",
+            "must be a media type of 1 to 255 printable ASCII characters",
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Recording {
+        bucket: r.bucket,
+        key: r.key,
+        size: r.size,
+        sha256: r.sha256.to_ascii_lowercase(),
+        duration_ms,
+        content_type: r.content_type,
+    })
+}
+
 /// Validates a call-initiation body. Every problem is reported at once.
 ///
 /// Emergency workflow: when the destination is on the emergency list only

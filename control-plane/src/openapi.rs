@@ -157,6 +157,35 @@ pub struct EventRequestSchema {
     pub at: Option<String>,
 }
 
+/// An object in the recordings bucket, reported by the agent that uploaded it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = RecordingRequest)]
+pub struct RecordingRequestSchema {
+    /// S3 bucket name.
+    pub bucket: String,
+    /// Object key, 1 to 1024 bytes.
+    pub key: String,
+    /// Bytes, 0 to 5 TiB.
+    pub size: i64,
+    /// SHA-256 of the object, 64 hex digits.
+    pub sha256: String,
+    /// Length of the recording, 0 to 86400.
+    pub duration_seconds: Option<f64>,
+    pub content_type: Option<String>,
+}
+
+/// A recording of a call.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Recording)]
+pub struct RecordingSchema {
+    pub bucket: String,
+    pub key: String,
+    pub size: i64,
+    pub sha256: String,
+    pub duration_seconds: Option<f64>,
+    pub content_type: Option<String>,
+}
+
 /// A call and what its events say.
 #[derive(Serialize, ToSchema)]
 #[schema(as = CallRecord)]
@@ -180,6 +209,7 @@ pub struct CallRecordSchema {
     pub ended_at: Option<String>,
     pub duration_seconds: Option<f64>,
     pub events: Vec<CallEventSchema>,
+    pub recordings: Vec<RecordingSchema>,
 }
 
 /// A trunk and its share of calls.

@@ -48,6 +48,7 @@ both!(
     idempotency_50_concurrent_duplicates_create_one_call,
     idempotency_keys_expire_after_retention,
     events_build_a_consistent_record_in_any_order,
+    recordings_are_listed_once_and_a_different_object_under_a_key_conflicts,
     routes_admin_is_validated_versioned_and_audited,
     hook_timeout_error_and_breaker_fall_back,
     normal_calls_are_shed_when_saturated_but_emergency_is_not,
@@ -501,6 +502,104 @@ async fn post_event(cp: &Instance, token: &str, id: &str, ev: Value) -> reqwest:
         .send()
         .await
         .unwrap()
+}
+
+async fn post_recording(
+    cp: &Instance,
+    token: &str,
+    id: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> reqwest::Response {
+    let mut req = cp
+        .client
+        .post(cp.url(&format!("/v1/calls/{id}/recordings")))
+        .bearer_auth(token)
+        .json(body);
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    req.send().await.unwrap()
+}
+
+async fn recordings_are_listed_once_and_a_different_object_under_a_key_conflicts(backend: Backend) {
+    let Some(db) = db(backend, "recordings").await else {
+        return;
+    };
+    let cp = Instance::start(db.config("", "")).await;
+    cp.put_route("all", json!({"prefix": "+91", "trunk": "t", "pop": "blr"}))
+        .await;
+    let token = cp.token("blr").await;
+    let call: Value = cp
+        .post_call(&token, &call_body(), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = call["call_id"].as_str().unwrap();
+    let sha = "a".repeat(64);
+    let rec = json!({"bucket": "recordings", "key": format!("blr/2026-12-05/{id}.wav"),
+                     "size": 1234, "sha256": sha, "duration_seconds": 12.5, "content_type": "audio/wav"});
+    // Reported twice (an agent's retry without its key, and with one): one entry.
+    for key in [None, Some("rec-1"), Some("rec-1")] {
+        let r = post_recording(&cp, &token, id, &rec, key).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["recordings"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v["recordings"][0]["sha256"], sha);
+        assert_eq!(v["recordings"][0]["duration_seconds"], 12.5);
+    }
+    // A second recording of the call is listed beside the first.
+    let mut second = rec.clone();
+    second["key"] = json!(format!("blr/2026-12-05/{id}-b.wav"));
+    assert_eq!(post_recording(&cp, &token, id, &second, None).await.status(), 200);
+    // Another object under the first key: 409, and nothing changes.
+    let mut other = rec.clone();
+    other["sha256"] = json!("b".repeat(64));
+    let r = post_recording(&cp, &token, id, &other, None).await;
+    assert_eq!(r.status(), 409);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["type"], "urn:detour:problem:recording-conflict");
+    let got: Value = cp
+        .client
+        .get(cp.url(&format!("/v1/calls/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let list = got["recordings"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{got}");
+    assert_eq!(list[0]["sha256"], sha);
+    // Bad bodies: every problem at once, a 422 problem.
+    let r = post_recording(
+        &cp,
+        &token,
+        id,
+        &json!({"bucket": "No_Such", "key": "", "size": -1, "sha256": "xyz"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 422);
+    let p: Value = r.json().await.unwrap();
+    let fields: Vec<&str> = p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["bucket", "key", "size", "sha256"], "{p}");
+    // Unknown calls and other PoPs' calls are 404.
+    assert_eq!(
+        post_recording(&cp, &token, "nope", &rec, None).await.status(),
+        404
+    );
+    let del = cp.token("del").await;
+    assert_eq!(post_recording(&cp, &del, id, &rec, None).await.status(), 404);
+    cp.stop().await;
+    db.finish().await;
 }
 
 async fn events_build_a_consistent_record_in_any_order(backend: Backend) {

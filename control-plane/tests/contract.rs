@@ -42,6 +42,7 @@ async fn the_document_lists_every_route() {
         ("/v1/calls", "post"),
         ("/v1/calls/{id}", "get"),
         ("/v1/calls/{id}/events", "post"),
+        ("/v1/calls/{id}/recordings", "post"),
         ("/v1/routes", "get"),
         ("/v1/routes/{name}", "get"),
         ("/v1/routes/{name}", "put"),

@@ -322,6 +322,18 @@ fn call_json(row: &store::CallRow) -> Value {
         "ended_at": opt(f.ended_at),
         "duration_seconds": f.duration_ms.map(|d| d as f64 / 1000.0),
         "events": row.events.iter().map(|(k, at)| json!({"event": k.as_str(), "at": rfc3339(*at)})).collect::<Vec<_>>(),
+        "recordings": row.recordings.iter().map(recording_json).collect::<Vec<_>>(),
+    })
+}
+
+fn recording_json(r: &crate::intake::Recording) -> Value {
+    json!({
+        "bucket": r.bucket,
+        "key": r.key,
+        "size": r.size,
+        "sha256": r.sha256,
+        "duration_seconds": r.duration_ms.map(|d| d as f64 / 1000.0),
+        "content_type": r.content_type,
     })
 }
 
@@ -406,6 +418,64 @@ pub(super) async fn post_event(
     match outcome {
         Outcome::Done(Some(row)) => Ok(json_response(StatusCode::OK, &call_json(&row))),
         Outcome::Done(None) => Err(unknown_call(&id)),
+        Outcome::Replay(r) => Ok(stored_response(r, true)),
+        Outcome::Mismatch => Err(mismatch()),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/calls/{id}/recordings", tag = "calls", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The call id."),
+           ("Idempotency-Key" = Option<String>, Header, description = "Repeats with this key get the first answer.")),
+    request_body = openapi::RecordingRequestSchema,
+    responses((status = 200, description = "The call record with all its recordings. Recording the same object again changes nothing.", body = openapi::CallRecordSchema),
+              (status = 409, description = "Another object (size or checksum) is recorded under this key.", body = openapi::ProblemSchema, content_type = "application/problem+json"),
+              openapi::Errors))]
+pub(super) async fn post_recording(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let who = app.auth.authenticate(&headers).await?;
+    let bytes = read_body(&app, body).await?;
+    let value = parse_json(&bytes)?;
+    let rec = intake::recording_request(value).map_err(ApiError::invalid)?;
+    if id.len() > 64 {
+        return Err(unknown_call(&id));
+    }
+    if let Principal::Agent { .. } = &who
+        && !app
+            .store
+            .call_pop(&id)
+            .await?
+            .is_some_and(|pop| may_see(&who, &pop))
+    {
+        return Err(unknown_call(&id));
+    }
+    let path = format!("/v1/calls/{id}/recordings");
+    let idem = idem_of(&headers, &path, &who, &bytes)?;
+    rate_limit(&app, &who).await?;
+    let retention = app.config.idempotency.retention;
+    let outcome = app
+        .store
+        .record_recording(idem.as_ref(), &id, &rec, retention, |row| StoredResponse {
+            status: 200,
+            content_type: "application/json".into(),
+            body: call_json(row).to_string(),
+        })
+        .await?;
+    match outcome {
+        Outcome::Done(store::Recorded::Stored(row)) => Ok(json_response(StatusCode::OK, &call_json(&row))),
+        Outcome::Done(store::Recorded::NoCall) => Err(unknown_call(&id)),
+        Outcome::Done(store::Recorded::Conflict(other)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "recording-conflict",
+            "Another recording under this key",
+            format!(
+                "s3://{}/{} is already recorded for this call with {} bytes and SHA-256 {}",
+                other.bucket, other.key, other.size, other.sha256
+            ),
+        )),
         Outcome::Replay(r) => Ok(stored_response(r, true)),
         Outcome::Mismatch => Err(mismatch()),
     }

@@ -48,6 +48,7 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/calls", post(calls::create_call))
         .route("/v1/calls/{id}", get(calls::get_call))
         .route("/v1/calls/{id}/events", post(calls::post_event))
+        .route("/v1/calls/{id}/recordings", post(calls::post_recording))
         .route("/v1/routes", get(routes::list_routes))
         .route(
             "/v1/routes/{name}",
@@ -71,7 +72,7 @@ pub fn router(app: Shared) -> Router {
 #[openapi(
     info(title = "Detour control plane", description = "Call routing, call records and the fleet view. Errors are RFC 9457 problem+json."),
     paths(health::healthz, health::readyz, health::metrics, calls::create_call, calls::get_call,
-          calls::post_event, routes::list_routes, routes::get_route, routes::put_route,
+          calls::post_event, calls::post_recording, routes::list_routes, routes::get_route, routes::put_route,
           routes::delete_route, audit::audit_log, fleet::post_report, fleet::fleet),
     modifiers(&BearerAuth)
 )]

@@ -35,6 +35,7 @@ pub struct CallRow {
     pub call: NewCall,
     pub folded: record::Folded,
     pub events: Vec<(EventKind, i64)>,
+    pub recordings: Vec<crate::intake::Recording>,
 }
 
 impl Store {
@@ -259,7 +260,7 @@ async fn read_events(conn: &mut AnyConnection, call_id: &str) -> Result<Vec<(Eve
         .collect()
 }
 
-async fn read_call(conn: &mut AnyConnection, id: &str) -> Result<Option<CallRow>> {
+pub(super) async fn read_call(conn: &mut AnyConnection, id: &str) -> Result<Option<CallRow>> {
     let row = sqlx::query(
         "SELECT id, created_at, pop, caller, destination, call_type, priority, metadata, \
          decision FROM calls WHERE id = $1",
@@ -282,9 +283,11 @@ async fn read_call(conn: &mut AnyConnection, id: &str) -> Result<Option<CallRow>
         decision: r.try_get("decision")?,
     };
     let events = read_events(conn, id).await?;
+    let recordings = super::recordings::read_recordings(conn, id).await?;
     Ok(Some(CallRow {
         folded: record::fold(&events),
         call,
         events,
+        recordings,
     }))
 }

@@ -23,6 +23,7 @@ mod batch;
 mod calls;
 mod fleet;
 mod idempotency;
+mod recordings;
 mod routes;
 mod tokens;
 
@@ -31,6 +32,7 @@ use batch::{Batcher, Counters};
 
 pub use audit::AuditRow;
 pub use calls::{CallRow, NewCall};
+pub use recordings::Recorded;
 pub use routes::RouteRow;
 
 /// Prefix, call type, priority and window key: what must be unique among
