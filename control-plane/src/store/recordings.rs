@@ -15,7 +15,7 @@ use crate::intake::Recording;
 #[derive(Debug, Clone)]
 pub enum Recorded {
     /// Stored now or before: the call with all its recordings.
-    Stored(CallRow),
+    Stored(Box<CallRow>),
     /// No such call.
     NoCall,
     /// Another object (size or checksum) is recorded under this key.
@@ -81,7 +81,7 @@ impl Store {
             finish_claim(&mut tx, &idem.key, &respond(&row)).await?;
         }
         tx.commit().await?;
-        Ok(Outcome::Done(Recorded::Stored(row)))
+        Ok(Outcome::Done(Recorded::Stored(Box::new(row))))
     }
 }
 
