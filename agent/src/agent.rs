@@ -140,6 +140,7 @@ impl Agent {
         tasks.spawn(probe::probe_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(probe::refresh_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(admin::report_loop(shared.clone(), shutdown_rx.clone()));
+        tasks.spawn(crate::allocator::trim_loop(shutdown_rx.clone()));
         tracing::info!(pop = %config.pop, version = env!("CARGO_PKG_VERSION"), local = %local_addr, admin = %admin_addr, relay = ?relay_addr, paths = shared.forwarder.runtime().paths.len(), "agent started");
         Ok(Agent {
             local_addr,

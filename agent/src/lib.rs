@@ -8,12 +8,13 @@
 //! from what [`probe`] and the requests observe. [`relay`] serves the peers.
 //! [`runtime`] owns the running state and its replacement on reload,
 //! [`reload`] watches the files, [`agent`] takes or binds the listeners and
-//! starts the loops, [`upgrade`] hands them from one process to the next; [`config`], [`tls`], [`pki`], [`admin`], [`metrics`] and [`status`]
+//! starts the loops, [`upgrade`] hands them from one process to the next; [`config`], [`tls`], [`pki`], [`admin`], [`metrics`], [`allocator`] and [`status`]
 //! support them. `main.rs` only parses the command line and calls into this
 //! library, so tests and the lab drive the same code.
 
 pub mod admin;
 pub mod agent;
+pub mod allocator;
 pub mod config;
 pub mod forward;
 pub mod health;
