@@ -141,6 +141,11 @@ impl Agent {
         tasks.spawn(probe::refresh_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(admin::report_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(crate::allocator::trim_loop(shutdown_rx.clone()));
+        tasks.spawn(crate::recordings::run(
+            shared.clone(),
+            local_addr,
+            shutdown_rx.clone(),
+        ));
         tracing::info!(pop = %config.pop, version = env!("CARGO_PKG_VERSION"), local = %local_addr, admin = %admin_addr, relay = ?relay_addr, paths = shared.forwarder.runtime().paths.len(), "agent started");
         Ok(Agent {
             local_addr,

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod paths;
 pub mod pki;
 pub mod probe;
+pub mod recordings;
 pub mod relay;
 pub mod reload;
 pub mod runtime;

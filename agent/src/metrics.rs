@@ -2,8 +2,8 @@
 //! has its own registry so several agents can run in one process (the lab).
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric the agent exports.
@@ -35,6 +35,12 @@ pub struct Metrics {
     pub relay_tunnels_active: IntGauge,
     pub relay_tunnels_total: IntCounterVec,
     pub path_pool_renewals: IntCounterVec,
+    pub recordings_pending: IntGauge,
+    pub recordings_pending_bytes: IntGauge,
+    pub recordings_oldest_pending_age: Gauge,
+    pub recordings_uploaded: IntCounter,
+    pub recordings_failed: IntCounterVec,
+    pub recordings_bytes: IntCounterVec,
     pub relay_rejected: IntCounterVec,
     pub config_reloads: IntCounterVec,
     /// Tasks alive in the agent's tokio runtime, read at each scrape (a
@@ -131,6 +137,36 @@ impl Metrics {
             relay_tunnels_active: reg!(IntGauge::new(
                 "detour_relay_tunnels_active",
                 "Peer tunnels open through this agent's relay."
+            )),
+            recordings_pending: reg!(IntGauge::new(
+                "detour_recordings_pending",
+                "Complete recordings in the directory not yet stored, recorded and done with."
+            )),
+            recordings_pending_bytes: reg!(IntGauge::new(
+                "detour_recordings_pending_bytes",
+                "Bytes of the pending recordings."
+            )),
+            recordings_oldest_pending_age: reg!(Gauge::new(
+                "detour_recordings_oldest_pending_age_seconds",
+                "Age of the oldest pending recording (since it was written or first seen)."
+            )),
+            recordings_uploaded: reg!(IntCounter::new(
+                "detour_recordings_uploaded_total",
+                "Recordings stored in the object store."
+            )),
+            recordings_failed: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_recordings_failed_total",
+                    "Recording steps that failed, by reason; the recording is tried again and never deleted."
+                ),
+                &["reason"]
+            )),
+            recordings_bytes: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_recordings_bytes_total",
+                    "Recording bytes the object store accepted, by path."
+                ),
+                &["path"]
             )),
             path_pool_renewals: reg!(IntCounterVec::new(
                 Opts::new(

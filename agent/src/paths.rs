@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{AgentConfig, ControlPlane, Peer};
+use crate::config::{AgentConfig, ControlPlane, Peer, Store};
 use crate::relay::frames::{self, Deframer};
 use crate::tls::ClientTlsError;
 use crate::transport::{Registration, Sockets};
@@ -53,6 +53,50 @@ impl DialError {
     /// A relay that answered but said no: the peer is up, yet cannot carry us.
     pub fn is_refusal(&self) -> bool {
         matches!(self, DialError::Refused { .. })
+    }
+}
+
+/// What a path carries requests to: the control plane, or the recordings'
+/// object store. A path only ever dials its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    /// Addresses to dial instead of resolving `host`.
+    pub addresses: Vec<SocketAddr>,
+    pub tls: bool,
+}
+
+impl Target {
+    /// `host:port` as in a CONNECT request.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl From<&ControlPlane> for Target {
+    fn from(cp: &ControlPlane) -> Target {
+        Target {
+            host: cp.host.clone(),
+            port: cp.port,
+            addresses: cp.addresses.clone(),
+            tls: cp.tls,
+        }
+    }
+}
+
+impl From<&Store> for Target {
+    fn from(s: &Store) -> Target {
+        Target {
+            host: s.host.clone(),
+            port: s.port,
+            addresses: s.addresses.clone(),
+            tls: s.tls,
+        }
     }
 }
 
@@ -188,10 +232,10 @@ pub struct Dialer {
 
 struct DialerInner {
     route: Route,
-    cp_host: String,
-    cp_port: u16,
-    cp_authority: String,
-    cp_addresses: Vec<SocketAddr>,
+    target_host: String,
+    target_port: u16,
+    target_authority: String,
+    target_addresses: Vec<SocketAddr>,
     connect_timeout: Duration,
     peer_tls: Option<TlsConnector>,
     sockets: Arc<Sockets>,
@@ -302,7 +346,7 @@ async fn resolve(target: &str) -> Result<Vec<SocketAddr>, DialError> {
 impl DialerInner {
     async fn dial(&self, generation: u64) -> Result<DialStream, DialError> {
         let target = match &self.route {
-            Route::Direct => self.cp_authority.clone(),
+            Route::Direct => self.target_authority.clone(),
             Route::Via { relay, .. } => relay.clone(),
         };
         let started = tokio::time::Instant::now();
@@ -318,12 +362,12 @@ impl DialerInner {
     async fn dial_inner(&self, generation: u64) -> Result<DialStream, DialError> {
         match &self.route {
             Route::Direct => {
-                let addrs = if self.cp_addresses.is_empty() {
-                    resolve(&format!("{}:{}", self.cp_host, self.cp_port)).await?
+                let addrs = if self.target_addresses.is_empty() {
+                    resolve(&format!("{}:{}", self.target_host, self.target_port)).await?
                 } else {
-                    self.cp_addresses.clone()
+                    self.target_addresses.clone()
                 };
-                let tcp = tcp_connect(&addrs, &self.cp_authority).await?;
+                let tcp = tcp_connect(&addrs, &self.target_authority).await?;
                 let reg = self.sockets.register(&tcp);
                 Ok(DialStream::Tcp(tcp, reg))
             }
@@ -348,7 +392,7 @@ impl DialerInner {
                         peer: peer.clone(),
                         source,
                     })?;
-                let (stream, framed) = connect_tunnel(stream, peer, &self.cp_authority).await?;
+                let (stream, framed) = connect_tunnel(stream, peer, &self.target_authority).await?;
                 let deframer = framed.then(|| {
                     let retirement = self.retirement.clone();
                     Deframer::new(Box::new(move || retirement.signal(generation)))
@@ -465,7 +509,7 @@ impl PathClient {
     pub fn new(
         name: &str,
         route: Route,
-        cp: &ControlPlane,
+        target: &Target,
         connect_timeout: Duration,
         cp_tls: Arc<rustls::ClientConfig>,
         peer_tls: Option<Arc<rustls::ClientConfig>>,
@@ -473,10 +517,10 @@ impl PathClient {
         let sockets = Arc::new(Sockets::default());
         let dialer = Arc::new(DialerInner {
             route: route.clone(),
-            cp_host: cp.host.clone(),
-            cp_port: cp.port,
-            cp_authority: cp.authority(),
-            cp_addresses: cp.addresses.clone(),
+            target_host: target.host.clone(),
+            target_port: target.port,
+            target_authority: target.authority(),
+            target_addresses: target.addresses.clone(),
             connect_timeout,
             peer_tls: peer_tls.map(TlsConnector::from),
             sockets: sockets.clone(),
@@ -484,20 +528,20 @@ impl PathClient {
         });
         let client = Arc::new(ArcSwapOption::from_pointee(pool(&dialer, 1, &cp_tls)));
         let _ = dialer.retirement.pool.set(Arc::downgrade(&client));
-        let scheme = if cp.tls { "https" } else { "http" };
+        let scheme = if target.tls { "https" } else { "http" };
         PathClient {
             name: Arc::from(name),
             route,
             client,
             dialer,
             cp_tls,
-            origin: format!("{scheme}://{}", cp.authority()),
-            scheme: if cp.tls {
+            origin: format!("{scheme}://{}", target.authority()),
+            scheme: if target.tls {
                 http::uri::Scheme::HTTPS
             } else {
                 http::uri::Scheme::HTTP
             },
-            authority: cp.authority().parse().ok(),
+            authority: target.authority().parse().ok(),
             sockets,
         }
     }
@@ -563,7 +607,7 @@ pub fn build_paths(config: &AgentConfig) -> Result<Vec<Arc<PathClient>>, ClientT
     let mut paths = vec![Arc::new(PathClient::new(
         "direct",
         Route::Direct,
-        &config.control_plane,
+        &(&config.control_plane).into(),
         config.forward.connect_timeout,
         cp_tls.clone(),
         None,
@@ -587,7 +631,7 @@ pub fn peer_path(
             peer: p.pop.clone(),
             relay: p.relay.clone(),
         },
-        &config.control_plane,
+        &(&config.control_plane).into(),
         config.forward.connect_timeout,
         cp_tls,
         peer_tls,

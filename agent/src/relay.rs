@@ -1,6 +1,7 @@
 //! Relay: the peers' side (Squid's role, done safely). Accepts mutual TLS
 //! from fleet members only, then exactly one `CONNECT` per connection, and only
-//! to the control plane this agent is configured with. The tunnel is spliced
+//! to the control plane this agent is configured with (or the object store
+//! of its own `[recordings]`). The tunnel is spliced
 //! over this agent's own direct uplink (one hop, never through its own peers)
 //! and its bytes are never read: TLS to the control plane is end to end.
 
@@ -27,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::AgentConfig;
 use crate::ingress::{Body, problem};
 use crate::metrics::Metrics;
+use crate::paths::Target;
 
 pub mod frames;
 
@@ -263,7 +265,6 @@ async fn handle_connect(
     drain: watch::Receiver<bool>,
     mut close: watch::Receiver<bool>,
 ) -> Response<Body> {
-    let cp = &relay.config.control_plane;
     if req.method() != Method::CONNECT {
         return refuse(
             &relay,
@@ -278,16 +279,18 @@ async fn handle_connect(
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    if !authority_matches(&target, &cp.host, cp.port) {
+    let Some(dest) = allowed_target(&relay.config, &target) else {
         tracing::warn!(%remote, %peer, %target, "relay refused a CONNECT to a forbidden target");
         return refuse(
             &relay,
             403,
             "forbidden_target",
             "Forbidden tunnel target",
-            format!("this relay only tunnels to the control plane, not to `{target}`"),
+            format!(
+                "this relay only tunnels to the control plane and its recordings store, not to `{target}`"
+            ),
         );
-    }
+    };
     let limits = &relay.config.relay;
     let slot = match relay.counts.acquire(
         &peer,
@@ -307,7 +310,7 @@ async fn handle_connect(
             );
         }
     };
-    let upstream = match dial_control_plane(&relay).await {
+    let upstream = match dial(&relay, &dest).await {
         Ok(s) => s,
         Err((status, reason, detail)) => {
             return refuse(&relay, status, reason, "Control plane unreachable", detail);
@@ -358,19 +361,29 @@ async fn handle_connect(
         .unwrap_or_default()
 }
 
-/// Connects to the control plane's configured addresses (or its resolved
-/// host), the first that answers, within `forward.connect_timeout`. The
-/// relay dials only this: never an address a peer names.
-async fn dial_control_plane(relay: &Relay) -> Result<TcpStream, (u16, &'static str, String)> {
-    let cp = &relay.config.control_plane;
+/// The target a CONNECT to `authority` may reach: this agent's own control
+/// plane, or the object store of its own `[recordings]`; nothing else.
+pub fn allowed_target(config: &AgentConfig, authority: &str) -> Option<Target> {
+    let cp = &config.control_plane;
+    if authority_matches(authority, &cp.host, cp.port) {
+        return Some(cp.into());
+    }
+    let store = &config.recordings.as_ref()?.store;
+    authority_matches(authority, &store.host, store.port).then(|| store.into())
+}
+
+/// Connects to the target's configured addresses (or its resolved host),
+/// the first that answers, within `forward.connect_timeout`. The relay
+/// dials only its own configured targets: never an address a peer names.
+async fn dial(relay: &Relay, target: &Target) -> Result<TcpStream, (u16, &'static str, String)> {
     let unreachable = |detail: String| (502, "upstream_unreachable", detail);
-    let addrs: Vec<std::net::SocketAddr> = if cp.addresses.is_empty() {
-        tokio::net::lookup_host((cp.host.as_str(), cp.port))
+    let addrs: Vec<std::net::SocketAddr> = if target.addresses.is_empty() {
+        tokio::net::lookup_host((target.host.as_str(), target.port))
             .await
-            .map_err(|e| unreachable(format!("resolving {}: {e}", cp.host)))?
+            .map_err(|e| unreachable(format!("resolving {}: {e}", target.host)))?
             .collect()
     } else {
-        cp.addresses.clone()
+        target.addresses.clone()
     };
     let connect = async {
         let mut last = None;

@@ -27,6 +27,8 @@ pub struct Shared {
     pub relay: Option<Arc<ArcSwap<relay::Relay>>>,
     /// The last reload error, shown in `/status` until a reload succeeds.
     pub config_error: ArcSwapOption<String>,
+    /// The recordings backlog (`None` without `[recordings]`).
+    pub recordings: ArcSwapOption<crate::recordings::Backlog>,
 }
 
 /// Why a config was not applied. The running config is unchanged in every case.
@@ -69,6 +71,7 @@ impl Shared {
             metrics,
             relay,
             config_error: ArcSwapOption::empty(),
+            recordings: ArcSwapOption::empty(),
         })
     }
 

@@ -61,6 +61,9 @@ pub struct FleetOptions {
     pub real_cp: bool,
     /// The real control plane's `database_url` (default: SQLite in its dir).
     pub database_url: Option<String>,
+    /// TOML appended as it is to one PoP's agent.toml (e.g. its
+    /// `[recordings]` section), keyed by PoP.
+    pub tail: BTreeMap<String, String>,
 }
 
 impl Default for FleetOptions {
@@ -72,6 +75,7 @@ impl Default for FleetOptions {
             cp_tls: true,
             real_cp: false,
             database_url: None,
+            tail: BTreeMap::new(),
         }
     }
 }
@@ -250,7 +254,9 @@ file = "peers.toml"
 
 [upgrade]
 dir = "run"
+{tail}
 "#,
+            tail = self.opts.tail.get(pop).cloned().unwrap_or_default(),
             scheme = self.scheme(),
             cp_extra = {
                 let mut c = extra("control_plane");

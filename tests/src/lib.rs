@@ -23,4 +23,5 @@ pub mod pg;
 pub mod plot;
 pub mod process;
 pub mod report;
+pub mod s3;
 pub mod soak;

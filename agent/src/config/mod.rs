@@ -52,6 +52,8 @@ pub struct AgentConfig {
     /// The peer list, in file order.
     pub peers: Vec<Peer>,
     pub upgrade: Upgrade,
+    /// `None`: recordings are not carried.
+    pub recordings: Option<Recordings>,
     /// Where the config came from, for reloads and messages.
     pub files: ConfigFiles,
 }
@@ -303,6 +305,100 @@ impl Upgrade {
     pub const SOCKET: &str = "handover.sock";
     /// The health snapshot's file name in `dir`.
     pub const SNAPSHOT: &str = "health.json";
+}
+
+/// Call recordings carried to object storage (`[recordings]`; off when
+/// absent). See docs/recordings.md.
+#[derive(Debug, Clone)]
+pub struct Recordings {
+    /// Where the call handler leaves finished recordings.
+    pub dir: PathBuf,
+    /// File-name patterns (`*.wav`); other files are left alone.
+    pub patterns: Vec<glob::Pattern>,
+    /// How a file is known to be finished.
+    pub complete: Complete,
+    /// Takes the call id from a file name: the `call_id` group, else the
+    /// whole match.
+    pub call_id: regex::Regex,
+    /// The journal of every file seen and its state.
+    pub journal: PathBuf,
+    /// What happens to a file once the store and the control plane have it.
+    pub after_upload: AfterUpload,
+    /// Multipart part size (S3: at least 5 MiB); smaller files go in one PUT.
+    pub part_size: u64,
+    /// How often the directory is scanned.
+    pub scan_interval: Duration,
+    pub store: Store,
+}
+
+/// When a recording is finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Complete {
+    /// As soon as it appears under a matching name (the call handler writes
+    /// elsewhere or under another name, then renames it).
+    Renamed,
+    /// When its size and modification time have not changed for this long.
+    Settled(Duration),
+}
+
+/// What is done with a local file after a confirmed upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterUpload {
+    Delete,
+    Keep,
+    Move(PathBuf),
+}
+
+/// The S3-compatible object store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// `http(s)://host[:port]`.
+    pub endpoint: url::Url,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Addresses to dial instead of resolving `host`.
+    pub addresses: Vec<SocketAddr>,
+    pub bucket: String,
+    pub region: String,
+    /// Path-style URLs (`endpoint/bucket/key`), as S3-compatible servers
+    /// want; `false`: virtual-host style (`bucket.endpoint/key`).
+    pub path_style: bool,
+    pub credentials_file: PathBuf,
+    pub access_key: String,
+    pub secret_key: String,
+    /// Object key with `{pop}`, `{date}` (YYYY-MM-DD, UTC), `{call_id}` and
+    /// `{file}` filled in.
+    pub key_template: String,
+    pub ca: Option<PathBuf>,
+    pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl Store {
+    /// `host:port` as in a CONNECT request.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Recordings {
+    pub const DEFAULT_PATTERNS: [&str; 4] = ["*.wav", "*.mp3", "*.ogg", "*.opus"];
+    /// Default of `recordings.settle`.
+    pub const DEFAULT_SETTLE: Duration = Duration::from_secs(5);
+    /// Default of `recordings.part_size`.
+    pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
+    /// S3's smallest part (all but the last).
+    pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+    /// Default of `recordings.scan_interval`.
+    pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_millis(250);
+    /// Default of `recordings.store.key_template`.
+    pub const DEFAULT_KEY_TEMPLATE: &str = "{pop}/{date}/{call_id}/{file}";
+    /// Default journal file name, in `dir`.
+    pub const JOURNAL: &str = ".detour-recordings.journal";
 }
 
 /// [`Ingress::DEFAULT_MAX_HEADER_BYTES`], at the path the lab's tests size

@@ -24,6 +24,37 @@ pub struct Agent {
     pub peers: Option<PeersRef>,
     #[serde(default)]
     pub upgrade: Upgrade,
+    pub recordings: Option<Spanned<Recordings>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recordings {
+    pub dir: Spanned<String>,
+    pub patterns: Option<Vec<Spanned<String>>>,
+    pub complete: Option<Spanned<String>>,
+    pub settle: Option<Spanned<String>>,
+    pub call_id: Option<Spanned<String>>,
+    pub journal: Option<Spanned<String>>,
+    pub after_upload: Option<Spanned<String>>,
+    pub move_to: Option<Spanned<String>>,
+    pub part_size: Option<Spanned<toml::Value>>,
+    pub scan_interval: Option<Spanned<String>>,
+    pub store: Spanned<Store>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    pub endpoint: Spanned<String>,
+    pub bucket: Spanned<String>,
+    pub region: Option<Spanned<String>>,
+    pub credentials_file: Spanned<String>,
+    pub profile: Option<Spanned<String>>,
+    pub key_template: Option<Spanned<String>>,
+    pub path_style: Option<bool>,
+    pub addresses: Option<Vec<Spanned<String>>>,
+    pub ca: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -362,3 +362,54 @@ fn several_agents_of_one_pop_are_peers_under_names_of_their_own() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
+    let dir = setup();
+    std::fs::write(
+        dir.path().join("s3.credentials"),
+        "# comment\n[other]\naws_access_key_id = X\n[lab]\naws_access_key_id = AK\naws_secret_access_key = SK\n",
+    )
+    .unwrap();
+    let good = format!(
+        "{VALID}[recordings]\ndir = \"rec\"\n[recordings.store]\nendpoint = \"https://s3.ap-south-1.amazonaws.com\"\n\
+         bucket = \"calls-blr\"\nregion = \"ap-south-1\"\ncredentials_file = \"s3.credentials\"\nprofile = \"lab\"\npath_style = false\n"
+    );
+    std::fs::write(dir.path().join("agent.toml"), &good).unwrap();
+    let c = load(dir.path()).unwrap();
+    let r = c.recordings.unwrap();
+    assert_eq!(r.dir, dir.path().join("rec"));
+    assert_eq!(r.complete, Complete::Renamed);
+    assert_eq!(r.after_upload, AfterUpload::Delete);
+    assert_eq!(r.part_size, Recordings::DEFAULT_PART_SIZE);
+    assert_eq!(r.journal, dir.path().join("rec").join(Recordings::JOURNAL));
+    assert!(r.patterns.iter().any(|p| p.matches("abc.wav")));
+    assert_eq!(&r.call_id.captures("abc-123.wav").unwrap()["call_id"], "abc-123");
+    // Virtual-host style: the bucket is in the host dialled and signed.
+    assert_eq!(r.store.host, "calls-blr.s3.ap-south-1.amazonaws.com");
+    assert_eq!(r.store.port, 443);
+    assert_eq!(
+        (r.store.access_key.as_str(), r.store.secret_key.as_str()),
+        ("AK", "SK")
+    );
+
+    let bad = format!(
+        "{VALID}[recordings]\ndir = \"rec\"\ncomplete = \"closed\"\nafter_upload = \"move\"\npart_size = \"1MiB\"\n\
+         patterns = [\"a/*.wav\"]\ncall_id = \"(\"\n[recordings.store]\nendpoint = \"ftp://x\"\nbucket = \"Bad_Bucket\"\n\
+         credentials_file = \"missing.credentials\"\nkey_template = \"{{pop}}/{{when}}\"\n"
+    );
+    let errs = errors_with(dir.path(), &bad, PEERS);
+    for want in [
+        "recordings.complete: `closed`",
+        "recordings.after_upload = \"move\" needs recordings.move_to",
+        "recordings.part_size: must be from 5MiB",
+        "recordings.patterns: a pattern matches file names",
+        "recordings.call_id: not a regular expression",
+        "recordings.store.endpoint: must be https://",
+        "recordings.store.bucket: must be an S3 bucket name",
+        "recordings.store.credentials_file: cannot read",
+        "recordings.store.key_template: unknown field `{when}`",
+    ] {
+        assert!(errs.iter().any(|e| e.contains(want)), "no `{want}` in {errs:#?}");
+    }
+}

@@ -9,6 +9,7 @@ mod forward;
 mod health;
 mod ingress;
 mod listen;
+mod recordings;
 mod relay;
 mod tls;
 mod upgrade;
@@ -39,6 +40,10 @@ pub(super) fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -
     let ingress = ingress::validate(&mut d, &raw.ingress);
     let relay = relay::validate(&mut d, &raw.relay);
     let upgrade = upgrade::validate(&mut d, &raw.upgrade, path);
+    let recordings = raw
+        .recordings
+        .as_ref()
+        .and_then(|r| recordings::validate(&mut d, r));
     // The peers file is validated against its own text.
     let (peers, peers_path) = peers::named_in(&mut d, raw.peers.as_ref(), &pop, listen.relay);
 
@@ -75,6 +80,7 @@ pub(super) fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -
         relay,
         peers,
         upgrade,
+        recordings,
         files: ConfigFiles {
             agent: path.to_path_buf(),
             peers: peers_path,

@@ -1,0 +1,387 @@
+//! Requests to the S3-compatible store, signed with `rusty-s3` (sans-IO:
+//! it only builds presigned URLs) and sent on the agent's own paths to the
+//! store, best-ranked first; a request that fails on one path (not
+//! answered, or a 5xx) is sent again on the next. A file up to
+//! `recordings.part_size` goes in one `PUT`; a larger one as a multipart
+//! upload whose id and finished parts are journalled, so it resumes. Every
+//! part carries its SHA-256 (`x-amz-checksum-sha256`) for the store to check.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{BodyExt, Full};
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::journal::{Entry, Part};
+use super::{Failure, Look, Reason, open_failure, unchanged};
+use crate::config::{AgentConfig, Recordings};
+use crate::paths::{PathClient, Route, Target};
+use crate::runtime::Shared;
+
+/// How long a presigned URL stays valid: longer than any one request.
+const SIGNED_FOR: Duration = Duration::from_secs(3600);
+
+/// The store and a pool per path to it.
+pub(super) struct Store {
+    config: Arc<AgentConfig>,
+    bucket: Bucket,
+    credentials: Credentials,
+    part_size: u64,
+    paths: Vec<Arc<PathClient>>,
+}
+
+impl Store {
+    pub(super) fn new(config: Arc<AgentConfig>, cfg: &Recordings) -> Result<Store, String> {
+        let s = &cfg.store;
+        let style = if s.path_style {
+            UrlStyle::Path
+        } else {
+            UrlStyle::VirtualHost
+        };
+        let bucket = Bucket::new(s.endpoint.clone(), style, s.bucket.clone(), s.region.clone())
+            .map_err(|e| e.to_string())?;
+        let tls = crate::tls::control_plane_client_config(&s.ca_certs).map_err(|e| e.to_string())?;
+        let peer_tls = match &config.tls {
+            Some(m) => Some(m.peer_client_config().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let target = Target::from(s);
+        let mut paths = vec![Arc::new(PathClient::new(
+            "direct",
+            Route::Direct,
+            &target,
+            config.forward.connect_timeout,
+            tls.clone(),
+            None,
+        ))];
+        for p in &config.peers {
+            paths.push(Arc::new(PathClient::new(
+                &p.path_name(),
+                Route::Via {
+                    peer: p.pop.clone(),
+                    relay: p.relay.clone(),
+                },
+                &target,
+                config.forward.connect_timeout,
+                tls.clone(),
+                peer_tls.clone(),
+            )));
+        }
+        Ok(Store {
+            credentials: Credentials::new(s.access_key.clone(), s.secret_key.clone()),
+            part_size: cfg.part_size,
+            bucket,
+            paths,
+            config,
+        })
+    }
+
+    /// Whether this was built from `config` (a reload builds it again).
+    pub(super) fn built_from(&self, config: &Arc<AgentConfig>) -> bool {
+        Arc::ptr_eq(&self.config, config)
+    }
+
+    /// Stores the file at `path` (size `size`, modified at `mtime_ms`) under
+    /// `entry.key`, resuming a multipart upload the entry records. `save`
+    /// journals each step before the next.
+    pub(super) async fn upload(
+        &self,
+        shared: &Shared,
+        path: &Path,
+        entry: &mut Entry,
+        size: u64,
+        mtime_ms: i64,
+        save: &mut (dyn FnMut(&Entry) -> Result<(), Failure> + Send),
+    ) -> Result<(), Failure> {
+        let look = Look { size, mtime_ms };
+        if size <= self.part_size {
+            let body = read_range(path, 0, size, look).await?;
+            let sum = b64_sha256(&body);
+            let mut action = self.bucket.put_object(Some(&self.credentials), &entry.key);
+            action.headers_mut().insert("x-amz-checksum-sha256", sum.clone());
+            let url = action.sign(SIGNED_FOR);
+            self.send(shared, Method::PUT, url, &[("x-amz-checksum-sha256", &sum)], body)
+                .await?;
+            return Ok(());
+        }
+        let upload_id = match &entry.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let mut action = self
+                    .bucket
+                    .create_multipart_upload(Some(&self.credentials), &entry.key);
+                action.headers_mut().insert("x-amz-checksum-algorithm", "SHA256");
+                let url = action.sign(SIGNED_FOR);
+                let (_, body) = self
+                    .send(
+                        shared,
+                        Method::POST,
+                        url,
+                        &[("x-amz-checksum-algorithm", "SHA256")],
+                        Bytes::new(),
+                    )
+                    .await?;
+                let text = String::from_utf8_lossy(&body);
+                let id = rusty_s3::actions::CreateMultipartUpload::parse_response(&text)
+                    .map_err(|e| {
+                        Failure::new(Reason::StoreRefused, format!("CreateMultipartUpload answer: {e}"))
+                    })?
+                    .upload_id()
+                    .to_owned();
+                entry.upload_id = Some(id.clone());
+                entry.parts.clear();
+                save(entry)?;
+                id
+            }
+        };
+        let count = size.div_ceil(self.part_size);
+        for n in 1..=count {
+            let number = u16::try_from(n).map_err(|_| {
+                Failure::new(
+                    Reason::StoreRefused,
+                    "more than 65535 parts: raise recordings.part_size",
+                )
+            })?;
+            if entry.parts.iter().any(|p| p.number == number) {
+                continue;
+            }
+            let start = (n - 1) * self.part_size;
+            let len = self.part_size.min(size - start);
+            let body = read_range(path, start, len, look).await?;
+            let sum = b64_sha256(&body);
+            let mut action = self
+                .bucket
+                .upload_part(Some(&self.credentials), &entry.key, number, &upload_id);
+            action.headers_mut().insert("x-amz-checksum-sha256", sum.clone());
+            let url = action.sign(SIGNED_FOR);
+            let sent = self
+                .send(shared, Method::PUT, url, &[("x-amz-checksum-sha256", &sum)], body)
+                .await;
+            let (headers, _) = match sent {
+                Ok(r) => r,
+                Err(f) if f.detail.contains("NoSuchUpload") => {
+                    // The store no longer has the upload (aborted, expired):
+                    // start again with a new one.
+                    entry.upload_id = None;
+                    entry.parts.clear();
+                    save(entry)?;
+                    return Err(f);
+                }
+                Err(f) => return Err(f),
+            };
+            let etag = headers
+                .get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    Failure::new(
+                        Reason::StoreRefused,
+                        format!("part {number}: no ETag in the answer"),
+                    )
+                })?
+                .to_owned();
+            entry.parts.push(Part {
+                number,
+                etag,
+                sha256: sum,
+            });
+            save(entry)?;
+        }
+        entry.parts.sort_by_key(|p| p.number);
+        let action = self.bucket.complete_multipart_upload(
+            Some(&self.credentials),
+            &entry.key,
+            &upload_id,
+            std::iter::empty::<&str>(),
+        );
+        let url = action.sign(SIGNED_FOR);
+        let body = complete_body(&entry.parts);
+        let (_, answer) = self
+            .send(shared, Method::POST, url, &[], Bytes::from(body))
+            .await?;
+        // S3 may answer a failed completion with 200 and an error document.
+        if String::from_utf8_lossy(&answer).contains("<Error>") {
+            return Err(Failure::new(
+                Reason::StoreRefused,
+                format!("CompleteMultipartUpload: {}", String::from_utf8_lossy(&answer)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sends one request on the best path that carries it: a path that does
+    /// not answer, or answers 5xx, passes it to the next. The answer's
+    /// headers and body, or why no path stored it.
+    async fn send(
+        &self,
+        shared: &Shared,
+        method: Method,
+        url: url::Url,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(http::HeaderMap, Bytes), Failure> {
+        let host = &url[url::Position::BeforeHost..url::Position::AfterPort];
+        let path_and_query = &url[url::Position::BeforePath..];
+        // Generous for a slow uplink: 30 s plus 64 KiB/s.
+        let timeout = Duration::from_secs(30) + Duration::from_millis(body.len() as u64 / 64);
+        let snapshot = shared.forwarder.runtime().health.snapshot();
+        let mut order: Vec<&Arc<PathClient>> = snapshot
+            .ranked
+            .iter()
+            .filter_map(|&i| self.paths.iter().find(|p| p.name == snapshot.paths[i].name))
+            .collect();
+        for p in &self.paths {
+            if !order.iter().any(|o| o.name == p.name) {
+                order.push(p);
+            }
+        }
+        let mut last = String::from("no path to the store");
+        for path in order {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(path.scheme.clone());
+            uri.authority = path.authority.clone();
+            uri.path_and_query = path_and_query.parse().ok();
+            let Ok(uri) = http::Uri::from_parts(uri) else {
+                return Err(Failure::new(Reason::StoreRefused, format!("bad URL {url}")));
+            };
+            let mut req = http::Request::new(Full::new(body.clone()));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri;
+            if let Ok(v) = http::HeaderValue::from_str(host) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_str(v),
+                ) {
+                    req.headers_mut().insert(k, v);
+                }
+            }
+            let sent = path.client().request(req);
+            let exchange = async {
+                let resp = sent.await.map_err(|e| crate::forward::classify(&e).1)?;
+                let (parts, body) = resp.into_parts();
+                let body = http_body_util::Limited::new(body, 1024 * 1024)
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                Ok::<_, String>((parts, body))
+            };
+            // The path's health is watched meanwhile: a path the probes find
+            // down (a cut uplink) gives the request up at once, instead of
+            // after a timeout long enough for a slow upload.
+            let went_down = async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let snap = shared.forwarder.runtime().health.snapshot();
+                    if snap
+                        .by_name(&path.name)
+                        .is_some_and(|p| p.state == detour_wire::PathState::Down)
+                    {
+                        return;
+                    }
+                }
+            };
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(timeout, exchange) => r,
+                _ = went_down => {
+                    last = format!("{}: the path went down", path.name);
+                    continue;
+                }
+            };
+            match outcome {
+                Err(_) => last = format!("{}: no answer in {timeout:?}", path.name),
+                Ok(Err(e)) => last = format!("{}: {e}", path.name),
+                Ok(Ok((parts, answer))) if parts.status.is_success() => {
+                    // Recording bytes (objects and parts), not the requests
+                    // around them.
+                    if method == Method::PUT {
+                        shared
+                            .metrics
+                            .recordings_bytes
+                            .with_label_values(&[&*path.name])
+                            .inc_by(body.len() as u64);
+                    }
+                    return Ok((parts.headers, answer));
+                }
+                Ok(Ok((parts, answer))) if parts.status.is_server_error() => {
+                    last = format!(
+                        "{}: {} {}",
+                        path.name,
+                        parts.status,
+                        String::from_utf8_lossy(&answer)
+                    );
+                }
+                Ok(Ok((parts, answer))) => {
+                    return Err(Failure::new(
+                        Reason::StoreRefused,
+                        format!(
+                            "{method} {}: {} {}",
+                            url.path(),
+                            parts.status,
+                            String::from_utf8_lossy(&answer).trim()
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(Failure::new(Reason::StoreUnreachable, last))
+    }
+}
+
+/// `CompleteMultipartUpload`'s body with each part's ETag and checksum.
+fn complete_body(parts: &[Part]) -> String {
+    let mut s = String::from("<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">");
+    for p in parts {
+        s.push_str(&format!(
+            "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag><ChecksumSHA256>{}</ChecksumSHA256></Part>",
+            p.number,
+            xml_escape(&p.etag),
+            xml_escape(&p.sha256)
+        ));
+    }
+    s.push_str("</CompleteMultipartUpload>");
+    s
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn b64_sha256(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
+}
+
+/// `len` bytes of the file from `start`; the file must still look like `l`.
+async fn read_range(path: &Path, start: u64, len: u64, l: Look) -> Result<Bytes, Failure> {
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| open_failure(path, e))?;
+    let unreadable = |e: std::io::Error| Failure::new(Reason::Unreadable, format!("{}: {e}", path.display()));
+    f.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(unreadable)?;
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Failure::new(
+                Reason::Changed,
+                format!("{} got shorter while it was read", path.display()),
+            )
+        } else {
+            unreadable(e)
+        }
+    })?;
+    unchanged(path, l)?;
+    Ok(Bytes::from(buf))
+}
