@@ -57,6 +57,7 @@ pub fn report(shared: &Shared) -> AgentReport {
         active_path: paths.iter().find(|p| p.active).map(|p| p.path.clone()),
         paths,
         config_error: shared.config_error.load().as_ref().map(|s| s.to_string()),
+        recordings: shared.recordings.load().as_deref().cloned(),
     }
 }
 

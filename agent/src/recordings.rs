@@ -29,6 +29,10 @@ use crate::config::{AfterUpload, AgentConfig, Complete, Recordings};
 use crate::runtime::Shared;
 use journal::{Entry, Journal};
 
+/// How long a refused recording waits before it is tried again (the
+/// operator fixes the bucket, the credentials, the control plane).
+pub const REFUSED_RETRY: Duration = Duration::from_secs(10);
+
 /// Why a recording is not done yet (`detour_recordings_failed_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -88,15 +92,7 @@ impl Failure {
 }
 
 /// The backlog, for `/status` and `detour-agent status`.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct Backlog {
-    pub pending: u64,
-    pub pending_bytes: u64,
-    pub oldest_pending_seconds: f64,
-    pub uploaded: u64,
-    /// The last failure, per file still pending.
-    pub failing: Vec<(String, String)>,
-}
+pub type Backlog = detour_wire::RecordingsReport;
 
 /// What a file looked like at one scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,15 +206,26 @@ impl Recorder {
         self.failing.retain(|n, _| present.contains(n));
         // Done files that are gone (deleted or moved by us, or by someone)
         // need no memory; a kept file stays known, so it is not sent again.
-        let gone: Vec<String> = self
+        // A file that went away before it was done is counted, and its
+        // multipart upload, if any, given up.
+        let gone: Vec<Entry> = self
             .journal
             .entries()
-            .filter(|e| e.done && !present.contains(&e.file))
-            .map(|e| e.file.clone())
+            .filter(|e| !present.contains(&e.file))
+            .cloned()
             .collect();
-        for f in gone {
-            if let Err(e) = self.journal.forget(&f) {
-                tracing::warn!(error = %e, "recordings: cannot compact the journal");
+        for e in gone {
+            if !e.done {
+                tracing::warn!(file = %e.file, "recordings: a recording went away before it was stored and recorded");
+                self.fail_count(Reason::Vanished);
+                if let (Some(id), false) = (&e.upload_id, e.stored)
+                    && let Ok(store) = self.store(config, cfg)
+                {
+                    store.abort(&self.shared, &e.key, id).await;
+                }
+            }
+            if let Err(err) = self.journal.forget(&e.file) {
+                tracing::warn!(error = %err, "recordings: cannot compact the journal");
             }
         }
         let mut pending = Vec::new();
@@ -259,7 +266,7 @@ impl Recorder {
                     let backoff = match f.reason {
                         Reason::Changed | Reason::Vanished => Duration::ZERO,
                         Reason::StoreUnreachable | Reason::ControlPlaneUnreachable => Duration::from_secs(1),
-                        _ => Duration::from_secs(30),
+                        _ => REFUSED_RETRY,
                     };
                     self.failing
                         .insert(name.clone(), (f, tokio::time::Instant::now() + backoff));
@@ -328,7 +335,11 @@ impl Recorder {
             failing: self
                 .failing
                 .iter()
-                .map(|(n, (f, _))| (n.clone(), format!("{}: {}", f.reason.as_str(), f.detail)))
+                .map(|(n, (f, _))| detour_wire::RecordingFailure {
+                    file: n.clone(),
+                    reason: f.reason.as_str().to_owned(),
+                    detail: f.detail.clone(),
+                })
                 .collect(),
         };
         self.shared.recordings.store(Some(Arc::new(backlog)));
@@ -343,9 +354,19 @@ impl Recorder {
         l: Look,
     ) -> Result<(), Failure> {
         let path = cfg.dir.join(name);
-        let mut entry = match self.journal.get(name) {
-            Some(e) if e.size == l.size && e.mtime_ms == l.mtime_ms => e.clone(),
-            _ => self.begin(config, cfg, name, &path, l).await?,
+        let mut entry = match self.journal.get(name).cloned() {
+            Some(e) if e.size == l.size && e.mtime_ms == l.mtime_ms => e,
+            old => {
+                // Changed since an upload began: that upload is given up.
+                if let Some(old) = old
+                    && let Some(id) = &old.upload_id
+                    && !old.stored
+                {
+                    let store = self.store(config, cfg)?;
+                    store.abort(&self.shared, &old.key, id).await;
+                }
+                self.begin(config, cfg, name, &path, l).await?
+            }
         };
         if !entry.stored {
             let store = self.store(config, cfg)?;

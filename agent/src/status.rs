@@ -91,6 +91,23 @@ pub fn table(r: &AgentReport) -> String {
             e.replace('\n', "\n  ")
         ));
     }
+    if let Some(rec) = &r.recordings {
+        out.push_str(&format!(
+            "recordings: {} pending ({:.1} MiB), oldest {:.0}s, {} uploaded since start\n",
+            rec.pending,
+            rec.pending_bytes as f64 / (1024.0 * 1024.0),
+            rec.oldest_pending_seconds,
+            rec.uploaded
+        ));
+        for f in &rec.failing {
+            out.push_str(&format!(
+                "  {}: {}: {}\n",
+                detour_wire::printable(&f.file),
+                f.reason,
+                detour_wire::printable(&f.detail)
+            ));
+        }
+    }
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t.set_header(["", "PATH", "STATE", "RTT", "P95", "LOSS", "SCORE", "REASON"]);
@@ -151,6 +168,7 @@ mod tests {
             active_path: Some("direct".into()),
             paths: vec![path("direct", true), path(&long, false)],
             config_error: None,
+            recordings: None,
         };
         let text = table(&report);
         let lines: Vec<&str> = text.lines().skip(1).collect();
@@ -161,5 +179,36 @@ mod tests {
             assert_eq!(&l[col..col + 2], "up", "{text}");
         }
         assert!(lines[2].contains(&long), "{text}");
+    }
+
+    #[test]
+    fn the_recordings_backlog_and_its_failures_are_shown_escaped() {
+        let report = AgentReport {
+            pop: "blr".into(),
+            version: "0.1.0".into(),
+            active_path: Some("direct".into()),
+            paths: vec![path("direct", true)],
+            config_error: None,
+            recordings: Some(detour_wire::RecordingsReport {
+                pending: 2,
+                pending_bytes: 3 * 1024 * 1024,
+                oldest_pending_seconds: 42.0,
+                uploaded: 7,
+                failing: vec![detour_wire::RecordingFailure {
+                    file: "a\u{1b}[31m.wav".into(),
+                    reason: "store_refused".into(),
+                    detail: "404 NoSuchBucket".into(),
+                }],
+            }),
+        };
+        let text = table(&report);
+        assert!(
+            text.contains("recordings: 2 pending (3.0 MiB), oldest 42s, 7 uploaded since start"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  a\\u{1b}[31m.wav: store_refused: 404 NoSuchBucket"),
+            "{text}"
+        );
     }
 }

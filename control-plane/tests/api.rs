@@ -1079,6 +1079,7 @@ async fn fleet_reports_latest_per_pop(backend: Backend) {
                 reason: None,
             }],
             config_error: None,
+            recordings: None,
         };
         let r = cp
             .client

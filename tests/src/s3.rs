@@ -104,6 +104,21 @@ impl Moto {
         }
     }
 
+    /// Multipart uploads begun and neither completed nor aborted.
+    pub async fn open_uploads(&self, bucket: &str) -> anyhow::Result<usize> {
+        let r = self
+            .client
+            .send(
+                http::Method::GET,
+                &self.url(&format!("/{bucket}?uploads")),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        anyhow::ensure!(r.status == Some(200), "listing uploads of {bucket}: {r:?}");
+        Ok(String::from_utf8_lossy(&r.body).matches("<Upload>").count())
+    }
+
     /// The keys in the bucket (up to 1,000).
     pub async fn keys(&self, bucket: &str) -> anyhow::Result<Vec<String>> {
         let r = self

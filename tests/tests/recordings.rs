@@ -142,20 +142,22 @@ fn content(seed: usize, len: usize) -> Vec<u8> {
     out
 }
 
+/// The size of recording `n` of the 200: mostly 1 KB to 1 MB, every 20th
+/// 5 to 20 MB (multipart), two of 60 MB.
+fn size_of(n: usize) -> usize {
+    match n {
+        7 | 77 => 60_000_000,
+        n if n % 20 == 0 => 5_000_000 + n * 75_000,
+        n => 1_000 + (n * 7_919) % 1_000_000,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recordings_written_while_the_uplink_is_cut_reach_the_store_through_a_peer_once_each() {
+async fn recordings_written_while_the_uplink_is_cut_reach_the_store_once_each_and_calls_fail_nothing() {
     if skip() {
         return;
     }
-    let moto = Moto::start().await.unwrap();
-    moto.create_bucket(BUCKET).await.unwrap();
-    let creds_dir = tempfile::tempdir().unwrap();
-    let creds = creds_dir.path().join("s3.credentials");
-    std::fs::write(
-        &creds,
-        "[default]\naws_access_key_id = AKIALAB\naws_secret_access_key = lab-secret\n",
-    )
-    .unwrap();
+    let (moto, _creds_dir, creds) = store().await;
     // blr reaches the store through a link cut with its uplink; the peers
     // reach it directly.
     let blr_store = Link::start(moto.addr).await.unwrap();
@@ -176,52 +178,90 @@ async fn recordings_written_while_the_uplink_is_cut_reach_the_store_through_a_pe
         .unwrap();
     let local = fleet.pop("blr").local_url();
     let client = CallClient::new(Duration::from_secs(5));
-    // blr's uplink is cut: calls and recordings both go through a peer.
+    let dir = fleet.pop("blr").config_path.parent().unwrap().join("recordings");
+    let count = 200;
+    let mut ids = Vec::new();
+    for n in 0..count {
+        ids.push(make_call(&client, &local, n).await);
+    }
+    // Call control keeps going the whole time: 20 calls/s for 30 s, sent
+    // once each by a client that never retries.
+    let calls = {
+        let (client, url) = (
+            CallClient::strict(Duration::from_secs(3)),
+            format!("{local}/v1/calls"),
+        );
+        tokio::spawn(detour_lab::load::paced(20, Duration::from_secs(30), move |n| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                client
+                    .send(
+                        http::Method::POST,
+                        &url,
+                        &[
+                            ("content-type", "application/json"),
+                            ("idempotency-key", &format!("traffic-{n}")),
+                        ],
+                        Bytes::from_static(br#"{"caller":"+919876543210","destination":"+918041234567"}"#),
+                    )
+                    .await
+            }
+        }))
+    };
+    // blr's uplink is cut while the recordings are written; it is restored
+    // 10 s later.
     fleet.pop("blr").uplink.set(Fault::Blackhole);
     blr_store.set(Fault::Blackhole);
-    let dir = fleet.pop("blr").config_path.parent().unwrap().join("recordings");
-    std::fs::create_dir_all(&dir).unwrap();
-    // Mixed sizes: small files in one PUT, larger ones as multipart uploads
-    // of 5 MiB parts.
-    let sizes = [1_000, 40_000, 300_000, 1_500_000, 5 * 1024 * 1024 + 1, 12_000_000];
     let mut expected = Vec::new();
-    for (n, size) in sizes.iter().enumerate() {
-        let id = make_call(&client, &local, n).await;
-        let data = content(n, *size);
+    for (n, id) in ids.iter().enumerate() {
+        let data = content(n, size_of(n));
         let name = format!("{id}.wav");
-        // Written under another name, then renamed: complete = "renamed".
-        let tmp = dir.join(format!(".{name}.part"));
-        std::fs::write(&tmp, &data).unwrap();
-        std::fs::rename(&tmp, dir.join(&name)).unwrap();
-        expected.push((id, name, hex::encode(Sha256::digest(&data)), *size));
+        drop_file(&dir, &name, &data);
+        expected.push((id.clone(), name, hex::encode(Sha256::digest(&data)), data.len()));
     }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during_cut = bytes_sent(fleet.pop("blr").agent());
+    let direct_during_cut = counter_sum(
+        fleet.pop("blr").agent(),
+        "detour_recordings_bytes_total",
+        "path",
+        "direct",
+    );
+    fleet.pop("blr").uplink.set(Fault::Pass);
+    blr_store.set(Fault::Pass);
     // Every file leaves the directory once stored and recorded.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
     loop {
-        let left: Vec<_> = expected
+        let left = expected
             .iter()
             .filter(|(_, name, _, _)| dir.join(name).exists())
-            .collect();
-        if left.is_empty() {
+            .count();
+        if left == 0 {
             break;
         }
         let status = fleet.pop("blr").agent().shared.recordings.load_full();
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{} recordings still in the directory: {:?}; backlog: {status:?}",
-            left.len(),
-            left.iter().map(|l| &l.1).collect::<Vec<_>>()
+            "{left} recordings still in the directory; backlog: {status:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let results = calls.await.unwrap();
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.status != Some(201)).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
+
     let keys = moto.keys(BUCKET).await.unwrap();
-    assert_eq!(keys.len(), expected.len(), "objects: {keys:?}");
+    assert_eq!(keys.len(), count, "one object per recording");
     for (id, name, sha, size) in &expected {
-        let key = keys
-            .iter()
-            .find(|k| k.ends_with(&format!("/{id}/{name}")) && k.starts_with("blr/"))
-            .unwrap_or_else(|| panic!("no object for {name} in {keys:?}"));
-        let body = moto.get(BUCKET, key).await.unwrap().unwrap();
+        let key = format!("blr/{}/{id}/{name}", today());
+        assert!(keys.contains(&key), "no object {key}");
+        let body = moto.get(BUCKET, &key).await.unwrap().unwrap();
         assert_eq!(body.len(), *size, "{key}");
         assert_eq!(
             &hex::encode(Sha256::digest(&body)),
@@ -244,17 +284,18 @@ async fn recordings_written_while_the_uplink_is_cut_reach_the_store_through_a_pe
         assert_eq!(recs[0]["size"], *size as u64);
     }
     let agent = fleet.pop("blr").agent();
-    let total: u64 = sizes.iter().map(|s| *s as u64).sum();
-    let via: u64 = ["via:maa", "via:del"]
-        .iter()
-        .map(|p| counter_sum(agent, "detour_recordings_bytes_total", "path", p))
-        .sum();
-    assert_eq!(via, total, "every byte went through a peer, once");
+    let total: u64 = expected.iter().map(|e| e.3 as u64).sum();
+    // While the uplink was cut, recordings went on through the peers.
+    assert!(during_cut > 0, "nothing was uploaded during the cut");
+    assert_eq!(direct_during_cut, 0, "bytes counted on a blackholed uplink");
+    // Each byte once (a part interrupted by a path going down is sent again
+    // on the next; it was not counted where it did not arrive).
     assert_eq!(
-        counter_sum(agent, "detour_recordings_bytes_total", "path", "direct"),
-        0
+        bytes_sent(agent),
+        total,
+        "bytes sent for {total} bytes of recordings"
     );
-    assert_eq!(agent.shared.metrics.recordings_uploaded.get(), sizes.len() as u64);
+    assert_eq!(agent.shared.metrics.recordings_uploaded.get(), count as u64);
     assert_eq!(agent.shared.metrics.recordings_pending.get(), 0);
     assert_eq!(hard_failures(agent), Vec::<(String, u64)>::new());
     fleet.shutdown().await;
@@ -364,4 +405,231 @@ async fn an_agent_stopped_mid_upload_resumes_without_sending_stored_parts_again(
 fn today() -> String {
     let t = time::OffsetDateTime::now_utc();
     format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
+}
+
+/// Waits until `cond` holds, at most `within`; says what was awaited.
+async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn failures(agent: &detour_agent::Agent, reason: &str) -> u64 {
+    agent
+        .shared
+        .metrics
+        .recordings_failed
+        .with_label_values(&[reason])
+        .get()
+}
+
+/// What blr's `/status` says about a file, if it is failing.
+fn failing(agent: &detour_agent::Agent, file: &str) -> Option<String> {
+    let report = detour_agent::admin::report(&agent.shared);
+    report
+        .recordings?
+        .failing
+        .into_iter()
+        .find(|f| f.file == file)
+        .map(|f| format!("{}: {}", f.reason, f.detail))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_a_damaged_journal_are_reported_and_nothing_is_deleted() {
+    if skip() {
+        return;
+    }
+    let (moto, _creds_dir, creds) = store().await;
+    // The bucket does not exist yet.
+    let late = "late-bucket";
+    let mut tail = BTreeMap::new();
+    tail.insert(
+        "blr".to_owned(),
+        section(&moto, moto.addr, &creds)
+            .replace(&format!("bucket = \"{BUCKET}\""), &format!("bucket = \"{late}\"")),
+    );
+    let mut fleet = Fleet::start(FleetOptions {
+        real_cp: true,
+        tail,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    fleet
+        .put_route("blr", "india", r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#)
+        .await
+        .unwrap();
+    let client = CallClient::new(Duration::from_secs(5));
+    let local = fleet.pop("blr").local_url();
+    let dir = fleet.pop("blr").config_path.parent().unwrap().join("recordings");
+    let id = make_call(&client, &local, 1).await;
+    let good = format!("{id}.wav");
+    let no_id = "not a call id.wav";
+    let unknown = "no-such-call-42.wav";
+    drop_file(&dir, &good, &content(1, 50_000));
+    drop_file(&dir, no_id, &content(2, 1_000));
+    drop_file(&dir, unknown, &content(3, 2_000));
+
+    // No bucket: refused, said why, kept.
+    let blr = fleet.pop("blr").agent().clone();
+    wait_for("the missing bucket reported", Duration::from_secs(10), || {
+        failing(&blr, &good).is_some_and(|f| f.contains("store_refused") && f.contains("NoSuchBucket"))
+    })
+    .await;
+    assert!(failures(&blr, "store_refused") >= 1);
+    let no_id_why = failing(&blr, no_id).expect("no call id reported");
+    assert!(
+        no_id_why.starts_with("no_call_id: `not a call id` is not a call id"),
+        "{no_id_why}"
+    );
+    assert!(dir.join(&good).exists() && dir.join(no_id).exists() && dir.join(unknown).exists());
+
+    // The operator creates the bucket: the next try stores the good file.
+    moto.create_bucket(late).await.unwrap();
+    wait_for("the good recording done", Duration::from_secs(20), || {
+        !dir.join(&good).exists()
+    })
+    .await;
+    let stored = moto
+        .get(late, &format!("blr/{}/{id}/{good}", today()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Sha256::digest(&stored), Sha256::digest(content(1, 50_000)));
+    // A call the control plane does not know: stored, refused there, kept.
+    wait_for("the unknown call reported", Duration::from_secs(20), || {
+        failing(&blr, unknown).is_some_and(|f| f.starts_with("control_plane_refused: 404"))
+    })
+    .await;
+    assert!(dir.join(unknown).exists() && dir.join(no_id).exists());
+
+    // A damaged journal (a crash mid-line, or worse): reported; nothing done
+    // is done again, nothing pending is forgotten.
+    let journal = dir.join(".detour-recordings.journal");
+    fleet.stop_agent("blr").await;
+    let mut text = std::fs::read(&journal).unwrap();
+    text.extend_from_slice(b"{\"file\":\"torn");
+    std::fs::write(&journal, text).unwrap();
+    fleet.restart_agent("blr").await.unwrap();
+    let blr = fleet.pop("blr").agent().clone();
+    wait_for("the damaged line counted", Duration::from_secs(10), || {
+        failures(&blr, "journal") == 1
+    })
+    .await;
+    wait_for(
+        "the pending files reported again",
+        Duration::from_secs(20),
+        || failing(&blr, unknown).is_some() && failing(&blr, no_id).is_some(),
+    )
+    .await;
+    assert_eq!(
+        blr.shared.metrics.recordings_uploaded.get(),
+        0,
+        "a done recording was sent again"
+    );
+    assert_eq!(
+        moto.keys(late).await.unwrap().len(),
+        2,
+        "the good one and the unknown call's"
+    );
+    let text = detour_agent::status::table(&detour_agent::admin::report(&blr.shared));
+    assert!(text.contains("recordings: 2 pending"), "{text}");
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_changes_or_vanishes_mid_upload_is_never_stored_half() {
+    if skip() {
+        return;
+    }
+    let (moto, _creds_dir, creds) = store().await;
+    let blr_store = Link::start(moto.addr).await.unwrap();
+    blr_store.set(Fault::Latency(Duration::from_millis(3)));
+    let mut tail = BTreeMap::new();
+    tail.insert("blr".to_owned(), section(&moto, blr_store.addr, &creds));
+    let fleet = Fleet::start(FleetOptions {
+        real_cp: true,
+        tail,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    fleet
+        .put_route("blr", "india", r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#)
+        .await
+        .unwrap();
+    let client = CallClient::new(Duration::from_secs(5));
+    let local = fleet.pop("blr").local_url();
+    let dir = fleet.pop("blr").config_path.parent().unwrap().join("recordings");
+    let blr = fleet.pop("blr").agent().clone();
+
+    // Changes after its first part is stored: uploaded again, whole.
+    let id = make_call(&client, &local, 1).await;
+    let name = format!("{id}.wav");
+    let mut data = content(1, 16 * 1024 * 1024);
+    drop_file(&dir, &name, &data);
+    wait_for("a first part", Duration::from_secs(30), || bytes_sent(&blr) > 0).await;
+    let more = content(9, 3_000);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(&name))
+            .unwrap();
+        f.write_all(&more).unwrap();
+    }
+    data.extend_from_slice(&more);
+    wait_for("the changed recording done", Duration::from_secs(60), || {
+        !dir.join(&name).exists()
+    })
+    .await;
+    assert!(failures(&blr, "changed") >= 1, "the change went unnoticed");
+    let stored = moto
+        .get(BUCKET, &format!("blr/{}/{id}/{name}", today()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.len(), data.len());
+    assert_eq!(
+        Sha256::digest(&stored),
+        Sha256::digest(&data),
+        "a half-old object was stored"
+    );
+
+    // Vanishes mid-upload: nothing stored under its key, nothing pending.
+    let id2 = make_call(&client, &local, 2).await;
+    let gone = format!("{id2}.wav");
+    let before = bytes_sent(&blr);
+    drop_file(&dir, &gone, &content(2, 16 * 1024 * 1024));
+    wait_for("a first part", Duration::from_secs(30), || {
+        bytes_sent(&blr) > before
+    })
+    .await;
+    std::fs::remove_file(dir.join(&gone)).unwrap();
+    wait_for("nothing pending", Duration::from_secs(30), || {
+        blr.shared.metrics.recordings_pending.get() == 0
+    })
+    .await;
+    assert!(
+        moto.get(BUCKET, &format!("blr/{}/{id2}/{gone}", today()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(failures(&blr, "vanished") >= 1);
+    // Both abandoned multipart uploads were aborted: the store keeps no parts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while moto.open_uploads(BUCKET).await.unwrap() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an abandoned multipart upload was left open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.shutdown().await;
 }

@@ -162,6 +162,34 @@ pub struct AgentReport {
     /// The last configuration reload error, if the running config is older than the files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_error: Option<String>,
+    /// The recordings backlog, when the agent carries recordings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recordings: Option<RecordingsReport>,
+}
+
+/// Recordings not yet stored, recorded and done with, as `/status` and
+/// `detour-agent status` show them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RecordingsReport {
+    pub pending: u64,
+    pub pending_bytes: u64,
+    pub oldest_pending_seconds: f64,
+    /// Stored since the agent started.
+    pub uploaded: u64,
+    /// Each pending file whose last step failed, with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failing: Vec<RecordingFailure>,
+}
+
+/// A pending recording and why its last step failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RecordingFailure {
+    pub file: String,
+    /// `detour_recordings_failed_total`'s reason label.
+    pub reason: String,
+    pub detail: String,
 }
 
 #[cfg(test)]

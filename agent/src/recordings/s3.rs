@@ -214,6 +214,22 @@ impl Store {
         Ok(())
     }
 
+    /// Gives up a multipart upload (the file changed or went away), so the
+    /// store does not keep its parts. Best effort: S3 lifecycle rules
+    /// (`AbortIncompleteMultipartUpload`) clean up what this misses.
+    pub(super) async fn abort(&self, shared: &Shared, key: &str, upload_id: &str) {
+        let action = self
+            .bucket
+            .abort_multipart_upload(Some(&self.credentials), key, upload_id);
+        let url = action.sign(SIGNED_FOR);
+        match self.send(shared, Method::DELETE, url, &[], Bytes::new()).await {
+            Ok(_) => tracing::info!(%key, "recordings: abandoned multipart upload aborted"),
+            Err(f) => {
+                tracing::warn!(%key, detail = %f.detail, "recordings: could not abort an abandoned multipart upload")
+            }
+        }
+    }
+
     /// Sends one request on the best path that carries it: a path that does
     /// not answer, or answers 5xx, passes it to the next. The answer's
     /// headers and body, or why no path stored it.
