@@ -328,6 +328,10 @@ pub struct Recordings {
     pub part_size: u64,
     /// How often the directory is scanned.
     pub scan_interval: Duration,
+    /// Upload bytes per second, all paths together (`None`: no cap).
+    pub max_rate: Option<u64>,
+    /// Upload bytes per second through any one peer (`None`: no cap).
+    pub max_rate_per_peer: Option<u64>,
     pub store: Store,
 }
 

@@ -40,6 +40,8 @@ pub struct Recordings {
     pub move_to: Option<Spanned<String>>,
     pub part_size: Option<Spanned<toml::Value>>,
     pub scan_interval: Option<Spanned<String>>,
+    pub max_rate: Option<Spanned<toml::Value>>,
+    pub max_rate_per_peer: Option<Spanned<toml::Value>>,
     pub store: Spanned<Store>,
 }
 

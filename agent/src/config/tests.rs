@@ -372,7 +372,7 @@ fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
     )
     .unwrap();
     let good = format!(
-        "{VALID}[recordings]\ndir = \"rec\"\n[recordings.store]\nendpoint = \"https://s3.ap-south-1.amazonaws.com\"\n\
+        "{VALID}[recordings]\ndir = \"rec\"\nmax_rate = \"2MB\"\n[recordings.store]\nendpoint = \"https://s3.ap-south-1.amazonaws.com\"\n\
          bucket = \"calls-blr\"\nregion = \"ap-south-1\"\ncredentials_file = \"s3.credentials\"\nprofile = \"lab\"\npath_style = false\n"
     );
     std::fs::write(dir.path().join("agent.toml"), &good).unwrap();
@@ -382,6 +382,7 @@ fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
     assert_eq!(r.complete, Complete::Renamed);
     assert_eq!(r.after_upload, AfterUpload::Delete);
     assert_eq!(r.part_size, Recordings::DEFAULT_PART_SIZE);
+    assert_eq!((r.max_rate, r.max_rate_per_peer), (Some(2_000_000), None));
     assert_eq!(r.journal, dir.path().join("rec").join(Recordings::JOURNAL));
     assert!(r.patterns.iter().any(|p| p.matches("abc.wav")));
     assert_eq!(&r.call_id.captures("abc-123.wav").unwrap()["call_id"], "abc-123");
@@ -395,7 +396,7 @@ fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
 
     let bad = format!(
         "{VALID}[recordings]\ndir = \"rec\"\ncomplete = \"closed\"\nafter_upload = \"move\"\npart_size = \"1MiB\"\n\
-         patterns = [\"a/*.wav\"]\ncall_id = \"(\"\n[recordings.store]\nendpoint = \"ftp://x\"\nbucket = \"Bad_Bucket\"\n\
+         patterns = [\"a/*.wav\"]\ncall_id = \"(\"\nmax_rate_per_peer = \"1KB\"\n[recordings.store]\nendpoint = \"ftp://x\"\nbucket = \"Bad_Bucket\"\n\
          credentials_file = \"missing.credentials\"\nkey_template = \"{{pop}}/{{when}}\"\n"
     );
     let errs = errors_with(dir.path(), &bad, PEERS);
@@ -405,6 +406,7 @@ fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
         "recordings.part_size: must be from 5MiB",
         "recordings.patterns: a pattern matches file names",
         "recordings.call_id: not a regular expression",
+        "recordings.max_rate_per_peer: at least 64KiB",
         "recordings.store.endpoint: must be https://",
         "recordings.store.bucket: must be an S3 bucket name",
         "recordings.store.credentials_file: cannot read",

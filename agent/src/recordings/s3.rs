@@ -34,6 +34,39 @@ pub(super) struct Store {
     credentials: Credentials,
     part_size: u64,
     paths: Vec<Arc<PathClient>>,
+    /// `recordings.max_rate`, all paths together.
+    total: Option<Pacer>,
+    /// `recordings.max_rate_per_peer`, by path name.
+    per_peer: std::collections::HashMap<Arc<str>, Pacer>,
+}
+
+/// Caps a rate of bytes per second, one request at a time: a request may
+/// start when the bytes before it have had their time at the rate. So the
+/// average over a few parts holds the cap; a single part still goes at the
+/// link's speed (smaller parts pace more finely).
+struct Pacer {
+    rate: u64,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for the turn of a request of `bytes`.
+    async fn take(&self, bytes: u64) {
+        let start = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 impl Store {
@@ -73,12 +106,22 @@ impl Store {
                 peer_tls.clone(),
             )));
         }
+        let per_peer = match cfg.max_rate_per_peer {
+            Some(rate) => paths
+                .iter()
+                .filter(|p| matches!(p.route, Route::Via { .. }))
+                .map(|p| (p.name.clone(), Pacer::new(rate)))
+                .collect(),
+            None => Default::default(),
+        };
         Ok(Store {
             credentials: Credentials::new(s.access_key.clone(), s.secret_key.clone()),
             part_size: cfg.part_size,
             bucket,
             paths,
             config,
+            total: cfg.max_rate.map(Pacer::new),
+            per_peer,
         })
     }
 
@@ -256,8 +299,14 @@ impl Store {
                 order.push(p);
             }
         }
+        if let Some(p) = &self.total {
+            p.take(body.len() as u64).await;
+        }
         let mut last = String::from("no path to the store");
         for path in order {
+            if let Some(p) = self.per_peer.get(&path.name) {
+                p.take(body.len() as u64).await;
+            }
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(path.scheme.clone());
             uri.authority = path.authority.clone();
@@ -400,4 +449,51 @@ async fn read_range(path: &Path, start: u64, len: u64, l: Look) -> Result<Bytes,
     })?;
     unchanged(path, l)?;
     Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_holds_the_average_rate_and_lets_the_first_request_go_at_once() {
+        let pacer = Pacer::new(1024 * 1024);
+        let started = tokio::time::Instant::now();
+        pacer.take(1024 * 1024).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        for _ in 0..4 {
+            pacer.take(512 * 1024).await;
+        }
+        // 1 MiB, then four half-MiB requests: the last starts after 3 s.
+        assert_eq!(started.elapsed(), Duration::from_millis(2500));
+        // Idle time is not saved up for a burst.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let t = tokio::time::Instant::now();
+        pacer.take(1024 * 1024).await;
+        pacer.take(1).await;
+        assert_eq!(t.elapsed(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_completion_names_every_part_with_its_checksum_escaped() {
+        let body = complete_body(&[
+            Part {
+                number: 1,
+                etag: "\"abc\"".into(),
+                sha256: "x+y=".into(),
+            },
+            Part {
+                number: 2,
+                etag: "\"d&e\"".into(),
+                sha256: "z".into(),
+            },
+        ]);
+        assert_eq!(
+            body,
+            "<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <Part><PartNumber>1</PartNumber><ETag>&quot;abc&quot;</ETag><ChecksumSHA256>x+y=</ChecksumSHA256></Part>\
+             <Part><PartNumber>2</PartNumber><ETag>&quot;d&amp;e&quot;</ETag><ChecksumSHA256>z</ChecksumSHA256></Part>\
+             </CompleteMultipartUpload>"
+        );
+    }
 }

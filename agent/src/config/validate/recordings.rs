@@ -139,6 +139,24 @@ pub(super) fn validate(d: &mut Diag<'_>, raw: &Spanned<raw::Recordings>) -> Opti
         &r.scan_interval,
         Recordings::DEFAULT_SCAN_INTERVAL,
     );
+    let mut rate = |key: &str, v: &Option<Spanned<toml::Value>>| -> Option<u64> {
+        let v = v.as_ref()?;
+        match parse_size(v.get_ref()) {
+            Ok(n) if n >= 64 * 1024 => Some(n),
+            Ok(_) => {
+                d.span(v, format!("{key}: at least 64KiB (bytes per second)"));
+                ok = false;
+                None
+            }
+            Err(e) => {
+                d.span(v, format!("{key}: {e} (bytes per second)"));
+                ok = false;
+                None
+            }
+        }
+    };
+    let max_rate = rate("recordings.max_rate", &r.max_rate);
+    let max_rate_per_peer = rate("recordings.max_rate_per_peer", &r.max_rate_per_peer);
     let store = store(d, &r.store);
     if !ok {
         return None;
@@ -152,6 +170,8 @@ pub(super) fn validate(d: &mut Diag<'_>, raw: &Spanned<raw::Recordings>) -> Opti
         after_upload,
         part_size,
         scan_interval,
+        max_rate,
+        max_rate_per_peer,
         store: store?,
     })
 }
