@@ -4,6 +4,7 @@
 //! tests compare the stored objects' SHA-256 themselves.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -12,6 +13,10 @@ use bytes::Bytes;
 
 use crate::load::CallClient;
 use crate::process::{Proc, free_port};
+
+/// moto refuses anonymous reads of private objects and checks no
+/// signature: any `Authorization` will do.
+const ANY_AUTH: &str = "AWS4-HMAC-SHA256 Credential=AKIALAB/20261205/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00";
 
 /// Why moto cannot run here, if it cannot.
 pub fn unavailable() -> Option<String> {
@@ -87,13 +92,12 @@ impl Moto {
     /// refuses anonymous reads of private objects and checks no signature:
     /// any `Authorization` will do.)
     pub async fn get(&self, bucket: &str, key: &str) -> anyhow::Result<Option<Bytes>> {
-        let auth = "AWS4-HMAC-SHA256 Credential=AKIALAB/20261205/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00";
         let r = self
             .client
             .send(
                 http::Method::GET,
                 &self.url(&format!("/{bucket}/{key}")),
-                &[("authorization", auth)],
+                &[("authorization", ANY_AUTH)],
                 Bytes::new(),
             )
             .await;
@@ -102,6 +106,20 @@ impl Moto {
             Some(404) => Ok(None),
             _ => anyhow::bail!("GET {bucket}/{key}: {r:?}"),
         }
+    }
+
+    /// Whether the object exists (a `HEAD`).
+    pub async fn exists(&self, bucket: &str, key: &str) -> bool {
+        let r = self
+            .client
+            .send(
+                http::Method::HEAD,
+                &self.url(&format!("/{bucket}/{key}")),
+                &[("authorization", ANY_AUTH)],
+                Bytes::new(),
+            )
+            .await;
+        r.status == Some(200)
     }
 
     /// Multipart uploads begun and neither completed nor aborted.
@@ -139,4 +157,73 @@ impl Moto {
             .map(str::to_owned)
             .collect())
     }
+}
+
+/// A `[recordings]` section for a lab agent: files in `recordings/` next to
+/// its agent.toml, the store at moto's port as `localhost` (path-style
+/// URLs) dialled at `store` (moto itself, or a link in front of it), plus
+/// `extra` lines for the section.
+pub fn recordings_section(
+    moto_port: u16,
+    store: SocketAddr,
+    credentials: &Path,
+    bucket: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+[recordings]
+dir = "recordings"
+complete = "renamed"
+{extra}
+
+[recordings.store]
+endpoint = "http://localhost:{moto_port}"
+addresses = ["{store}"]
+bucket = "{bucket}"
+region = "ap-south-1"
+credentials_file = "{creds}"
+key_template = "{{pop}}/{{date}}/{{call_id}}/{{file}}"
+"#,
+        creds = credentials.display(),
+    )
+}
+
+/// Writes a credentials file (moto accepts any keys) in `dir`; its path.
+pub fn write_credentials(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join("s3.credentials");
+    std::fs::write(
+        &path,
+        "[default]\naws_access_key_id = AKIALAB\naws_secret_access_key = lab-secret\n",
+    )?;
+    Ok(path)
+}
+
+/// Writes `data` as `name` into `dir` the way `complete = "renamed"` wants:
+/// under another name first, then renamed in.
+pub fn drop_file(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.part"));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// Deterministic bytes of `len`, different for each `seed`.
+pub fn content(seed: usize, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut x = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Today (UTC) as a key template's `{date}` writes it.
+pub fn today() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
 }

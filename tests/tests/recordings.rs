@@ -4,14 +4,13 @@
 //! `SKIPPED` (with `DETOUR_REQUIRE_TOOLS=1`, as in CI, it fails instead).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use detour_lab::fleet::{Fleet, FleetOptions, counter_sum};
 use detour_lab::link::{Fault, Link};
 use detour_lab::load::CallClient;
-use detour_lab::s3::Moto;
+use detour_lab::s3::{Moto, content, recordings_section, today, write_credentials};
 use sha2::{Digest, Sha256};
 
 const BUCKET: &str = "recordings";
@@ -30,27 +29,14 @@ fn skip() -> bool {
     }
 }
 
-/// A `[recordings]` section whose store is reached at `store` (blr's is
-/// behind a link the test can cut, like its control-plane uplink).
-fn section(moto: &Moto, store: std::net::SocketAddr, credentials: &Path) -> String {
-    format!(
-        r#"
-[recordings]
-dir = "recordings"
-complete = "renamed"
-part_size = "5MiB"
-scan_interval = "100ms"
-
-[recordings.store]
-endpoint = "http://localhost:{port}"
-addresses = ["{store}"]
-bucket = "{BUCKET}"
-region = "ap-south-1"
-credentials_file = "{creds}"
-key_template = "{{pop}}/{{date}}/{{call_id}}/{{file}}"
-"#,
-        port = moto.addr.port(),
-        creds = credentials.display(),
+/// blr's section: the store at `store`, scanned every 100 ms, 5 MiB parts.
+fn section(moto: &Moto, store: std::net::SocketAddr, credentials: &std::path::Path) -> String {
+    recordings_section(
+        moto.addr.port(),
+        store,
+        credentials,
+        BUCKET,
+        "part_size = \"5MiB\"\nscan_interval = \"100ms\"",
     )
 }
 
@@ -93,21 +79,8 @@ async fn store() -> (Moto, tempfile::TempDir, std::path::PathBuf) {
     let moto = Moto::start().await.unwrap();
     moto.create_bucket(BUCKET).await.unwrap();
     let creds_dir = tempfile::tempdir().unwrap();
-    let creds = creds_dir.path().join("s3.credentials");
-    std::fs::write(
-        &creds,
-        "[default]\naws_access_key_id = AKIALAB\naws_secret_access_key = lab-secret\n",
-    )
-    .unwrap();
+    let creds = write_credentials(creds_dir.path()).unwrap();
     (moto, creds_dir, creds)
-}
-
-/// Writes `data` as `name` into `dir` the way `complete = "renamed"` wants.
-fn drop_file(dir: &Path, name: &str, data: &[u8]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let tmp = dir.join(format!(".{name}.part"));
-    std::fs::write(&tmp, data).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
 /// Makes a call through `pop`'s agent; its id.
@@ -126,20 +99,6 @@ async fn make_call(client: &CallClient, local: &str, n: usize) -> String {
     assert_eq!(r.status, Some(201), "{r:?}");
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     v["call_id"].as_str().unwrap().to_owned()
-}
-
-/// Deterministic bytes of `len`, different for each `seed`.
-fn content(seed: usize, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut x = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// The size of recording `n` of the 200: mostly 1 KB to 1 MB, every 20th
@@ -216,7 +175,7 @@ async fn recordings_written_while_the_uplink_is_cut_reach_the_store_once_each_an
     for (n, id) in ids.iter().enumerate() {
         let data = content(n, size_of(n));
         let name = format!("{id}.wav");
-        drop_file(&dir, &name, &data);
+        detour_lab::s3::drop_file(&dir, &name, &data).unwrap();
         expected.push((id.clone(), name, hex::encode(Sha256::digest(&data)), data.len()));
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -329,7 +288,7 @@ async fn an_agent_stopped_mid_upload_resumes_without_sending_stored_parts_again(
     let big_id = make_call(&client, &local, 100).await;
     let late_id = make_call(&client, &local, 101).await;
     let big = content(100, 26 * 1024 * 1024 + 12_345);
-    drop_file(&dir, &format!("{big_id}.wav"), &big);
+    detour_lab::s3::drop_file(&dir, &format!("{big_id}.wav"), &big).unwrap();
 
     let part = 5 * 1024 * 1024;
     let mut sent = 0;
@@ -356,7 +315,7 @@ async fn an_agent_stopped_mid_upload_resumes_without_sending_stored_parts_again(
         stops += 1;
         if round == 0 {
             // Written while the agent is stopped: found at start.
-            drop_file(&dir, &format!("{late_id}.wav"), &content(101, 70_000));
+            detour_lab::s3::drop_file(&dir, &format!("{late_id}.wav"), &content(101, 70_000)).unwrap();
         }
         fleet.restart_agent("blr").await.unwrap();
     }
@@ -399,12 +358,6 @@ async fn an_agent_stopped_mid_upload_resumes_without_sending_stored_parts_again(
         assert_eq!(call["recordings"].as_array().unwrap().len(), 1, "{call}");
     }
     fleet.shutdown().await;
-}
-
-/// Today (UTC) as the key template writes it.
-fn today() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
 }
 
 /// Waits until `cond` holds, at most `within`; says what was awaited.
@@ -471,9 +424,9 @@ async fn refusals_and_a_damaged_journal_are_reported_and_nothing_is_deleted() {
     let good = format!("{id}.wav");
     let no_id = "not a call id.wav";
     let unknown = "no-such-call-42.wav";
-    drop_file(&dir, &good, &content(1, 50_000));
-    drop_file(&dir, no_id, &content(2, 1_000));
-    drop_file(&dir, unknown, &content(3, 2_000));
+    detour_lab::s3::drop_file(&dir, &good, &content(1, 50_000)).unwrap();
+    detour_lab::s3::drop_file(&dir, no_id, &content(2, 1_000)).unwrap();
+    detour_lab::s3::drop_file(&dir, unknown, &content(3, 2_000)).unwrap();
 
     // No bucket: refused, said why, kept.
     let blr = fleet.pop("blr").agent().clone();
@@ -572,7 +525,7 @@ async fn a_file_that_changes_or_vanishes_mid_upload_is_never_stored_half() {
     let id = make_call(&client, &local, 1).await;
     let name = format!("{id}.wav");
     let mut data = content(1, 16 * 1024 * 1024);
-    drop_file(&dir, &name, &data);
+    detour_lab::s3::drop_file(&dir, &name, &data).unwrap();
     wait_for("a first part", Duration::from_secs(30), || bytes_sent(&blr) > 0).await;
     let more = content(9, 3_000);
     {
@@ -605,7 +558,7 @@ async fn a_file_that_changes_or_vanishes_mid_upload_is_never_stored_half() {
     let id2 = make_call(&client, &local, 2).await;
     let gone = format!("{id2}.wav");
     let before = bytes_sent(&blr);
-    drop_file(&dir, &gone, &content(2, 16 * 1024 * 1024));
+    detour_lab::s3::drop_file(&dir, &gone, &content(2, 16 * 1024 * 1024)).unwrap();
     wait_for("a first part", Duration::from_secs(30), || {
         bytes_sent(&blr) > before
     })
