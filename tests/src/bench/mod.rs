@@ -8,6 +8,7 @@
 //! - [`soak`]: an hour of faults on the kernel network (root).
 //! - [`upgrade`]: the local entry point upgraded under traffic, against
 //!   HAProxy's seamless reload.
+//! - [`recordings`]: recordings to the object store, against boto3.
 //!
 //! [`faults`] is what failover and compare share.
 
@@ -21,6 +22,7 @@ pub mod failover;
 pub mod faults;
 pub mod netns;
 pub mod overhead;
+pub mod recordings;
 pub mod soak;
 pub mod upgrade;
 
@@ -31,7 +33,8 @@ pub struct BenchArgs {
     /// netns (failover on the real kernel network, root), soak (an hour of
     /// faults on the kernel network, root; `--seconds` sets the length),
     /// upgrade (the agent upgraded under traffic, against HAProxy's seamless
-    /// reload; `--runs` upgrades each), all (overhead and failover).
+    /// reload; `--runs` upgrades each), recordings (recordings to an
+    /// S3-compatible store, needs moto), all (overhead and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -73,12 +76,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "netns" => netns::run(&args).await,
         "soak" => soak::run(&args).await,
         "upgrade" => upgrade::run(&args).await,
+        "recordings" => recordings::run(&args).await,
         "all" => {
             overhead::run(&args).await?;
             failover::run(&args).await
         }
         other => bail!(
-            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade or all"
+            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings or all"
         ),
     }
 }

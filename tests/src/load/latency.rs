@@ -19,6 +19,15 @@ impl Latencies {
 
     /// The `q` quantile (0.5 is the median, 1.0 the maximum): the nearest
     /// rank, no interpolation; zero when there are none.
+    /// How many latencies there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn at(&self, q: f64) -> Duration {
         if self.0.is_empty() {
             return Duration::ZERO;
