@@ -112,6 +112,11 @@ struct Recorder {
     failing: HashMap<String, (Failure, tokio::time::Instant)>,
     store: Option<Arc<s3::Store>>,
     uploaded: u64,
+    /// To the agent's own local listener (the control plane's record).
+    local_client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
 }
 
 /// Runs the recorder until `shutdown` turns true. `local` is the agent's own
@@ -151,6 +156,8 @@ pub async fn run(shared: Arc<Shared>, local: std::net::SocketAddr, mut shutdown:
         failing: HashMap::new(),
         store: None,
         uploaded: 0,
+        local_client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http(),
     };
     loop {
         let rt = r.shared.forwarder.runtime();
@@ -484,9 +491,7 @@ impl Recorder {
             .header("idempotency-key", idem)
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))
             .map_err(|err| Failure::new(Reason::ControlPlaneRefused, err.to_string()))?;
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Full<bytes::Bytes>>();
-        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.local_client.request(req))
             .await
             .map_err(|_| Failure::new(Reason::ControlPlaneUnreachable, "no answer in 10 s"))?
             .map_err(|err| Failure::new(Reason::ControlPlaneUnreachable, err.to_string()))?;

@@ -83,6 +83,28 @@ async fn store() -> (Moto, tempfile::TempDir, std::path::PathBuf) {
     (moto, creds_dir, creds)
 }
 
+/// The fleet with the real control plane, each PoP's `tail` in its
+/// agent.toml, and a route for India's numbers to blr.
+async fn fleet_with(tail: BTreeMap<String, String>) -> Fleet {
+    let fleet = Fleet::start(FleetOptions {
+        real_cp: true,
+        tail,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    fleet
+        .put_route("blr", "india", r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#)
+        .await
+        .unwrap();
+    fleet
+}
+
+/// blr's recordings directory.
+fn blr_dir(fleet: &Fleet) -> std::path::PathBuf {
+    fleet.pop("blr").config_path.parent().unwrap().join("recordings")
+}
+
 /// Makes a call through `pop`'s agent; its id.
 async fn make_call(client: &CallClient, local: &str, n: usize) -> String {
     let r = client
@@ -124,20 +146,10 @@ async fn recordings_written_while_the_uplink_is_cut_reach_the_store_once_each_an
     tail.insert("blr".to_owned(), section(&moto, blr_store.addr, &creds));
     tail.insert("maa".to_owned(), section(&moto, moto.addr, &creds));
     tail.insert("del".to_owned(), section(&moto, moto.addr, &creds));
-    let fleet = Fleet::start(FleetOptions {
-        real_cp: true,
-        tail,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    fleet
-        .put_route("blr", "india", r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#)
-        .await
-        .unwrap();
+    let fleet = fleet_with(tail).await;
     let local = fleet.pop("blr").local_url();
     let client = CallClient::new(Duration::from_secs(5));
-    let dir = fleet.pop("blr").config_path.parent().unwrap().join("recordings");
+    let dir = blr_dir(&fleet);
     let count = 200;
     let mut ids = Vec::new();
     for n in 0..count {
@@ -271,20 +283,10 @@ async fn an_agent_stopped_mid_upload_resumes_without_sending_stored_parts_again(
     blr_store.set(Fault::Latency(Duration::from_millis(3)));
     let mut tail = BTreeMap::new();
     tail.insert("blr".to_owned(), section(&moto, blr_store.addr, &creds));
-    let mut fleet = Fleet::start(FleetOptions {
-        real_cp: true,
-        tail,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    fleet
-        .put_route("blr", "india", r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#)
-        .await
-        .unwrap();
+    let mut fleet = fleet_with(tail).await;
     let client = CallClient::new(Duration::from_secs(5));
     let local = fleet.pop("blr").local_url();
-    let dir = fleet.pop("blr").config_path.parent().unwrap().join("recordings");
+    let dir = blr_dir(&fleet);
     let big_id = make_call(&client, &local, 100).await;
     let late_id = make_call(&client, &local, 101).await;
     let big = content(100, 26 * 1024 * 1024 + 12_345);
@@ -406,20 +408,10 @@ async fn refusals_and_a_damaged_journal_are_reported_and_nothing_is_deleted() {
         section(&moto, moto.addr, &creds)
             .replace(&format!("bucket = \"{BUCKET}\""), &format!("bucket = \"{late}\"")),
     );
-    let mut fleet = Fleet::start(FleetOptions {
-        real_cp: true,
-        tail,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    fleet
-        .put_route("blr", "india", r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#)
-        .await
-        .unwrap();
+    let mut fleet = fleet_with(tail).await;
     let client = CallClient::new(Duration::from_secs(5));
     let local = fleet.pop("blr").local_url();
-    let dir = fleet.pop("blr").config_path.parent().unwrap().join("recordings");
+    let dir = blr_dir(&fleet);
     let id = make_call(&client, &local, 1).await;
     let good = format!("{id}.wav");
     let no_id = "not a call id.wav";
@@ -505,20 +497,10 @@ async fn a_file_that_changes_or_vanishes_mid_upload_is_never_stored_half() {
     blr_store.set(Fault::Latency(Duration::from_millis(3)));
     let mut tail = BTreeMap::new();
     tail.insert("blr".to_owned(), section(&moto, blr_store.addr, &creds));
-    let fleet = Fleet::start(FleetOptions {
-        real_cp: true,
-        tail,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    fleet
-        .put_route("blr", "india", r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#)
-        .await
-        .unwrap();
+    let fleet = fleet_with(tail).await;
     let client = CallClient::new(Duration::from_secs(5));
     let local = fleet.pop("blr").local_url();
-    let dir = fleet.pop("blr").config_path.parent().unwrap().join("recordings");
+    let dir = blr_dir(&fleet);
     let blr = fleet.pop("blr").agent().clone();
 
     // Changes after its first part is stored: uploaded again, whole.

@@ -366,6 +366,24 @@ pub(super) async fn get_call(
     }
 }
 
+/// An agent may add to its own PoP's calls only; any other call, and one
+/// that does not exist, is the same 404 (ids cannot be probed).
+async fn check_call_access(app: &App, who: &Principal, id: &str) -> Result<(), ApiError> {
+    if id.len() > 64 {
+        return Err(unknown_call(id));
+    }
+    if let Principal::Agent { .. } = who
+        && !app
+            .store
+            .call_pop(id)
+            .await?
+            .is_some_and(|pop| may_see(who, &pop))
+    {
+        return Err(unknown_call(id));
+    }
+    Ok(())
+}
+
 /// Whether `who` may read or add to a call made by `pop`.
 fn may_see(who: &Principal, pop: &str) -> bool {
     match who {
@@ -389,18 +407,7 @@ pub(super) async fn post_event(
     let bytes = read_body(&app, body).await?;
     let value = parse_json(&bytes)?;
     let (kind, at) = intake::event_request(value, store::now_ms()).map_err(ApiError::invalid)?;
-    if id.len() > 64 {
-        return Err(unknown_call(&id));
-    }
-    if let Principal::Agent { .. } = &who
-        && !app
-            .store
-            .call_pop(&id)
-            .await?
-            .is_some_and(|pop| may_see(&who, &pop))
-    {
-        return Err(unknown_call(&id));
-    }
+    check_call_access(&app, &who, &id).await?;
     let path = format!("/v1/calls/{id}/events");
     let idem = idem_of(&headers, &path, &who, &bytes)?;
     if !emergency_header(&headers) {
@@ -440,18 +447,7 @@ pub(super) async fn post_recording(
     let bytes = read_body(&app, body).await?;
     let value = parse_json(&bytes)?;
     let rec = intake::recording_request(value).map_err(ApiError::invalid)?;
-    if id.len() > 64 {
-        return Err(unknown_call(&id));
-    }
-    if let Principal::Agent { .. } = &who
-        && !app
-            .store
-            .call_pop(&id)
-            .await?
-            .is_some_and(|pop| may_see(&who, &pop))
-    {
-        return Err(unknown_call(&id));
-    }
+    check_call_access(&app, &who, &id).await?;
     let path = format!("/v1/calls/{id}/recordings");
     let idem = idem_of(&headers, &path, &who, &bytes)?;
     rate_limit(&app, &who).await?;
