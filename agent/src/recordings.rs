@@ -123,33 +123,71 @@ struct Recorder {
 /// local listener: the control plane is told of each recording through it,
 /// like any call-handler request (retried, hedged and deduplicated).
 pub async fn run(shared: Arc<Shared>, local: std::net::SocketAddr, mut shutdown: watch::Receiver<bool>) {
-    let rt = shared.forwarder.runtime();
-    let Some(cfg) = rt.config.recordings.clone() else {
-        return;
-    };
-    let (journal, loaded) = match Journal::open(&cfg.journal) {
-        Ok(j) => j,
-        Err(e) => {
-            tracing::error!(journal = %cfg.journal.display(), error = %e, "recordings: cannot open the journal; recordings are not uploaded until it can be");
-            shared
-                .metrics
-                .recordings_failed
-                .with_label_values(&[Reason::Journal.as_str()])
-                .inc();
+    loop {
+        // A `[recordings]` section may come (or go, or move its journal)
+        // with a reload.
+        let journal = loop {
+            if let Some(cfg) = &shared.forwarder.runtime().config.recordings {
+                break cfg.journal.clone();
+            }
+            shared.recordings.store(None);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        };
+        if !watch_section(&shared, local, &journal, &mut shutdown).await {
             return;
+        }
+    }
+}
+
+/// Runs the recorder with the journal at `journal` until shutdown (false)
+/// or until a reload drops the section or moves the journal (true).
+async fn watch_section(
+    shared: &Arc<Shared>,
+    local: std::net::SocketAddr,
+    journal_path: &Path,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let (journal, loaded) = loop {
+        match Journal::open(journal_path) {
+            Ok(j) => break j,
+            Err(e) => {
+                tracing::error!(journal = %journal_path.display(), error = %e, "recordings: cannot open the journal; recordings are not uploaded until it can be");
+                shared
+                    .metrics
+                    .recordings_failed
+                    .with_label_values(&[Reason::Journal.as_str()])
+                    .inc();
+                tokio::select! {
+                    _ = tokio::time::sleep(REFUSED_RETRY) => {}
+                    _ = shutdown.changed() => return false,
+                }
+                let rt = shared.forwarder.runtime();
+                if rt
+                    .config
+                    .recordings
+                    .as_ref()
+                    .is_none_or(|c| c.journal != journal_path)
+                {
+                    return true;
+                }
+            }
         }
     };
     if loaded.damaged > 0 {
-        tracing::warn!(journal = %cfg.journal.display(), damaged = loaded.damaged, "recordings: damaged journal lines skipped; the files they described are found again by the rescan");
+        tracing::warn!(journal = %journal_path.display(), damaged = loaded.damaged, "recordings: damaged journal lines skipped; the files they described are found again by the rescan");
         shared
             .metrics
             .recordings_failed
             .with_label_values(&[Reason::Journal.as_str()])
             .inc_by(loaded.damaged as u64);
     }
-    tracing::info!(dir = %cfg.dir.display(), known = loaded.entries, "recordings: watching");
+    let rt = shared.forwarder.runtime();
+    tracing::info!(journal = %journal_path.display(), known = loaded.entries, "recordings: watching");
     let mut r = Recorder {
-        shared,
+        shared: shared.clone(),
         local,
         journal,
         settling: HashMap::new(),
@@ -159,15 +197,28 @@ pub async fn run(shared: Arc<Shared>, local: std::net::SocketAddr, mut shutdown:
         local_client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http(),
     };
+    let mut seen_config = rt.config.clone();
     loop {
         let rt = r.shared.forwarder.runtime();
         let Some(cfg) = rt.config.recordings.clone() else {
-            return;
+            return true;
         };
-        r.scan(&rt.config, &cfg, &mut shutdown).await;
+        if cfg.journal != journal_path {
+            return true;
+        }
+        if !Arc::ptr_eq(&seen_config, &rt.config) {
+            // A reload (new credentials, a bucket fixed): refused files are
+            // tried again now, not after their wait.
+            seen_config = rt.config.clone();
+            let now = tokio::time::Instant::now();
+            for (_, retry_at) in r.failing.values_mut() {
+                *retry_at = now;
+            }
+        }
+        r.scan(&rt.config, &cfg, shutdown).await;
         tokio::select! {
             _ = tokio::time::sleep(cfg.scan_interval) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return false,
         }
     }
 }

@@ -217,6 +217,11 @@ pub fn same_config(a: &AgentConfig, b: &AgentConfig) -> bool {
         && a.control_plane.token == b.control_plane.token
         && a.control_plane.report_interval == b.control_plane.report_interval
         && same_mesh(a, b)
+        && match (&a.recordings, &b.recordings) {
+            (None, None) => true,
+            (Some(x), Some(y)) => x.same_as(y),
+            _ => false,
+        }
 }
 
 /// Whether connections made for `a` to the control plane are good for `b`:

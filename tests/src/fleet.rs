@@ -16,6 +16,7 @@ use detour_wire::PathState;
 
 use crate::link::Link;
 use crate::mock_cp::MockCp;
+use crate::process::{Proc, free_port, spawn_agent, wait_listening};
 
 /// The control plane's name in every agent's URL; each agent dials it
 /// through its own uplink link.
@@ -374,6 +375,37 @@ dir = "run"
         p.reloader = Some(detour_agent::reload::spawn(agent.clone(), files));
         p.agent = Some(agent);
         Ok(())
+    }
+
+    /// Runs `pop`'s agent as its own `detour-agent run` process (from `bin`,
+    /// with `pop`'s files) instead of in-process: stop the in-process agent
+    /// first. The relay keeps its port; the local and admin listeners get
+    /// fixed ports the first time, so every later process has the same ones.
+    /// Returns once the local listener answers, with the local URL; the
+    /// process is killed when the returned [`Proc`] is dropped.
+    pub async fn spawn_agent_process(&mut self, pop: &str, bin: &Path) -> anyhow::Result<(Proc, String)> {
+        let p = self.pops.get(pop).context("no such pop")?;
+        anyhow::ensure!(p.agent.is_none(), "{pop}'s in-process agent is still running");
+        let mut text = std::fs::read_to_string(&p.config_path)?;
+        let relay = p.relay_addr.context("no relay")?;
+        text = text.replace("relay = \"127.0.0.1:0\"", &format!("relay = \"{relay}\""));
+        for listener in ["local", "admin"] {
+            let any = format!("{listener} = \"127.0.0.1:0\"");
+            if text.contains(&any) {
+                let port = free_port()?;
+                text = text.replace(&any, &format!("{listener} = \"127.0.0.1:{port}\""));
+            }
+        }
+        std::fs::write(&p.config_path, &text)?;
+        let local: SocketAddr = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("local = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .context("no local listener in the config")?
+            .parse()?;
+        let proc = spawn_agent(bin, &p.config_path, None)?;
+        wait_listening(local).await?;
+        Ok((proc, format!("http://{local}")))
     }
 
     /// Upgrades `pop`'s agent as `detour-agent run --takeover` does: a new

@@ -38,6 +38,8 @@ pub struct Link {
     mode: watch::Sender<Fault>,
     record: Arc<Mutex<Option<Vec<u8>>>>,
     pub connections: Arc<AtomicU64>,
+    /// Bytes forwarded from clients to the target (what the target received).
+    pub bytes_up: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
 }
 
@@ -50,8 +52,10 @@ impl Link {
         let (stop, stop_rx) = watch::channel(false);
         let record: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
         let connections = Arc::new(AtomicU64::new(0));
+        let bytes_up = Arc::new(AtomicU64::new(0));
         let rec = record.clone();
         let conns = connections.clone();
+        let up = bytes_up.clone();
         tokio::spawn(async move {
             let mut stop_rx2 = stop_rx.clone();
             loop {
@@ -63,6 +67,7 @@ impl Link {
                 let mode_rx = mode_rx.clone();
                 let rec = rec.clone();
                 let stop_rx = stop_rx.clone();
+                let up = up.clone();
                 tokio::spawn(async move {
                     if *mode_rx.borrow() == Fault::Reset {
                         let _ = client.set_zero_linger();
@@ -82,7 +87,7 @@ impl Link {
                         }
                     };
                     let _ = upstream.set_nodelay(true);
-                    pump(client, upstream, mode_rx, rec, stop_rx).await;
+                    pump(client, upstream, mode_rx, rec, up, stop_rx).await;
                 });
             }
         });
@@ -91,6 +96,7 @@ impl Link {
             mode,
             record,
             connections,
+            bytes_up,
             stop,
         })
     }
@@ -130,12 +136,13 @@ async fn pump(
     upstream: TcpStream,
     mode: watch::Receiver<Fault>,
     rec: Arc<Mutex<Option<Vec<u8>>>>,
+    up: Arc<AtomicU64>,
     stop: watch::Receiver<bool>,
 ) {
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
-    let a = direction(cr, uw, mode.clone(), rec.clone());
-    let b = direction(ur, cw, mode.clone(), rec);
+    let a = direction(cr, uw, mode.clone(), rec.clone(), Some(up));
+    let b = direction(ur, cw, mode.clone(), rec, None);
     let mut mode2 = mode.clone();
     let mut stop = stop;
     let reset = async move {
@@ -162,6 +169,7 @@ async fn direction(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     mode: watch::Receiver<Fault>,
     rec: Arc<Mutex<Option<Vec<u8>>>>,
+    count: Option<Arc<AtomicU64>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -193,6 +201,9 @@ async fn direction(
         }
         if w.write_all(&buf[..n]).await.is_err() {
             break;
+        }
+        if let Some(c) = &count {
+            c.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
     let _ = w.shutdown().await;

@@ -568,3 +568,377 @@ async fn a_file_that_changes_or_vanishes_mid_upload_is_never_stored_half() {
     }
     fleet.shutdown().await;
 }
+
+/// The agent binary cargo built beside the lab.
+fn agent_bin() -> std::path::PathBuf {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_detour-lab")).with_file_name("detour-agent");
+    assert!(bin.exists(), "build the agent first: cargo build -p detour-agent");
+    bin
+}
+
+/// The parts of multipart uploads the journal in `dir` records as stored.
+fn journalled_parts(dir: &std::path::Path) -> Vec<(String, u32)> {
+    let text = std::fs::read_to_string(dir.join(".detour-recordings.journal")).unwrap_or_default();
+    let mut latest = BTreeMap::new();
+    for line in text.lines() {
+        // A torn last line is the agent's business (it reports it).
+        if let Ok(e) = serde_json::from_str::<detour_agent::recordings::journal::Entry>(line) {
+            latest.insert(e.file.clone(), e);
+        }
+    }
+    latest
+        .into_values()
+        .filter_map(|e| Some((e.upload_id?, e.parts)))
+        .flat_map(|(id, parts)| parts.into_iter().map(move |p| (id.clone(), u32::from(p.number))))
+        .collect()
+}
+
+/// The recordings still waiting in `dir` (not the journal, not temporaries).
+fn waiting(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".wav"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_at_ten_random_moments_loses_no_recording_and_sends_no_stored_part_again() {
+    if skip() {
+        return;
+    }
+    use rand::Rng;
+    let (moto, _creds_dir, creds) = store().await;
+    // A slow store link, so that kills land in the middle of parts too.
+    let blr_store = Link::start(moto.addr).await.unwrap();
+    blr_store.set(Fault::Latency(Duration::from_millis(2)));
+    let mut tail = BTreeMap::new();
+    tail.insert("blr".to_owned(), section(&moto, blr_store.addr, &creds));
+    let mut fleet = fleet_with(tail).await;
+    let client = CallClient::new(Duration::from_secs(5));
+    let dir = blr_dir(&fleet);
+    // 4 multipart recordings (3 to 4 parts each) and 20 small ones; half are
+    // there when the agent starts, the rest are written while it is dead.
+    let mut files = Vec::new();
+    {
+        let local = fleet.pop("blr").local_url();
+        for n in 0..24 {
+            let id = make_call(&client, &local, 300 + n).await;
+            let size = if n % 6 == 0 {
+                16_000_000 + n * 100_000
+            } else {
+                1_000 + n * 37_000
+            };
+            files.push((id, content(300 + n, size)));
+        }
+    }
+    fleet.stop_agent("blr").await;
+    let bin = agent_bin();
+    let drop_n = |range: std::ops::Range<usize>| {
+        for (id, data) in &files[range] {
+            detour_lab::s3::drop_file(&dir, &format!("{id}.wav"), data).unwrap();
+        }
+    };
+    drop_n(0..12);
+    let (mut proc, local) = fleet.spawn_agent_process("blr", &bin).await.unwrap();
+
+    let part = 5 * 1024 * 1024u64;
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    // (request-log position at a kill, a part journalled then)
+    let mut held: Vec<(usize, (String, u32))> = Vec::new();
+    let mut unknown_at_kills = 0;
+    while kills < 10 {
+        // A random moment during the uploads: after 0.2 to 1.5 parts' worth
+        // more bytes reached the store in this life.
+        let target = blr_store.bytes_up.load(std::sync::atomic::Ordering::Relaxed)
+            + rng.random_range(part / 5..part * 3 / 2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while blr_store.bytes_up.load(std::sync::atomic::Ordering::Relaxed) < target && waiting(&dir) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no progress after {kills} kills"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if waiting(&dir) == 0 && kills >= 2 {
+            break;
+        }
+        // SIGKILL: no drain, no journal flush, no goodbye.
+        proc.0.kill().unwrap();
+        proc.0.wait().unwrap();
+        kills += 1;
+        // The dead agent's socket still holds bytes the kernel goes on
+        // sending (the part in flight may even complete at the store, with
+        // nobody to hear the answer); wait until the link is quiet.
+        let mut last = u64::MAX;
+        loop {
+            let now = blr_store.bytes_up.load(std::sync::atomic::Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // Compare what the store holds whole with what the journal says.
+        let logged = moto.stored_parts().unwrap().len();
+        let journalled = journalled_parts(&dir);
+        let whole = moto.whole_parts(BUCKET, part).await.unwrap();
+        let unknown = whole.iter().filter(|p| !journalled.contains(p)).count();
+        assert!(
+            unknown <= 1,
+            "kill {kills}: the store holds {unknown} whole parts the journal does not know"
+        );
+        unknown_at_kills += unknown;
+        for p in journalled {
+            held.push((logged, p));
+        }
+        if kills <= 6 {
+            drop_n(12 + (kills - 1) * 2..12 + kills * 2);
+        }
+        (proc, _) = fleet.spawn_agent_process("blr", &bin).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while waiting(&dir) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} recordings still waiting after {kills} kills",
+            waiting(&dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(kills, 10, "the uploads finished before ten kills");
+
+    // Every recording stored whole, once on its call.
+    for (id, data) in &files {
+        let key = format!("blr/{}/{id}/{id}.wav", today());
+        let body = moto.get(BUCKET, &key).await.unwrap().expect("stored");
+        assert_eq!(Sha256::digest(&body), Sha256::digest(data), "{key}");
+        let r = client
+            .send(
+                http::Method::GET,
+                &format!("{local}/v1/calls/{id}"),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        let call: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(call["recordings"].as_array().unwrap().len(), 1, "{call}");
+    }
+    assert_eq!(moto.keys(BUCKET).await.unwrap().len(), files.len());
+    // No part journalled at a kill was sent to the store again after it.
+    // (The part in flight at a kill is sent again: the agent cannot know
+    // the store finished it, and the check above allows one per kill.)
+    let parts = moto.stored_parts().unwrap();
+    let again: Vec<&(String, u32)> = held
+        .iter()
+        .filter(|(at, p)| parts[*at..].contains(p))
+        .map(|(_, p)| p)
+        .collect();
+    assert!(again.is_empty(), "journalled parts sent again: {again:?}");
+    let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    let sent = blr_store.bytes_up.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "{kills} kills: {} part uploads; {unknown_at_kills} parts finished by the store after a kill, sent again; {sent} bytes sent for {total} bytes of recordings",
+        parts.len()
+    );
+    // Bytes: at most the part in flight at each kill is lost (and headers).
+    assert!(
+        sent <= total + kills as u64 * part + 1024 * 1024,
+        "{sent} bytes sent for {total} bytes with {kills} kills"
+    );
+    drop(proc);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_reported_and_the_recording_waits_for_the_right_ones() {
+    // moto checks no signature on presigned requests; s3s-fs does, and
+    // checks a PUT's SHA-256 as S3 does.
+    if skip() {
+        return;
+    }
+    if let Some(why) = detour_lab::s3::S3sFs::unavailable() {
+        assert!(
+            std::env::var("DETOUR_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "the credentials test is required but cannot run: {why}"
+        );
+        eprintln!("SKIPPED: credentials: {why}");
+        return;
+    }
+    let (access, secret) = ("AKIADETOURLAB", "the-right-secret");
+    let store = detour_lab::s3::S3sFs::start(access, secret, BUCKET)
+        .await
+        .unwrap();
+    let creds_dir = tempfile::tempdir().unwrap();
+    // The right key with the wrong secret first.
+    let creds = detour_lab::s3::write_keys(creds_dir.path(), access, "not-the-secret").unwrap();
+    let mut tail = BTreeMap::new();
+    tail.insert(
+        "blr".to_owned(),
+        recordings_section(
+            store.addr.port(),
+            store.addr,
+            &creds,
+            BUCKET,
+            "part_size = \"5MiB\"\nscan_interval = \"100ms\"",
+        ),
+    );
+    let fleet = fleet_with(tail).await;
+    let client = CallClient::new(Duration::from_secs(5));
+    let local = fleet.pop("blr").local_url();
+    let dir = blr_dir(&fleet);
+    let mut files = Vec::new();
+    for (n, size) in [(1, 7 * 1024 * 1024), (2, 300_000)] {
+        let id = make_call(&client, &local, n).await;
+        let name = format!("{id}.wav");
+        detour_lab::s3::drop_file(&dir, &name, &content(n, size)).unwrap();
+        files.push((id, name, content(n, size)));
+    }
+    let name = files[0].1.clone();
+
+    let blr = fleet.pop("blr").agent().clone();
+    wait_for("the bad signature reported", Duration::from_secs(15), || {
+        failing(&blr, &name)
+            .is_some_and(|f| f.contains("store_refused") && f.contains("SignatureDoesNotMatch"))
+    })
+    .await;
+    // An unknown key next (the file is re-read on reload, as on SIGHUP).
+    detour_lab::s3::write_keys(creds_dir.path(), "AKIANOBODY", secret).unwrap();
+    let files_cfg = blr.shared.forwarder.runtime().config.files.clone();
+    assert_eq!(
+        detour_agent::reload::reload_now(&blr, &files_cfg),
+        detour_agent::reload::ReloadResult::Applied,
+        "new credentials are a change"
+    );
+    // A reload retries refused files at once, not after their 10 s wait.
+    wait_for("the unknown key reported", Duration::from_secs(8), || {
+        failing(&blr, &name).is_some_and(|f| f.contains("store_refused") && f.contains("NotSignedUp"))
+    })
+    .await;
+    assert!(failures(&blr, "store_refused") >= 2);
+    assert!(
+        files.iter().all(|(_, n, _)| dir.join(n).exists()),
+        "a refused recording was deleted"
+    );
+    let text = detour_agent::status::table(&detour_agent::admin::report(&blr.shared));
+    assert!(text.contains("NotSignedUp"), "{text}");
+
+    // The operator puts the right keys in and reloads: stored (the store
+    // checked the small one's SHA-256), recorded, gone.
+    detour_lab::s3::write_keys(creds_dir.path(), access, secret).unwrap();
+    assert_eq!(
+        detour_agent::reload::reload_now(&blr, &files_cfg),
+        detour_agent::reload::ReloadResult::Applied
+    );
+    wait_for("the recordings done", Duration::from_secs(8), || {
+        files.iter().all(|(_, n, _)| !dir.join(n).exists())
+    })
+    .await;
+    for (id, name, data) in &files {
+        let key = format!("blr/{}/{id}/{name}", today());
+        let stored = store.object(BUCKET, &key).expect("stored");
+        assert_eq!(Sha256::digest(&stored), Sha256::digest(data), "{key}");
+        let r = client
+            .send(
+                http::Method::GET,
+                &format!("{local}/v1/calls/{id}"),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        let call: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let recordings = call["recordings"].as_array().unwrap();
+        assert_eq!(recordings.len(), 1, "{call}");
+        assert_eq!(
+            recordings[0]["sha256"].as_str().unwrap(),
+            hex::encode(Sha256::digest(data)),
+            "{call}"
+        );
+    }
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_and_nothing_is_lost_when_space_returns() {
+    if skip() {
+        return;
+    }
+    if !detour_lab::process::is_root() {
+        assert!(
+            std::env::var("DETOUR_REQUIRE_NETNS").as_deref() != Ok("1"),
+            "the full-disk test needs root (a small tmpfs) but cannot run"
+        );
+        eprintln!("SKIPPED: full disk: needs root to mount a small tmpfs");
+        return;
+    }
+    // blr's recordings directory (and so its journal) on a 1 MiB tmpfs.
+    let disk = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "detour-full-disk"])
+        .arg(disk.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs failed");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(disk.path().to_owned());
+
+    let (moto, _creds_dir, creds) = store().await;
+    let mut tail = BTreeMap::new();
+    tail.insert(
+        "blr".to_owned(),
+        section(&moto, moto.addr, &creds).replace(
+            "dir = \"recordings\"",
+            &format!("dir = \"{}\"", disk.path().display()),
+        ),
+    );
+    let mut fleet = fleet_with(tail).await;
+    let client = CallClient::new(Duration::from_secs(5));
+    let local = fleet.pop("blr").local_url();
+    let id = make_call(&client, &local, 1).await;
+    let name = format!("{id}.wav");
+
+    // The agent is down while the call handler writes a recording and the
+    // disk fills up (the handler's own junk, say).
+    fleet.stop_agent("blr").await;
+    let data = content(1, 200_000);
+    detour_lab::s3::drop_file(disk.path(), &name, &data).unwrap();
+    let filler = disk.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    fleet.restart_agent("blr").await.unwrap();
+    let blr = fleet.pop("blr").agent().clone();
+    wait_for("the full disk reported", Duration::from_secs(15), || {
+        failing(&blr, &name).is_some_and(|f| f.starts_with("journal") && f.contains("No space left"))
+    })
+    .await;
+    assert!(failures(&blr, "journal") >= 1);
+    assert!(
+        disk.path().join(&name).exists(),
+        "a recording was deleted on a full disk"
+    );
+
+    // Space returns: the recording goes on, whole.
+    std::fs::remove_file(&filler).unwrap();
+    wait_for("the recording done", Duration::from_secs(30), || {
+        !disk.path().join(&name).exists()
+    })
+    .await;
+    let body = moto
+        .get(BUCKET, &format!("blr/{}/{id}/{name}", today()))
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(Sha256::digest(&body), Sha256::digest(&data));
+    fleet.shutdown().await;
+}

@@ -335,6 +335,24 @@ pub struct Recordings {
     pub store: Store,
 }
 
+impl Recordings {
+    /// Whether two sections say the same (the call-id pattern compared by
+    /// its text; the store's keys by the credentials file's contents).
+    pub fn same_as(&self, other: &Recordings) -> bool {
+        self.dir == other.dir
+            && self.patterns == other.patterns
+            && self.complete == other.complete
+            && self.call_id.as_str() == other.call_id.as_str()
+            && self.journal == other.journal
+            && self.after_upload == other.after_upload
+            && self.part_size == other.part_size
+            && self.scan_interval == other.scan_interval
+            && self.max_rate == other.max_rate
+            && self.max_rate_per_peer == other.max_rate_per_peer
+            && self.store == other.store
+    }
+}
+
 /// When a recording is finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Complete {
@@ -354,7 +372,7 @@ pub enum AfterUpload {
 }
 
 /// The S3-compatible object store.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Store {
     /// `http(s)://host[:port]`.
     pub endpoint: url::Url,
