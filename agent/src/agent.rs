@@ -141,7 +141,7 @@ impl Agent {
         tasks.spawn(probe::refresh_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(admin::report_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(crate::allocator::trim_loop(shutdown_rx.clone()));
-        tasks.spawn(crate::recordings::run(
+        tasks.spawn(crate::recordings::run_apart(
             shared.clone(),
             local_addr,
             shutdown_rx.clone(),

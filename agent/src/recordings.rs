@@ -22,12 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::config::{AfterUpload, AgentConfig, Complete, Recordings};
 use crate::runtime::Shared;
 use journal::{Entry, Journal};
+use notify_debouncer_full::notify;
 
 /// How long a refused recording waits before it is tried again (the
 /// operator fixes the bucket, the credentials, the control plane).
@@ -122,6 +122,45 @@ struct Recorder {
 /// Runs the recorder until `shutdown` turns true. `local` is the agent's own
 /// local listener: the control plane is told of each recording through it,
 /// like any call-handler request (retried, hedged and deduplicated).
+/// Runs the recorder on a thread and runtime of its own, at a lower CPU
+/// priority (nice +10): hashing, reading and sending recordings then yield
+/// the CPU to call control whenever both want it, and never hold up one of
+/// the runtime workers that serve calls. Returns when the recorder stops.
+pub async fn run_apart(shared: Arc<Shared>, local: std::net::SocketAddr, shutdown: watch::Receiver<bool>) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("detour-recordings".to_owned())
+        .spawn(move || {
+            // Every thread of this runtime (workers and blocking pool).
+            let lower = || {
+                let tid = rustix::thread::gettid();
+                if let Err(e) = rustix::process::setpriority_process(Some(tid), 10) {
+                    tracing::debug!(error = %e, "recordings: cannot lower the recorder's priority");
+                }
+            };
+            lower();
+            match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("detour-recordings")
+                .on_thread_start(lower)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(run(shared, local, shutdown)),
+                Err(e) => tracing::error!(error = %e, "recordings: cannot start the recorder's runtime; recordings are not uploaded"),
+            }
+            let _ = done_tx.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = done_rx.await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "recordings: cannot start the recorder's thread; recordings are not uploaded")
+        }
+    }
+}
+
 pub async fn run(shared: Arc<Shared>, local: std::net::SocketAddr, mut shutdown: watch::Receiver<bool>) {
     loop {
         // A `[recordings]` section may come (or go, or move its journal)
@@ -198,12 +237,19 @@ async fn watch_section(
             .build_http(),
     };
     let mut seen_config = rt.config.clone();
+    let dir = rt
+        .config
+        .recordings
+        .as_ref()
+        .map(|c| c.dir.clone())
+        .unwrap_or_default();
+    let (_watcher, wake) = watch_dir(&dir);
     loop {
         let rt = r.shared.forwarder.runtime();
         let Some(cfg) = rt.config.recordings.clone() else {
             return true;
         };
-        if cfg.journal != journal_path {
+        if cfg.journal != journal_path || cfg.dir != dir {
             return true;
         }
         if !Arc::ptr_eq(&seen_config, &rt.config) {
@@ -218,9 +264,46 @@ async fn watch_section(
         r.scan(&rt.config, &cfg, shutdown).await;
         tokio::select! {
             _ = tokio::time::sleep(cfg.scan_interval) => {}
+            _ = wake.notified() => {}
             _ = shutdown.changed() => return false,
         }
     }
+}
+
+/// Watches `dir` (inotify) so that a recording renamed or written into it
+/// wakes the scan at once instead of at the next `scan_interval`, which
+/// stays the fallback (and times `complete = "settled"`). Hidden names (the
+/// journal, files still being written under a dot name) wake nothing.
+/// Without a watcher (the directory is missing, no inotify watches left)
+/// the scan interval alone does the job.
+fn watch_dir(dir: &Path) -> (Option<notify::RecommendedWatcher>, Arc<tokio::sync::Notify>) {
+    use notify_debouncer_full::notify::Watcher;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let w = wake.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let visible = event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        });
+        if visible && !matches!(event.kind, notify::EventKind::Access(_)) {
+            w.notify_one();
+        }
+    });
+    let watcher = match watcher {
+        Ok(mut watcher) => match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => Some(watcher),
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "recordings: not watching the directory; scanning only");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::debug!(error = %e, "recordings: no directory watcher; scanning only");
+            None
+        }
+    };
+    (watcher, wake)
 }
 
 fn now_ms() -> i64 {
@@ -423,7 +506,7 @@ impl Recorder {
                     let store = self.store(config, cfg)?;
                     store.abort(&self.shared, &old.key, id).await;
                 }
-                self.begin(config, cfg, name, &path, l).await?
+                self.begin(config, cfg, name, l).await?
             }
         };
         if !entry.stored {
@@ -434,20 +517,46 @@ impl Recorder {
                     .put(e)
                     .map_err(|err| Failure::new(Reason::Journal, err.to_string()))
             };
-            store
-                .upload(&self.shared, &path, &mut entry, l.size, l.mtime_ms, &mut save)
-                .await?;
+            // The whole file's SHA-256 (for the call record) is computed
+            // beside the upload, not before it: a large recording starts
+            // sending at once.
+            let hashing = entry.sha256.is_empty();
+            let (uploaded, sum) = tokio::join!(
+                store.upload(&self.shared, &path, &mut entry, l.size, l.mtime_ms, &mut save),
+                async {
+                    if hashing {
+                        Some(sha256_file(&path, l).await)
+                    } else {
+                        None
+                    }
+                }
+            );
+            uploaded?;
+            if let Some(sum) = sum {
+                entry.sha256 = sum?;
+            }
+            // Parts are read ahead of the store's answers: a file that
+            // changed while they were in flight is stored again, whole (the
+            // next pass overwrites the key).
+            unchanged(&path, l)?;
             entry.stored = true;
             self.save(&entry)?;
             self.uploaded += 1;
             self.shared.metrics.recordings_uploaded.inc();
             tracing::info!(file = %name, key = %entry.key, bytes = entry.size, "recordings: stored");
         }
+        if entry.sha256.is_empty() {
+            // Stored before a crash that came before the hash was saved.
+            entry.sha256 = sha256_file(&path, l).await?;
+            self.save(&entry)?;
+        }
         if !entry.recorded {
             self.record(cfg, &entry).await?;
             entry.recorded = true;
             self.save(&entry)?;
         }
+        // Nothing written since it was stored may be deleted with it.
+        unchanged(&path, l)?;
         match &cfg.after_upload {
             AfterUpload::Keep => {}
             AfterUpload::Delete => std::fs::remove_file(&path).map_err(|e| {
@@ -479,11 +588,9 @@ impl Recorder {
         config: &Arc<AgentConfig>,
         cfg: &Recordings,
         name: &str,
-        path: &Path,
         l: Look,
     ) -> Result<Entry, Failure> {
         let call_id = call_id(cfg, name)?;
-        let sha256 = sha256_file(path, l).await?;
         let date = date_of(l.mtime_ms);
         let key = cfg
             .store
@@ -498,7 +605,8 @@ impl Recorder {
             mtime_ms: l.mtime_ms,
             call_id,
             key,
-            sha256,
+            // Hashed while the upload runs (see `process`).
+            sha256: String::new(),
             upload_id: None,
             parts: Vec::new(),
             stored: false,
@@ -624,24 +732,30 @@ fn date_of(ms: i64) -> String {
 }
 
 /// The hex SHA-256 of the file, which must still look like `l` afterwards.
+/// The file's SHA-256 (hex), read and hashed on the blocking pool (a
+/// runtime worker also serves call control).
 async fn sha256_file(path: &Path, l: Look) -> Result<String, Failure> {
-    let mut f = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| open_failure(path, e))?;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .await
-            .map_err(|e| Failure::new(Reason::Unreadable, format!("{}: {e}", path.display())))?;
-        if n == 0 {
-            break;
+    let owned = path.to_path_buf();
+    let hashed = tokio::task::spawn_blocking(move || -> Result<String, Failure> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&owned).map_err(|e| open_failure(&owned, e))?;
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| Failure::new(Reason::Unreadable, format!("{}: {e}", owned.display())))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
         }
-        hash.update(&buf[..n]);
-    }
+        Ok(hex::encode(hash.finalize()))
+    })
+    .await
+    .map_err(|e| Failure::new(Reason::Unreadable, format!("{}: {e}", path.display())))??;
     unchanged(path, l)?;
-    Ok(hex::encode(hash.finalize()))
+    Ok(hashed)
 }
 
 fn open_failure(path: &Path, e: std::io::Error) -> Failure {

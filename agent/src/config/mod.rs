@@ -326,6 +326,9 @@ pub struct Recordings {
     pub after_upload: AfterUpload,
     /// Multipart part size (S3: at least 5 MiB); smaller files go in one PUT.
     pub part_size: u64,
+    /// Parts of one recording uploaded at once (each buffered in memory:
+    /// up to `parallel_parts` x `part_size` bytes).
+    pub parallel_parts: u16,
     /// How often the directory is scanned.
     pub scan_interval: Duration,
     /// Upload bytes per second, all paths together (`None`: no cap).
@@ -346,6 +349,7 @@ impl Recordings {
             && self.journal == other.journal
             && self.after_upload == other.after_upload
             && self.part_size == other.part_size
+            && self.parallel_parts == other.parallel_parts
             && self.scan_interval == other.scan_interval
             && self.max_rate == other.max_rate
             && self.max_rate_per_peer == other.max_rate_per_peer
@@ -413,6 +417,8 @@ impl Recordings {
     pub const DEFAULT_SETTLE: Duration = Duration::from_secs(5);
     /// Default of `recordings.part_size`.
     pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
+    /// Default of `recordings.parallel_parts`.
+    pub const DEFAULT_PARALLEL_PARTS: u16 = 4;
     /// S3's smallest part (all but the last).
     pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
     /// Default of `recordings.scan_interval`.

@@ -39,6 +39,7 @@ pub struct Recordings {
     pub after_upload: Option<Spanned<String>>,
     pub move_to: Option<Spanned<String>>,
     pub part_size: Option<Spanned<toml::Value>>,
+    pub parallel_parts: Option<Spanned<i64>>,
     pub scan_interval: Option<Spanned<String>>,
     pub max_rate: Option<Spanned<toml::Value>>,
     pub max_rate_per_peer: Option<Spanned<toml::Value>>,

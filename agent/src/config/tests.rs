@@ -382,6 +382,7 @@ fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
     assert_eq!(r.complete, Complete::Renamed);
     assert_eq!(r.after_upload, AfterUpload::Delete);
     assert_eq!(r.part_size, Recordings::DEFAULT_PART_SIZE);
+    assert_eq!(r.parallel_parts, Recordings::DEFAULT_PARALLEL_PARTS);
     assert_eq!((r.max_rate, r.max_rate_per_peer), (Some(2_000_000), None));
     assert_eq!(r.journal, dir.path().join("rec").join(Recordings::JOURNAL));
     assert!(r.patterns.iter().any(|p| p.matches("abc.wav")));
@@ -395,7 +396,7 @@ fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
     );
 
     let bad = format!(
-        "{VALID}[recordings]\ndir = \"rec\"\ncomplete = \"closed\"\nafter_upload = \"move\"\npart_size = \"1MiB\"\n\
+        "{VALID}[recordings]\ndir = \"rec\"\ncomplete = \"closed\"\nafter_upload = \"move\"\npart_size = \"1MiB\"\nparallel_parts = 0\n\
          patterns = [\"a/*.wav\"]\ncall_id = \"(\"\nmax_rate_per_peer = \"1KB\"\n[recordings.store]\nendpoint = \"ftp://x\"\nbucket = \"Bad_Bucket\"\n\
          credentials_file = \"missing.credentials\"\nkey_template = \"{{pop}}/{{when}}\"\n"
     );
@@ -404,6 +405,7 @@ fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
         "recordings.complete: `closed`",
         "recordings.after_upload = \"move\" needs recordings.move_to",
         "recordings.part_size: must be from 5MiB",
+        "recordings.parallel_parts: must be from 1 to 16",
         "recordings.patterns: a pattern matches file names",
         "recordings.call_id: not a regular expression",
         "recordings.max_rate_per_peer: at least 64KiB",

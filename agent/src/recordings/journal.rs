@@ -38,7 +38,8 @@ pub struct Entry {
     pub call_id: String,
     /// The object key.
     pub key: String,
-    /// Hex SHA-256 of the whole file.
+    /// Hex SHA-256 of the whole file; empty until it is computed (beside
+    /// the upload).
     pub sha256: String,
     /// The multipart upload in progress, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -18,6 +18,8 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use futures_util::StreamExt;
+
 use super::journal::{Entry, Part};
 use super::{Failure, Look, Reason, open_failure, unchanged};
 use crate::config::{AgentConfig, Recordings};
@@ -33,6 +35,8 @@ pub(super) struct Store {
     bucket: Bucket,
     credentials: Credentials,
     part_size: u64,
+    /// Parts of one recording in flight at once.
+    parallel_parts: usize,
     paths: Vec<Arc<PathClient>>,
     /// `recordings.max_rate`, all paths together.
     total: Option<Pacer>,
@@ -117,6 +121,7 @@ impl Store {
         Ok(Store {
             credentials: Credentials::new(s.access_key.clone(), s.secret_key.clone()),
             part_size: cfg.part_size,
+            parallel_parts: usize::from(cfg.parallel_parts.max(1)),
             bucket,
             paths,
             config,
@@ -145,7 +150,7 @@ impl Store {
         let look = Look { size, mtime_ms };
         if size <= self.part_size {
             let body = read_range(path, 0, size, look).await?;
-            let sum = b64_sha256(&body);
+            let sum = hash_off_the_runtime(&body).await;
             let mut action = self.bucket.put_object(Some(&self.credentials), &entry.key);
             action.headers_mut().insert("x-amz-checksum-sha256", sum.clone());
             let url = action.sign(SIGNED_FOR);
@@ -184,6 +189,7 @@ impl Store {
             }
         };
         let count = size.div_ceil(self.part_size);
+        let mut todo = Vec::new();
         for n in 1..=count {
             let number = u16::try_from(n).map_err(|_| {
                 Failure::new(
@@ -191,23 +197,24 @@ impl Store {
                     "more than 65535 parts: raise recordings.part_size",
                 )
             })?;
-            if entry.parts.iter().any(|p| p.number == number) {
-                continue;
+            if !entry.parts.iter().any(|p| p.number == number) {
+                todo.push(number);
             }
-            let start = (n - 1) * self.part_size;
-            let len = self.part_size.min(size - start);
-            let body = read_range(path, start, len, look).await?;
-            let sum = b64_sha256(&body);
-            let mut action = self
-                .bucket
-                .upload_part(Some(&self.credentials), &entry.key, number, &upload_id);
-            action.headers_mut().insert("x-amz-checksum-sha256", sum.clone());
-            let url = action.sign(SIGNED_FOR);
-            let sent = self
-                .send(shared, Method::PUT, url, &[("x-amz-checksum-sha256", &sum)], body)
-                .await;
-            let (headers, _) = match sent {
-                Ok(r) => r,
+        }
+        // `parallel_parts` parts in flight; each is journalled as soon as the
+        // store has it, in whatever order they finish.
+        let key = entry.key.clone();
+        let mut sent = futures_util::stream::iter(
+            todo.into_iter()
+                .map(|number| self.send_part(shared, path, &key, &upload_id, number, size, look)),
+        )
+        .buffer_unordered(self.parallel_parts);
+        while let Some(done) = sent.next().await {
+            match done {
+                Ok(part) => {
+                    entry.parts.push(part);
+                    save(entry)?;
+                }
                 Err(f) if f.detail.contains("NoSuchUpload") => {
                     // The store no longer has the upload (aborted, expired):
                     // start again with a new one.
@@ -217,24 +224,11 @@ impl Store {
                     return Err(f);
                 }
                 Err(f) => return Err(f),
-            };
-            let etag = headers
-                .get(http::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| {
-                    Failure::new(
-                        Reason::StoreRefused,
-                        format!("part {number}: no ETag in the answer"),
-                    )
-                })?
-                .to_owned();
-            entry.parts.push(Part {
-                number,
-                etag,
-                sha256: sum,
-            });
-            save(entry)?;
+            }
         }
+        drop(sent);
+        // A change after the parts were read must not be completed.
+        unchanged(path, look)?;
         entry.parts.sort_by_key(|p| p.number);
         let action = self.bucket.complete_multipart_upload(
             Some(&self.credentials),
@@ -255,6 +249,48 @@ impl Store {
             ));
         }
         Ok(())
+    }
+
+    /// Sends part `number` of the file at `path` (read, hashed, sent); the
+    /// part as the journal records it.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_part(
+        &self,
+        shared: &Shared,
+        path: &Path,
+        key: &str,
+        upload_id: &str,
+        number: u16,
+        size: u64,
+        look: Look,
+    ) -> Result<Part, Failure> {
+        let start = (u64::from(number) - 1) * self.part_size;
+        let len = self.part_size.min(size - start);
+        let body = read_range(path, start, len, look).await?;
+        let sum = hash_off_the_runtime(&body).await;
+        let mut action = self
+            .bucket
+            .upload_part(Some(&self.credentials), key, number, upload_id);
+        action.headers_mut().insert("x-amz-checksum-sha256", sum.clone());
+        let url = action.sign(SIGNED_FOR);
+        let (headers, _) = self
+            .send(shared, Method::PUT, url, &[("x-amz-checksum-sha256", &sum)], body)
+            .await?;
+        let etag = headers
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Failure::new(
+                    Reason::StoreRefused,
+                    format!("part {number}: no ETag in the answer"),
+                )
+            })?
+            .to_owned();
+        Ok(Part {
+            number,
+            etag,
+            sha256: sum,
+        })
     }
 
     /// Gives up a multipart upload (the file changed or went away), so the
@@ -421,6 +457,16 @@ fn xml_escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// A part's checksum, computed on the blocking pool: hashing megabytes on a
+/// runtime worker would hold up the call-control requests it also serves.
+async fn hash_off_the_runtime(body: &Bytes) -> String {
+    let owned = body.clone();
+    match tokio::task::spawn_blocking(move || b64_sha256(&owned)).await {
+        Ok(sum) => sum,
+        Err(_) => b64_sha256(body),
+    }
 }
 
 fn b64_sha256(data: &[u8]) -> String {

@@ -73,7 +73,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     };
 
     let mut rows = Vec::new();
-    for (label, size, n) in [("1 MB, healthy", MB, 20), ("50 MB, healthy", 50 * MB, 3)] {
+    for (label, size, n) in [("1 MB, healthy", MB, 20), ("50 MB, healthy", 50 * MB, 5)] {
         let mut took = Vec::new();
         for i in 0..n {
             let id = next_call().await?;
@@ -85,7 +85,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     fleet.pop("blr").uplink.set(Fault::Blackhole);
     blr_store.set(Fault::Blackhole);
     wait_off_direct(&fleet).await?;
-    for (label, size, n) in [("1 MB, uplink cut", MB, 20), ("50 MB, uplink cut", 50 * MB, 3)] {
+    for (label, size, n) in [("1 MB, uplink cut", MB, 20), ("50 MB, uplink cut", 50 * MB, 5)] {
         let mut took = Vec::new();
         for i in 0..n {
             let id = next_call().await?;
@@ -97,7 +97,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     blr_store.set(Fault::Pass);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let boto = boto3_seconds(blr_store.addr, 50 * MB, 3)?;
+    let boto = boto3_seconds(blr_store.addr, 50 * MB, 5)?;
 
     // Call control beside uploads: 100 calls/s for 10 s idle, then 10 s
     // with four 50 MB recordings dropped at once.
@@ -262,7 +262,7 @@ fn render(
     machine: &str,
 ) -> String {
     let mut out = format!(
-        "## Recordings (issue: recordings over the resilient path)\n\nMeasured {machine}, with `cargo build --release -p detour-lab && target/release/detour-lab bench recordings`: the in-process fleet with the real control plane and moto (`moto_server`, the S3-compatible server the tests use) on loopback; blr reaches moto through a link cut together with its uplink. Durable: from the file's rename into the recordings directory until a `HEAD` of its object succeeds (polled every 10 ms). The agent's defaults: a scan every 250 ms, 8 MiB parts, one recording at a time.\n\n"
+        "## Recordings (issue: recordings over the resilient path)\n\nMeasured {machine}, with `cargo build --release -p detour-lab && target/release/detour-lab bench recordings`: the in-process fleet with the real control plane and moto (`moto_server`, the S3-compatible server the tests use) on loopback; blr reaches moto through a link cut together with its uplink. Durable: from the file's rename into the recordings directory until a `HEAD` of its object succeeds (polled every 10 ms). The agent's defaults: the directory watched (inotify) with a scan every 250 ms as the fallback, 8 MiB parts with 4 in flight, one recording at a time.\n\n"
     );
     let mut t = Table::new(&[
         "recording",

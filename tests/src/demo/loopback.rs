@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::DemoArgs;
+use super::recordings::Recordings;
 use super::traffic::{ROUTES, seed_routes};
 use crate::fleet::{Fleet, FleetOptions};
 use crate::link::Fault;
@@ -126,9 +127,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         &args,
         "starting: control plane (SQLite, HTTPS) + agents blr, maa, del on loopback…",
     );
+    let recordings = match Recordings::start().await? {
+        Ok(r) => Some(r),
+        Err(why) => {
+            say(&args, &format!("recordings: left out of this run ({why})"));
+            None
+        }
+    };
+    let defaults = FleetOptions::default();
     let mut fleet = Fleet::start(FleetOptions {
         real_cp: true,
-        ..Default::default()
+        tail: recordings
+            .as_ref()
+            .map(|r| r.tails(&defaults.pops))
+            .unwrap_or_default(),
+        ..defaults
     })
     .await?;
     let blr_url = fleet.pop("blr").local_url();
@@ -149,11 +162,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     // Traffic: initiations (10% emergency) and events for calls already made.
     let total = Duration::from_secs(args.duration * phases.len() as u64);
     let (traffic, rx, start) = super::traffic::spawn(client, blr_url, args.rate, total);
+    let writer = recordings.as_ref().map(|r| {
+        say(
+            &args,
+            "recordings: blr's call handler leaves one every 2 s; blr carries them to the bucket over its paths\n",
+        );
+        r.spawn_writer(&fleet, total)
+    });
     let mut timeline = Timeline {
         args: &args,
         rx,
         start,
         killed: None,
+        recordings: recordings.as_ref(),
     };
     let mut summaries = Vec::new();
     let mut all_ok = true;
@@ -183,8 +204,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             all_ok = false;
         }
     }
+    let outcome = match (&recordings, writer) {
+        (Some(r), Some(writer)) => {
+            writer.abort();
+            Some(r.finish(&fleet, Duration::from_secs(60)).await?)
+        }
+        _ => None,
+    };
     fleet.shutdown().await;
-    print_summaries(&args, &summaries, all_ok)?;
+    if let Some(o) = &outcome {
+        all_ok &= o.stored == o.written;
+    }
+    print_summaries(&args, &summaries, outcome.as_ref(), all_ok)?;
     Ok(all_ok)
 }
 
@@ -196,6 +227,8 @@ struct Timeline<'a> {
     start: Instant,
     /// The peer a `KillPeer` phase stopped, for the `RestartPeer` after it.
     killed: Option<String>,
+    /// blr's way to the object store shares its uplink's faults.
+    recordings: Option<&'a Recordings>,
 }
 
 impl Timeline<'_> {
@@ -249,14 +282,20 @@ impl Timeline<'_> {
 
     /// Does what a phase does to the fleet.
     async fn act(&mut self, fleet: &mut Fleet, action: Action, active_before: &str) -> anyhow::Result<()> {
+        let uplink = |fault: Fault| {
+            fleet.pop("blr").uplink.set(fault);
+            if let Some(r) = self.recordings {
+                r.set(fault);
+            }
+        };
         match action {
             Action::None => {}
-            Action::Cut => fleet.pop("blr").uplink.set(Fault::Blackhole),
-            Action::Lossy => fleet.pop("blr").uplink.set(Fault::Lossy {
+            Action::Cut => uplink(Fault::Blackhole),
+            Action::Lossy => uplink(Fault::Lossy {
                 percent: 10,
                 stall: Duration::from_millis(300),
             }),
-            Action::Heal => fleet.pop("blr").uplink.set(Fault::Pass),
+            Action::Heal => uplink(Fault::Pass),
             Action::KillPeer => {
                 let victim = active_before.strip_prefix("via:").unwrap_or("maa").to_owned();
                 fleet.stop_agent(&victim).await;
@@ -324,10 +363,21 @@ impl Watch {
 }
 
 /// The table of phases at the end (JSON lines with `--json`).
-fn print_summaries(args: &DemoArgs, summaries: &[PhaseSummary], all_ok: bool) -> anyhow::Result<()> {
+fn print_summaries(
+    args: &DemoArgs,
+    summaries: &[PhaseSummary],
+    recordings: Option<&super::recordings::Outcome>,
+    all_ok: bool,
+) -> anyhow::Result<()> {
     if args.json {
         for s in summaries {
             println!("{}", serde_json::to_string(s)?);
+        }
+        if let Some(o) = recordings {
+            println!(
+                "{}",
+                serde_json::json!({"recordings": {"written": o.written, "stored": o.stored, "bytes_by_path": o.bytes_by_path}})
+            );
         }
         println!("{}", serde_json::json!({"ok": all_ok}));
         return Ok(());
@@ -349,6 +399,19 @@ fn print_summaries(args: &DemoArgs, summaries: &[PhaseSummary], all_ok: bool) ->
             s.max_ms,
             s.switches,
             s.active_at_end
+        );
+    }
+    if let Some(o) = recordings {
+        let paths: Vec<String> = o
+            .bytes_by_path
+            .iter()
+            .map(|(p, b)| format!("{p} {:.1} MB", *b as f64 / 1e6))
+            .collect();
+        println!(
+            "\nrecordings: {} written, {} in the bucket whole and on their calls; carried over {}",
+            o.written,
+            o.stored,
+            paths.join(", ")
         );
     }
     let total: usize = summaries.iter().map(|s| s.requests).sum();

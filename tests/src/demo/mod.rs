@@ -7,6 +7,7 @@ use clap::Args;
 
 pub mod loopback;
 pub mod netns;
+mod recordings;
 mod traffic;
 
 /// Options of `detour-lab demo`.

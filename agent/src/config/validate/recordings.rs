@@ -133,6 +133,18 @@ pub(super) fn validate(d: &mut Diag<'_>, raw: &Spanned<raw::Recordings>) -> Opti
             }
         },
     };
+    let parallel_parts = match &r.parallel_parts {
+        None => Recordings::DEFAULT_PARALLEL_PARTS,
+        Some(v) => match u16::try_from(*v.get_ref()) {
+            Ok(n) if (1..=16).contains(&n) => n,
+            _ => {
+                fail(d, &|d| {
+                    d.span(v, "recordings.parallel_parts: must be from 1 to 16")
+                });
+                Recordings::DEFAULT_PARALLEL_PARTS
+            }
+        },
+    };
     let scan_interval = duration_or(
         d,
         "recordings.scan_interval",
@@ -169,6 +181,7 @@ pub(super) fn validate(d: &mut Diag<'_>, raw: &Spanned<raw::Recordings>) -> Opti
         journal,
         after_upload,
         part_size,
+        parallel_parts,
         scan_interval,
         max_rate,
         max_rate_per_peer,
