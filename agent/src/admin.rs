@@ -58,6 +58,7 @@ pub fn report(shared: &Shared) -> AgentReport {
         paths,
         config_error: shared.config_error.load().as_ref().map(|s| s.to_string()),
         recordings: shared.recordings.load().as_deref().cloned(),
+        deferred: shared.deferred.load().as_ref().map(|d| d.report()),
     }
 }
 

@@ -123,6 +123,30 @@ impl Agent {
             sockets.push(("relay", r.as_fd().try_clone_to_owned()?));
         }
 
+        if !config.forward.deferrable.is_empty() {
+            let journal = &config.forward.deferred_journal;
+            match crate::deferred::Deferred::open(
+                journal,
+                config.forward.deferred_max_bytes,
+                shared.metrics.clone(),
+            ) {
+                Ok((d, loaded)) => {
+                    if loaded.damaged > 0 {
+                        tracing::warn!(journal = %journal.display(), damaged = loaded.damaged, "deferred: damaged journal lines skipped (a torn last line is a request never answered 202)");
+                        shared
+                            .metrics
+                            .deferred_dropped
+                            .with_label_values(&["damaged"])
+                            .inc_by(loaded.damaged as u64);
+                    }
+                    tracing::info!(journal = %journal.display(), pending = loaded.pending, "deferred: journal open");
+                    shared.deferred.store(Some(Arc::new(d)));
+                }
+                Err(e) => {
+                    tracing::error!(journal = %journal.display(), error = %e, "deferred: cannot open the journal; deferrable requests fail with 503 as any other");
+                }
+            }
+        }
         let (stop, stop_rx) = watch::channel(None);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (close, close_rx) = watch::channel(false);
@@ -141,6 +165,9 @@ impl Agent {
         tasks.spawn(probe::refresh_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(admin::report_loop(shared.clone(), shutdown_rx.clone()));
         tasks.spawn(crate::allocator::trim_loop(shutdown_rx.clone()));
+        if let Some(d) = shared.deferred.load_full() {
+            tasks.spawn(crate::deferred::send_loop(shared.clone(), d, shutdown_rx.clone()));
+        }
         tasks.spawn(crate::recordings::run_apart(
             shared.clone(),
             local_addr,

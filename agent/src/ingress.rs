@@ -47,12 +47,15 @@ pub(crate) mod names {
     pub const PATH: HeaderName = HeaderName::from_static(dh::PATH);
     pub const PIN: HeaderName = HeaderName::from_static(dh::PIN);
     pub const PRIORITY: HeaderName = HeaderName::from_static(dh::PRIORITY);
+    pub const DEFERRED: HeaderName = HeaderName::from_static(dh::DEFERRED);
 }
 
 /// The shared state of the local entry point.
 pub struct Ingress {
     pub forwarder: Arc<Forwarder>,
     pub metrics: Arc<Metrics>,
+    /// For the deferred-delivery journal.
+    pub shared: Arc<crate::runtime::Shared>,
 }
 
 /// The answer that replaces hyper's empty one for a request head it could
@@ -238,7 +241,9 @@ impl Ingress {
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let (resp, path) = self.handle_inner(req, received, &request_id).await;
-        let outcome = if resp.status().is_server_error() && resp.headers().get(names::PATH).is_none() {
+        let outcome = if resp.headers().contains_key(names::DEFERRED) {
+            "deferred"
+        } else if resp.status().is_server_error() && resp.headers().get(names::PATH).is_none() {
             "failed"
         } else if resp.headers().get(names::PATH).is_none() {
             "rejected"
@@ -280,6 +285,9 @@ impl Ingress {
             Ok(pq) => pq,
             Err(p) => return rejected(problem(p)),
         };
+        // Deferrable (and the journal open): its ordering key.
+        let deferral = crate::deferred::key_of(&config.forward.deferrable, &parts.method, parts.uri.path())
+            .and_then(|key| Some((key, self.shared.deferred.load_full()?)));
         let body = match read_body(&config.ingress, &parts.headers, body).await {
             Ok(b) => b,
             Err(resp) => return rejected(resp),
@@ -300,6 +308,14 @@ impl Ingress {
             pin,
             received,
         };
+        if let Some((key, journal)) = &deferral
+            && journal.waiting(key)
+        {
+            // Older requests of this key wait for a path: this one goes
+            // behind them, never ahead.
+            return rejected(defer(journal, key, &out, &config, request_id));
+        }
+        let again = deferral.as_ref().map(|_| out.clone());
         match self.forwarder.forward(out).await {
             Ok(answer) => {
                 let (mut rparts, rbody) = answer.response.into_parts();
@@ -315,6 +331,16 @@ impl Ingress {
                     answer.path.to_string(),
                 )
             }
+            Err(failure @ Failure::Exhausted { .. }) if deferral.is_some() => match (&deferral, again) {
+                (Some((key, journal)), Some(out)) => {
+                    tracing::info!(
+                        request_id,
+                        "no path delivered a deferrable request in time; journalled"
+                    );
+                    rejected(defer(journal, key, &out, &config, request_id))
+                }
+                _ => rejected(no_path(failure, request_id, config.forward.deadline)),
+            },
             Err(failure) => rejected(no_path(failure, request_id, config.forward.deadline)),
         }
     }
@@ -445,6 +471,43 @@ fn no_path(failure: Failure, request_id: &str, deadline: std::time::Duration) ->
     resp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
+}
+
+/// Journals a deferrable request: 202 with its receipt, or 503 when the
+/// journal cannot take it (full, or not writable), with why.
+fn defer(
+    journal: &crate::deferred::Deferred,
+    key: &str,
+    out: &Outbound,
+    config: &AgentConfig,
+    request_id: &str,
+) -> Response<Body> {
+    match journal.accept(key.to_owned(), out, config.control_plane.auth_value.as_ref()) {
+        Ok(receipt) => {
+            let body = serde_json::json!({
+                "deferred": receipt,
+                "detail": "no path delivered this request in time: it is journalled on the agent and will be delivered in order, once, when a path works",
+            });
+            let mut resp = Response::new(full(body.to_string()));
+            *resp.status_mut() = StatusCode::ACCEPTED;
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Ok(v) = HeaderValue::from_str(&receipt) {
+                resp.headers_mut().insert(names::DEFERRED, v);
+            }
+            resp
+        }
+        Err(why) => {
+            tracing::warn!(request_id, %why, "a deferrable request could not be deferred");
+            let p = Problem::new(503, "No path to the control plane", why.to_string())
+                .with_type("https://detour.dev/problems/deferred-journal-full")
+                .with("request_id", request_id);
+            let mut resp = problem(p);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+    }
 }
 
 /// Marks an answer given before the request body was read to its end: the

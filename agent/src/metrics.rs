@@ -41,6 +41,13 @@ pub struct Metrics {
     pub recordings_uploaded: IntCounter,
     pub recordings_failed: IntCounterVec,
     pub recordings_bytes: IntCounterVec,
+    pub deferred_pending: IntGauge,
+    pub deferred_pending_bytes: IntGauge,
+    pub deferred_oldest_age: Gauge,
+    pub deferred_accepted: IntCounter,
+    pub deferred_delivered: IntCounter,
+    pub deferred_refused: IntCounterVec,
+    pub deferred_dropped: IntCounterVec,
     pub relay_rejected: IntCounterVec,
     pub config_reloads: IntCounterVec,
     /// Tasks alive in the agent's tokio runtime, read at each scrape (a
@@ -167,6 +174,40 @@ impl Metrics {
                     "Recording bytes the object store accepted, by path."
                 ),
                 &["path"]
+            )),
+            deferred_pending: reg!(IntGauge::new(
+                "detour_deferred_pending",
+                "Deferred requests in the journal, not yet delivered."
+            )),
+            deferred_pending_bytes: reg!(IntGauge::new(
+                "detour_deferred_pending_bytes",
+                "Bytes of the deferred requests waiting (bodies, paths and headers)."
+            )),
+            deferred_oldest_age: reg!(Gauge::new(
+                "detour_deferred_oldest_age_seconds",
+                "Age of the oldest deferred request waiting (0 when none)."
+            )),
+            deferred_accepted: reg!(IntCounter::new(
+                "detour_deferred_accepted_total",
+                "Requests no path delivered in time, journalled and answered 202."
+            )),
+            deferred_delivered: reg!(IntCounter::new(
+                "detour_deferred_delivered_total",
+                "Deferred requests delivered to the control plane."
+            )),
+            deferred_refused: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_deferred_refused_total",
+                    "Deferrable requests that could not be deferred (answered 503), by reason: full, io."
+                ),
+                &["reason"]
+            )),
+            deferred_dropped: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_deferred_dropped_total",
+                    "Deferred requests given up, by reason: refused (the control plane answered 4xx)."
+                ),
+                &["reason"]
             )),
             path_pool_renewals: reg!(IntCounterVec::new(
                 Opts::new(

@@ -29,6 +29,9 @@ pub struct Shared {
     pub config_error: ArcSwapOption<String>,
     /// The recordings backlog (`None` without `[recordings]`).
     pub recordings: ArcSwapOption<crate::recordings::Backlog>,
+    /// The deferred-delivery journal (`None` without deferrable requests,
+    /// or when it could not be opened).
+    pub deferred: ArcSwapOption<crate::deferred::Deferred>,
 }
 
 /// Why a config was not applied. The running config is unchanged in every case.
@@ -72,6 +75,7 @@ impl Shared {
             relay,
             config_error: ArcSwapOption::empty(),
             recordings: ArcSwapOption::empty(),
+            deferred: ArcSwapOption::empty(),
         })
     }
 
@@ -199,6 +203,12 @@ pub fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str>
     }
     if old.upgrade.dir != new.upgrade.dir {
         needs.push("upgrade.dir");
+    }
+    if old.forward.deferred_journal != new.forward.deferred_journal
+        || old.forward.deferred_max_bytes != new.forward.deferred_max_bytes
+        || (old.forward.deferrable.is_empty() && !new.forward.deferrable.is_empty())
+    {
+        needs.push("forward.deferred_journal (the journal is opened at start)");
     }
     needs
 }

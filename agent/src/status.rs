@@ -91,6 +91,15 @@ pub fn table(r: &AgentReport) -> String {
             e.replace('\n', "\n  ")
         ));
     }
+    if let Some(d) = &r.deferred {
+        out.push_str(&format!(
+            "deferred: {} waiting ({:.1} KiB), oldest {:.0}s, journal {}\n",
+            d.pending,
+            d.pending_bytes as f64 / 1024.0,
+            d.oldest_age_s,
+            detour_wire::printable(&d.journal)
+        ));
+    }
     if let Some(rec) = &r.recordings {
         out.push_str(&format!(
             "recordings: {} pending ({:.1} MiB), oldest {:.0}s, {} uploaded since start\n",
@@ -169,6 +178,7 @@ mod tests {
             paths: vec![path("direct", true), path(&long, false)],
             config_error: None,
             recordings: None,
+            deferred: None,
         };
         let text = table(&report);
         let lines: Vec<&str> = text.lines().skip(1).collect();
@@ -200,8 +210,20 @@ mod tests {
                     detail: "404 NoSuchBucket".into(),
                 }],
             }),
+            deferred: Some(detour_wire::DeferredReport {
+                pending: 12,
+                pending_bytes: 3 * 1024,
+                oldest_age_s: 61.0,
+                journal: "/var/lib/detour-agent/deferred.journal".into(),
+            }),
         };
         let text = table(&report);
+        assert!(
+            text.contains(
+                "deferred: 12 waiting (3.0 KiB), oldest 61s, journal /var/lib/detour-agent/deferred.journal"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("recordings: 2 pending (3.0 MiB), oldest 42s, 7 uploaded since start"),
             "{text}"

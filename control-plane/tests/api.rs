@@ -1080,6 +1080,7 @@ async fn fleet_reports_latest_per_pop(backend: Backend) {
             }],
             config_error: None,
             recordings: None,
+            deferred: None,
         };
         let r = cp
             .client

@@ -46,6 +46,9 @@ pub mod headers {
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
     /// Correlates logs across the call handler, agents and control plane.
     pub const REQUEST_ID: &str = "x-request-id";
+    /// On a `202 Accepted` from the agent: the request was journalled for
+    /// later delivery; the value is its receipt.
+    pub const DEFERRED: &str = "x-detour-deferred";
 }
 
 /// An RFC 9457 problem details object.
@@ -165,6 +168,19 @@ pub struct AgentReport {
     /// The recordings backlog, when the agent carries recordings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recordings: Option<RecordingsReport>,
+    /// Deferred requests waiting, when some requests are deferrable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<DeferredReport>,
+}
+
+/// The deferred-delivery journal, as `/status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeferredReport {
+    pub pending: u64,
+    pub pending_bytes: u64,
+    pub oldest_age_s: f64,
+    pub journal: String,
 }
 
 /// Recordings not yet stored, recorded and done with, as `/status` and

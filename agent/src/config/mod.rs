@@ -207,6 +207,34 @@ pub struct Forward {
     pub retry_budget_min_per_sec: u32,
     /// Requests whose path starts with one of these are emergency requests.
     pub emergency_path_prefixes: Vec<String>,
+    /// Requests delivered later when no path delivers them now
+    /// (`[[forward.deferrable]]`; docs/deferred.md).
+    pub deferrable: Vec<Deferrable>,
+    /// Where deferred requests wait.
+    pub deferred_journal: PathBuf,
+    /// The most the deferred requests may take (new ones get 503 beyond).
+    pub deferred_max_bytes: u64,
+}
+
+/// A kind of request that may be deferred: a method and a path whose `*`
+/// segments are its ordering key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deferrable {
+    pub method: http::Method,
+    /// The path's segments; `None` for `*`.
+    pub segments: Vec<Option<String>>,
+}
+
+impl Deferrable {
+    pub fn new(method: http::Method, path: &str) -> Deferrable {
+        Deferrable {
+            method,
+            segments: path
+                .split('/')
+                .map(|s| (s != "*").then(|| s.to_owned()))
+                .collect(),
+        }
+    }
 }
 
 impl Forward {
@@ -226,6 +254,10 @@ impl Forward {
     pub const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.2;
     /// Default of `forward.retry_budget_min_per_sec`.
     pub const DEFAULT_RETRY_BUDGET_MIN_PER_SEC: u32 = 10;
+    /// Default of `forward.deferred_journal` (systemd's StateDirectory).
+    pub const DEFAULT_DEFERRED_JOURNAL: &str = "/var/lib/detour-agent/deferred.journal";
+    /// Default of `forward.deferred_max_bytes`.
+    pub const DEFAULT_DEFERRED_MAX_BYTES: u64 = 64 * 1024 * 1024;
 }
 
 /// The call handler side.

@@ -123,6 +123,17 @@ pub struct Forward {
     pub retry_budget_min_per_sec: Option<u32>,
     #[serde(default)]
     pub emergency_path_prefixes: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub deferrable: Vec<Spanned<Deferrable>>,
+    pub deferred_journal: Option<Spanned<String>>,
+    pub deferred_max_bytes: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deferrable {
+    pub method: Spanned<String>,
+    pub path: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -417,3 +417,37 @@ fn a_recordings_section_is_read_with_its_defaults_and_every_mistake_is_named() {
         assert!(errs.iter().any(|e| e.contains(want)), "no `{want}` in {errs:#?}");
     }
 }
+
+#[test]
+fn deferrable_rules_are_checked_and_their_journal_is_relative_to_the_config() {
+    let dir = setup();
+    let good = VALID.replace(
+        "[peers]",
+        "[forward]\ndeferred_journal = \"state/deferred.journal\"\n\
+         [[forward.deferrable]]\nmethod = \"post\"\npath = \"/v1/calls/*/events\"\n[peers]",
+    );
+    assert_eq!(errors_with(dir.path(), &good, PEERS), Vec::<String>::new());
+    let c = load(dir.path()).unwrap();
+    assert_eq!(c.forward.deferrable.len(), 1);
+    assert_eq!(c.forward.deferrable[0].method, http::Method::POST);
+    assert_eq!(
+        c.forward.deferred_journal,
+        dir.path().join("state/deferred.journal")
+    );
+    assert_eq!(c.forward.deferred_max_bytes, Forward::DEFAULT_DEFERRED_MAX_BYTES);
+
+    let bad = VALID.replace(
+        "[peers]",
+        "[forward]\ndeferred_max_bytes = \"1KiB\"\n\
+         [[forward.deferrable]]\nmethod = \"GET\"\npath = \"/v1/calls/*/events\"\n\
+         [[forward.deferrable]]\nmethod = \"POST\"\npath = \"/v1/calls/x*/events\"\n[peers]",
+    );
+    let errs = errors_with(dir.path(), &bad, PEERS);
+    for want in [
+        "forward.deferred_max_bytes: at least 64KiB",
+        "forward.deferrable.method: a method that changes something",
+        "forward.deferrable.path: a path like /v1/calls/*/events",
+    ] {
+        assert!(errs.iter().any(|e| e.contains(want)), "no `{want}` in {errs:#?}");
+    }
+}

@@ -64,6 +64,7 @@ pub async fn serve(
         ingress: Arc::new(Ingress {
             forwarder: shared.forwarder.clone(),
             metrics: shared.metrics.clone(),
+            shared: shared.clone(),
         }),
         cap: ConnCap::new(cfg.max_connections, "ingress.max_connections"),
         shared,

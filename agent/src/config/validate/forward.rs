@@ -3,7 +3,8 @@
 //! checked once the peers are known.)
 
 use super::{Diag, duration_or, ratio};
-use crate::config::{Forward, raw};
+use crate::config::values::{parse_size, resolve};
+use crate::config::{Deferrable, Forward, raw};
 
 pub(super) fn validate(d: &mut Diag<'_>, f: &raw::Forward) -> Forward {
     let forward = Forward {
@@ -60,6 +61,31 @@ pub(super) fn validate(d: &mut Diag<'_>, f: &raw::Forward) -> Forward {
                 }
             })
             .collect(),
+        deferrable: f
+            .deferrable
+            .iter()
+            .filter_map(|rule| deferrable(d, rule.get_ref()))
+            .collect(),
+        deferred_journal: resolve(
+            d.file(),
+            f.deferred_journal
+                .as_ref()
+                .map_or(Forward::DEFAULT_DEFERRED_JOURNAL, |j| j.get_ref()),
+        ),
+        deferred_max_bytes: match &f.deferred_max_bytes {
+            None => Forward::DEFAULT_DEFERRED_MAX_BYTES,
+            Some(v) => match parse_size(v.get_ref()) {
+                Ok(n) if n >= 64 * 1024 => n,
+                Ok(_) => {
+                    d.span(v, "forward.deferred_max_bytes: at least 64KiB");
+                    Forward::DEFAULT_DEFERRED_MAX_BYTES
+                }
+                Err(e) => {
+                    d.span(v, format!("forward.deferred_max_bytes: {e}"));
+                    Forward::DEFAULT_DEFERRED_MAX_BYTES
+                }
+            },
+        },
     };
     if forward.attempt_timeout_min > forward.attempt_timeout_max
         && let Some(s) = &f.attempt_timeout_min
@@ -70,4 +96,32 @@ pub(super) fn validate(d: &mut Diag<'_>, f: &raw::Forward) -> Forward {
         );
     }
     forward
+}
+
+/// One `[[forward.deferrable]]`: a method and a path of `/`-separated
+/// segments, `*` for one segment (the ordering key).
+fn deferrable(d: &mut Diag<'_>, rule: &raw::Deferrable) -> Option<Deferrable> {
+    let method = match http::Method::from_bytes(rule.method.get_ref().to_ascii_uppercase().as_bytes()) {
+        Ok(m) if !matches!(m, http::Method::GET | http::Method::HEAD | http::Method::CONNECT) => m,
+        _ => {
+            d.span(
+                &rule.method,
+                "forward.deferrable.method: a method that changes something (POST, PUT, PATCH, DELETE)",
+            );
+            return None;
+        }
+    };
+    let path = rule.path.get_ref();
+    let segments_ok = path
+        .split('/')
+        .skip(1)
+        .all(|s| !s.is_empty() && (s == "*" || !s.contains('*')));
+    if !path.starts_with('/') || path.contains('?') || !segments_ok {
+        d.span(
+            &rule.path,
+            "forward.deferrable.path: a path like /v1/calls/*/events (`*` is one whole segment)",
+        );
+        return None;
+    }
+    Some(Deferrable::new(method, path))
 }
