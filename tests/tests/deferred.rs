@@ -187,3 +187,85 @@ async fn a_full_journal_answers_503_and_keeps_what_it_holds() {
         "the old records were not all kept, in order"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_events_survive_a_sigkill_and_a_torn_line_and_are_delivered_after_the_restart() {
+    let mut fleet = Fleet::start(options("")).await.unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_detour-lab")).with_file_name("detour-agent");
+    assert!(bin.exists(), "build the agent first: cargo build -p detour-agent");
+    // blr as its own process, so that it can be killed for real.
+    fleet.stop_agent("blr").await;
+    let (mut proc, local) = fleet.spawn_agent_process("blr", &bin).await.unwrap();
+    cut_everything(&fleet, Fault::Blackhole);
+    let calls = 5;
+    let events = 40;
+    let mut tasks = Vec::new();
+    for call in 0..calls {
+        let local = local.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = CallClient::new(Duration::from_secs(5));
+            let mut statuses = Vec::new();
+            for n in 0..events {
+                statuses.push(event(&client, &local, call, n).await.status);
+            }
+            statuses
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().iter().all(|s| *s == Some(202)));
+    }
+
+    // SIGKILL with everything waiting, and a line torn as by a crash mid-write.
+    proc.0.kill().unwrap();
+    proc.0.wait().unwrap();
+    let journal = fleet
+        .pop("blr")
+        .config_path
+        .parent()
+        .unwrap()
+        .join("deferred.journal");
+    let mut text = std::fs::read(&journal).unwrap();
+    text.extend_from_slice(b"{\"put\":{\"seq\":9999,\"id\":\"torn\",\"key\":\"call-0\",\"meth");
+    std::fs::write(&journal, text).unwrap();
+    let (restarted, _) = fleet.spawn_agent_process("blr", &bin).await.unwrap();
+    cut_everything(&fleet, Fault::Pass);
+
+    let recorder = &fleet.cp.as_ref().unwrap().recorder;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = recorder.requests();
+        let done = (0..calls).all(|call| {
+            let keys: Vec<String> = seen
+                .iter()
+                .filter(|s| s.path_and_query == format!("/v1/calls/call-{call}/events"))
+                .filter_map(|s| s.headers.get("idempotency-key")?.to_str().ok().map(str::to_owned))
+                .collect();
+            first_arrivals(&keys).len() == events
+        });
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every journalled event arrived after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = recorder.requests();
+    for call in 0..calls {
+        let keys: Vec<String> = seen
+            .iter()
+            .filter(|s| s.path_and_query == format!("/v1/calls/call-{call}/events"))
+            .filter_map(|s| s.headers.get("idempotency-key")?.to_str().ok().map(str::to_owned))
+            .collect();
+        let want: Vec<String> = (0..events).map(|n| format!("ev-{call}-{n}")).collect();
+        assert_eq!(first_arrivals(&keys), want, "call-{call}");
+    }
+    // The torn record was never answered 202: nothing half was sent.
+    assert!(
+        seen.iter()
+            .all(|s| s.headers.get("idempotency-key").is_some() || !s.path_and_query.contains("/events")),
+        "an event without its key arrived"
+    );
+    drop(restarted);
+}
