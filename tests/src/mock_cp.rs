@@ -205,6 +205,11 @@ async fn handle(
             .unwrap_or(StatusCode::OK);
         let mut r = Response::new(full(format!("status {}\n", status.as_u16())));
         *r.status_mut() = status;
+        if status.is_redirection() {
+            // Where a call flow's branch would go; nobody should follow it.
+            r.headers_mut()
+                .insert("location", "/v1/flows/branch-b".parse().expect("static"));
+        }
         return Ok(r);
     }
     if let Some(ms) = path.strip_prefix("/slow/") {

@@ -150,6 +150,27 @@ async fn status_codes_pass_through_and_limits_answer_with_problems() {
     let fleet = fleet().await;
     let blr = fleet.pop("blr");
     let client = CallClient::default();
+    // A redirect is the control plane's answer (call flows branch on 200
+    // vs 302): passed through with its Location, never followed.
+    for pin in ["direct", "via:maa"] {
+        let head = raw(
+            blr.agent().local_addr,
+            &format!("GET /status/302 HTTP/1.1\r\nHost: x\r\nX-Detour-Pin: {pin}\r\n\r\n"),
+        )
+        .await
+        .to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 302"), "{head}");
+        assert!(head.contains("location: /v1/flows/branch-b\r\n"), "{head}");
+    }
+    assert!(
+        fleet
+            .cp
+            .as_ref()
+            .unwrap()
+            .recorder
+            .find("/v1/flows/branch-b")
+            .is_none()
+    );
     for code in [201u16, 404, 422, 500, 503] {
         let r = client
             .send(
