@@ -393,13 +393,35 @@ pub async fn send_loop(shared: Arc<Shared>, deferred: Arc<Deferred>, mut shutdow
             Delivered::NotYet(why) => {
                 tracing::debug!(receipt = %record.id, why, "deferred: not delivered yet");
                 tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = path_change(&shared, pause) => {}
                     _ = shutdown.changed() => return,
                 }
                 pause = (pause * 2).min(Duration::from_secs(10));
             }
         }
         deferred.publish(&deferred.lock());
+    }
+}
+
+/// Waits `pause`, or less: until the path new requests would take changes
+/// (a path came back), so a backlog starts draining as soon as a path
+/// works, not at the end of a long pause.
+async fn path_change(shared: &Shared, pause: Duration) {
+    let active = |s: &Shared| {
+        s.forwarder
+            .runtime()
+            .health
+            .snapshot()
+            .active()
+            .map(|p| p.name.to_string())
+    };
+    let before = active(shared);
+    let until = tokio::time::Instant::now() + pause;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if active(shared) != before {
+            return;
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`upgrade`]: the local entry point upgraded under traffic, against
 //!   HAProxy's seamless reload.
 //! - [`recordings`]: recordings to the object store, against boto3.
+//! - [`deferred`]: call events through an outage, journalled and drained.
 //!
 //! [`faults`] is what failover and compare share.
 
@@ -18,6 +19,7 @@ use anyhow::bail;
 use clap::Args;
 
 pub mod compare;
+pub mod deferred;
 pub mod failover;
 pub mod faults;
 pub mod netns;
@@ -34,7 +36,8 @@ pub struct BenchArgs {
     /// faults on the kernel network, root; `--seconds` sets the length),
     /// upgrade (the agent upgraded under traffic, against HAProxy's seamless
     /// reload; `--runs` upgrades each), recordings (recordings to an
-    /// S3-compatible store, needs moto), all (overhead and failover).
+    /// S3-compatible store, needs moto), deferred (call events through an
+    /// outage), all (overhead and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -77,12 +80,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "soak" => soak::run(&args).await,
         "upgrade" => upgrade::run(&args).await,
         "recordings" => recordings::run(&args).await,
+        "deferred" => deferred::run(&args).await,
         "all" => {
             overhead::run(&args).await?;
             failover::run(&args).await
         }
         other => bail!(
-            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings or all"
+            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred or all"
         ),
     }
 }
