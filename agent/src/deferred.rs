@@ -6,9 +6,10 @@
 //! when a path works, with its original headers (so its `Idempotency-Key`):
 //! the control plane applies it once.
 //!
-//! Order: the journal is one queue, delivered from its head, so the records
-//! of any one key (the path's `*` segments: the call id) arrive in the order
-//! they were accepted. A new request whose key still has records waiting is
+//! Order: the journal is one queue; the sender delivers the oldest record
+//! of up to 16 keys at once, so the records of any one key (the path's `*`
+//! segments: the call id) arrive in the order they were accepted while keys
+//! do not wait for each other. A new request whose key still has records waiting is
 //! queued behind them rather than sent ahead.
 //!
 //! The journal is JSON lines: `{"put": record}` when a request is accepted,
@@ -237,9 +238,21 @@ impl Deferred {
         Ok(id)
     }
 
-    /// The record at the head of the queue.
-    fn head(&self) -> Option<Record> {
-        self.lock().queue.front().cloned()
+    /// The oldest waiting record of each key not in `busy`, oldest first,
+    /// at most `n`: what may be sent now without reordering any key.
+    fn ready(&self, busy: &std::collections::HashSet<String>, n: usize) -> Vec<Record> {
+        let st = self.lock();
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for r in &st.queue {
+            if out.len() >= n {
+                break;
+            }
+            if seen.insert(r.key.as_str()) && !busy.contains(&r.key) {
+                out.push(r.clone());
+            }
+        }
+        out
     }
 
     /// The head is finished with (delivered or refused for good).
@@ -356,25 +369,53 @@ pub fn key_of(rules: &[Deferrable], method: &Method, path: &str) -> Option<Strin
     })
 }
 
-/// The background sender: delivers the head of the queue whenever a path
-/// works, in order, until shutdown. A record the control plane refuses for
-/// good (a 4xx other than 401, 403, 408 and 429) is dropped and counted, so that it
-/// does not hold up the rest; anything else is tried again, with a pause
-/// that grows to 10 s while nothing gets through.
+/// Deliveries in flight at once, each for a different key.
+pub const DELIVERY_CONCURRENCY: usize = 16;
+
+/// The background sender: whenever a path works, delivers the oldest
+/// waiting record of up to [`DELIVERY_CONCURRENCY`] keys at once, so each
+/// key's records go one after the other, in order, while keys do not wait
+/// for each other's round trips. A record the control plane refuses for
+/// good (a 4xx other than 401, 403, 408 and 429) is dropped and counted, so
+/// that it does not hold up its key; anything else stays where it is and is
+/// tried again after a pause that grows to 10 s while nothing gets through,
+/// cut short when a path returns.
 pub async fn send_loop(shared: Arc<Shared>, deferred: Arc<Deferred>, mut shutdown: watch::Receiver<bool>) {
+    use futures_util::StreamExt;
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut pause = Duration::from_millis(200);
+    let mut paused_until: Option<tokio::time::Instant> = None;
     loop {
-        let Some(record) = deferred.head() else {
+        let paused = paused_until.is_some_and(|t| tokio::time::Instant::now() < t);
+        if !paused {
+            paused_until = None;
+            for record in deferred.ready(&busy, DELIVERY_CONCURRENCY - in_flight.len()) {
+                busy.insert(record.key.clone());
+                let shared = shared.clone();
+                in_flight.push(async move {
+                    let outcome = deliver(&shared, &record).await;
+                    (record, outcome)
+                });
+            }
+        }
+        if in_flight.is_empty() {
+            let wait = paused_until.map_or(Duration::from_secs(1), |t| {
+                t.saturating_duration_since(tokio::time::Instant::now())
+            });
             tokio::select! {
-                _ = deferred.wake.notified() => continue,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = deferred.wake.notified(), if !paused => {}
+                _ = path_change(&shared, wait), if paused => paused_until = None,
+                _ = tokio::time::sleep(wait), if !paused => {}
                 _ = shutdown.changed() => return,
             }
-        };
-        let outcome = tokio::select! {
-            o = deliver(&shared, &record) => o,
+            continue;
+        }
+        let (record, outcome) = tokio::select! {
+            Some(done) = in_flight.next() => done,
             _ = shutdown.changed() => return,
         };
+        busy.remove(&record.key);
         match outcome {
             Delivered::Yes => {
                 deferred.metrics.deferred_delivered.inc();
@@ -392,11 +433,10 @@ pub async fn send_loop(shared: Arc<Shared>, deferred: Arc<Deferred>, mut shutdow
             }
             Delivered::NotYet(why) => {
                 tracing::debug!(receipt = %record.id, why, "deferred: not delivered yet");
-                tokio::select! {
-                    _ = path_change(&shared, pause) => {}
-                    _ = shutdown.changed() => return,
+                if paused_until.is_none() {
+                    paused_until = Some(tokio::time::Instant::now() + pause);
+                    pause = (pause * 2).min(Duration::from_secs(10));
                 }
-                pause = (pause * 2).min(Duration::from_secs(10));
             }
         }
         deferred.publish(&deferred.lock());
@@ -538,7 +578,7 @@ mod tests {
         for n in 0..5 {
             d.accept("c".to_owned(), &outbound(n), None).unwrap();
         }
-        let first = d.head().unwrap();
+        let first = d.ready(&Default::default(), 1).remove(0);
         d.finish(first.seq);
         drop(d);
         let mut text = std::fs::read(&path).unwrap();
@@ -554,6 +594,23 @@ mod tests {
         let (d, loaded) = Deferred::open(&path, 1 << 20, metrics).unwrap();
         assert_eq!((loaded.pending, loaded.damaged), (5, 0));
         assert_eq!(d.lock().queue.back().unwrap().headers[0].1, "k-5");
+    }
+
+    #[test]
+    fn only_the_oldest_record_of_each_idle_key_is_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, _) = Deferred::open(&dir.path().join("j"), 1 << 20, Arc::new(Metrics::new("blr"))).unwrap();
+        for (n, key) in ["a", "a", "b", "c", "b", "d"].iter().enumerate() {
+            d.accept((*key).to_owned(), &outbound(n as u32), None).unwrap();
+        }
+        let busy: std::collections::HashSet<String> = ["c".to_owned()].into();
+        let ready: Vec<String> = d
+            .ready(&busy, 10)
+            .iter()
+            .map(|r| r.headers[0].1.clone())
+            .collect();
+        assert_eq!(ready, ["k-0", "k-2", "k-5"]);
+        assert_eq!(d.ready(&busy, 2).len(), 2);
     }
 
     #[test]

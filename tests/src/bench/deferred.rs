@@ -92,8 +92,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     // The uplinks back: the drain.
     let healed = Instant::now();
+    // Healed to links with a WAN's delay (15 ms each way per chunk).
     for p in fleet.pops.values() {
-        p.uplink.set(Fault::Pass);
+        p.uplink.set(Fault::Latency(Duration::from_millis(15)));
     }
     let mut first_delivery = None;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -183,7 +184,7 @@ fn render(
         ),
     ]);
     format!(
-        "## Deferred delivery (issue: when no path works)\n\nMeasured {machine}, with `cargo build --release -p detour-lab && target/release/detour-lab bench deferred`: the in-process fleet with the mock control plane on loopback, `[[forward.deferrable]]` for `POST /v1/calls/*/events`, every uplink blackholed while {CALLS} calls send {EVENTS} events each (the calls side by side, each call's events one after the other), then healed. Every event arrived; the mock control plane saw each key.\n\n{}\nDelivery is one request at a time from the journal's head (order per call is the journal's order), so the drain rate is one round trip per event on this loopback; a real uplink's round trip (tens of ms) would make it proportionally slower, which is the next thing to improve (several keys at once, each key still in order).\n",
+        "## Deferred delivery (issue: when no path works)\n\nMeasured {machine}, with `cargo build --release -p detour-lab && target/release/detour-lab bench deferred`: the in-process fleet with the mock control plane on loopback, `[[forward.deferrable]]` for `POST /v1/calls/*/events`, every uplink blackholed while {CALLS} calls send {EVENTS} events each (the calls side by side, each call's events one after the other), then healed to links that delay every chunk 15 ms each way (a WAN's round trip of 30 ms or more). Every event arrived; the mock control plane saw each key.\n\n{}\nThe sender delivers the oldest waiting event of up to 16 calls at once (each call's events one after the other, in order), so up to 16 round trips overlap instead of one at a time.\n",
         t.finish()
     )
 }
