@@ -158,8 +158,12 @@ impl Store {
                 .await?;
             return Ok(());
         }
-        let upload_id = match &entry.upload_id {
-            Some(id) => id.clone(),
+        let upload_id = match entry.upload_id.clone() {
+            Some(id) => {
+                self.adopt_stored_parts(shared, path, entry, &id, size, look, save)
+                    .await?;
+                id
+            }
             None => {
                 let mut action = self
                     .bucket
@@ -247,6 +251,71 @@ impl Store {
                 Reason::StoreRefused,
                 format!("CompleteMultipartUpload: {}", String::from_utf8_lossy(&answer)),
             ));
+        }
+        Ok(())
+    }
+
+    /// Resuming an upload: the parts the store holds that the journal does
+    /// not (finished by the store after a crash, with nobody left to hear
+    /// its answer) are taken as done when their size and ETag (the MD5 of
+    /// the part, as S3 gives it for unencrypted and SSE-S3 objects) match
+    /// the file, so they are not sent again. Best effort: a store that
+    /// cannot list, or an ETag that is not an MD5, only means those parts
+    /// are sent again.
+    #[allow(clippy::too_many_arguments)]
+    async fn adopt_stored_parts(
+        &self,
+        shared: &Shared,
+        path: &Path,
+        entry: &mut Entry,
+        upload_id: &str,
+        size: u64,
+        look: Look,
+        save: &mut (dyn FnMut(&Entry) -> Result<(), Failure> + Send),
+    ) -> Result<(), Failure> {
+        let action = self
+            .bucket
+            .list_parts(Some(&self.credentials), &entry.key, upload_id);
+        let url = action.sign(SIGNED_FOR);
+        let Ok((_, body)) = self.send(shared, Method::GET, url, &[], Bytes::new()).await else {
+            return Ok(());
+        };
+        // S3 answers `<ListPartsResult>`; some S3-compatible servers (moto)
+        // name the root `<ListPartsResponse>`, which the parser refuses.
+        let text = String::from_utf8_lossy(&body)
+            .replace("<ListPartsResponse", "<ListPartsResult")
+            .replace("</ListPartsResponse>", "</ListPartsResult>");
+        let Ok(listed) = rusty_s3::actions::ListParts::parse_response(&text) else {
+            tracing::debug!(key = %entry.key, "recordings: the store's list of parts could not be read; parts it may hold are sent again");
+            return Ok(());
+        };
+        for part in listed.parts {
+            if part.number == 0 || entry.parts.iter().any(|p| p.number == part.number) {
+                continue;
+            }
+            let start = (u64::from(part.number) - 1) * self.part_size;
+            if start >= size || part.size != self.part_size.min(size - start) {
+                continue;
+            }
+            let data = read_range(path, start, part.size, look).await?;
+            let (md5, sum) = {
+                let owned = data.clone();
+                tokio::task::spawn_blocking(move || {
+                    use md5::Digest;
+                    (hex::encode(md5::Md5::digest(&owned)), b64_sha256(&owned))
+                })
+                .await
+                .map_err(|e| Failure::new(Reason::Unreadable, e.to_string()))?
+            };
+            if part.etag.trim_matches('"').eq_ignore_ascii_case(&md5) {
+                tracing::info!(key = %entry.key, part = part.number, "recordings: the store already has this part; not sent again");
+                entry.parts.push(Part {
+                    number: part.number,
+                    etag: part.etag,
+                    sha256: sum,
+                });
+                save(entry)?;
+            }
         }
         Ok(())
     }
