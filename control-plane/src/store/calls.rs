@@ -13,6 +13,16 @@ use super::{Idem, Outcome, Result, Store, StoredResponse, now_ms};
 use crate::intake::Priority;
 use crate::record::{self, EventKind};
 
+/// How [`Store::change_call`] went.
+pub(super) enum CallChange<T> {
+    /// The change may go on: its transaction and the time it began.
+    Open(sqlx::Transaction<'static, sqlx::Any>, i64),
+    /// The request's idempotency key already has an answer.
+    Answered(Outcome<T>),
+    /// No such call.
+    NoCall,
+}
+
 /// A new call row.
 #[derive(Debug, Clone)]
 pub struct NewCall {
@@ -111,6 +121,35 @@ impl Store {
     /// Records an event (each kind once; a repeat is a no-op) and refolds
     /// the record. `None`: no such call. The call row is locked first so
     /// concurrent events for one call fold in turn.
+    /// Opens a change to one call (an event, a recording): the transaction,
+    /// the claim of the request's idempotency key (an answer already stored
+    /// for it ends the change), and the call's row locked, so concurrent
+    /// changes to one call apply one after the other. `NoCall` rolls back
+    /// the claim too: a 404 is not kept for the key.
+    pub(super) async fn change_call<T>(
+        &self,
+        idem: Option<&Idem>,
+        call_id: &str,
+        retention: Duration,
+    ) -> Result<CallChange<T>> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(idem) = idem
+            && let Some(early) = claim(&mut tx, idem, None, retention).await?.answered()
+        {
+            return Ok(CallChange::Answered(early));
+        }
+        let now = now_ms();
+        let locked = sqlx::query("UPDATE calls SET updated_at = $2 WHERE id = $1")
+            .bind(call_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        if locked.rows_affected() == 0 {
+            return Ok(CallChange::NoCall);
+        }
+        Ok(CallChange::Open(tx, now))
+    }
+
     pub async fn record_event<F>(
         &self,
         idem: Option<&Idem>,
@@ -123,22 +162,11 @@ impl Store {
     where
         F: FnOnce(&CallRow) -> StoredResponse,
     {
-        let mut tx = self.pool.begin().await?;
-        if let Some(idem) = idem
-            && let Some(early) = claim(&mut tx, idem, None, retention).await?.answered()
-        {
-            return Ok(early);
-        }
-        let now = now_ms();
-        let locked = sqlx::query("UPDATE calls SET updated_at = $2 WHERE id = $1")
-            .bind(call_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        if locked.rows_affected() == 0 {
-            // Rolls back the claim too: a 404 is not kept for the key.
-            return Ok(Outcome::Done(None));
-        }
+        let (mut tx, now) = match self.change_call(idem, call_id, retention).await? {
+            CallChange::Open(tx, now) => (tx, now),
+            CallChange::Answered(early) => return Ok(early),
+            CallChange::NoCall => return Ok(Outcome::Done(None)),
+        };
         sqlx::query(
             "INSERT INTO call_events (call_id, kind, at, received_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (call_id, kind) DO NOTHING",

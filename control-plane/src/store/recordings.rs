@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use sqlx::{AnyConnection, Row};
 
-use super::calls::{CallRow, read_call};
-use super::idempotency::{claim, finish_claim};
-use super::{Idem, Outcome, Result, Store, StoredResponse, now_ms};
+use super::calls::{CallChange, CallRow, read_call};
+use super::idempotency::finish_claim;
+use super::{Idem, Outcome, Result, Store, StoredResponse};
 use crate::intake::Recording;
 
 /// What recording a recording came to.
@@ -36,22 +36,11 @@ impl Store {
     where
         F: FnOnce(&CallRow) -> StoredResponse,
     {
-        let mut tx = self.pool.begin().await?;
-        if let Some(idem) = idem
-            && let Some(early) = claim(&mut tx, idem, None, retention).await?.answered()
-        {
-            return Ok(early);
-        }
-        let now = now_ms();
-        let locked = sqlx::query("UPDATE calls SET updated_at = $2 WHERE id = $1")
-            .bind(call_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        if locked.rows_affected() == 0 {
-            // Rolls back the claim too: a 404 is not kept for the key.
-            return Ok(Outcome::Done(Recorded::NoCall));
-        }
+        let (mut tx, now) = match self.change_call(idem, call_id, retention).await? {
+            CallChange::Open(tx, now) => (tx, now),
+            CallChange::Answered(early) => return Ok(early),
+            CallChange::NoCall => return Ok(Outcome::Done(Recorded::NoCall)),
+        };
         sqlx::query(
             "INSERT INTO call_recordings (call_id, bucket, object_key, size, sha256, duration_ms, \
              content_type, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
