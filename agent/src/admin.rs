@@ -140,9 +140,6 @@ fn report_request(shared: &Shared) -> Option<forward::Outbound> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    if let Ok(v) = http::HeaderValue::from_str(&cp.host_header()) {
-        headers.insert(http::header::HOST, v);
-    }
     if let Some(t) = &cp.token
         && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}"))
     {
@@ -153,9 +150,7 @@ fn report_request(shared: &Shared) -> Option<forward::Outbound> {
     }
     let body = bytes::Bytes::from(serde_json::to_vec(&report).unwrap_or_default());
     headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(body.len()));
-    let path_and_query = format!("{}/v1/agents/{}/report", cp.base_path, rt.config.pop)
-        .parse()
-        .ok()?;
+    let path_and_query = format!("/v1/agents/{}/report", rt.config.pop).parse().ok()?;
     Some(forward::Outbound {
         method: http::Method::POST,
         path_and_query,

@@ -484,11 +484,8 @@ async fn deliver(shared: &Shared, r: &Record) -> Delivered {
             headers.append(k, v);
         }
     }
-    // Host and the agent's token as the config says now.
+    // The agent's token as the config says now (each path sets `Host`).
     let cp = &shared.forwarder.runtime().config.control_plane;
-    if let Some(v) = &cp.host_value {
-        headers.insert(http::header::HOST, v.clone());
-    }
     if let Some(v) = &cp.auth_value
         && !headers.contains_key(http::header::AUTHORIZATION)
     {

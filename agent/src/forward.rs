@@ -40,9 +40,11 @@ pub struct Runtime {
 #[derive(Debug, Clone)]
 pub struct Outbound {
     pub method: Method,
-    /// Path and query on the control plane, base path included.
+    /// Path and query as the call handler sent them; each path puts its
+    /// endpoint's base path before them.
     pub path_and_query: http::uri::PathAndQuery,
-    /// Headers to send (hop-by-hop removed, `Host` set, keys added).
+    /// Headers to send (hop-by-hop and `Host` removed, keys added); each path
+    /// sets its endpoint's `Host`.
     pub headers: HeaderMap,
     pub body: Bytes,
     /// Emergency requests go to the two best paths at once.
@@ -161,10 +163,30 @@ impl Forwarder {
     /// The paths `out` may take, best first: the pinned one, or all enabled.
     fn candidates(&self, rt: &Runtime, out: &Outbound) -> Result<Vec<usize>, Failure> {
         match out.pin.as_ref().or(rt.config.forward.pin.as_ref()) {
-            Some(p) => match rt.paths.iter().position(|c| &*c.name == p) {
-                Some(i) => Ok(vec![i]),
-                None => Err(Failure::UnknownPin(p.clone())),
-            },
+            Some(p) => {
+                // `via:maa` names that route to every endpoint (best first);
+                // `via:maa@<endpoint>` one path.
+                let pinned = |i: &usize| {
+                    rt.paths.get(*i).is_some_and(|c| {
+                        *c.name == **p
+                            || c.name
+                                .strip_prefix(p.as_str())
+                                .is_some_and(|r| r.starts_with('@'))
+                    })
+                };
+                let ranked = rt.health.snapshot().ranked.clone();
+                let mut v: Vec<usize> = ranked.iter().copied().filter(pinned).collect();
+                // A drained (disabled) path is not ranked, yet may be pinned.
+                let drained: Vec<usize> = (0..rt.paths.len())
+                    .filter(|i| pinned(i) && !ranked.contains(i))
+                    .collect();
+                v.extend(drained);
+                if v.is_empty() {
+                    Err(Failure::UnknownPin(p.clone()))
+                } else {
+                    Ok(v)
+                }
+            }
             None => Ok(rt.health.snapshot().ranked.clone()),
         }
     }

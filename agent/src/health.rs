@@ -66,8 +66,12 @@ impl FailureKind {
 /// How a path is used, for scoring.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PathInfo {
-    /// `direct` or `via:<peer>`.
+    /// `direct` or `via:<peer>` (with `@<endpoint>` when there are several).
     pub name: Arc<str>,
+    /// The control-plane endpoint it goes to, and that endpoint's priority
+    /// (lower is preferred).
+    pub endpoint: Arc<str>,
+    pub priority: u32,
     pub direct: bool,
     /// Preference among peers (1..=1000, default 100).
     pub weight: u32,

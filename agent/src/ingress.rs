@@ -130,7 +130,13 @@ pub fn admit(parts: &http::request::Parts, config: &AgentConfig) -> Result<Admit
             "Destination is not the control plane",
             format!(
                 "this agent only carries requests to {}; `{target}` is not it",
-                config.control_plane.authority()
+                config
+                    .control_plane
+                    .endpoints
+                    .iter()
+                    .map(|e| e.authority())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ));
     }
@@ -214,17 +220,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether an absolute-form target names the control plane.
+/// Whether an absolute-form target names the control plane (any of its
+/// endpoints: the agent picks the endpoint itself).
 pub fn is_control_plane(uri: &http::Uri, config: &AgentConfig) -> bool {
-    let cp = &config.control_plane;
     let Some(host) = uri.host() else { return false };
-    let host = host.trim_matches(['[', ']']);
-    if !host.eq_ignore_ascii_case(&cp.host) {
-        return false;
-    }
+    let cp = &config.control_plane;
     match uri.port_u16() {
-        Some(p) => p == cp.port,
-        None => true,
+        Some(p) => cp.endpoint_for(host, Some(p)).is_some(),
+        // No port: the scheme's, or any port of that host (as before).
+        None => {
+            let host = host.trim_matches(['[', ']']);
+            cp.endpoints.iter().any(|e| e.host.eq_ignore_ascii_case(host))
+        }
     }
 }
 
@@ -281,7 +288,7 @@ impl Ingress {
             Err(p) if p.status == 431 => return rejected(closing(problem(p))),
             Err(p) => return rejected(problem(p)),
         };
-        let path_and_query = match target(&parts.uri, &config.control_plane.base_path) {
+        let path_and_query = match target(&parts.uri) {
             Ok(pq) => pq,
             Err(p) => return rejected(problem(p)),
         };
@@ -348,17 +355,10 @@ impl Ingress {
 
 /// The path and query to send upstream: the control plane's base path, then
 /// the request's.
-fn target(uri: &http::Uri, base_path: &str) -> Result<http::uri::PathAndQuery, Problem> {
-    let bad = |detail: &str| Problem::new(400, "Bad request target", detail.to_owned());
-    let pq = uri
-        .path_and_query()
-        .ok_or_else(|| bad("the request has no path"))?;
-    if base_path.is_empty() {
-        return Ok(pq.clone());
-    }
-    format!("{base_path}{}", pq.as_str())
-        .parse()
-        .map_err(|_| bad("the request path is not valid"))
+fn target(uri: &http::Uri) -> Result<http::uri::PathAndQuery, Problem> {
+    uri.path_and_query()
+        .cloned()
+        .ok_or_else(|| Problem::new(400, "Bad request target", "the request has no path"))
 }
 
 /// Reads the body whole (so any path can re-send it), within
@@ -395,7 +395,8 @@ async fn read_body(
     Err(closing(problem(p)))
 }
 
-/// The headers sent upstream: hop-by-hop and the pin removed; `Host`, the
+/// The headers sent upstream: hop-by-hop, `Host` (each path sets its
+/// endpoint's) and the pin removed; the
 /// request id, an `Idempotency-Key` (when the caller sent none) and the
 /// agent's token (when the caller sent no `Authorization`) set; the length
 /// of the buffered body.
@@ -408,9 +409,7 @@ fn upstream_headers(
 ) -> http::HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(names::PIN);
-    if let Some(v) = &cp.host_value {
-        headers.insert(header::HOST, v.clone());
-    }
+    headers.remove(header::HOST);
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(names::REQUEST_ID, v);
     }

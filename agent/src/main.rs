@@ -112,7 +112,16 @@ fn main() -> ExitCode {
                     config.display(),
                     c.pop,
                     c.peers.len(),
-                    c.control_plane.url
+                    c.control_plane
+                        .endpoints
+                        .iter()
+                        .map(|e| if c.control_plane.endpoints.len() > 1 {
+                            format!("{} ({}, priority {})", e.url, e.name, e.priority)
+                        } else {
+                            e.url.to_string()
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 ExitCode::SUCCESS
             }

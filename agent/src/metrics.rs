@@ -25,6 +25,7 @@ pub struct Metrics {
     pub path_retransmit: GaugeVec,
     /// 1 for the path new requests use first, else 0.
     pub active_path: IntGaugeVec,
+    pub active_endpoint: IntGaugeVec,
     pub path_switches: IntCounter,
     pub probes: IntCounterVec,
     /// Call-handler connections open now.
@@ -101,29 +102,36 @@ impl Metrics {
             )),
             path_state: reg!(IntGaugeVec::new(
                 Opts::new("detour_path_state", "Path state: 2 up, 1 degraded, 0 down."),
-                &["path"]
+                &["path", "endpoint"]
             )),
             path_rtt: reg!(GaugeVec::new(
                 Opts::new("detour_path_rtt_seconds", "Smoothed round-trip time of the path."),
-                &["path"]
+                &["path", "endpoint"]
             )),
             path_loss: reg!(GaugeVec::new(
                 Opts::new(
                     "detour_path_loss_ratio",
                     "Share of recent exchanges lost or stalled."
                 ),
-                &["path"]
+                &["path", "endpoint"]
             )),
             path_retransmit: reg!(GaugeVec::new(
                 Opts::new(
                     "detour_path_retransmit_ratio",
                     "Share of the path's recent data segments the kernel sent again (this side only)."
                 ),
-                &["path"]
+                &["path", "endpoint"]
             )),
             active_path: reg!(IntGaugeVec::new(
                 Opts::new("detour_active_path", "1 for the path new requests use first."),
                 &["path"]
+            )),
+            active_endpoint: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "detour_active_endpoint",
+                    "1 for the control-plane endpoint new requests go to first."
+                ),
+                &["endpoint"]
             )),
             path_switches: reg!(IntCounter::new(
                 "detour_path_switches_total",

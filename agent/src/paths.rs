@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{AgentConfig, ControlPlane, Peer, Store};
+use crate::config::{AgentConfig, Endpoint, Peer, Store};
 use crate::relay::frames::{self, Deframer};
 use crate::tls::ClientTlsError;
 use crate::transport::{Registration, Sockets};
@@ -78,8 +78,8 @@ impl Target {
     }
 }
 
-impl From<&ControlPlane> for Target {
-    fn from(cp: &ControlPlane) -> Target {
+impl From<&Endpoint> for Target {
+    fn from(cp: &Endpoint) -> Target {
         Target {
             host: cp.host.clone(),
             port: cp.port,
@@ -480,9 +480,21 @@ pub type HttpClient = Client<HttpsConnector<Dialer>, Full<Bytes>>;
 
 /// One path to the control plane with its own connection pool.
 pub struct PathClient {
-    /// `direct` or `via:<peer>`.
+    /// `direct` or `via:<peer>`, with `@<endpoint>` when the control plane
+    /// has several endpoints: unique among the paths.
     pub name: Arc<str>,
     pub route: Route,
+    /// The control-plane endpoint this path goes to (its name), and that
+    /// endpoint's priority (lower is preferred); empty and 1 for paths to
+    /// other targets.
+    pub endpoint: Arc<str>,
+    pub priority: u32,
+    /// The endpoint's base path, put before every request path on this path.
+    pub base_path: Arc<str>,
+    /// `Host` for requests on this path.
+    pub host_value: Option<http::HeaderValue>,
+    /// Where this path dials.
+    pub target: Target,
     /// The pool in use; emptied when a relay announces it is draining, and
     /// filled again by the next request.
     client: Arc<ArcSwapOption<HttpClient>>,
@@ -532,6 +544,11 @@ impl PathClient {
         PathClient {
             name: Arc::from(name),
             route,
+            endpoint: Arc::from(""),
+            priority: 1,
+            base_path: Arc::from(""),
+            host_value: None,
+            target: target.clone(),
             client,
             dialer,
             cp_tls,
@@ -548,6 +565,15 @@ impl PathClient {
 }
 
 impl PathClient {
+    /// Marks this path as one to control-plane endpoint `e`.
+    pub fn to_endpoint(mut self, e: &Endpoint) -> PathClient {
+        self.endpoint = Arc::from(e.name.as_str());
+        self.priority = e.priority;
+        self.base_path = Arc::from(e.base_path.as_str());
+        self.host_value = e.host_value.clone();
+        self
+    }
+
     /// The pool to send a request on: a new one after a relay announced it
     /// is draining (see [`Retirement`]).
     pub fn client(&self) -> Arc<HttpClient> {
@@ -596,46 +622,71 @@ fn pool(dialer: &Arc<DialerInner>, generation: u64, cp_tls: &Arc<rustls::ClientC
         .build(https)
 }
 
-/// Builds every path of a config: `direct` first, then one per enabled or
-/// draining peer, in file order.
+/// A path's name: the route's (`direct`, `via:<peer>`), and `@<endpoint>`
+/// when the control plane has several endpoints.
+pub fn path_name(route: &str, config: &AgentConfig, endpoint: &Endpoint) -> String {
+    if config.control_plane.endpoints.len() > 1 {
+        format!("{route}@{}", endpoint.name)
+    } else {
+        route.to_owned()
+    }
+}
+
+/// Builds every path of a config: for each control-plane endpoint (most
+/// preferred first), `direct`, then one per enabled or draining peer, in
+/// file order.
 pub fn build_paths(config: &AgentConfig) -> Result<Vec<Arc<PathClient>>, ClientTlsError> {
     let cp_tls = crate::tls::control_plane_client_config(&config.control_plane.ca_certs)?;
     let peer_tls = match &config.tls {
         Some(m) => Some(m.peer_client_config().map_err(ClientTlsError::Peer)?),
         None => None,
     };
-    let mut paths = vec![Arc::new(PathClient::new(
-        "direct",
-        Route::Direct,
-        &(&config.control_plane).into(),
-        config.forward.connect_timeout,
-        cp_tls.clone(),
-        None,
-    ))];
-    for p in &config.peers {
-        paths.push(Arc::new(peer_path(p, config, cp_tls.clone(), peer_tls.clone())));
+    let mut paths = Vec::new();
+    for e in &config.control_plane.endpoints {
+        paths.push(Arc::new(
+            PathClient::new(
+                &path_name("direct", config, e),
+                Route::Direct,
+                &e.into(),
+                config.forward.connect_timeout,
+                cp_tls.clone(),
+                None,
+            )
+            .to_endpoint(e),
+        ));
+        for p in &config.peers {
+            paths.push(Arc::new(peer_path(
+                p,
+                e,
+                config,
+                cp_tls.clone(),
+                peer_tls.clone(),
+            )));
+        }
     }
     Ok(paths)
 }
 
-/// The path through one peer.
+/// The path through one peer to endpoint `e`.
 pub fn peer_path(
     p: &Peer,
+    e: &Endpoint,
     config: &AgentConfig,
     cp_tls: Arc<rustls::ClientConfig>,
     peer_tls: Option<Arc<rustls::ClientConfig>>,
 ) -> PathClient {
     PathClient::new(
-        &p.path_name(),
+        &path_name(&p.path_name(), config, e),
         Route::Via {
             peer: p.pop.clone(),
             relay: p.relay.clone(),
         },
-        &(&config.control_plane).into(),
+        &e.into(),
         config.forward.connect_timeout,
         cp_tls,
         peer_tls,
     )
+    .to_endpoint(e)
 }
 
 /// Finds the [`DialError`] inside an HTTP client error, if any.

@@ -51,11 +51,11 @@ pub async fn probe(rt: &Runtime, path: &paths::PathClient, i: usize) -> Outcome 
         p.mul_f64(3.0).clamp(h.timeout_min, h.timeout_max)
     });
     let cp = &rt.config.control_plane;
-    let uri = format!("{}{}{}", path.origin, cp.base_path, h.path);
+    let uri = format!("{}{}{}", path.origin, path.base_path, h.path);
     let mut req = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
     *req.uri_mut() = uri.parse().unwrap_or_default();
-    if let Ok(v) = http::HeaderValue::from_str(&cp.host_header()) {
-        req.headers_mut().insert(http::header::HOST, v);
+    if let Some(v) = &path.host_value {
+        req.headers_mut().insert(http::header::HOST, v.clone());
     }
     if let Some(t) = &cp.token
         && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}"))

@@ -361,12 +361,17 @@ async fn handle_connect(
         .unwrap_or_default()
 }
 
-/// The target a CONNECT to `authority` may reach: this agent's own control
-/// plane, or the object store of its own `[recordings]`; nothing else.
+/// The target a CONNECT to `authority` may reach: an endpoint of this
+/// agent's own control plane, or the object store of its own
+/// `[recordings]`; nothing else.
 pub fn allowed_target(config: &AgentConfig, authority: &str) -> Option<Target> {
-    let cp = &config.control_plane;
-    if authority_matches(authority, &cp.host, cp.port) {
-        return Some(cp.into());
+    if let Some(e) = config
+        .control_plane
+        .endpoints
+        .iter()
+        .find(|e| authority_matches(authority, &e.host, e.port))
+    {
+        return Some(e.into());
     }
     let store = &config.recordings.as_ref()?.store;
     authority_matches(authority, &store.host, store.port).then(|| store.into())

@@ -101,15 +101,20 @@ impl Shared {
         if let (Some(relay), Some(r)) = (&self.relay, relay_next) {
             relay.store(Arc::new(r));
         }
-        let gone: Vec<Arc<str>> = rt
+        let gone: Vec<(Arc<str>, Arc<str>)> = rt
             .paths
             .iter()
-            .filter(|o| !runtime.paths.iter().any(|p| p.name == o.name))
-            .map(|o| o.name.clone())
+            .filter(|o| {
+                !runtime
+                    .paths
+                    .iter()
+                    .any(|p| p.name == o.name && p.endpoint == o.endpoint)
+            })
+            .map(|o| (o.name.clone(), o.endpoint.clone()))
             .collect();
         self.forwarder.replace(runtime);
-        for name in &gone {
-            HealthTable::forget(&self.metrics, name);
+        for (name, endpoint) in &gone {
+            HealthTable::forget(&self.metrics, name, endpoint);
         }
         Ok(Applied::Swapped)
     }
@@ -126,17 +131,19 @@ pub fn build(
     let mut paths = paths::build_paths(&config)?;
     if let Some(old) = old {
         let same_mesh = same_mesh(&old.config, &config);
-        if same_cp_connections(&old.config, &config) {
+        if same_cp_trust(&old.config, &config) {
             for p in paths.iter_mut() {
                 let via = matches!(p.route, Route::Via { .. });
                 if via && !same_mesh {
                     continue;
                 }
-                if let Some(o) = old
-                    .paths
-                    .iter()
-                    .find(|o| o.name == p.name && same_route(&o.route, &p.route))
-                {
+                if let Some(o) = old.paths.iter().find(|o| {
+                    o.name == p.name
+                        && same_route(&o.route, &p.route)
+                        && o.target == p.target
+                        && o.base_path == p.base_path
+                        && o.priority == p.priority
+                }) {
                     // Same path, same endpoint: keep its warm connections.
                     *p = o.clone();
                 }
@@ -149,9 +156,14 @@ pub fn build(
     let infos = paths
         .iter()
         .map(|p| {
-            let peer = config.peers.iter().find(|x| x.path_name() == *p.name);
+            let peer = match &p.route {
+                Route::Direct => None,
+                Route::Via { peer, .. } => config.peers.iter().find(|x| x.pop == *peer),
+            };
             PathInfo {
                 name: p.name.clone(),
+                endpoint: p.endpoint.clone(),
+                priority: p.priority,
                 direct: peer.is_none(),
                 weight: peer.map_or(100, |x| x.weight),
                 enabled: peer.is_none_or(|x| x.enabled),
@@ -235,11 +247,22 @@ pub fn same_config(a: &AgentConfig, b: &AgentConfig) -> bool {
 }
 
 /// Whether connections made for `a` to the control plane are good for `b`:
-/// same URL, addresses and trust. The token is sent per request, so it does
-/// not matter here.
+/// same endpoints (URL, addresses, priority) and trust. The token is sent
+/// per request, so it does not matter here.
 fn same_cp_connections(a: &AgentConfig, b: &AgentConfig) -> bool {
+    let (x, y) = (&a.control_plane, &b.control_plane);
+    same_cp_trust(a, b)
+        && x.endpoints.len() == y.endpoints.len()
+        && x.endpoints
+            .iter()
+            .zip(&y.endpoints)
+            .all(|(e, f)| e.same_connections(f) && e.name == f.name && e.priority == f.priority)
+}
+
+/// Whether `a` and `b` trust the same control-plane certificates.
+fn same_cp_trust(a: &AgentConfig, b: &AgentConfig) -> bool {
     let (a, b) = (&a.control_plane, &b.control_plane);
-    a.url == b.url && a.addresses == b.addresses && a.ca == b.ca && a.ca_certs == b.ca_certs
+    a.ca == b.ca && a.ca_certs == b.ca_certs
 }
 
 /// Whether two configs carry the same peer-mesh identity and fleet CA (file

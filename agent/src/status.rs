@@ -157,6 +157,7 @@ mod tests {
     fn path(name: &str, active: bool) -> PathReport {
         PathReport {
             path: name.to_owned(),
+            endpoint: None,
             state: PathState::Up,
             rtt_seconds: Some(0.0012),
             rtt_p95_seconds: Some(0.0025),

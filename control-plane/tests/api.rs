@@ -1069,6 +1069,7 @@ async fn fleet_reports_latest_per_pop(backend: Backend) {
             active_path: Some(active.into()),
             paths: vec![detour_wire::PathReport {
                 path: active.into(),
+                endpoint: None,
                 state: detour_wire::PathState::Up,
                 rtt_seconds: Some(0.012),
                 rtt_p95_seconds: None,

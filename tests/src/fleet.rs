@@ -21,6 +21,8 @@ use crate::process::{Proc, free_port, spawn_agent, wait_listening};
 /// The control plane's name in every agent's URL; each agent dials it
 /// through its own uplink link.
 pub const CP_HOST: &str = "cp.detour.test";
+/// The second control-plane region's name (`FleetOptions::second_region`).
+pub const CP2_HOST: &str = "cp2.detour.test";
 
 /// One PoP of the fleet.
 pub struct Pop {
@@ -30,6 +32,8 @@ pub struct Pop {
     reloader: Option<tokio::task::JoinHandle<()>>,
     /// This PoP's internet path to the control plane.
     pub uplink: Link,
+    /// Its internet path to the second region, when there is one.
+    pub uplink2: Option<Link>,
     pub config_path: PathBuf,
     pub relay_addr: Option<SocketAddr>,
 }
@@ -65,6 +69,10 @@ pub struct FleetOptions {
     /// TOML appended as it is to one PoP's agent.toml (e.g. its
     /// `[recordings]` section), keyed by PoP.
     pub tail: BTreeMap<String, String>,
+    /// A second region of the real control plane ([`CP2_HOST`], its own
+    /// instance on the same database), which every agent lists as endpoint
+    /// `singapore` (priority 2) after `mumbai` ([`CP_HOST`], priority 1).
+    pub second_region: bool,
 }
 
 impl Default for FleetOptions {
@@ -77,6 +85,7 @@ impl Default for FleetOptions {
             real_cp: false,
             database_url: None,
             tail: BTreeMap::new(),
+            second_region: false,
         }
     }
 }
@@ -90,6 +99,9 @@ pub struct Fleet {
     pub admin_token: Option<String>,
     real_cp_stop: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
     pub cp_addr: SocketAddr,
+    /// The second region's address and stop switch, when it runs.
+    pub cp2_addr: Option<SocketAddr>,
+    cp2_stop: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
     pub pops: BTreeMap<String, Pop>,
     pub opts: FleetOptions,
 }
@@ -97,19 +109,26 @@ pub struct Fleet {
 /// TLS material for a test control plane named [`CP_HOST`], issued by the
 /// fleet CA in `certs` and written there as `cp.pem` and `cp.key`.
 pub fn cp_server_config(certs: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    cp_cert(certs, CP_HOST, "cp")?;
+    crate::mock_cp::server_config(&certs.join("cp.pem"), &certs.join("cp.key"))
+}
+
+/// A server certificate for `host` from the fleet CA in `certs`, written
+/// there as `<stem>.pem` and `<stem>.key`.
+fn cp_cert(certs: &Path, host: &str, stem: &str) -> anyhow::Result<()> {
     let ca_pem = std::fs::read_to_string(certs.join("ca.pem"))?;
     let ca_key = std::fs::read_to_string(certs.join("ca.key"))?;
     let now = time::OffsetDateTime::now_utc();
     let (pem, key) = detour_agent::pki::issue_pem(
         &ca_pem,
         &ca_key,
-        CP_HOST,
+        host,
         now - time::Duration::hours(1),
         now + time::Duration::days(30),
     )?;
-    std::fs::write(certs.join("cp.pem"), &pem)?;
-    std::fs::write(certs.join("cp.key"), &key)?;
-    crate::mock_cp::server_config(&certs.join("cp.pem"), &certs.join("cp.key"))
+    std::fs::write(certs.join(format!("{stem}.pem")), &pem)?;
+    std::fs::write(certs.join(format!("{stem}.key")), &key)?;
+    Ok(())
 }
 
 /// The sum of counter `metric` on `agent` over every series whose `label`
@@ -168,18 +187,31 @@ impl Fleet {
                 (Some(cp), addr)
             }
         };
+        let (mut cp2_addr, mut cp2_stop) = (None, None);
+        if opts.second_region {
+            anyhow::ensure!(opts.real_cp, "a second region needs the real control plane");
+            let (addr, stop) = start_second_region(dir.path()).await?;
+            cp2_addr = Some(addr);
+            cp2_stop = Some(stop);
+        }
         let mut fleet = Fleet {
             dir,
             cp,
             admin_token,
             real_cp_stop,
             cp_addr,
+            cp2_addr,
+            cp2_stop,
             pops: BTreeMap::new(),
             opts: opts.clone(),
         };
         for pop in &opts.pops {
             let uplink = Link::start(cp_addr).await?;
-            let config_path = fleet.write_config(pop, uplink.addr)?;
+            let uplink2 = match cp2_addr {
+                Some(a) => Some(Link::start(a).await?),
+                None => None,
+            };
+            let config_path = fleet.write_config(pop, uplink.addr, uplink2.as_ref().map(|l| l.addr))?;
             let config = AgentConfig::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
             let files = config.files.clone();
             let agent = Arc::new(Agent::start(config).await?);
@@ -192,6 +224,7 @@ impl Fleet {
                     agent: Some(agent),
                     reloader,
                     uplink,
+                    uplink2,
                     config_path,
                     relay_addr,
                 },
@@ -215,7 +248,12 @@ impl Fleet {
         if self.opts.cp_tls { "https" } else { "http" }
     }
 
-    fn write_config(&self, pop: &str, uplink: SocketAddr) -> anyhow::Result<PathBuf> {
+    fn write_config(
+        &self,
+        pop: &str,
+        uplink: SocketAddr,
+        uplink2: Option<SocketAddr>,
+    ) -> anyhow::Result<PathBuf> {
         let dir = self.dir.path().join(pop);
         std::fs::create_dir_all(&dir)?;
         let extra = |table: &str| self.opts.extra.get(table).cloned().unwrap_or_default();
@@ -228,10 +266,9 @@ relay = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 
 [control_plane]
-url = "{scheme}://{CP_HOST}"
-addresses = ["{uplink}"]
 ca = "../certs/ca.pem"
 {cp_extra}
+{endpoints}
 
 [tls]
 ca = "../certs/ca.pem"
@@ -258,7 +295,16 @@ dir = "run"
 {tail}
 "#,
             tail = self.opts.tail.get(pop).cloned().unwrap_or_default(),
-            scheme = self.scheme(),
+            endpoints = match uplink2 {
+                None => format!(
+                    "url = \"{}://{CP_HOST}\"\naddresses = [\"{uplink}\"]\n",
+                    self.scheme()
+                ),
+                Some(u2) => format!(
+                    "[[control_plane.endpoints]]\nname = \"mumbai\"\nurl = \"https://{CP_HOST}\"\naddresses = [\"{uplink}\"]\npriority = 1\n\n\
+                     [[control_plane.endpoints]]\nname = \"singapore\"\nurl = \"https://{CP2_HOST}\"\naddresses = [\"{u2}\"]\npriority = 2\n"
+                ),
+            },
             cp_extra = {
                 let mut c = extra("control_plane");
                 if self.opts.real_cp {
@@ -313,7 +359,8 @@ dir = "run"
                 let Some(a) = &p.agent else { continue };
                 let snap = a.shared.forwarder.runtime().health.snapshot();
                 for v in &snap.paths {
-                    let peer_running = match v.name.strip_prefix("via:") {
+                    let route = v.name.split('@').next().unwrap_or_default();
+                    let peer_running = match route.strip_prefix("via:") {
                         Some(peer) => self.pops.get(peer).is_some_and(|x| x.agent.is_some()),
                         None => true,
                     };
@@ -448,7 +495,10 @@ dir = "run"
         for n in names {
             self.stop_agent(&n).await;
         }
-        if let Some((stop, _)) = self.real_cp_stop.take() {
+        for (stop, _) in [self.real_cp_stop.take(), self.cp2_stop.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = stop.send(());
         }
     }
@@ -480,17 +530,43 @@ dir = "run"
     /// database is closed), `down` with nothing listening, then a new
     /// instance on the same address and database.
     pub async fn restart_cp(&mut self, down: Duration) -> anyhow::Result<()> {
-        let (stop, task) = self
-            .real_cp_stop
+        self.stop_region(1).await?;
+        tokio::time::sleep(down).await;
+        self.start_region(1).await
+    }
+
+    /// Stops region `n`'s control plane (1: [`CP_HOST`], 2: [`CP2_HOST`])
+    /// gracefully; nothing listens on its address until [`Fleet::start_region`].
+    pub async fn stop_region(&mut self, n: u8) -> anyhow::Result<()> {
+        let slot = if n == 1 {
+            &mut self.real_cp_stop
+        } else {
+            &mut self.cp2_stop
+        };
+        let (stop, task) = slot
             .take()
-            .ok_or_else(|| anyhow::anyhow!("the fleet runs no real control plane"))?;
+            .ok_or_else(|| anyhow::anyhow!("region {n}'s control plane is not running"))?;
         let _ = stop.send(());
         let _ = task.await;
-        tokio::time::sleep(down).await;
-        let path = self.dir.path().join("cp").join("cp.toml");
+        Ok(())
+    }
+
+    /// Starts region `n`'s control plane again on its address and database.
+    pub async fn start_region(&mut self, n: u8) -> anyhow::Result<()> {
+        let (dir, addr) = if n == 1 {
+            ("cp", self.cp_addr)
+        } else {
+            ("cp2", self.cp2_addr.context("the fleet has no second region")?)
+        };
+        let path = self.dir.path().join(dir).join("cp.toml");
         let config = detour_control_plane::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let listener = tokio::net::TcpListener::bind(self.cp_addr).await?;
-        self.real_cp_stop = Some(spawn_cp(config, listener));
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let stop = Some(spawn_cp(config, listener));
+        if n == 1 {
+            self.real_cp_stop = stop;
+        } else {
+            self.cp2_stop = stop;
+        }
         Ok(())
     }
 }
@@ -581,4 +657,34 @@ async fn start_real_cp(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     Ok((addr, admin_token, spawn_cp(config, listener)))
+}
+
+/// The second region: its own control-plane instance serving HTTPS as
+/// [`CP2_HOST`] on the first region's database (`dir/cp/cp.toml`'s), with
+/// its config in `dir/cp2`. Returns its address and stop switch.
+async fn start_second_region(
+    dir: &Path,
+) -> anyhow::Result<(
+    SocketAddr,
+    (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>),
+)> {
+    let certs = dir.join("certs");
+    cp_cert(&certs, CP2_HOST, "cp2")?;
+    let first = std::fs::read_to_string(dir.join("cp").join("cp.toml"))?;
+    let text = first
+        .replace(
+            &certs.join("cp.pem").display().to_string(),
+            &certs.join("cp2.pem").display().to_string(),
+        )
+        .replace(
+            &certs.join("cp.key").display().to_string(),
+            &certs.join("cp2.key").display().to_string(),
+        );
+    std::fs::create_dir_all(dir.join("cp2"))?;
+    let path = dir.join("cp2").join("cp.toml");
+    std::fs::write(&path, text)?;
+    let config = detour_control_plane::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    Ok((addr, spawn_cp(config, listener)))
 }

@@ -133,8 +133,12 @@ impl PathState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PathReport {
-    /// `direct` or `via:<peer>`.
+    /// `direct` or `via:<peer>`; with `@<endpoint>` when the control plane
+    /// has several endpoints.
     pub path: String,
+    /// The control-plane endpoint the path goes to (its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     pub state: PathState,
     /// Smoothed round-trip time of probes and requests, in seconds.
     pub rtt_seconds: Option<f64>,

@@ -85,9 +85,54 @@ impl Listen {
     pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
 }
 
-/// Where the control plane is and how to talk to it.
+/// Where the control plane is and how to talk to it: one endpoint
+/// (`control_plane.url`) or several (`[[control_plane.endpoints]]`, regions).
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
+    /// Every endpoint, most preferred (lowest `priority`) first; never empty
+    /// in a config that validated.
+    pub endpoints: Vec<Endpoint>,
+    /// Extra CA certificates trusted for the control plane, besides the system roots.
+    pub ca: Option<PathBuf>,
+    /// That file's certificates as read at load (a reload compares contents).
+    pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Bearer token sent on every request when set (every endpoint shares
+    /// one database, so one token).
+    pub token: Option<String>,
+    /// How often the agent reports its path table to the control plane
+    /// (`POST /v1/agents/{pop}/report`, the fleet view); `None` = never.
+    pub report_interval: Option<Duration>,
+    /// `Bearer <token>` as a header value, built once (request path).
+    pub auth_value: Option<http::HeaderValue>,
+}
+
+impl ControlPlane {
+    /// Default of `control_plane.report_interval` (`"off"` turns reports off).
+    pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+    /// The most preferred endpoint.
+    pub fn primary(&self) -> &Endpoint {
+        &self.endpoints[0]
+    }
+
+    /// Whether `authority` (`host[:port]`, as in a CONNECT or `Host`) names
+    /// one of the endpoints.
+    pub fn endpoint_for(&self, host: &str, port: Option<u16>) -> Option<&Endpoint> {
+        let host = host.trim_matches(['[', ']']);
+        self.endpoints.iter().find(|e| {
+            e.host.eq_ignore_ascii_case(host) && port.unwrap_or(if e.tls { 443 } else { 80 }) == e.port
+        })
+    }
+}
+
+/// One control-plane endpoint (a region, a zone).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `name`, or the URL's host: the `endpoint` label, and the `@name` in
+    /// path names when there are several endpoints.
+    pub name: String,
+    /// Lower is preferred; equal priorities share traffic by path score.
+    pub priority: u32,
     /// Base URL; request paths are appended to its path.
     pub url: http::Uri,
     /// `true` for `https`.
@@ -99,26 +144,12 @@ pub struct ControlPlane {
     pub base_path: String,
     /// Addresses to dial instead of resolving `host` (pinned IPs, labs).
     pub addresses: Vec<SocketAddr>,
-    /// Extra CA certificates trusted for the control plane, besides the system roots.
-    pub ca: Option<PathBuf>,
-    /// That file's certificates as read at load (a reload compares contents).
-    pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
-    /// Bearer token sent on every request when set.
-    pub token: Option<String>,
-    /// How often the agent reports its path table to the control plane
-    /// (`POST /v1/agents/{pop}/report`, the fleet view); `None` = never.
-    pub report_interval: Option<Duration>,
     /// `host_header()` as a header value, built once (request path).
     pub host_value: Option<http::HeaderValue>,
-    /// `Bearer <token>` as a header value, built once (request path).
-    pub auth_value: Option<http::HeaderValue>,
 }
 
-impl ControlPlane {
-    /// Default of `control_plane.report_interval` (`"off"` turns reports off).
-    pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
-
-    /// `host:port` as it appears in a CONNECT request and in `Host`.
+impl Endpoint {
+    /// `host:port` as it appears in a CONNECT request.
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -135,6 +166,12 @@ impl ControlPlane {
         } else {
             self.authority()
         }
+    }
+
+    /// Whether two endpoints are dialed the same way (connections made for
+    /// one are good for the other).
+    pub fn same_connections(&self, other: &Endpoint) -> bool {
+        self.url == other.url && self.addresses == other.addresses
     }
 }
 

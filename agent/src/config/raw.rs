@@ -78,12 +78,23 @@ pub struct Listen {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlane {
-    pub url: Spanned<String>,
+    pub url: Option<Spanned<String>>,
     #[serde(default)]
     pub addresses: Vec<Spanned<String>>,
+    pub endpoints: Option<Spanned<Vec<Spanned<Endpoint>>>>,
     pub ca: Option<Spanned<String>>,
     pub token_file: Option<Spanned<String>>,
     pub report_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub name: Option<Spanned<String>>,
+    pub url: Spanned<String>,
+    pub priority: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub addresses: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -58,11 +58,11 @@ fn a_valid_config_loads_with_defaults() {
     let dir = setup();
     let c = load(dir.path()).unwrap();
     assert_eq!(c.pop, "blr");
-    assert_eq!(c.control_plane.host, "cp.example.internal");
-    assert_eq!(c.control_plane.port, 443);
+    assert_eq!(c.control_plane.primary().host, "cp.example.internal");
+    assert_eq!(c.control_plane.primary().port, 443);
     assert_eq!(c.control_plane.token.as_deref(), Some("tok-123"));
-    assert_eq!(c.control_plane.authority(), "cp.example.internal:443");
-    assert_eq!(c.control_plane.host_header(), "cp.example.internal");
+    assert_eq!(c.control_plane.primary().authority(), "cp.example.internal:443");
+    assert_eq!(c.control_plane.primary().host_header(), "cp.example.internal");
     assert_eq!(c.peers.len(), 1);
     assert_eq!(c.peers[0].path_name(), "via:maa");
     assert_eq!(c.ingress.max_body, 1024 * 1024);
@@ -450,4 +450,112 @@ fn deferrable_rules_are_checked_and_their_journal_is_relative_to_the_config() {
     ] {
         assert!(errs.iter().any(|e| e.contains(want)), "no `{want}` in {errs:#?}");
     }
+}
+
+#[test]
+fn several_control_plane_endpoints_are_read_in_priority_order_and_name_their_paths() {
+    let dir = setup();
+    let text = VALID.replace(
+        "url = \"https://cp.example.internal\"\n",
+        "[[control_plane.endpoints]]\nname = \"singapore\"\nurl = \"https://cp-sg.example.internal/api/\"\npriority = 2\n\
+         [[control_plane.endpoints]]\nname = \"mumbai\"\nurl = \"https://cp-mum.example.internal\"\npriority = 1\naddresses = [\"10.0.0.5:443\"]\n\
+         [control_plane.x]\n",
+    );
+    // (`[control_plane.x]` is not a key: fixed below; it keeps the table open.)
+    let text = text.replace("[control_plane.x]\n", "");
+    // token_file now follows the array of tables: move it above.
+    let text = text.replace("token_file = \"agent.token\"\n", "").replace(
+        "[control_plane]\n",
+        "[control_plane]\ntoken_file = \"agent.token\"\n",
+    );
+    std::fs::write(dir.path().join("agent.toml"), &text).unwrap();
+    let c = load(dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let names: Vec<_> = c
+        .control_plane
+        .endpoints
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(names, ["mumbai", "singapore"]);
+    assert_eq!(
+        c.control_plane.primary().addresses,
+        ["10.0.0.5:443".parse().unwrap()]
+    );
+    assert_eq!(c.control_plane.endpoints[1].base_path, "/api");
+    assert_eq!(c.control_plane.token.as_deref(), Some("tok-123"));
+    let paths = crate::paths::build_paths(&c).unwrap();
+    let names: Vec<_> = paths.iter().map(|p| p.name.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "direct@mumbai",
+            "via:maa@mumbai",
+            "direct@singapore",
+            "via:maa@singapore"
+        ]
+    );
+    assert_eq!(&*paths[2].base_path, "/api");
+    // The relay allows CONNECT to every endpoint and nothing else.
+    assert!(crate::relay::allowed_target(&c, "cp-sg.example.internal:443").is_some());
+    assert!(crate::relay::allowed_target(&c, "cp-mum.example.internal:443").is_some());
+    assert!(crate::relay::allowed_target(&c, "cp-mum.example.internal:22").is_none());
+    // A pin may name a route (all endpoints) or one path.
+    for pin in ["via:maa", "via:maa@singapore"] {
+        let t = text.replace("[peers]", &format!("[forward]\npin = \"{pin}\"\n[peers]"));
+        assert!(errors_with(dir.path(), &t, PEERS).is_empty(), "{pin}");
+    }
+    let t = text.replace("[peers]", "[forward]\npin = \"via:maa@tokyo\"\n[peers]");
+    assert!(
+        errors_with(dir.path(), &t, PEERS)
+            .iter()
+            .any(|e| e.contains("forward.pin"))
+    );
+}
+
+#[test]
+fn control_plane_endpoint_mistakes_are_named() {
+    let dir = setup();
+    let with = |section: &str| {
+        let t = VALID.replace("token_file = \"agent.token\"\n", "").replace(
+            "[control_plane]\nurl = \"https://cp.example.internal\"\n",
+            &format!("[control_plane]\ntoken_file = \"agent.token\"\n{section}"),
+        );
+        errors_with(dir.path(), &t, PEERS)
+    };
+    let has = |errs: &[String], what: &str| {
+        assert!(errs.iter().any(|e| e.contains(what)), "{what}: {errs:#?}");
+    };
+    has(&with(""), "needs `url`");
+    has(
+        &with("url = \"https://a.example\"\n[[control_plane.endpoints]]\nurl = \"https://b.example\"\n"),
+        "both set",
+    );
+    has(
+        &with(
+            "[[control_plane.endpoints]]\nurl = \"https://a.example\"\n[[control_plane.endpoints]]\nurl = \"https://a.example:8443\"\n",
+        ),
+        "already used",
+    );
+    has(
+        &with(
+            "[[control_plane.endpoints]]\nname = \"x\"\nurl = \"https://a.example\"\n[[control_plane.endpoints]]\nname = \"y\"\nurl = \"https://A.example\"\n",
+        ),
+        "already listed",
+    );
+    has(
+        &with("[[control_plane.endpoints]]\nurl = \"https://a.example\"\npriority = 0\n"),
+        "must be 1 or more",
+    );
+    has(
+        &with("[[control_plane.endpoints]]\nname = \"Bad Name\"\nurl = \"https://a.example\"\n"),
+        "control_plane.endpoints.name",
+    );
+    has(
+        &with("addresses = [\"10.0.0.1:443\"]\n[[control_plane.endpoints]]\nurl = \"https://a.example\"\n"),
+        "goes with control_plane.url",
+    );
+    has(
+        &with("[[control_plane.endpoints]]\nurl = \"ftp://a.example\"\n"),
+        "control_plane.endpoints.url",
+    );
 }

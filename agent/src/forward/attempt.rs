@@ -19,11 +19,21 @@ pub(super) fn build_request(path: &PathClient, out: &Outbound) -> Request<Full<B
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(path.scheme.clone());
     uri.authority = path.authority.clone();
-    uri.path_and_query = Some(out.path_and_query.clone());
+    uri.path_and_query = Some(if path.base_path.is_empty() {
+        out.path_and_query.clone()
+    } else {
+        // A valid URL path before a valid path and query is valid.
+        format!("{}{}", path.base_path, out.path_and_query)
+            .parse()
+            .unwrap_or_else(|_| out.path_and_query.clone())
+    });
     let mut req = Request::new(Full::new(out.body.clone()));
     *req.method_mut() = out.method.clone();
     *req.uri_mut() = http::Uri::from_parts(uri).unwrap_or_default();
     *req.headers_mut() = out.headers.clone();
+    if let Some(host) = &path.host_value {
+        req.headers_mut().insert(http::header::HOST, host.clone());
+    }
     req
 }
 

@@ -20,6 +20,10 @@ use crate::transport::Delta;
 pub struct PathView {
     pub index: usize,
     pub name: Arc<str>,
+    /// The control-plane endpoint and its priority (lower is preferred).
+    pub endpoint: Arc<str>,
+    pub priority: u32,
+    pub direct: bool,
     pub state: PathState,
     pub enabled: bool,
     pub rtt: Option<f64>,
@@ -63,22 +67,40 @@ const STICKY_MARGIN: f64 = 2.0;
 /// Selection class: lower is better.
 fn class(p: &PathView) -> u8 {
     match p.state {
-        PathState::Up if &*p.name == "direct" => 0,
+        PathState::Up if p.direct => 0,
         PathState::Up => 1,
         PathState::Degraded => 2,
         PathState::Down => 3,
     }
 }
 
-/// Ranks paths: `direct` when it is up, then up paths by score, then degraded
-/// by score, then down by score (fail static: a bad path beats no path).
-/// Disabled paths are left out.
+/// Ranks paths. First the control-plane endpoint: live (not down) paths to
+/// the most preferred endpoint that any path still reaches come first, then
+/// live paths to the others by priority, then down paths. Within that: `direct` when it is up, then up paths by
+/// score, then degraded by score, then down by score (fail static: a bad
+/// path beats no path). Disabled paths are left out.
 pub fn rank(paths: &[PathView]) -> Vec<usize> {
+    let reached = paths
+        .iter()
+        .filter(|p| p.enabled && p.state != PathState::Down)
+        .map(|p| p.priority)
+        .min();
+    // Live paths to the preferred reachable endpoint, then live paths to
+    // the others, then down paths; each by priority.
+    let group = |p: &PathView| {
+        let tier = match p.state {
+            PathState::Down => 2,
+            _ if Some(p.priority) == reached => 0,
+            _ => 1,
+        };
+        (tier, p.priority)
+    };
     let mut order: Vec<usize> = paths.iter().filter(|p| p.enabled).map(|p| p.index).collect();
     order.sort_by(|&a, &b| {
         let (pa, pb) = (&paths[a], &paths[b]);
-        class(pa)
-            .cmp(&class(pb))
+        group(pa)
+            .cmp(&group(pb))
+            .then(class(pa).cmp(&class(pb)))
             .then(pa.score.total_cmp(&pb.score))
             .then(a.cmp(&b))
     });
@@ -236,6 +258,9 @@ impl HealthTable {
             views.push(PathView {
                 index: i,
                 name: s.info.name.clone(),
+                endpoint: s.info.endpoint.clone(),
+                priority: s.info.priority,
+                direct: s.info.direct,
                 state: s.state(),
                 enabled: s.info.enabled,
                 rtt: s.rtt(),
@@ -260,7 +285,7 @@ impl HealthTable {
             )
         {
             let (b, c) = (&views[best], &views[ranked[pos]]);
-            let same_class = class(b) == class(c);
+            let same_class = class(b) == class(c) && b.priority == c.priority;
             if pos > 0 && same_class && c.score <= b.score * STICKY_RATIO + STICKY_MARGIN {
                 let i = ranked.remove(pos);
                 ranked.insert(0, i);
@@ -273,13 +298,14 @@ impl HealthTable {
                 PathState::Degraded => 1,
                 PathState::Down => 0,
             };
-            self.metrics.path_state.with_label_values(&[&*v.name]).set(state);
+            let labels = [&*v.name, &*v.endpoint];
+            self.metrics.path_state.with_label_values(&labels).set(state);
             if let Some(rtt) = v.rtt {
-                self.metrics.path_rtt.with_label_values(&[&*v.name]).set(rtt);
+                self.metrics.path_rtt.with_label_values(&labels).set(rtt);
             }
-            self.metrics.path_loss.with_label_values(&[&*v.name]).set(v.loss);
+            self.metrics.path_loss.with_label_values(&labels).set(v.loss);
             if let Some(r) = v.retransmit {
-                self.metrics.path_retransmit.with_label_values(&[&*v.name]).set(r);
+                self.metrics.path_retransmit.with_label_values(&labels).set(r);
             }
         }
         let new_active = snap.active().map(|p| p.name.clone());
@@ -300,6 +326,14 @@ impl HealthTable {
                 if let Some(new) = new_active.as_deref() {
                     self.metrics.active_path.with_label_values(&[new]).set(1);
                 }
+                let endpoint = snap.active().map(|p| p.endpoint.clone());
+                for v in &snap.paths {
+                    let on = Some(&v.endpoint) == endpoint.as_ref();
+                    self.metrics
+                        .active_endpoint
+                        .with_label_values(&[&*v.endpoint])
+                        .set(i64::from(on));
+                }
                 *active = new_active;
             }
         }
@@ -310,11 +344,11 @@ impl HealthTable {
     /// (a removed peer), so none stays frozen at its last value: a removed
     /// path that was down would keep alerting. The publisher removes what it
     /// publishes; counters elsewhere keep their history.
-    pub fn forget(metrics: &Metrics, path: &str) {
-        let _ = metrics.path_state.remove_label_values(&[path]);
-        let _ = metrics.path_rtt.remove_label_values(&[path]);
-        let _ = metrics.path_loss.remove_label_values(&[path]);
-        let _ = metrics.path_retransmit.remove_label_values(&[path]);
+    pub fn forget(metrics: &Metrics, path: &str, endpoint: &str) {
+        let _ = metrics.path_state.remove_label_values(&[path, endpoint]);
+        let _ = metrics.path_rtt.remove_label_values(&[path, endpoint]);
+        let _ = metrics.path_loss.remove_label_values(&[path, endpoint]);
+        let _ = metrics.path_retransmit.remove_label_values(&[path, endpoint]);
         let _ = metrics.active_path.remove_label_values(&[path]);
         let _ = metrics.path_pool_renewals.remove_label_values(&[path]);
     }
@@ -327,6 +361,7 @@ impl HealthTable {
             .iter()
             .map(|p| PathReport {
                 path: p.name.to_string(),
+                endpoint: (!p.endpoint.is_empty()).then(|| p.endpoint.to_string()),
                 state: p.state,
                 rtt_seconds: p.rtt,
                 rtt_p95_seconds: p.p95,

@@ -100,6 +100,8 @@ mod tests {
         let info = PathInfo {
             name: Arc::from("direct"),
             direct: true,
+            endpoint: "".into(),
+            priority: 1,
             weight: 100,
             enabled: true,
         };

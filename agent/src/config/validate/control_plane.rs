@@ -1,29 +1,24 @@
-//! `[control_plane]`: the URL, pinned addresses, extra CA and bearer token,
-//! and how often the fleet report goes out.
+//! `[control_plane]`: the endpoint (`url`, pinned `addresses`) or the
+//! endpoints (`[[control_plane.endpoints]]`: regions with a priority), the
+//! extra CA and bearer token, and how often the fleet report goes out.
 
 use std::net::SocketAddr;
 
 use toml::Spanned;
 
 use super::{Diag, duration_or};
-use crate::config::values::resolve;
-use crate::config::{ControlPlane, raw};
+use crate::config::values::{resolve, valid_pop_name};
+use crate::config::{ControlPlane, Endpoint, raw};
 use crate::tls;
 
 pub(super) fn validate(d: &mut Diag<'_>, raw: &Spanned<raw::ControlPlane>) -> ControlPlane {
     let r = raw.get_ref();
     let mut cp = ControlPlane {
-        url: http::Uri::from_static("http://invalid"),
-        tls: false,
-        host: String::new(),
-        port: 0,
-        base_path: String::new(),
-        addresses: Vec::new(),
+        endpoints: Vec::new(),
         ca: r.ca.as_ref().map(|c| resolve(d.file(), c.get_ref())),
         ca_certs: Vec::new(),
         token: None,
         report_interval: Some(ControlPlane::DEFAULT_REPORT_INTERVAL),
-        host_value: None,
         auth_value: None,
     };
     if let Some(v) = &r.report_interval {
@@ -38,18 +33,33 @@ pub(super) fn validate(d: &mut Diag<'_>, raw: &Spanned<raw::ControlPlane>) -> Co
             ))
         };
     }
-    url(d, &r.url, &mut cp);
-    for a in &r.addresses {
-        match a.get_ref().parse::<SocketAddr>() {
-            Ok(sa) => cp.addresses.push(sa),
-            Err(_) => d.span(
-                a,
-                format!(
-                    "control_plane.addresses: `{}` is not an IP:port socket address",
-                    a.get_ref()
-                ),
-            ),
+    match (&r.url, &r.endpoints) {
+        (Some(u), None) => {
+            let mut e = endpoint(d, "control_plane", u, &r.addresses);
+            e.priority = 1;
+            cp.endpoints.push(e);
         }
+        (None, Some(list)) => {
+            if let Some(a) = r.addresses.first() {
+                d.span(
+                    a,
+                    "control_plane.addresses: goes with control_plane.url; with [[control_plane.endpoints]] give each endpoint its own addresses",
+                );
+            }
+            endpoints(d, list, &mut cp.endpoints);
+        }
+        (Some(u), Some(_)) => d.span(
+            u,
+            "control_plane.url and [[control_plane.endpoints]] are both set: use one (url for one endpoint, endpoints for several)",
+        ),
+        (None, None) => d.span(
+            raw,
+            "[control_plane] needs `url` (one endpoint) or [[control_plane.endpoints]] (several)",
+        ),
+    }
+    if cp.endpoints.is_empty() {
+        // Keeps the rest of validation going; the errors above stop the load.
+        cp.endpoints.push(placeholder());
     }
     if let (Some(c), Some(p)) = (&r.ca, &cp.ca) {
         match tls::load_certs(p) {
@@ -60,7 +70,6 @@ pub(super) fn validate(d: &mut Diag<'_>, raw: &Spanned<raw::ControlPlane>) -> Co
     if let Some(t) = &r.token_file {
         cp.token = token(d, t);
     }
-    cp.host_value = http::HeaderValue::from_str(&cp.host_header()).ok();
     cp.auth_value = cp
         .token
         .as_ref()
@@ -68,13 +77,117 @@ pub(super) fn validate(d: &mut Diag<'_>, raw: &Spanned<raw::ControlPlane>) -> Co
     cp
 }
 
-/// `control_plane.url`: fills in the scheme, host, port and base path of
-/// `cp` when the URL is usable, and leaves them alone when it is not.
-fn url(d: &mut Diag<'_>, url: &Spanned<String>, cp: &mut ControlPlane) {
+fn placeholder() -> Endpoint {
+    Endpoint {
+        name: "invalid".to_owned(),
+        priority: 1,
+        url: http::Uri::from_static("http://invalid"),
+        tls: false,
+        host: "invalid".to_owned(),
+        port: 80,
+        base_path: String::new(),
+        addresses: Vec::new(),
+        host_value: None,
+    }
+}
+
+/// `[[control_plane.endpoints]]`: each endpoint, then the checks across
+/// them (names unique, no endpoint twice); sorted by priority, file order
+/// among equals.
+fn endpoints(d: &mut Diag<'_>, list: &Spanned<Vec<Spanned<raw::Endpoint>>>, out: &mut Vec<Endpoint>) {
+    if list.get_ref().is_empty() {
+        d.span(list, "[[control_plane.endpoints]] lists no endpoint");
+        return;
+    }
+    for (i, item) in list.get_ref().iter().enumerate() {
+        let r = item.get_ref();
+        let key = "control_plane.endpoints";
+        let mut e = endpoint(d, key, &r.url, &r.addresses);
+        // Unset: file order (the first listed is the primary).
+        e.priority = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        if let Some(p) = &r.priority {
+            if *p.get_ref() == 0 {
+                d.span(
+                    p,
+                    "control_plane.endpoints.priority: must be 1 or more (1 is tried first)",
+                );
+            } else {
+                e.priority = *p.get_ref();
+            }
+        }
+        if let Some(n) = &r.name {
+            if valid_pop_name(n.get_ref()) {
+                e.name = n.get_ref().clone();
+            } else {
+                d.span(
+                    n,
+                    format!(
+                        "control_plane.endpoints.name: `{}` must be 1-32 characters of a-z, 0-9 and '-'",
+                        n.get_ref()
+                    ),
+                );
+            }
+        }
+        if let Some(other) = out.iter().find(|o| o.name == e.name) {
+            let what = if r.name.is_some() {
+                "name"
+            } else {
+                "host (give each a `name`)"
+            };
+            let at: &Spanned<String> = r.name.as_ref().unwrap_or(&r.url);
+            d.span(
+                at,
+                format!(
+                    "control_plane.endpoints: the {what} `{}` is already used by {}",
+                    e.name, other.url
+                ),
+            );
+        } else if let Some(other) = out
+            .iter()
+            .find(|o| o.authority().eq_ignore_ascii_case(&e.authority()) && !e.host.is_empty())
+        {
+            d.span(
+                &r.url,
+                format!(
+                    "control_plane.endpoints: {} is already listed as `{}`",
+                    e.authority(),
+                    other.name
+                ),
+            );
+        }
+        out.push(e);
+    }
+    out.sort_by_key(|e| e.priority);
+}
+
+/// One endpoint's URL and addresses; its name defaults to the URL's host.
+fn endpoint(d: &mut Diag<'_>, key: &str, u: &Spanned<String>, addresses: &[Spanned<String>]) -> Endpoint {
+    let mut e = placeholder();
+    url(d, key, u, &mut e);
+    e.name = e.host.clone();
+    for a in addresses {
+        match a.get_ref().parse::<SocketAddr>() {
+            Ok(sa) => e.addresses.push(sa),
+            Err(_) => d.span(
+                a,
+                format!(
+                    "{key}.addresses: `{}` is not an IP:port socket address",
+                    a.get_ref()
+                ),
+            ),
+        }
+    }
+    e.host_value = http::HeaderValue::from_str(&e.host_header()).ok();
+    e
+}
+
+/// `url`: fills in the scheme, host, port and base path of `e` when the URL
+/// is usable, and leaves them alone when it is not.
+fn url(d: &mut Diag<'_>, key: &str, url: &Spanned<String>, e: &mut Endpoint) {
     let uri = match url.get_ref().parse::<http::Uri>() {
         Ok(uri) => uri,
-        Err(e) => {
-            d.span(url, format!("control_plane.url: not a URL: {e}"));
+        Err(err) => {
+            d.span(url, format!("{key}.url: not a URL: {err}"));
             return;
         }
     };
@@ -82,18 +195,18 @@ fn url(d: &mut Diag<'_>, url: &Spanned<String>, cp: &mut ControlPlane) {
     if scheme != "https" && scheme != "http" {
         d.span(
             url,
-            "control_plane.url: must start with https:// (or http:// in a lab)",
+            format!("{key}.url: must start with https:// (or http:// in a lab)"),
         );
     } else if uri.host().is_none() {
-        d.span(url, "control_plane.url: has no host");
+        d.span(url, format!("{key}.url: has no host"));
     } else if uri.query().is_some() {
-        d.span(url, "control_plane.url: must not have a query");
+        d.span(url, format!("{key}.url: must not have a query"));
     } else {
-        cp.tls = scheme == "https";
-        cp.host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
-        cp.port = uri.port_u16().unwrap_or(if cp.tls { 443 } else { 80 });
-        cp.base_path = uri.path().trim_end_matches('/').to_owned();
-        cp.url = uri;
+        e.tls = scheme == "https";
+        e.host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+        e.port = uri.port_u16().unwrap_or(if e.tls { 443 } else { 80 });
+        e.base_path = uri.path().trim_end_matches('/').to_owned();
+        e.url = uri;
     }
 }
 

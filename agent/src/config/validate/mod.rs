@@ -48,7 +48,7 @@ pub(super) fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -
     let (peers, peers_path) = peers::named_in(&mut d, raw.peers.as_ref(), &pop, listen.relay);
 
     if let Some(pin) = &raw.forward.pin {
-        known_pin(&mut d, pin, &peers);
+        known_pin(&mut d, pin, &peers, &control_plane);
     }
     if raw.tls.is_none() {
         if listen.relay.is_some()
@@ -101,14 +101,26 @@ fn pop(d: &mut Diag<'_>, pop: &Spanned<String>) -> String {
 }
 
 /// `forward.pin` names a path this config has.
-fn known_pin(d: &mut Diag<'_>, pin: &Spanned<String>, peers: &[Peer]) {
+/// With several control-plane endpoints a pin may name a route (every
+/// endpoint) or one path (`via:maa@<endpoint>`).
+fn known_pin(d: &mut Diag<'_>, pin: &Spanned<String>, peers: &[Peer], cp: &super::ControlPlane) {
     let v = pin.get_ref();
-    let known = v == "direct" || peers.iter().any(|p| &p.path_name() == v);
-    if !known {
+    let (route, endpoint) = match v.split_once('@') {
+        Some((r, e)) if cp.endpoints.len() > 1 => (r, Some(e)),
+        _ => (v.as_str(), None),
+    };
+    let known_route = route == "direct" || peers.iter().any(|p| p.path_name() == route);
+    let known_endpoint = endpoint.is_none_or(|e| cp.endpoints.iter().any(|x| x.name == e));
+    if !(known_route && known_endpoint) {
         d.span(
             pin,
             format!(
-                "forward.pin: `{v}` is not a path; use \"direct\" or \"via:<peer>\" with a configured peer"
+                "forward.pin: `{v}` is not a path; use \"direct\" or \"via:<peer>\" with a configured peer{}",
+                if cp.endpoints.len() > 1 {
+                    ", optionally with @<endpoint>"
+                } else {
+                    ""
+                }
             ),
         );
     }

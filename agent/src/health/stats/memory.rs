@@ -115,6 +115,8 @@ mod tests {
         PathStats::new(PathInfo {
             name: Arc::from("direct"),
             direct: true,
+            endpoint: "".into(),
+            priority: 1,
             weight: 100,
             enabled: true,
         })

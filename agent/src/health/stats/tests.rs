@@ -29,6 +29,8 @@ fn stats() -> PathStats {
     PathStats::new(PathInfo {
         name: "direct".into(),
         direct: true,
+        endpoint: "".into(),
+        priority: 1,
         weight: 100,
         enabled: true,
     })
@@ -223,15 +225,15 @@ proptest! {
     #[test]
     fn score_prefers_lower_latency_less_loss_and_more_weight(rtt in 0.001f64..1.0, w in 1u32..1000) {
         let epoch = Instant::now();
-        let mut a = PathStats::new(PathInfo { name: "via:a".into(), direct: false, weight: w, enabled: true });
-        let mut b = PathStats::new(PathInfo { name: "via:b".into(), direct: false, weight: w, enabled: true });
+        let mut a = PathStats::new(PathInfo { name: "via:a".into(), direct: false, endpoint: "".into(), priority: 1, weight: w, enabled: true });
+        let mut b = PathStats::new(PathInfo { name: "via:b".into(), direct: false, endpoint: "".into(), priority: 1, weight: w, enabled: true });
         a.sample(Duration::from_secs_f64(rtt));
         b.sample(Duration::from_secs_f64(rtt * 2.0));
         a.state = PathState::Up;
         b.state = PathState::Up;
         let now = Instant::now();
         prop_assert!(a.score(now, epoch) < b.score(now, epoch));
-        let mut heavy = PathStats::new(PathInfo { name: "via:h".into(), direct: false, weight: (w + 1).min(1000), enabled: true });
+        let mut heavy = PathStats::new(PathInfo { name: "via:h".into(), direct: false, endpoint: "".into(), priority: 1, weight: (w + 1).min(1000), enabled: true });
         heavy.sample(Duration::from_secs_f64(rtt));
         heavy.state = PathState::Up;
         prop_assert!(heavy.score(now, epoch) <= a.score(now, epoch));

@@ -7,6 +7,9 @@ fn view(i: usize, name: &str, state: PathState, score: f64, enabled: bool) -> Pa
     PathView {
         index: i,
         name: name.into(),
+        endpoint: "".into(),
+        priority: 1,
+        direct: name == "direct",
         state,
         enabled,
         rtt: None,
@@ -45,6 +48,53 @@ fn direct_wins_when_up_then_peers_by_score() {
         vec![1, 0],
         "disabled paths are never chosen; fail static keeps down ones last"
     );
+}
+
+/// A path to endpoint `primary` (priority 1) or `secondary` (2).
+fn to(i: usize, route: &str, primary: bool, state: PathState, score: f64) -> PathView {
+    let (endpoint, priority) = if primary { ("primary", 1) } else { ("secondary", 2) };
+    PathView {
+        name: format!("{route}@{endpoint}").into(),
+        endpoint: endpoint.into(),
+        priority,
+        ..view(i, route, state, score, true)
+    }
+}
+
+#[test]
+fn the_primary_endpoint_wins_over_any_route_while_some_path_reaches_it() {
+    use PathState::*;
+    // direct is blackholed; the primary is up behind maa: via:maa to the
+    // primary beats direct to the secondary.
+    let paths = vec![
+        to(0, "direct", true, Down, 1.0),
+        to(1, "via:maa", true, Up, 30.0),
+        to(2, "direct", false, Up, 1.0),
+        to(3, "via:maa", false, Up, 30.0),
+    ];
+    assert_eq!(rank(&paths), vec![1, 2, 3, 0]);
+    // A degraded path still reaches the primary.
+    let paths = vec![
+        to(0, "direct", true, Degraded, 1.0),
+        to(1, "via:maa", true, Down, 30.0),
+        to(2, "direct", false, Up, 1.0),
+    ];
+    assert_eq!(rank(&paths)[0], 0);
+    // No route reaches the primary: the secondary's paths first, the
+    // primary's after them (fail static).
+    let paths = vec![
+        to(0, "direct", true, Down, 1.0),
+        to(1, "via:maa", true, Down, 3.0),
+        to(2, "direct", false, Up, 5.0),
+        to(3, "via:maa", false, Up, 2.0),
+    ];
+    assert_eq!(rank(&paths), vec![2, 3, 0, 1]);
+    // Nothing reaches anything: by priority, the primary first.
+    let paths = vec![
+        to(0, "direct", false, Down, 1.0),
+        to(1, "direct", true, Down, 3.0),
+    ];
+    assert_eq!(rank(&paths), vec![1, 0]);
 }
 
 fn state() -> impl Strategy<Value = PathState> {
