@@ -463,7 +463,7 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
     wait_status(&lab.admin, "/healthz", 200, Duration::from_secs(20), &log).await;
     let metrics = wait_status(&lab.admin, "/metrics", 200, Duration::from_secs(5), &log).await;
     assert!(
-        metrics.contains("detour_path_state{path=\"direct\",pop=\"blr\"}"),
+        metrics.contains("path=\"direct\",pop=\"blr\"}") && metrics.contains("detour_path_state{endpoint="),
         "{metrics}"
     );
     // The installed binary says which build it is (what a rollout gate checks).

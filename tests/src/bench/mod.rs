@@ -10,6 +10,7 @@
 //!   HAProxy's seamless reload.
 //! - [`recordings`]: recordings to the object store, against boto3.
 //! - [`deferred`]: call events through an outage, journalled and drained.
+//! - [`regions`]: the primary control-plane region lost under traffic.
 //!
 //! [`faults`] is what failover and compare share.
 
@@ -25,6 +26,7 @@ pub mod faults;
 pub mod netns;
 pub mod overhead;
 pub mod recordings;
+pub mod regions;
 pub mod soak;
 pub mod upgrade;
 
@@ -37,7 +39,8 @@ pub struct BenchArgs {
     /// upgrade (the agent upgraded under traffic, against HAProxy's seamless
     /// reload; `--runs` upgrades each), recordings (recordings to an
     /// S3-compatible store, needs moto), deferred (call events through an
-    /// outage), all (overhead and failover).
+    /// outage), regions (the primary control-plane region lost under
+    /// traffic; `--runs` each way), all (overhead and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -81,12 +84,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "upgrade" => upgrade::run(&args).await,
         "recordings" => recordings::run(&args).await,
         "deferred" => deferred::run(&args).await,
+        "regions" => regions::run(&args).await,
         "all" => {
             overhead::run(&args).await?;
             failover::run(&args).await
         }
         other => bail!(
-            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred or all"
+            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred, regions or all"
         ),
     }
 }

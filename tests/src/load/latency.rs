@@ -17,8 +17,6 @@ impl Latencies {
         Latencies(v)
     }
 
-    /// The `q` quantile (0.5 is the median, 1.0 the maximum): the nearest
-    /// rank, no interpolation; zero when there are none.
     /// How many latencies there are.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -28,6 +26,8 @@ impl Latencies {
         self.0.is_empty()
     }
 
+    /// The `q` quantile (0.5 is the median, 1.0 the maximum): the nearest
+    /// rank, no interpolation; zero when there are none.
     pub fn at(&self, q: f64) -> Duration {
         if self.0.is_empty() {
             return Duration::ZERO;
