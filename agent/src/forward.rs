@@ -160,13 +160,7 @@ impl Forwarder {
 
     /// The paths `out` may take, best first: the pinned one, or all enabled.
     fn candidates(&self, rt: &Runtime, out: &Outbound) -> Result<Vec<usize>, Failure> {
-        match out.pin.as_ref().or(rt.config.forward.pin.as_ref()) {
-            Some(p) => match rt.paths.iter().position(|c| &*c.name == p) {
-                Some(i) => Ok(vec![i]),
-                None => Err(Failure::UnknownPin(p.clone())),
-            },
-            None => Ok(rt.health.snapshot().ranked.clone()),
-        }
+        candidates(rt, out.pin.as_ref())
     }
 
     /// Attempt timeout for path `i`: `factor` x its recent p99, within the
@@ -192,6 +186,19 @@ impl Forwarder {
             .get(i)
             .and_then(|p| p.request_p95.or(p.p95))
             .map_or(floor, |p95| Duration::from_secs_f64(p95).max(floor))
+    }
+}
+
+/// The paths a request pinned to `pin` (its `X-Detour-Pin`, else
+/// `forward.pin`) may take, best first: the pinned one, or every enabled
+/// path in rank order. Upgraded streams choose theirs the same way.
+pub(crate) fn candidates(rt: &Runtime, pin: Option<&String>) -> Result<Vec<usize>, Failure> {
+    match pin.or(rt.config.forward.pin.as_ref()) {
+        Some(p) => match rt.paths.iter().position(|c| &*c.name == p) {
+            Some(i) => Ok(vec![i]),
+            None => Err(Failure::UnknownPin(p.clone())),
+        },
+        None => Ok(rt.health.snapshot().ranked.clone()),
     }
 }
 
