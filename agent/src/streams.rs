@@ -343,6 +343,7 @@ async fn handshake(path: &PathClient, hs: &Handshake) -> Result<Response<Incomin
         req.headers_mut().insert(header::HOST, v);
     }
     let mut conn = Box::pin(conn.with_upgrades());
+    let mut conn_done = false;
     let resp = {
         let send = sender.send_request(req);
         tokio::pin!(send);
@@ -351,7 +352,9 @@ async fn handshake(path: &PathClient, hs: &Handshake) -> Result<Response<Incomin
             r = &mut send => r?,
             r = &mut conn => {
                 r?;
-                // Ended cleanly: the answer (if any) is already with `send`.
+                // Ended cleanly (after a 101 it ends as soon as it has
+                // handed the stream over): the answer is with `send`.
+                conn_done = true;
                 send.await?
             }
         }
@@ -359,11 +362,13 @@ async fn handshake(path: &PathClient, hs: &Handshake) -> Result<Response<Incomin
     // Nothing else goes on this connection: without its sender it ends
     // once the answer's body is read.
     drop(sender);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "stream connection to the control plane ended");
-        }
-    });
+    if !conn_done {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "stream connection to the control plane ended");
+            }
+        });
+    }
     Ok(resp)
 }
 
