@@ -10,6 +10,8 @@
 //!   HAProxy's seamless reload.
 //! - [`recordings`]: recordings to the object store, against boto3.
 //! - [`deferred`]: call events through an outage, journalled and drained.
+//! - [`streams`]: WebSockets through blr, its uplink cut: close and
+//!   reconnect times.
 //!
 //! [`faults`] is what failover and compare share.
 
@@ -26,6 +28,7 @@ pub mod netns;
 pub mod overhead;
 pub mod recordings;
 pub mod soak;
+pub mod streams;
 pub mod upgrade;
 
 /// Options of `detour-lab bench`.
@@ -37,7 +40,8 @@ pub struct BenchArgs {
     /// upgrade (the agent upgraded under traffic, against HAProxy's seamless
     /// reload; `--runs` upgrades each), recordings (recordings to an
     /// S3-compatible store, needs moto), deferred (call events through an
-    /// outage), all (overhead and failover).
+    /// outage), streams (WebSockets through a cut; `--runs` rounds), all
+    /// (overhead and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -81,12 +85,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "upgrade" => upgrade::run(&args).await,
         "recordings" => recordings::run(&args).await,
         "deferred" => deferred::run(&args).await,
+        "streams" => streams::run(&args).await,
         "all" => {
             overhead::run(&args).await?;
             failover::run(&args).await
         }
         other => bail!(
-            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred or all"
+            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred, streams or all"
         ),
     }
 }
