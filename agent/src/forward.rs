@@ -162,33 +162,7 @@ impl Forwarder {
 
     /// The paths `out` may take, best first: the pinned one, or all enabled.
     fn candidates(&self, rt: &Runtime, out: &Outbound) -> Result<Vec<usize>, Failure> {
-        match out.pin.as_ref().or(rt.config.forward.pin.as_ref()) {
-            Some(p) => {
-                // `via:maa` names that route to every endpoint (best first);
-                // `via:maa@<endpoint>` one path.
-                let pinned = |i: &usize| {
-                    rt.paths.get(*i).is_some_and(|c| {
-                        *c.name == **p
-                            || c.name
-                                .strip_prefix(p.as_str())
-                                .is_some_and(|r| r.starts_with('@'))
-                    })
-                };
-                let ranked = rt.health.snapshot().ranked.clone();
-                let mut v: Vec<usize> = ranked.iter().copied().filter(pinned).collect();
-                // A drained (disabled) path is not ranked, yet may be pinned.
-                let drained: Vec<usize> = (0..rt.paths.len())
-                    .filter(|i| pinned(i) && !ranked.contains(i))
-                    .collect();
-                v.extend(drained);
-                if v.is_empty() {
-                    Err(Failure::UnknownPin(p.clone()))
-                } else {
-                    Ok(v)
-                }
-            }
-            None => Ok(rt.health.snapshot().ranked.clone()),
-        }
+        candidates(rt, out.pin.as_ref())
     }
 
     /// Attempt timeout for path `i`: `factor` x its recent p99, within the
@@ -214,6 +188,39 @@ impl Forwarder {
             .get(i)
             .and_then(|p| p.request_p95.or(p.p95))
             .map_or(floor, |p95| Duration::from_secs_f64(p95).max(floor))
+    }
+}
+
+/// The paths a request pinned to `pin` (its `X-Detour-Pin`, else
+/// `forward.pin`) may take, best first: the pinned one, or every enabled
+/// path in rank order. Upgraded streams choose theirs the same way.
+pub(crate) fn candidates(rt: &Runtime, pin: Option<&String>) -> Result<Vec<usize>, Failure> {
+    match pin.or(rt.config.forward.pin.as_ref()) {
+        Some(p) => {
+            // `via:maa` names that route to every endpoint (best first);
+            // `via:maa@<endpoint>` one path.
+            let pinned = |i: &usize| {
+                rt.paths.get(*i).is_some_and(|c| {
+                    *c.name == **p
+                        || c.name
+                            .strip_prefix(p.as_str())
+                            .is_some_and(|r| r.starts_with('@'))
+                })
+            };
+            let ranked = rt.health.snapshot().ranked.clone();
+            let mut v: Vec<usize> = ranked.iter().copied().filter(pinned).collect();
+            // A drained (disabled) path is not ranked, yet may be pinned.
+            let drained: Vec<usize> = (0..rt.paths.len())
+                .filter(|i| pinned(i) && !ranked.contains(i))
+                .collect();
+            v.extend(drained);
+            if v.is_empty() {
+                Err(Failure::UnknownPin(p.clone()))
+            } else {
+                Ok(v)
+            }
+        }
+        None => Ok(rt.health.snapshot().ranked.clone()),
     }
 }
 

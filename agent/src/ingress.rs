@@ -4,6 +4,7 @@
 //! headers and hands it to the forwarder. Responses stream back unchanged.
 
 pub mod listener;
+mod stream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub struct Ingress {
     pub metrics: Arc<Metrics>,
     /// For the deferred-delivery journal.
     pub shared: Arc<crate::runtime::Shared>,
+    /// Upgraded streams (WebSockets) opened through this listener.
+    pub streams: Arc<crate::streams::Streams>,
 }
 
 /// The answer that replaces hyper's empty one for a request head it could
@@ -292,6 +295,11 @@ impl Ingress {
             Ok(pq) => pq,
             Err(p) => return rejected(problem(p)),
         };
+        if crate::streams::is_upgrade(&parts.headers) {
+            return self
+                .upgrade(parts, pin, path_and_query, received, request_id, &config)
+                .await;
+        }
         // Deferrable (and the journal open): its ordering key.
         let deferral = crate::deferred::key_of(&config.forward.deferrable, &parts.method, parts.uri.path())
             .and_then(|key| Some((key, self.shared.deferred.load_full()?)));

@@ -29,6 +29,7 @@ pub mod relay;
 pub mod reload;
 pub mod runtime;
 pub mod status;
+pub mod streams;
 pub mod tls;
 pub mod transport;
 pub mod upgrade;

@@ -34,6 +34,12 @@ pub struct Metrics {
     /// `ingress.max_connections` were open.
     pub local_connections_refused: IntCounter,
     pub relay_tunnels_active: IntGauge,
+    /// Upgraded streams (WebSockets) open now, by the path they ride.
+    pub streams_active: IntGaugeVec,
+    /// Upgraded streams by path and outcome: `opened`, `closed` (an end
+    /// closed it), `cut_path_down`, `cut_path_removed`, `cut_stopping`
+    /// (the agent cut it), `failed` (its handshake failed on that path).
+    pub streams: IntCounterVec,
     pub relay_tunnels_total: IntCounterVec,
     pub path_pool_renewals: IntCounterVec,
     pub recordings_pending: IntGauge,
@@ -152,6 +158,20 @@ impl Metrics {
             relay_tunnels_active: reg!(IntGauge::new(
                 "detour_relay_tunnels_active",
                 "Peer tunnels open through this agent's relay."
+            )),
+            streams_active: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "detour_streams_active",
+                    "Upgraded streams (WebSockets) open through the agent, by path."
+                ),
+                &["path"]
+            )),
+            streams: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_streams_total",
+                    "Upgraded streams by path and outcome: opened, closed, cut_path_down, cut_path_removed, cut_stopping, failed."
+                ),
+                &["path", "outcome"]
             )),
             recordings_pending: reg!(IntGauge::new(
                 "detour_recordings_pending",

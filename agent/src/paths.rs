@@ -47,6 +47,10 @@ pub enum DialError {
     Refused { peer: String, status: String },
     #[error("peer {peer} relay spoke no HTTP: {detail}")]
     Protocol { peer: String, detail: String },
+    /// Only on the fresh connections of [`PathClient::dial_http1`]; the
+    /// pooled clients' TLS errors are hyper-rustls's own.
+    #[error("TLS to the control plane {target}: {source}")]
+    ControlPlaneTls { target: String, source: io::Error },
 }
 
 impl DialError {
@@ -475,6 +479,10 @@ where
     Ok((parts.io.into_inner(), framed))
 }
 
+/// A byte stream of [`PathClient::dial_http1`].
+pub trait Http1Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Http1Io for T {}
+
 /// The HTTP client type of every path.
 pub type HttpClient = Client<HttpsConnector<Dialer>, Full<Bytes>>;
 
@@ -592,6 +600,34 @@ impl PathClient {
         ));
         self.client.store(Some(c.clone()));
         c
+    }
+
+    /// A fresh connection to the path's target, outside the pool, that
+    /// speaks HTTP/1.1 only: the same dialer as the pool (TCP, or a tunnel
+    /// through the peer's relay), then TLS with ALPN `http/1.1` (plain when
+    /// the URL is `http`). An upgraded stream (a WebSocket) needs one of its
+    /// own: the pool's connections negotiate h2, which cannot carry an
+    /// HTTP/1.1 upgrade, and a stream holds its connection for its life.
+    pub async fn dial_http1(&self) -> Result<Box<dyn Http1Io>, DialError> {
+        let generation = self.dialer.retirement.current.load(Ordering::Relaxed);
+        let stream = self.dialer.dial(generation).await?;
+        if self.scheme != http::uri::Scheme::HTTPS {
+            return Ok(Box::new(stream));
+        }
+        let target = self.dialer.target_authority.clone();
+        let mut cfg = (*self.cp_tls).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = ServerName::try_from(self.dialer.target_host.clone()).map_err(|e| {
+            DialError::ControlPlaneTls {
+                target: target.clone(),
+                source: io::Error::other(e),
+            }
+        })?;
+        let tls = TlsConnector::from(Arc::new(cfg))
+            .connect(name, stream)
+            .await
+            .map_err(|source| DialError::ControlPlaneTls { target, source })?;
+        Ok(Box::new(tls))
     }
 
     /// Counts this path's pool retirements on `counter`.

@@ -153,9 +153,15 @@ fn tracked(
     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let flight = tracker.begin();
         let mut router = router.clone();
+        let tracker = tracker.clone();
         async move {
             // A Router is always ready, and its error type is Infallible.
             let resp = tower_service::Service::call(&mut router, req).await?;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                // A WebSocket (`/v1/streams/echo`): no longer HTTP/1 once
+                // this is written; the handler owns its life.
+                tracker.upgraded();
+            }
             Ok(resp.map(|b| conn::Tracked::new(b, flight)))
         }
     })

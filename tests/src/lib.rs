@@ -4,7 +4,7 @@
 //! a call handler's traffic and its latencies; [`link`] a fault-injecting
 //! TCP link; [`mock_cp`] a fast control-plane stand-in (in-process or as the
 //! `detour-lab mock-cp` process); [`plot`] draws latency over time; [`pg`] a
-//! private PostgreSQL. [`fleet`] builds a control plane and agents on loopback
+//! private PostgreSQL; [`ws`] a call handler's WebSocket. [`fleet`] builds a control plane and agents on loopback
 //! joined by links, [`ns`] the same fleet in network namespaces;
 //! [`haproxy_squid`] runs the design Detour replaces; [`soak`] is the long
 //! run of faults on the namespace fleet. On top: [`demo`], the outage story,
@@ -25,3 +25,4 @@ pub mod process;
 pub mod report;
 pub mod s3;
 pub mod soak;
+pub mod ws;

@@ -623,7 +623,7 @@ async fn status_metrics_and_readiness_tell_the_truth() {
     for name in [
         "detour_requests_total{outcome=\"ok\",path=\"direct\",pop=\"blr\"} 1",
         "detour_active_path{path=\"direct\",pop=\"blr\"} 1",
-        "detour_path_state{path=\"via:maa\",pop=\"blr\"} 2",
+        "detour_path_state{endpoint=\"cp.detour.test\",path=\"via:maa\",pop=\"blr\"} 2",
         "detour_request_duration_seconds_bucket",
         "detour_path_rtt_seconds",
     ] {

@@ -20,10 +20,11 @@
 //! guard knows whether bytes it reads start a new head and whether bytes
 //! hyper writes answer a request or a parse error.
 //!
-//! Not handled yet: an HTTP/1 connection upgraded after a `101` (neither
-//! server upgrades today) would be judged as a quiet HTTP/1 connection, its
-//! bytes as a new head. Whoever adds upgrades (WebSocket streams) must tell
-//! the guard the connection is no longer HTTP/1.
+//! An HTTP/1 connection upgraded by a `101` (a WebSocket) stops being HTTP/1
+//! after that answer: the service says so ([`ConnTracker::upgraded`]) before
+//! it returns the `101`, and from then on the guard times nothing out, reads
+//! no bytes as a head and takes no write for hyper's. Whoever owns the
+//! upgraded stream bounds its life.
 
 use std::future::Future;
 use std::io;
@@ -70,6 +71,9 @@ struct Track {
     flushed: bool,
     /// The connection speaks HTTP/2 (its first bytes were the preface).
     h2: bool,
+    /// A `101` switched the connection to another protocol: no HTTP rule
+    /// applies to it any more.
+    upgraded: bool,
     last_read: Instant,
     waker: Option<Waker>,
 }
@@ -92,6 +96,7 @@ impl ConnTracker {
                 head_since: None,
                 flushed: false,
                 h2: false,
+                upgraded: false,
                 last_read: now,
                 waker: None,
             })),
@@ -116,6 +121,14 @@ impl ConnTracker {
         InFlight {
             tracker: Some(self.clone()),
         }
+    }
+
+    /// The response being returned switches protocols (`101`): once it is
+    /// written, the connection carries the new protocol's bytes until its
+    /// owner closes it. Call it before returning the `101`, so the guard
+    /// never sees the connection quiet between the answer and the stream.
+    pub fn upgraded(&self) {
+        self.with(|t| t.upgraded = true);
     }
 
     fn finish(&self) {
@@ -244,7 +257,7 @@ enum Expiry {
 
 impl Track {
     fn deadline(&self, limits: &ConnLimits) -> Option<(Instant, Expiry)> {
-        if self.in_flight > 0 {
+        if self.in_flight > 0 || self.upgraded {
             None
         } else if self.started == 0 {
             Some((self.started_at + limits.header_timeout, Expiry::Head))
@@ -263,7 +276,7 @@ impl Track {
     /// HTTP/1 and nothing in flight, the last answer flushed: whatever hyper
     /// writes now is its own answer to an unparsable head.
     fn writes_are_hypers(&self) -> bool {
-        !self.h2 && self.in_flight == 0 && (self.started == 0 || self.flushed)
+        !self.h2 && !self.upgraded && self.in_flight == 0 && (self.started == 0 || self.flushed)
     }
 }
 
@@ -341,7 +354,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<T> {
             this.tracker.with(|t| {
                 t.h2 = h2;
                 t.last_read = now;
-                if t.in_flight == 0 && t.started > 0 && t.head_since.is_none() && !h2 {
+                if t.in_flight == 0 && t.started > 0 && t.head_since.is_none() && !h2 && !t.upgraded {
                     t.head_since = Some(now);
                 }
             });
@@ -471,6 +484,50 @@ mod tests {
         // The first byte of the next head starts the header timer.
         tracker.with(|t| t.head_since = Some(quiet + Duration::from_secs(1)));
         assert_eq!(dl(&tracker), Some((quiet + Duration::from_secs(6), Expiry::Head)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upgraded_connection_is_no_longer_http() {
+        let tracker = ConnTracker::new();
+        let flight = tracker.begin();
+        tracker.upgraded();
+        drop(flight);
+        tracker.with(|t| t.flushed = true);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        tracker.with(|t| {
+            assert_eq!(t.deadline(&limits()), None, "a stream is never timed out");
+            assert!(
+                !t.writes_are_hypers(),
+                "the stream's bytes are not hyper's answer"
+            );
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_upgraded_stream_keeps_its_bytes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, server) = tokio::io::duplex(1024);
+        let rejection: Rejection = Arc::new(|_| b"REPLACED".to_vec());
+        let (mut io, tracker) = guard(server, limits(), rejection);
+        let flight = tracker.begin();
+        tracker.upgraded();
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        io.write_all(head).await.unwrap();
+        io.flush().await.unwrap();
+        drop(flight);
+        io.flush().await.unwrap();
+        // Far past both timeouts, the stream still carries bytes both ways.
+        tokio::time::advance(Duration::from_secs(1000)).await;
+        let (mut cr, mut cw) = tokio::io::split(client);
+        cw.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        io.write_all(b"pong").await.unwrap();
+        io.flush().await.unwrap();
+        let mut out = vec![0u8; head.len() + 4];
+        cr.read_exact(&mut out).await.unwrap();
+        assert!(out.ends_with(b"pong"), "{:?}", String::from_utf8_lossy(&out));
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! The local listener: accepts the call handler's connections and serves
 //! each with HTTP/1.1 under the connection guard ([`detour_wire::conn`]),
-//! every request through [`Ingress::handle`]. On shutdown it drains without
-//! closing a connection under a request (see [`serve`]).
+//! every request through [`Ingress::handle`]. A connection upgraded by a
+//! `101` (a WebSocket) leaves HTTP here and becomes a stream
+//! ([`crate::streams`]). On shutdown it drains without closing a connection
+//! under a request (see [`serve`]), then cuts the streams.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
+use http::StatusCode;
 use http::header::CONNECTION;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -34,7 +36,9 @@ struct Conns {
     shared: Arc<Shared>,
     ingress: Arc<Ingress>,
     cap: ConnCap,
-    graceful: GracefulShutdown,
+    /// Set when the drain ends: every connection shuts down gracefully
+    /// (an idle one at once, one under a request after its answer).
+    closing: watch::Sender<bool>,
     /// Set when shutdown begins: every answer from then on says
     /// `Connection: close`, so each kept-alive connection closes right after
     /// its next request is answered.
@@ -54,6 +58,8 @@ struct Conns {
 /// 3. Kept-alive connections close on their own after their next answer;
 ///    those that stay idle for all of `ingress.drain_idle` are closed then.
 /// 4. Requests still in flight get up to `ingress.drain_timeout`.
+/// 5. Streams (upgraded connections) are cut: they would never end on
+///    their own, and the call handler reconnects to whoever serves next.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -65,10 +71,14 @@ pub async fn serve(
             forwarder: shared.forwarder.clone(),
             metrics: shared.metrics.clone(),
             shared: shared.clone(),
+            streams: Arc::new(crate::streams::Streams::new(
+                shared.forwarder.clone(),
+                shared.metrics.clone(),
+            )),
         }),
         cap: ConnCap::new(cfg.max_connections, "ingress.max_connections"),
         shared,
-        graceful: GracefulShutdown::new(),
+        closing: watch::channel(false).0,
         draining: Arc::new(AtomicBool::new(false)),
         open: Arc::new(AtomicUsize::new(0)),
     };
@@ -103,12 +113,21 @@ pub async fn serve(
             "closing kept-alive connections that stayed idle through ingress.drain_idle"
         );
     }
-    if tokio::time::timeout(cfg.drain_timeout, conns.graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = conns.closing.send(true);
+    let open = conns.open.clone();
+    let closed = async {
+        while open.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(cfg.drain_timeout, closed).await.is_err() {
         tracing::warn!("drain timeout passed with requests still in flight");
     }
+    let streams = conns.ingress.streams.live();
+    if streams > 0 {
+        tracing::info!(streams, "cutting the streams still open at the end of the drain");
+    }
+    conns.ingress.streams.close_all().await;
 }
 
 impl Conns {
@@ -118,6 +137,9 @@ impl Conns {
             self.shared.metrics.local_connections_refused.inc();
             return;
         };
+        // Shared with the streams this connection may become, which hold
+        // it for their life.
+        let slot = Arc::new(slot);
         let _ = tcp.set_nodelay(true);
         // Limits as of now: a reload applies them to new connections.
         let now = self.shared.forwarder.runtime().config.ingress.clone();
@@ -135,26 +157,42 @@ impl Conns {
             .keep_alive(true);
         let (io, tracker) = conn::guard(tcp, limits, rejection);
         let (ingress, draining) = (self.ingress.clone(), self.draining.clone());
-        let service = service_fn(move |req| {
-            let (ingress, draining) = (ingress.clone(), draining.clone());
+        let stream_slot = slot.clone();
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let (ingress, draining, tracker) = (ingress.clone(), draining.clone(), tracker.clone());
             let flight = tracker.begin();
+            req.extensions_mut()
+                .insert(crate::streams::Slot(stream_slot.clone()));
             async move {
                 let mut resp = ingress.handle(req).await;
-                if draining.load(Ordering::Relaxed) {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    // The connection becomes a stream once this is written.
+                    tracker.upgraded();
+                } else if draining.load(Ordering::Relaxed) {
                     resp.headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, flight)))
             }
         });
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        let conn = self.graceful.watch(conn);
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let mut closing = self.closing.subscribe();
         let gauge = self.shared.metrics.local_connections.clone();
         let open = self.open.clone();
         gauge.inc();
         open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = async { let _ = closing.wait_for(|c| *c).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "local connection ended");
             }
             gauge.dec();

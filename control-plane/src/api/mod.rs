@@ -2,8 +2,8 @@
 //! authenticates, reads a bounded body, hands it to `intake`/`routing`/`store`,
 //! and answers JSON or `application/problem+json` (never a bare 500 for bad
 //! input). One module per resource: `calls`, `routes`, `audit` and
-//! `fleet` (agent reports and the fleet view), plus `health` (probes and
-//! metrics); `state` holds the replica's shared state, `shed` the rate
+//! `fleet` (agent reports and the fleet view), `streams` (the WebSocket
+//! echo), plus `health` (probes and metrics); `state` holds the replica's shared state, `shed` the rate
 //! limits and load shedding, `error` the problem answers.
 
 mod audit;
@@ -14,6 +14,7 @@ mod health;
 mod routes;
 mod shed;
 mod state;
+mod streams;
 
 use std::sync::Arc;
 
@@ -59,6 +60,7 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/audit", get(audit::audit_log))
         .route("/v1/agents/{pop}/report", post(fleet::post_report))
         .route("/v1/fleet", get(fleet::fleet))
+        .route("/v1/streams/echo", get(streams::echo))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -73,7 +75,7 @@ pub fn router(app: Shared) -> Router {
     info(title = "Detour control plane", description = "Call routing, call records and the fleet view. Errors are RFC 9457 problem+json."),
     paths(health::healthz, health::readyz, health::metrics, calls::create_call, calls::get_call,
           calls::post_event, calls::post_recording, routes::list_routes, routes::get_route, routes::put_route,
-          routes::delete_route, audit::audit_log, fleet::post_report, fleet::fleet),
+          routes::delete_route, audit::audit_log, fleet::post_report, fleet::fleet, streams::echo),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

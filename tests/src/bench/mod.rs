@@ -11,6 +11,8 @@
 //! - [`recordings`]: recordings to the object store, against boto3.
 //! - [`deferred`]: call events through an outage, journalled and drained.
 //! - [`regions`]: the primary control-plane region lost under traffic.
+//! - [`streams`]: WebSockets through blr, its uplink cut: close and
+//!   reconnect times.
 //!
 //! [`faults`] is what failover and compare share.
 
@@ -28,6 +30,7 @@ pub mod overhead;
 pub mod recordings;
 pub mod regions;
 pub mod soak;
+pub mod streams;
 pub mod upgrade;
 
 /// Options of `detour-lab bench`.
@@ -40,7 +43,8 @@ pub struct BenchArgs {
     /// reload; `--runs` upgrades each), recordings (recordings to an
     /// S3-compatible store, needs moto), deferred (call events through an
     /// outage), regions (the primary control-plane region lost under
-    /// traffic; `--runs` each way), all (overhead and failover).
+    /// traffic; `--runs` each way), streams (WebSockets through a cut;
+    /// `--runs` rounds), all (overhead and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -85,12 +89,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "recordings" => recordings::run(&args).await,
         "deferred" => deferred::run(&args).await,
         "regions" => regions::run(&args).await,
+        "streams" => streams::run(&args).await,
         "all" => {
             overhead::run(&args).await?;
             failover::run(&args).await
         }
         other => bail!(
-            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred, regions or all"
+            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred, regions, streams or all"
         ),
     }
 }
