@@ -159,9 +159,9 @@ fn render(runs: &[Run], n: u32, machine: &str) -> String {
         "primary region",
         "calls",
         "failed",
-        "on the secondary after (max)",
-        "calls in the next second: p50 / p99 / max",
-        "back on the primary after (max)",
+        "on the secondary after, ms (max)",
+        "calls in the next second, ms: p50 / p99 / max",
+        "back on the primary after, ms (max)",
     ]);
     for loss in [Loss::Stopped, Loss::Unreachable] {
         let of: Vec<&Run> = runs.iter().filter(|r| r.loss == loss).collect();
