@@ -131,7 +131,7 @@ fn render(judged: &[Duration], samples: &[Sample], runs: u32, machine: &str) -> 
     t.row(&[
         format!("`direct` judged down ({runs} cuts)"),
         format!("{} ms", ms(j50)),
-        "".to_owned(),
+        "-".to_owned(),
         format!("{} ms", ms(jmax)),
     ]);
     t.row(&[
@@ -147,7 +147,7 @@ fn render(judged: &[Duration], samples: &[Sample], runs: u32, machine: &str) -> 
         format!("{} ms", ms(rmax)),
     ]);
     format!(
-        "## Streams: reconnect after a cut (issue: when the traffic is a stream)\n\nMeasured {machine} with `cargo run -p detour-lab -- bench streams` (a debug build: these times are the health table's judgement and handshakes on loopback, not CPU): the in-process fleet with the real control plane (SQLite) and its WebSocket echo (`GET /v1/streams/echo`), health probes every 200 ms; {STREAMS} WebSockets open through blr, all on `direct`, then blr's uplink blackholed (nothing gets through, and no FIN or RST reaches anyone). Each stream's handler waits for its side to close, then reconnects at once and sends one echo. {runs} rounds, {n} streams.\n\n{}\n{via} of {n} reconnects went through a peer, after {retries} failed handshakes in all. A stream is cut within about {watch} ms of its path being judged down (each stream looks at the health snapshot every {watch} ms); most of the time from the cut is the health table's judgement of `direct`.\n",
+        "## Streams: reconnect after a cut (issue: when the traffic is a stream)\n\nMeasured {machine} with `cargo run --release -p detour-lab -- bench streams`: the in-process fleet with the real control plane (SQLite) and its WebSocket echo (`GET /v1/streams/echo`), health probes every 200 ms; {STREAMS} WebSockets open through blr, all on `direct`, then blr's uplink blackholed (nothing gets through, and no FIN or RST reaches anyone). Each stream's handler waits for its side to close, then reconnects at once and sends one echo. {runs} rounds, {n} streams.\n\n{}\n{via} of {n} reconnects went through a peer, after {retries} failed handshakes in all. A stream is cut within about {watch} ms of its path being judged down (each stream looks at the health snapshot every {watch} ms); most of the time from the cut is the health table's judgement of `direct`.\n",
         t.finish(),
         n = samples.len(),
         watch = detour_agent::streams::WATCH_EVERY.as_millis(),
