@@ -192,6 +192,26 @@ impl PrivatePostgres {
         Ok(())
     }
 
+    /// From now on the `detour` role logs in over TCP only with `password`
+    /// (SCRAM, as on RDS); the superuser `postgres` stays trusted for
+    /// [`PrivatePostgres::psql`].
+    pub fn require_password(&self, password: &str) -> anyhow::Result<()> {
+        self.psql(&format!(
+            "ALTER ROLE detour PASSWORD '{}'",
+            password.replace('\'', "''")
+        ))?;
+        let hba = self.dir.path().join("data").join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .with_context(|| format!("writing {}", hba.display()))?;
+        self.psql("SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
     /// The server's log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
