@@ -112,6 +112,14 @@ impl Agent {
                 }
             }
         }
+        // Bound last: a process that fails before this point leaves its
+        // predecessor's socket in place.
+        let control = config
+            .listen
+            .control
+            .as_deref()
+            .map(crate::control::bind)
+            .transpose()?;
         let local_addr = local.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let relay_addr = relay_listener.as_ref().map(|l| l.local_addr()).transpose()?;
@@ -158,6 +166,13 @@ impl Agent {
         ));
         let mut tasks = JoinSet::new();
         tasks.spawn(admin::serve(admin, shared.clone(), shutdown_rx.clone()));
+        if let Some(control) = control {
+            tasks.spawn(crate::control::serve(
+                control,
+                shared.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         if let (Some(l), Some(r)) = (relay_listener, shared.relay.clone()) {
             tasks.spawn(relay::serve(l, r, shutdown_rx.clone(), close_rx));
         }

@@ -77,4 +77,6 @@ pub struct PathInfo {
     pub weight: u32,
     /// `false` while a peer is drained: never chosen for new requests.
     pub enabled: bool,
+    /// Drained at runtime (`detour-agent peer drain`), not in the file.
+    pub drained: bool,
 }

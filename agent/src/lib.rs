@@ -16,6 +16,7 @@ pub mod admin;
 pub mod agent;
 pub mod allocator;
 pub mod config;
+pub mod control;
 pub mod deferred;
 pub mod forward;
 pub mod health;

@@ -8,7 +8,9 @@
 //! that stays), and only then is everything swapped in. A failure at any step
 //! leaves the running config whole.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
@@ -32,6 +34,53 @@ pub struct Shared {
     /// The deferred-delivery journal (`None` without deferrable requests,
     /// or when it could not be opened).
     pub deferred: ArcSwapOption<crate::deferred::Deferred>,
+    /// Peers drained at runtime (`detour-agent peer drain`), by name. Held
+    /// while a runtime is built and swapped, so a drain and a reload never
+    /// race. Kept in `upgrade.dir` (when set) across restarts and upgrades.
+    drained: Mutex<BTreeSet<String>>,
+}
+
+/// Why a runtime drain or undrain was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("no peer named `{0}` in the running config")]
+    UnknownPeer(String),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// The file in `upgrade.dir` that keeps the runtime drains.
+const DRAINED_FILE: &str = "drained-peers";
+
+fn drained_file(config: &AgentConfig) -> Option<PathBuf> {
+    config.upgrade.dir.as_ref().map(|d| d.join(DRAINED_FILE))
+}
+
+/// The drains kept by an earlier process, if any.
+fn load_drained(config: &AgentConfig) -> BTreeSet<String> {
+    let Some(path) = drained_file(config) else {
+        return BTreeSet::new();
+    };
+    let names: BTreeSet<String> = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !names.is_empty() {
+        tracing::warn!(peers = ?names, file = %path.display(), "peers drained at runtime by an earlier process stay drained (detour-agent peer undrain NAME)");
+    }
+    names
+}
+
+/// Writes the drains next to the upgrade snapshot (a temporary file, then a
+/// rename, so a crash leaves the old list or the new one).
+fn save_drained(path: &Path, names: &BTreeSet<String>) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Why a config was not applied. The running config is unchanged in every case.
@@ -65,7 +114,9 @@ impl Shared {
     /// The running state for a freshly loaded config (agent start).
     pub fn new(config: Arc<AgentConfig>) -> Result<Shared, ApplyError> {
         let metrics = Arc::new(Metrics::new(&config.pop));
-        let runtime = build(config.clone(), &metrics, None)?;
+        let mut drained = load_drained(&config);
+        drained.retain(|n| config.peers.iter().any(|p| p.name == *n));
+        let runtime = build(config.clone(), &metrics, None, &drained)?;
         metrics.set_certificates(&config);
         let forwarder = Arc::new(Forwarder::new(runtime, metrics.clone()));
         let counts = Arc::new(relay::TunnelCounts::default());
@@ -77,7 +128,49 @@ impl Shared {
             config_error: ArcSwapOption::empty(),
             recordings: ArcSwapOption::empty(),
             deferred: ArcSwapOption::empty(),
+            drained: Mutex::new(drained),
         })
+    }
+
+    /// The peers drained at runtime now.
+    pub fn drained(&self) -> BTreeSet<String> {
+        self.drained.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Drains (`drain`) or undrains a peer at runtime: its paths stay probed
+    /// but take no new requests, exactly as `enabled = false` in the peers
+    /// file, until undrained. Survives reloads; kept in `upgrade.dir` across
+    /// restarts when that is set. Returns whether anything changed.
+    pub fn set_drained(&self, peer: &str, drain: bool) -> Result<bool, DrainError> {
+        let mut drained = self.drained.lock().unwrap_or_else(|e| e.into_inner());
+        let rt = self.forwarder.runtime();
+        if !rt.config.peers.iter().any(|p| p.name == peer) {
+            return Err(DrainError::UnknownPeer(peer.to_owned()));
+        }
+        let mut next = drained.clone();
+        let changed = if drain {
+            next.insert(peer.to_owned())
+        } else {
+            next.remove(peer)
+        };
+        if !changed {
+            return Ok(false);
+        }
+        let runtime = build(rt.config.clone(), &self.metrics, Some(&rt), &next)?;
+        self.forwarder.replace(runtime);
+        *drained = next;
+        if let Some(path) = drained_file(&rt.config)
+            && let Err(e) = save_drained(&path, &drained)
+        {
+            tracing::warn!(error = %e, file = %path.display(), "could not keep the runtime drains for the next process");
+        }
+        tracing::warn!(
+            peer,
+            drained = drain,
+            "peer {} at runtime",
+            if drain { "drained" } else { "undrained" }
+        );
+        Ok(true)
     }
 
     /// Applies a new, already validated config. A rotated certificate, key
@@ -93,8 +186,11 @@ impl Shared {
             return Err(ApplyError::NeedsRestart(needs));
         }
         let new = Arc::new(new);
+        let mut drained = self.drained.lock().unwrap_or_else(|e| e.into_inner());
+        // A drained peer removed from the file is forgotten.
+        drained.retain(|n| new.peers.iter().any(|p| p.name == *n));
         // Everything is built before anything is swapped.
-        let runtime = build(new.clone(), &self.metrics, Some(&rt))?;
+        let runtime = build(new.clone(), &self.metrics, Some(&rt), &drained)?;
         let relay_next = match &self.relay {
             Some(relay) => relay_state(&new, &self.metrics, relay.load().counts.clone())?,
             None => None,
@@ -129,6 +225,7 @@ pub fn build(
     config: Arc<AgentConfig>,
     metrics: &Arc<Metrics>,
     old: Option<&Runtime>,
+    drained: &BTreeSet<String>,
 ) -> Result<Runtime, ApplyError> {
     let mut paths = paths::build_paths(&config)?;
     if let Some(old) = old {
@@ -168,7 +265,8 @@ pub fn build(
                 priority: p.priority,
                 direct: peer.is_none(),
                 weight: peer.map_or(100, |x| x.weight),
-                enabled: peer.is_none_or(|x| x.enabled),
+                enabled: peer.is_none_or(|x| x.enabled && !drained.contains(&x.name)),
+                drained: peer.is_some_and(|x| drained.contains(&x.name)),
             }
         })
         .collect();

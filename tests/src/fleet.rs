@@ -264,6 +264,7 @@ impl Fleet {
 local = "127.0.0.1:0"
 relay = "127.0.0.1:0"
 admin = "127.0.0.1:0"
+control = "control.sock"
 
 [control_plane]
 ca = "../certs/ca.pem"

@@ -470,3 +470,148 @@ async fn several_agents_of_one_pop_are_separate_paths() {
     }
     fleet.shutdown().await;
 }
+
+/// `detour-agent peer drain` without editing files: through blr's control
+/// socket, with blr's own uplink blackholed (so every request goes through
+/// a peer), maa is drained under load: no request fails, none goes through
+/// maa after the drain, its path stays probed and says why in `/status`,
+/// its series carry `detour_path_enabled 0`, `/readyz` is still ready. A
+/// reload keeps the drain; an unknown peer is a clear 404; undrain brings
+/// maa back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_drained_at_runtime_takes_no_requests_and_stays_drained_across_a_reload() {
+    use detour_lab::link::Fault;
+    let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+    fleet.wait_all_up(Duration::from_secs(10)).await.unwrap();
+    let blr = fleet.pop("blr");
+    let agent = blr.agent();
+    let socket = fleet.dir.path().join("blr").join("control.sock");
+    blr.uplink.set(Fault::Blackhole);
+    wait_for("blr on a peer", Duration::from_secs(5), || {
+        paths_of(&fleet, "blr")
+            .iter()
+            .any(|(n, _, a)| *a && n.starts_with("via:"))
+    })
+    .await;
+
+    let client = CallClient::default();
+    let url = blr.local_url();
+    let load = steady(&client, &url, 50, Duration::from_secs(4), |n| {
+        Call::post("/v1/calls", &format!("{{\"n\":{n}}}"))
+    });
+    let drain = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (status, body) = detour_agent::control::call(&socket, Method::POST, "/peers/maa/drain")
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["changed"], true, "{body}");
+        assert_eq!(v["peer"]["drained"], true, "{body}");
+    };
+    let (results, ()) = tokio::join!(load, drain);
+    let failed: Vec<_> = results.iter().filter(|r| !r.ok()).collect();
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), failed.first());
+    let late: Vec<_> = results
+        .iter()
+        .filter(|r| r.at > Duration::from_millis(1500))
+        .filter(|r| r.path.as_deref() == Some("via:maa"))
+        .collect();
+    assert!(late.is_empty(), "requests through a drained peer: {late:?}");
+    assert!(
+        results.iter().any(|r| r.path.as_deref() == Some("via:del")),
+        "del carried the traffic"
+    );
+
+    let check_drained = || {
+        let report = detour_agent::admin::report(&agent.shared);
+        let maa = report.paths.iter().find(|p| p.path == "via:maa").unwrap();
+        assert!(
+            maa.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("drained at runtime")),
+            "{maa:?}"
+        );
+        assert!(!maa.active);
+        let text = String::from_utf8(agent.shared.metrics.render()).unwrap();
+        assert!(
+            text.contains("detour_path_enabled{endpoint=\"cp.detour.test\",path=\"via:maa\",pop=\"blr\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("detour_path_enabled{endpoint=\"cp.detour.test\",path=\"via:del\",pop=\"blr\"} 1")
+        );
+    };
+    check_drained();
+    let (status, _) = get_admin(agent, "/readyz").await;
+    assert_eq!(status, 200, "ready while del carries the traffic");
+
+    // A reload (a weight edited) keeps the drain.
+    let ok_before = agent
+        .shared
+        .metrics
+        .config_reloads
+        .with_label_values(&["ok"])
+        .get();
+    save_by_rename(
+        &peers_path(&fleet, "blr"),
+        &(peer_entry(&fleet, "maa", "weight = 90") + &peer_entry(&fleet, "del", "")),
+    );
+    wait_for("the edit reloaded", Duration::from_secs(3), || {
+        agent
+            .shared
+            .metrics
+            .config_reloads
+            .with_label_values(&["ok"])
+            .get()
+            > ok_before
+    })
+    .await;
+    check_drained();
+    let (status, body) = detour_agent::control::call(&socket, Method::GET, "/peers")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let peers: Vec<detour_agent::control::PeerControl> = serde_json::from_str(&body).unwrap();
+    assert!(
+        peers.iter().any(|p| p.name == "maa" && p.drained && p.enabled),
+        "{body}"
+    );
+
+    // An unknown peer is a clear error, and changes nothing.
+    let (status, body) = detour_agent::control::call(&socket, Method::POST, "/peers/pune/drain")
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no peer named `pune`"), "{body}");
+
+    // Undrained: maa takes requests again (del's relay goes away).
+    let (status, body) = detour_agent::control::call(&socket, Method::POST, "/peers/maa/undrain")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    fleet.pop("del").uplink.set(Fault::Blackhole);
+    wait_for("blr back on maa", Duration::from_secs(10), || {
+        paths_of(&fleet, "blr")
+            .iter()
+            .any(|(n, _, a)| *a && n == "via:maa")
+    })
+    .await;
+    fleet.shutdown().await;
+}
+
+/// `GET path` on an agent's admin listener: status and body.
+async fn get_admin(agent: &detour_agent::agent::Agent, path: &str) -> (u16, String) {
+    let r = CallClient::default()
+        .send(
+            Method::GET,
+            &format!("http://{}{path}", agent.admin_addr),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    (
+        r.status.unwrap_or(0),
+        String::from_utf8_lossy(&r.body).into_owned(),
+    )
+}

@@ -75,6 +75,10 @@ pub struct Listen {
     pub relay: Option<SocketAddr>,
     /// `/metrics`, `/status`, `/healthz`, `/readyz`.
     pub admin: SocketAddr,
+    /// The control socket (a Unix socket; its file mode is the access
+    /// control): runtime changes such as `detour-agent peer drain`. `None`
+    /// turns it off.
+    pub control: Option<PathBuf>,
 }
 
 impl Listen {

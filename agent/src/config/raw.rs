@@ -73,6 +73,7 @@ pub struct Listen {
     pub local: Option<Spanned<String>>,
     pub relay: Option<Spanned<String>>,
     pub admin: Option<Spanned<String>>,
+    pub control: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

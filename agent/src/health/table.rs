@@ -26,6 +26,7 @@ pub struct PathView {
     pub direct: bool,
     pub state: PathState,
     pub enabled: bool,
+    pub drained: bool,
     pub rtt: Option<f64>,
     pub p95: Option<f64>,
     pub p99: Option<f64>,
@@ -263,6 +264,7 @@ impl HealthTable {
                 direct: s.info.direct,
                 state: s.state(),
                 enabled: s.info.enabled,
+                drained: s.info.drained,
                 rtt: s.rtt(),
                 p95: s.rtt_quantile(0.95),
                 p99: s.rtt_quantile(0.99),
@@ -376,6 +378,8 @@ impl HealthTable {
                 consecutive_failures: p.consecutive_failures,
                 reason: if p.enabled {
                     p.reason.clone()
+                } else if p.drained {
+                    Some("drained at runtime (detour-agent peer undrain to restore)".to_owned())
                 } else {
                     Some("disabled (draining)".to_owned())
                 },

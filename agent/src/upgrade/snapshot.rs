@@ -104,6 +104,7 @@ mod tests {
             priority: 1,
             weight: 100,
             enabled: true,
+            drained: false,
         };
         HealthTable::new(cfg, vec![info], Arc::new(Metrics::new("blr")))
     }

@@ -1,8 +1,10 @@
 //! `[listen]`: the three listener addresses, none of them the same.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 
 use super::{Diag, addr_or};
+use crate::config::values::resolve;
 use crate::config::{Listen, raw};
 
 /// Stands in for a `listen.relay` that does not parse while the rest is
@@ -10,7 +12,7 @@ use crate::config::{Listen, raw};
 /// relay is off.
 const RELAY_PLACEHOLDER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 4443);
 
-pub(super) fn validate(d: &mut Diag<'_>, rl: &raw::Listen) -> Listen {
+pub(super) fn validate(d: &mut Diag<'_>, rl: &raw::Listen, config_path: &Path) -> Listen {
     let listen = Listen {
         local: addr_or(d, "listen.local", &rl.local, Listen::DEFAULT_LOCAL),
         relay: match &rl.relay {
@@ -19,6 +21,20 @@ pub(super) fn validate(d: &mut Diag<'_>, rl: &raw::Listen) -> Listen {
             Some(_) => Some(addr_or(d, "listen.relay", &rl.relay, RELAY_PLACEHOLDER)),
         },
         admin: addr_or(d, "listen.admin", &rl.admin, Listen::DEFAULT_ADMIN),
+        control: rl.control.as_ref().and_then(|v| {
+            let s = v.get_ref();
+            if s.is_empty() || s == "off" {
+                return None;
+            }
+            if s.contains(':') && !s.contains('/') {
+                d.span(
+                    v,
+                    "listen.control: is a Unix socket path (e.g. /run/detour-agent/control.sock), not an address",
+                );
+                return None;
+            }
+            Some(resolve(config_path, s))
+        }),
     };
     let mut seen: Vec<(SocketAddr, &str)> =
         vec![(listen.local, "listen.local"), (listen.admin, "listen.admin")];

@@ -32,7 +32,7 @@ pub(super) fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -
     let raw: raw::Agent = d.parse()?;
     let pop = pop(&mut d, &raw.pop);
     let raw_listen = raw.listen.unwrap_or_default();
-    let listen = listen::validate(&mut d, &raw_listen);
+    let listen = listen::validate(&mut d, &raw_listen, path);
     let control_plane = control_plane::validate(&mut d, &raw.control_plane);
     let tls = raw.tls.as_ref().and_then(|t| tls::validate(&mut d, t, &pop));
     let health = health::validate(&mut d, &raw.health);

@@ -119,6 +119,7 @@ mod tests {
             priority: 1,
             weight: 100,
             enabled: true,
+            drained: false,
         })
     }
 

@@ -33,6 +33,7 @@ fn stats() -> PathStats {
         priority: 1,
         weight: 100,
         enabled: true,
+        drained: false,
     })
 }
 
@@ -225,15 +226,15 @@ proptest! {
     #[test]
     fn score_prefers_lower_latency_less_loss_and_more_weight(rtt in 0.001f64..1.0, w in 1u32..1000) {
         let epoch = Instant::now();
-        let mut a = PathStats::new(PathInfo { name: "via:a".into(), direct: false, endpoint: "".into(), priority: 1, weight: w, enabled: true });
-        let mut b = PathStats::new(PathInfo { name: "via:b".into(), direct: false, endpoint: "".into(), priority: 1, weight: w, enabled: true });
+        let mut a = PathStats::new(PathInfo { name: "via:a".into(), direct: false, endpoint: "".into(), priority: 1, weight: w, enabled: true, drained: false });
+        let mut b = PathStats::new(PathInfo { name: "via:b".into(), direct: false, endpoint: "".into(), priority: 1, weight: w, enabled: true, drained: false });
         a.sample(Duration::from_secs_f64(rtt));
         b.sample(Duration::from_secs_f64(rtt * 2.0));
         a.state = PathState::Up;
         b.state = PathState::Up;
         let now = Instant::now();
         prop_assert!(a.score(now, epoch) < b.score(now, epoch));
-        let mut heavy = PathStats::new(PathInfo { name: "via:h".into(), direct: false, endpoint: "".into(), priority: 1, weight: (w + 1).min(1000), enabled: true });
+        let mut heavy = PathStats::new(PathInfo { name: "via:h".into(), direct: false, endpoint: "".into(), priority: 1, weight: (w + 1).min(1000), enabled: true, drained: false });
         heavy.sample(Duration::from_secs_f64(rtt));
         heavy.state = PathState::Up;
         prop_assert!(heavy.score(now, epoch) <= a.score(now, epoch));

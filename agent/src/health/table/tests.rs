@@ -12,6 +12,7 @@ fn view(i: usize, name: &str, state: PathState, score: f64, enabled: bool) -> Pa
         direct: name == "direct",
         state,
         enabled,
+        drained: false,
         rtt: None,
         p95: None,
         p99: None,
