@@ -117,7 +117,7 @@ impl Shared {
         let mut drained = load_drained(&config);
         drained.retain(|n| config.peers.iter().any(|p| p.name == *n));
         let runtime = build(config.clone(), &metrics, None, &drained)?;
-        metrics.set_certificates(&config);
+        metrics.set_config_gauges(&config);
         let forwarder = Arc::new(Forwarder::new(runtime, metrics.clone()));
         let counts = Arc::new(relay::TunnelCounts::default());
         let relay = relay_state(&config, &metrics, counts)?.map(|r| Arc::new(ArcSwap::from_pointee(r)));
@@ -210,7 +210,7 @@ impl Shared {
             .map(|o| (o.name.clone(), o.endpoint.clone()))
             .collect();
         self.forwarder.replace(runtime);
-        self.metrics.set_certificates(&new);
+        self.metrics.set_config_gauges(&new);
         for (name, endpoint) in &gone {
             HealthTable::forget(&self.metrics, name, endpoint);
         }

@@ -191,5 +191,14 @@ async fn a_blackholed_direct_goes_through_a_peer_to_the_primary_and_relays_carry
         text.contains(r#"detour_active_endpoint{endpoint="singapore",pop="blr"} 1"#),
         "{text}"
     );
+    // Which endpoint is the primary, for the secondary-region alert.
+    assert!(
+        text.contains(r#"detour_endpoint_preferred{endpoint="mumbai",pop="blr"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"detour_endpoint_preferred{endpoint="singapore",pop="blr"} 0"#),
+        "{text}"
+    );
     fleet.shutdown().await;
 }
