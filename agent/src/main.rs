@@ -1,93 +1,11 @@
 //! `detour-agent`: the command line. Parses arguments, sets up logging and
 //! calls into the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use detour_agent::cli::{Cli, Command, LogFormat, PkiCommand};
 use detour_agent::config::AgentConfig;
-
-#[derive(Parser)]
-#[command(
-    name = "detour-agent",
-    version,
-    about = "Keeps a telephony server talking to its control plane over the best working path."
-)]
-struct Cli {
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Plain, global = true)]
-    log_format: LogFormat,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the agent.
-    Run {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Worker threads. 1 runs everything on one thread (no cross-core
-        /// wake-ups on the request path); a request costs the agent tens of
-        /// microseconds of CPU, so one thread carries thousands per second.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-        threads: u16,
-        /// Take the listening sockets and the path table over from the agent
-        /// running with the same upgrade.dir, which then drains and exits (an
-        /// upgrade or restart that refuses no connection). Starts on its own
-        /// when no agent runs there.
-        #[arg(long)]
-        takeover: bool,
-    },
-    /// Validate agent.toml and the peers file; print every problem as file:line:col: message.
-    CheckConfig {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Print the path table of a running agent (from its admin /status).
-    Status {
-        /// Admin address of the agent.
-        #[arg(long, default_value = "127.0.0.1:9090")]
-        admin: String,
-        /// Print the raw JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// A fleet CA and per-PoP certificates.
-    Pki {
-        #[command(subcommand)]
-        command: PkiCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum PkiCommand {
-    /// Create a fleet CA: DIR/ca.pem and DIR/ca.key.
-    Init {
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Issue a PoP certificate: OUT/NAME.pem and OUT/NAME.key.
-    Issue {
-        /// Directory holding ca.pem and ca.key.
-        #[arg(long)]
-        ca: PathBuf,
-        /// PoP name, e.g. blr.
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        out: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = detour_agent::pki::LEAF_VALIDITY_DAYS)]
-        days: i64,
-    },
-}
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

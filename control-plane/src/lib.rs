@@ -13,10 +13,11 @@
 //! same transaction). [`record`] folds call events; [`metrics`], [`tls`] and
 //! [`config`] serve them all. Around them: [`server`] (the listener and its
 //! connections), [`tasks`] (the background loops), [`tokens`] (the `token`
-//! subcommands).
+//! subcommands), [`cli`] (the command line `main.rs` parses).
 
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod hook;
 pub mod idempotency;

@@ -1,68 +1,11 @@
 //! `detour-control-plane`: parses the command line, loads config, sets up
 //! tracing and hands over to the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use detour_control_plane::Config;
-
-#[derive(Parser)]
-#[command(name = "detour-control-plane", version, about = "Detour control plane")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve the API (runs migrations first).
-    Serve {
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// Apply database migrations and exit.
-    Migrate {
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// Validate cp.toml; prints `file:line:col: message` and exits 1 on error.
-    CheckConfig {
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// Agent tokens.
-    Token {
-        #[command(subcommand)]
-        command: TokenCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum TokenCommand {
-    /// Create a token for a PoP; it is printed once, only its hash is stored.
-    Create {
-        #[arg(long)]
-        pop: String,
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// List agent tokens: id, PoP, creation time (never the tokens).
-    List {
-        /// Only this PoP's tokens.
-        #[arg(long)]
-        pop: Option<String>,
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// Revoke a token by id; every replica refuses it within 30 s.
-    Revoke {
-        #[arg(long)]
-        id: String,
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-}
+use detour_control_plane::cli::{Cli, Command, TokenCommand};
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {

@@ -1,0 +1,101 @@
+//! The command line `detour-agent` accepts (clap): parsed by `main.rs`,
+//! rendered into man pages and shell completions by `detour-packaging`, so
+//! the packaged documentation is the binary's own.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// `detour-agent` and its global options.
+#[derive(Parser)]
+#[command(
+    name = "detour-agent",
+    version,
+    about = "Keeps a telephony server talking to its control plane over the best working path."
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Plain,
+    /// One JSON object per line (for the journal and log shippers).
+    Json,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run {
+        /// agent.toml (its peers file is named inside it).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Worker threads. 1 runs everything on one thread (no cross-core
+        /// wake-ups on the request path); a request costs the agent tens of
+        /// microseconds of CPU, so one thread carries thousands per second.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        threads: u16,
+        /// Take the listening sockets and the path table over from the agent
+        /// running with the same upgrade.dir, which then drains and exits (an
+        /// upgrade or restart that refuses no connection). Starts on its own
+        /// when no agent runs there.
+        #[arg(long)]
+        takeover: bool,
+    },
+    /// Validate agent.toml and the peers file; print every problem as file:line:col: message.
+    CheckConfig {
+        /// agent.toml to check (with the peers file it names).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the path table of a running agent (from its admin /status).
+    Status {
+        /// Admin address of the agent.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A fleet CA and per-PoP certificates.
+    Pki {
+        /// What to do with the CA.
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+/// `detour-agent pki ...`.
+#[derive(Subcommand)]
+pub enum PkiCommand {
+    /// Create a fleet CA: DIR/ca.pem and DIR/ca.key.
+    Init {
+        /// Directory to write ca.pem and ca.key into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a PoP certificate: OUT/NAME.pem and OUT/NAME.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// PoP name, e.g. blr.
+        #[arg(long)]
+        name: String,
+        /// Directory to write NAME.pem and NAME.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::pki::LEAF_VALIDITY_DAYS)]
+        days: i64,
+    },
+}

@@ -1,0 +1,77 @@
+//! The command line `detour-control-plane` accepts (clap): parsed by
+//! `main.rs`, rendered into man pages and shell completions by
+//! `detour-packaging`, so the packaged documentation is the binary's own.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// `detour-control-plane`.
+#[derive(Parser)]
+#[command(name = "detour-control-plane", version, about = "Detour control plane")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the API (runs migrations first).
+    Serve {
+        /// cp.toml to serve with.
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        /// cp.toml naming the database.
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// Validate cp.toml; prints `file:line:col: message` and exits 1 on error.
+    CheckConfig {
+        /// cp.toml to check.
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// Agent tokens.
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+/// `detour-control-plane token ...`.
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for a PoP; it is printed once, only its hash is stored.
+    Create {
+        /// PoP the token is for, e.g. blr.
+        #[arg(long)]
+        pop: String,
+        /// cp.toml naming the database.
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// List agent tokens: id, PoP, creation time (never the tokens).
+    List {
+        /// Only this PoP's tokens.
+        #[arg(long)]
+        pop: Option<String>,
+        /// cp.toml naming the database.
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+    /// Revoke a token by id; every replica refuses it within 30 s.
+    Revoke {
+        /// Token id (from `token create` or `token list`).
+        #[arg(long)]
+        id: String,
+        /// cp.toml naming the database.
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+    },
+}
