@@ -66,11 +66,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drain or undrain a peer of a running agent, without editing files
+    /// (through its control socket, `listen.control`).
+    Peer {
+        /// What to do.
+        #[command(subcommand)]
+        command: PeerCommand,
+        /// agent.toml of the running agent: where its control socket is.
+        #[arg(long, short, global = true, default_value = "/etc/detour/agent.toml")]
+        config: PathBuf,
+        /// The control socket itself (instead of reading it from --config).
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
     /// A fleet CA and per-PoP certificates.
     Pki {
         /// What to do with the CA.
         #[command(subcommand)]
         command: PkiCommand,
+    },
+}
+
+/// `detour-agent peer ...`.
+#[derive(Subcommand)]
+pub enum PeerCommand {
+    /// Every peer: enabled in the peers file, drained at runtime.
+    List,
+    /// No new requests through this peer (its paths stay probed) until
+    /// undrained; survives reloads, and restarts when upgrade.dir is set.
+    Drain {
+        /// The peer's name in the peers file, e.g. maa.
+        name: String,
+    },
+    /// Put a drained peer back in service.
+    Undrain {
+        /// The peer's name in the peers file, e.g. maa.
+        name: String,
     },
 }
 

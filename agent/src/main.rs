@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use detour_agent::cli::{Cli, Command, LogFormat, PkiCommand};
+use detour_agent::cli::{Cli, Command, LogFormat, PeerCommand, PkiCommand};
 use detour_agent::config::AgentConfig;
 
 fn init_tracing(format: LogFormat) {
@@ -98,6 +98,54 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Peer {
+            command,
+            config,
+            socket,
+        } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => match AgentConfig::load(&config) {
+                    Ok(c) => match c.listen.control {
+                        Some(s) => s,
+                        None => {
+                            eprintln!(
+                                "detour-agent peer: {} has no listen.control; set it (e.g. /run/detour-agent/control.sock) and restart the agent",
+                                config.display()
+                            );
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                    Err(errors) => {
+                        eprintln!("{errors}");
+                        eprintln!(
+                            "detour-agent peer: cannot read the control socket from {}; pass --socket PATH",
+                            config.display()
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let (action, name) = match &command {
+                PeerCommand::List => ("list", None),
+                PeerCommand::Drain { name } => ("drain", Some(name.as_str())),
+                PeerCommand::Undrain { name } => ("undrain", Some(name.as_str())),
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("detour-agent peer: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(detour_agent::control::peer_command(&socket, action, name)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("detour-agent peer {action}: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Pki { command } => {
             let result = match command {
                 PkiCommand::Init { out } => detour_agent::pki::init(&out).map(|(c, k)| {

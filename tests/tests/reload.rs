@@ -590,6 +590,38 @@ async fn a_peer_drained_at_runtime_takes_no_requests_and_stays_drained_across_a_
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
+    // The same through the command an operator types, finding the socket
+    // from the agent's config.
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_detour-lab"))
+        .parent()
+        .unwrap()
+        .join("detour-agent");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(["peer"])
+            .args(args)
+            .arg("--config")
+            .arg(&blr.config_path)
+            .output()
+            .expect("run detour-agent peer");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = cli(&["drain", "del"]);
+    assert!(ok && out.contains("del: drained"), "{out}");
+    let (ok, out) = cli(&["list"]);
+    assert!(ok, "{out}");
+    let del_row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("del"))
+        .unwrap_or_default();
+    assert!(del_row.contains("drained"), "{out}");
+    let (ok, out) = cli(&["undrain", "del"]);
+    assert!(ok && out.contains("del: undrained"), "{out}");
+    let (ok, out) = cli(&["drain", "pune"]);
+    assert!(!ok && out.contains("no peer named `pune`"), "{out}");
     fleet.pop("del").uplink.set(Fault::Blackhole);
     wait_for("blr back on maa", Duration::from_secs(10), || {
         paths_of(&fleet, "blr")
