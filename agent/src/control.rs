@@ -42,6 +42,14 @@ pub struct PeerControl {
 /// Binds the control socket at `path`, replacing a socket file left by an
 /// earlier process (never any other kind of file).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    // systemd makes the runtime directory (0700); elsewhere the agent does.
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
         Ok(_) => {
