@@ -559,3 +559,62 @@ fn control_plane_endpoint_mistakes_are_named() {
         "control_plane.endpoints.url",
     );
 }
+
+#[test]
+fn a_revocation_list_must_come_from_the_fleet_ca_and_is_watched() {
+    let dir = setup();
+    let certs = dir.path().join("certs");
+    let agent_toml = dir.path().join("agent.toml").display().to_string();
+    crate::pki::revoke(&certs, Some("maa"), None, crate::pki::Reason::Unspecified).unwrap();
+    let with_crl = |file: &str| {
+        VALID.replace(
+            "key = \"certs/blr.key\"\n",
+            &format!("key = \"certs/blr.key\"\ncrl = \"{file}\"\n"),
+        )
+    };
+    std::fs::write(dir.path().join("agent.toml"), with_crl("certs/crl.pem")).unwrap();
+    let c = load(dir.path()).unwrap();
+    let tls = c.tls.as_ref().unwrap();
+    assert_eq!(tls.crls.len(), 1);
+    assert!(!tls.own_revoked);
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    assert_eq!(c.files.crl.as_deref(), Some(certs.join("crl.pem").as_path()));
+    assert!(c.files.watched().any(|f| f.ends_with("certs/crl.pem")));
+
+    let at_crl = format!("{agent_toml}:13:7: tls.crl");
+    let expect = |file: &str, what: &str| {
+        let errs = errors_with(dir.path(), &with_crl(file), PEERS);
+        assert!(
+            errs.len() == 1 && errs[0].starts_with(&at_crl) && errs[0].contains(what),
+            "{file}: want {at_crl} … {what}, got {errs:#?}"
+        );
+    };
+    expect("certs/missing.pem", "cannot read");
+    std::fs::write(certs.join("garbage.pem"), "hello\n").unwrap();
+    expect("certs/garbage.pem", "holds no PEM CRL");
+    // Another CA of the same name: the name matches, the signature does not.
+    let impostor = dir.path().join("impostor");
+    crate::pki::init(&impostor).unwrap();
+    crate::pki::issue(&impostor, "maa", &impostor, 30).unwrap();
+    crate::pki::revoke(&impostor, Some("maa"), None, crate::pki::Reason::Unspecified).unwrap();
+    expect(
+        &impostor.join("crl.pem").display().to_string(),
+        "key did not sign it",
+    );
+    // A CA of another name.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (pem, key) = crate::pki::new_ca("Other CA", time::OffsetDateTime::now_utc(), 30).unwrap();
+    let crl = crate::pki::crl_pem(&pem, &key, &[], 1, time::OffsetDateTime::now_utc()).unwrap();
+    std::fs::write(other.join("crl.pem"), crl).unwrap();
+    expect(&other.join("crl.pem").display().to_string(), "not a CA in tls.ca");
+
+    // This PoP's own certificate on the list: valid (the direct path still
+    // works), with a warning.
+    crate::pki::revoke(&certs, Some("blr"), None, crate::pki::Reason::Unspecified).unwrap();
+    std::fs::write(dir.path().join("agent.toml"), with_crl("certs/crl.pem")).unwrap();
+    let c = load(dir.path()).unwrap();
+    assert!(c.tls.as_ref().unwrap().own_revoked);
+    let w = c.warnings();
+    assert!(w.len() == 1 && w[0].contains("revoked"), "{w:?}");
+}
