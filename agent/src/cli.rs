@@ -82,6 +82,9 @@ pub enum PkiCommand {
         /// Directory to write ca.pem and ca.key into.
         #[arg(long)]
         out: PathBuf,
+        /// Validity in days (replacing the CA is a fleet-wide change).
+        #[arg(long, default_value_t = crate::pki::CA_VALIDITY_DAYS)]
+        days: i64,
     },
     /// Issue a PoP certificate: OUT/NAME.pem and OUT/NAME.key (a copy of the
     /// certificate is kept in CA/issued/ for pki revoke).
@@ -95,7 +98,8 @@ pub enum PkiCommand {
         /// Directory to write NAME.pem and NAME.key into.
         #[arg(long)]
         out: PathBuf,
-        /// Validity in days.
+        /// Validity in days. Renew well before the end: agents apply a new
+        /// certificate on reload.
         #[arg(long, default_value_t = crate::pki::LEAF_VALIDITY_DAYS)]
         days: i64,
     },

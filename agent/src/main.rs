@@ -103,7 +103,7 @@ fn main() -> ExitCode {
         },
         Command::Pki { command } => {
             let result = match command {
-                PkiCommand::Init { out } => detour_agent::pki::init(&out).map(|(c, k)| {
+                PkiCommand::Init { out, days } => detour_agent::pki::init_for(&out, days).map(|(c, k)| {
                     println!("wrote {} and {}", c.display(), k.display());
                 }),
                 PkiCommand::Issue { ca, name, out, days } => detour_agent::pki::issue(&ca, &name, &out, days)

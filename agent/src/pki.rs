@@ -24,10 +24,15 @@ use time::{Duration, OffsetDateTime};
 
 use crate::config::valid_pop_name;
 
-/// How long a fleet CA is valid.
-pub const CA_VALIDITY_DAYS: i64 = 3650;
-/// How long a PoP certificate is valid by default.
-pub const LEAF_VALIDITY_DAYS: i64 = 825;
+/// How long a fleet CA is valid by default (five years). Replacing it is a
+/// fleet change in three rollouts (docs/operations.md, "Certificate
+/// rotation"), so it lives much longer than the PoP certificates it signs.
+pub const CA_VALIDITY_DAYS: i64 = 5 * 365;
+/// How long a PoP certificate is valid by default (90 days). Short enough that
+/// a leaked key stops working soon even if nobody revokes it, long enough for
+/// the 30-day warning (`DetourCertificateExpiring`) to leave two months of
+/// routine renewals.
+pub const LEAF_VALIDITY_DAYS: i64 = 90;
 /// How far ahead a CRL's `nextUpdate` is put. Agents do not refuse a CRL whose
 /// `nextUpdate` has passed (a stale list still revokes what it lists; an
 /// expired one must not cut the mesh), so this is informational.
@@ -37,16 +42,25 @@ pub const ISSUED_DIR: &str = "issued";
 /// The revocation list `pki revoke` writes, in the CA directory.
 pub const CRL_FILE: &str = "crl.pem";
 
-/// Writes `dir/ca.pem` and `dir/ca.key` (mode 0600). Refuses to overwrite an
-/// existing CA, since every certificate of the fleet hangs on it.
+/// Writes `dir/ca.pem` and `dir/ca.key` (mode 0600), valid for
+/// [`CA_VALIDITY_DAYS`]. Refuses to overwrite an existing CA, since every
+/// certificate of the fleet hangs on it.
 pub fn init(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    init_for(dir, CA_VALIDITY_DAYS)
+}
+
+/// [`init`] with a CA valid for `days`.
+pub fn init_for(dir: &Path, days: i64) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if days < 1 {
+        bail!("--days must be at least 1");
+    }
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca.key");
     if cert_path.exists() || key_path.exists() {
         bail!("{} already holds a CA; refusing to overwrite it", dir.display());
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (pem, key) = new_ca("Detour fleet CA", OffsetDateTime::now_utc(), CA_VALIDITY_DAYS)?;
+    let (pem, key) = new_ca("Detour fleet CA", OffsetDateTime::now_utc(), days)?;
     write_file(&cert_path, pem.as_bytes(), false)?;
     write_file(&key_path, key.as_bytes(), true)?;
     Ok((cert_path, key_path))
@@ -569,5 +583,18 @@ mod tests {
         fs::copy(other.join(CRL_FILE), ca.join(CRL_FILE)).unwrap();
         let e = revoke(&ca, Some("maa"), None, Reason::Unspecified).unwrap_err();
         assert!(format!("{e:#}").contains("not signed by this CA"), "{e:#}");
+    }
+
+    #[test]
+    fn default_lifetimes_are_short_for_pops_and_longer_for_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path();
+        init(ca).unwrap();
+        issue(ca, "blr", ca, LEAF_VALIDITY_DAYS).unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let days_left = |p: &Path| (crate::tls::cert_expiry(&der(p)).unwrap().1 - now + 43_200) / 86_400;
+        assert_eq!(days_left(&ca.join("blr.pem")), LEAF_VALIDITY_DAYS);
+        assert_eq!(days_left(&ca.join("ca.pem")), CA_VALIDITY_DAYS);
+        const { assert!(CA_VALIDITY_DAYS > 4 * LEAF_VALIDITY_DAYS) };
     }
 }
