@@ -49,7 +49,9 @@ pub fn init(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     init_for(dir, CA_VALIDITY_DAYS)
 }
 
-/// [`init`] with a CA valid for `days`.
+/// [`init`] with a CA valid for `days`. Each CA gets a name of its own
+/// (`Detour fleet CA <date> <random>`): a revocation list is matched to its
+/// CA by name, so the old and the new CA of a rotation must not share one.
 pub fn init_for(dir: &Path, days: i64) -> anyhow::Result<(PathBuf, PathBuf)> {
     if days < 1 {
         bail!("--days must be at least 1");
@@ -60,7 +62,9 @@ pub fn init_for(dir: &Path, days: i64) -> anyhow::Result<(PathBuf, PathBuf)> {
         bail!("{} already holds a CA; refusing to overwrite it", dir.display());
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (pem, key) = new_ca("Detour fleet CA", OffsetDateTime::now_utc(), days)?;
+    let now = OffsetDateTime::now_utc();
+    let name = format!("Detour fleet CA {} {:08x}", now.date(), rand::random::<u32>());
+    let (pem, key) = new_ca(&name, now, days)?;
     write_file(&cert_path, pem.as_bytes(), false)?;
     write_file(&key_path, key.as_bytes(), true)?;
     Ok((cert_path, key_path))
@@ -583,6 +587,17 @@ mod tests {
         fs::copy(other.join(CRL_FILE), ca.join(CRL_FILE)).unwrap();
         let e = revoke(&ca, Some("maa"), None, Reason::Unspecified).unwrap_err();
         assert!(format!("{e:#}").contains("not signed by this CA"), "{e:#}");
+    }
+
+    #[test]
+    fn every_fleet_ca_has_a_name_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        init(&a).unwrap();
+        init(&b).unwrap();
+        let subject = |d: &Path| crate::tls::cert_expiry(&der(&d.join("ca.pem"))).unwrap().0;
+        assert!(subject(&a).starts_with("CN=Detour fleet CA "), "{}", subject(&a));
+        assert_ne!(subject(&a), subject(&b));
     }
 
     #[test]

@@ -329,6 +329,22 @@ pub fn load_crls(
                 .map(|(_, c)| c)
         })
         .collect();
+    // rustls picks the list for a certificate by its issuer's name: with two
+    // CAs of one name (a rotation between CAs made alike), the other CA's
+    // list would be checked with the wrong key and every handshake refused.
+    for (i, a) in cas.iter().enumerate() {
+        if let Some(b) = cas[i + 1..].iter().find(|b| {
+            b.subject().as_raw() == a.subject().as_raw() && b.public_key().raw != a.public_key().raw
+        }) {
+            return Err(format!(
+                "tls.crl: tls.ca {} holds two different CAs named `{}`; revocation lists are matched \
+                 to their CA by name, so with tls.crl the CAs of a bundle need names of their own \
+                 (detour-agent pki init gives each one its own)",
+                ca_path.display(),
+                b.subject()
+            ));
+        }
+    }
     for (i, der) in crls.iter().enumerate() {
         let which = if crls.len() > 1 {
             format!("CRL {} of {}", i + 1, crls.len())
