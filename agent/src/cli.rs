@@ -113,8 +113,12 @@ pub enum PkiCommand {
         /// Directory to write ca.pem and ca.key into.
         #[arg(long)]
         out: PathBuf,
+        /// Validity in days (replacing the CA is a fleet-wide change).
+        #[arg(long, default_value_t = crate::pki::CA_VALIDITY_DAYS)]
+        days: i64,
     },
-    /// Issue a PoP certificate: OUT/NAME.pem and OUT/NAME.key.
+    /// Issue a PoP certificate: OUT/NAME.pem and OUT/NAME.key (a copy of the
+    /// certificate is kept in CA/issued/ for pki revoke).
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
@@ -125,8 +129,27 @@ pub enum PkiCommand {
         /// Directory to write NAME.pem and NAME.key into.
         #[arg(long)]
         out: PathBuf,
-        /// Validity in days.
+        /// Validity in days. Renew well before the end: agents apply a new
+        /// certificate on reload.
         #[arg(long, default_value_t = crate::pki::LEAF_VALIDITY_DAYS)]
         days: i64,
+    },
+    /// Revoke a PoP's certificates: add them to CA/crl.pem, the fleet CA's
+    /// revocation list, which agents read from [tls] crl.
+    Revoke {
+        /// Directory holding ca.pem and ca.key (and issued/, crl.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        /// PoP whose certificates to revoke: every one pki issue recorded in
+        /// CA/issued/. With --cert, a check that the certificate names it.
+        #[arg(long, required_unless_present = "cert")]
+        name: Option<String>,
+        /// Revoke only the certificate in this PEM file (one issued before
+        /// CA/issued/ existed, or by other tools from the same CA).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The reason the revocation list records.
+        #[arg(long, value_enum, default_value_t = crate::pki::Reason::Unspecified)]
+        reason: crate::pki::Reason,
     },
 }

@@ -25,6 +25,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match AgentConfig::load(&config) {
             Ok(c) => {
+                for w in c.warnings() {
+                    eprintln!("{}: warning: {w}", config.display());
+                }
                 println!(
                     "{}: OK (pop {}, {} peer(s), control plane {})",
                     config.display(),
@@ -148,13 +151,33 @@ fn main() -> ExitCode {
         }
         Command::Pki { command } => {
             let result = match command {
-                PkiCommand::Init { out } => detour_agent::pki::init(&out).map(|(c, k)| {
+                PkiCommand::Init { out, days } => detour_agent::pki::init_for(&out, days).map(|(c, k)| {
                     println!("wrote {} and {}", c.display(), k.display());
                 }),
                 PkiCommand::Issue { ca, name, out, days } => detour_agent::pki::issue(&ca, &name, &out, days)
                     .map(|(c, k)| {
                         println!("wrote {} and {}", c.display(), k.display());
                     }),
+                PkiCommand::Revoke {
+                    ca,
+                    name,
+                    cert,
+                    reason,
+                } => detour_agent::pki::revoke(&ca, name.as_deref(), cert.as_deref(), reason).map(|r| {
+                    for c in &r.added {
+                        println!("revoked {} (serial {})", c.names.join(", "), c.serial);
+                    }
+                    for c in &r.already {
+                        println!("already revoked: {} (serial {})", c.names.join(", "), c.serial);
+                    }
+                    println!(
+                        "wrote {} (CRL number {}, {} revoked in all): install it where agents' [tls] crl points \
+                         (they apply it as soon as the file changes)",
+                        r.crl.display(),
+                        r.number,
+                        r.total
+                    );
+                }),
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -79,7 +79,9 @@ fn redact(url: &str) -> String {
 
 /// Runs the control plane on `listener` until `shutdown` resolves: migrates,
 /// loads the rules, starts the background loops ([`tasks`]) and serves
-/// HTTP/1.1 and HTTP/2 ([`server`]; HTTPS with ALPN when `[tls]` is set).
+/// HTTP/1.1 and HTTP/2 ([`server`]; HTTPS with ALPN when `[tls]` is set,
+/// from a certificate [`tasks`] reads again on SIGHUP and every
+/// `tls.reload_interval`).
 /// On shutdown `/readyz` fails at once and the replica keeps serving for
 /// `shutdown.grace`; then the listener closes, open requests drain (up to
 /// `shutdown.drain_timeout`), and held emergency calls get a last write
@@ -91,16 +93,18 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     rustls::crypto::ring::default_provider().install_default().ok();
     let admin_token = read_admin_token(&config)?;
-    let tls = match &config.tls {
-        Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(t)?)),
-        None => None,
-    };
+    // Read before the database opens, so a bad pair fails the start at once.
+    let cert = config
+        .tls
+        .as_ref()
+        .map(|t| tls::ServerCert::load(t).map(Arc::new))
+        .transpose()?;
     let store = Store::open(&config).await?;
     store
         .migrate()
         .await
         .with_context(|| format!("migrating {}", redact(&config.database_url())))?;
-    let app = Arc::new(App::new(config, store, admin_token.as_deref())?);
+    let app = Arc::new(App::new(config, store, admin_token.as_deref(), cert)?);
     app.refresh_rules(true).await.context("loading routes")?;
     app.metrics.db_up.set(1);
 
@@ -123,7 +127,7 @@ pub async fn serve(
             stop.send(true).ok();
         }
     };
-    server::run(app.clone(), tls, listener, stopping).await;
+    server::run(app.clone(), listener, stopping).await;
     tasks.stop_loops();
     tasks::flush_held_calls(&app).await;
     tasks.finish();

@@ -98,9 +98,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     _ = term.recv() => return,
                     // A HUP (log rotation, a reflexive `systemctl reload`) must
                     // not stop the service. Routes and tokens live in the
-                    // database and apply without a restart; cp.toml does not.
+                    // database and apply without a restart, and the TLS
+                    // certificate is read again (tasks.rs hears the HUP too);
+                    // the rest of cp.toml needs a restart.
                     _ = hup.recv() => tracing::warn!(
-                        "SIGHUP ignored: routes and tokens apply without a restart; restart the service to apply cp.toml changes"
+                        "SIGHUP: the TLS certificate is read again ([tls]); routes and tokens apply without a restart; restart the service to apply other cp.toml changes"
                     ),
                 }
             }

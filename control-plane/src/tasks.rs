@@ -1,6 +1,6 @@
 //! The control plane's background loops: the route-version poll, the
 //! idempotency purge, writing emergency calls held during a database outage,
-//! and SQLite's checkpoints. [`Tasks`] starts them with the server and stops
+//! reading the TLS certificate again, and SQLite's checkpoints. [`Tasks`] starts them with the server and stops
 //! them in the order shutdown needs.
 
 use std::sync::Arc;
@@ -24,11 +24,18 @@ pub struct Tasks {
 impl Tasks {
     pub fn start(app: &Arc<App>) -> Tasks {
         let (stop, rx) = watch::channel(false);
-        let loops = vec![
+        let mut loops = vec![
             tokio::spawn(poll_routes(app.clone(), rx.clone())),
             tokio::spawn(purge_keys(app.clone(), rx.clone())),
             tokio::spawn(flush_deferred(app.clone(), rx.clone())),
         ];
+        if let Some(cert) = &app.cert {
+            loops.push(tokio::spawn(rotate_certificate(
+                app.clone(),
+                cert.clone(),
+                rx.clone(),
+            )));
+        }
         let checkpoint = {
             let every = app.config.database.sqlite_checkpoint_interval;
             let (store, url) = (app.store.clone(), app.config.database_url());
@@ -58,6 +65,53 @@ impl Tasks {
 
     pub fn finish(self) {
         self.checkpoint.abort();
+    }
+}
+
+/// Reads the HTTPS certificate and key again every `tls.reload_interval` and
+/// on SIGHUP: a renewed pair serves new connections from then on (open ones
+/// keep theirs), and its expiry is published; a pair that does not load or
+/// match is logged and counted, and the one in use stays.
+async fn rotate_certificate(
+    app: Arc<App>,
+    cert: Arc<crate::tls::ServerCert>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::tls::Reloaded;
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fut = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::time::sleep(cert.reload_interval()) => {}
+            _ = hup_fut => tracing::info!("SIGHUP: reading the TLS certificate again"),
+            _ = stop.changed() => return,
+        }
+        match cert.reload() {
+            Ok(Reloaded::Unchanged) => {}
+            Ok(Reloaded::Rotated) => {
+                let chain = cert.chain();
+                app.metrics.set_server_certificate(&chain);
+                app.metrics.tls_reloads.with_label_values(&["rotated"]).inc();
+                let (subject, not_after) = chain
+                    .first()
+                    .and_then(crate::tls::cert_expiry)
+                    .unwrap_or_default();
+                tracing::info!(%subject, not_after, "TLS certificate rotated: new connections get the new one");
+            }
+            Err(e) => {
+                app.metrics.tls_reloads.with_label_values(&["error"]).inc();
+                tracing::error!("TLS certificate not rotated, still serving the previous one: {e:#}");
+            }
+        }
     }
 }
 

@@ -241,6 +241,18 @@ async fn lab(bins: &Path, cp_url: &str) -> Lab {
             "--out",
             pki.to_str().unwrap(),
         ],
+        // A revoked PoP, so the fleet CA has a revocation list to install.
+        vec![
+            "pki",
+            "issue",
+            "--ca",
+            pki.to_str().unwrap(),
+            "--name",
+            "gone",
+            "--out",
+            dir.path().join("gone").to_str().unwrap(),
+        ],
+        vec!["pki", "revoke", "--ca", pki.to_str().unwrap(), "--name", "gone"],
     ] {
         let out = run(Command::new(&agent).args(&args)).await;
         assert!(out.status.success(), "detour-agent {args:?}: {}", text(&out));
@@ -277,6 +289,7 @@ async fn lab(bins: &Path, cp_url: &str) -> Lab {
         "detour_manage_service": false,
         "detour_agent_binary_src": agent,
         "detour_agent_pki_dir": pki,
+        "detour_agent_crl_src": pki.join("crl.pem"),
         "detour_agent_file_owner": user,
         "detour_agent_file_group": group,
         "detour_agent_token": "ops-test-token",
@@ -334,6 +347,7 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
         "/etc/detour/certs/ca.pem",
         "/etc/detour/certs/blr.pem",
         "/etc/detour/certs/blr.key",
+        "/etc/detour/certs/crl.pem",
         "/etc/detour-cp/cp.toml",
         "/etc/detour-cp/admin.token",
         "/usr/local/bin/detour-control-plane",
@@ -392,6 +406,11 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
         .collect();
     assert_eq!(listens.len(), 3, "local, relay and admin:\n{socket}");
     let toml = std::fs::read_to_string(&agent_toml).unwrap();
+    let crl = lab.installed("/etc/detour/certs/crl.pem");
+    assert!(
+        toml.contains(&format!("crl = \"{}\"\n", crl.display())),
+        "[tls] crl is set:\n{toml}"
+    );
     for l in listens {
         let addr = l.trim_start_matches("ListenStream=");
         assert!(

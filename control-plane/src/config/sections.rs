@@ -270,6 +270,23 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// How often `cert` and `key` are read again: a renewed pair serves new
+    /// connections from then on, without a restart (SIGHUP reads them at
+    /// once). A pair that does not load or match is not used; the replica
+    /// keeps serving the one it has. Default `60s`, which also catches a
+    /// Kubernetes Secret update (the kubelet rewrites mounted files within
+    /// about a minute).
+    #[serde(default = "TlsConfig::default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl TlsConfig {
+    /// Default of `tls.reload_interval`.
+    pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
+
+    fn default_reload_interval() -> Duration {
+        Self::DEFAULT_RELOAD_INTERVAL
+    }
 }
 
 /// What `serve` does on SIGTERM (a deploy or `systemctl stop`).

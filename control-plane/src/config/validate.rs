@@ -176,6 +176,7 @@ struct FilePlaces {
 struct TlsPlaces {
     cert: Option<Spanned<toml::Value>>,
     key: Option<Spanned<toml::Value>>,
+    reload_interval: Option<Spanned<toml::Value>>,
 }
 
 /// The files `serve` reads are read here too, so `check-config` fails
@@ -190,6 +191,9 @@ fn files(p: &mut Problems<'_>, config: &Config) {
     }
     let Some(tls) = &config.tls else { return };
     let t = places.tls.unwrap_or_default();
+    if tls.reload_interval.is_zero() {
+        p.push(at(&t.reload_interval), "tls.reload_interval must be above 0");
+    }
     match (crate::tls::load_certs(&tls.cert), crate::tls::load_key(&tls.key)) {
         (Ok(certs), Ok(key)) => {
             if let Err(e) = crate::tls::server_config_from(certs, key) {
