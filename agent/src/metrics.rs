@@ -6,6 +6,12 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -20,6 +26,10 @@ pub struct Metrics {
     pub budget_exhausted: IntCounter,
     /// 2 = up, 1 = degraded, 0 = down.
     pub path_state: IntGaugeVec,
+    /// 1 for a path requests may take, 0 for a drained peer's
+    /// (`enabled = false` or `detour-agent peer drain`): still probed, not
+    /// used, not counted by `/readyz` or the path alerts.
+    pub path_enabled: IntGaugeVec,
     pub path_rtt: GaugeVec,
     pub path_loss: GaugeVec,
     pub path_retransmit: GaugeVec,
@@ -57,6 +67,15 @@ pub struct Metrics {
     pub deferred_dropped: IntCounterVec,
     pub relay_rejected: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// When each certificate the agent uses stops being valid, by role
+    /// (`identity`: its own on the mesh, `fleet_ca`, `control_plane_ca`)
+    /// and subject; set at start and on every reload.
+    pub certificate_expiry: GaugeVec,
+    /// 1 when the most recent reload applied (or found the files valid and
+    /// unchanged), 0 when it was refused; 1 at start (the files validated).
+    pub config_last_reload_successful: IntGauge,
+    /// When the running config was last loaded or reloaded successfully.
+    pub config_last_reload_success_timestamp: Gauge,
     /// Tasks alive in the agent's tokio runtime, read at each scrape (a
     /// number that only grows is a leak).
     pub runtime_tasks: IntGauge,
@@ -82,10 +101,15 @@ impl Metrics {
         ))
         .with_label_values(&[env!("CARGO_PKG_VERSION"), "detour-agent"])
         .set(1);
+        // CPU, RSS, open file descriptors and their limit, start time
+        // (`process_*`, as every Prometheus exporter names them).
+        let _ = registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         let latency_buckets = vec![
             0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
         ];
-        Metrics {
+        let metrics = Metrics {
             requests: reg!(IntCounterVec::new(
                 Opts::new("detour_requests_total", "Requests answered to the call handler."),
                 &["path", "outcome"]
@@ -108,6 +132,13 @@ impl Metrics {
             )),
             path_state: reg!(IntGaugeVec::new(
                 Opts::new("detour_path_state", "Path state: 2 up, 1 degraded, 0 down."),
+                &["path", "endpoint"]
+            )),
+            path_enabled: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "detour_path_enabled",
+                    "1 for a path requests may take, 0 for a drained peer's path."
+                ),
                 &["path", "endpoint"]
             )),
             path_rtt: reg!(GaugeVec::new(
@@ -262,12 +293,53 @@ impl Metrics {
                 Opts::new("detour_config_reloads_total", "Configuration reloads, by result."),
                 &["result"]
             )),
+            certificate_expiry: reg!(GaugeVec::new(
+                Opts::new(
+                    "detour_certificate_expiry_timestamp_seconds",
+                    "Unix time at which the certificate stops being valid (its notAfter), by role and subject."
+                ),
+                &["cert", "subject"]
+            )),
+            config_last_reload_successful: reg!(IntGauge::new(
+                "detour_config_last_reload_successful",
+                "1 when the most recent config reload succeeded, 0 when the agent runs on its previous config."
+            )),
+            config_last_reload_success_timestamp: reg!(Gauge::new(
+                "detour_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful config load or reload."
+            )),
             runtime_tasks: reg!(IntGauge::new(
                 "detour_runtime_tasks",
                 "Tasks alive in the agent's tokio runtime."
             )),
             registry,
+        };
+        metrics.reload_succeeded();
+        metrics
+    }
+
+    /// Publishes the expiry of every certificate in `config`, replacing
+    /// what an earlier config published.
+    pub fn set_certificates(&self, config: &crate::config::AgentConfig) {
+        self.certificate_expiry.reset();
+        let set = |role: &str, certs: &[rustls::pki_types::CertificateDer<'_>]| {
+            for (subject, not_after) in certs.iter().filter_map(crate::tls::cert_expiry) {
+                self.certificate_expiry
+                    .with_label_values(&[role, &subject])
+                    .set(not_after as f64);
+            }
+        };
+        if let Some(tls) = &config.tls {
+            set("identity", &tls.chain[..tls.chain.len().min(1)]);
+            set("fleet_ca", &tls.ca_certs);
         }
+        set("control_plane_ca", &config.control_plane.ca_certs);
+    }
+
+    /// Records a successful load or reload of the config files.
+    pub fn reload_succeeded(&self) {
+        self.config_last_reload_successful.set(1);
+        self.config_last_reload_success_timestamp.set(unix_now());
     }
 
     /// The text exposition format.

@@ -54,6 +54,7 @@ pub fn reload_now(agent: &Agent, files: &ConfigFiles) -> ReloadResult {
     match &result {
         ReloadResult::Applied => {
             metrics.config_reloads.with_label_values(&["ok"]).inc();
+            metrics.reload_succeeded();
             agent.shared.config_error.store(None);
             let rt = agent.shared.forwarder.runtime();
             let peers: Vec<String> = rt
@@ -71,9 +72,11 @@ pub fn reload_now(agent: &Agent, files: &ConfigFiles) -> ReloadResult {
                 tracing::info!("config files valid again; running config unchanged");
             }
             metrics.config_reloads.with_label_values(&["ok"]).inc();
+            metrics.reload_succeeded();
         }
         ReloadResult::Rejected(msg) => {
             metrics.config_reloads.with_label_values(&["error"]).inc();
+            metrics.config_last_reload_successful.set(0);
             agent.shared.config_error.store(Some(Arc::new(msg.clone())));
             tracing::warn!("config reload rejected; still running on the previous config");
         }

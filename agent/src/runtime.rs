@@ -66,6 +66,7 @@ impl Shared {
     pub fn new(config: Arc<AgentConfig>) -> Result<Shared, ApplyError> {
         let metrics = Arc::new(Metrics::new(&config.pop));
         let runtime = build(config.clone(), &metrics, None)?;
+        metrics.set_certificates(&config);
         let forwarder = Arc::new(Forwarder::new(runtime, metrics.clone()));
         let counts = Arc::new(relay::TunnelCounts::default());
         let relay = relay_state(&config, &metrics, counts)?.map(|r| Arc::new(ArcSwap::from_pointee(r)));
@@ -113,6 +114,7 @@ impl Shared {
             .map(|o| (o.name.clone(), o.endpoint.clone()))
             .collect();
         self.forwarder.replace(runtime);
+        self.metrics.set_certificates(&new);
         for (name, endpoint) in &gone {
             HealthTable::forget(&self.metrics, name, endpoint);
         }

@@ -74,6 +74,15 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertsErro
     Ok(certs)
 }
 
+/// A certificate's subject and the end of its validity (Unix seconds).
+pub fn cert_expiry(cert: &CertificateDer<'_>) -> Option<(String, i64)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some((
+        parsed.subject().to_string(),
+        parsed.validity().not_after.timestamp(),
+    ))
+}
+
 /// The DNS names (subject alternative names) of a certificate.
 pub fn cert_dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {

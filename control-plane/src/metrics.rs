@@ -168,9 +168,15 @@ impl Metrics {
     }
 }
 
-/// `detour_build_info{version,binary}`, always 1.
+/// `detour_build_info{version,binary}`, always 1, and the process's CPU,
+/// RSS and file descriptors (`process_*`, as every exporter names them).
 fn build_info() -> Registry {
     let registry = Registry::new();
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .ok();
     if let Ok(info) = prometheus::IntGaugeVec::new(
         Opts::new("detour_build_info", "Always 1; the labels say which build runs."),
         &["version", "binary"],
@@ -203,5 +209,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("detour_cp_db_up 1"));
+        assert!(
+            text.contains("detour_build_info{binary=\"detour-control-plane\""),
+            "{text}"
+        );
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(text.contains("process_open_fds "), "{text}");
     }
 }

@@ -355,3 +355,106 @@ async fn concurrent_new_calls_are_group_committed_exactly_once() {
     store.close().await;
     db.finish().await;
 }
+
+/// Agents give up on requests all the time (the loser of a hedge, a
+/// deadline). A client that goes away mid-request must not leave a pooled
+/// connection inside a transaction: sqlx cannot recover a `BEGIN` cancelled
+/// before the server acknowledged it, and such a connection then runs every
+/// later statement inside one transaction that is never committed, its
+/// rows locked. Here 900 calls (each key sent three times at once, so most
+/// take the transactional path) and 300 fleet reports are abandoned by their clients after
+/// 0–4 ms; afterwards no connection may sit inside a transaction and every
+/// key must answer promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_give_up_mid_request_leave_no_transaction_open() {
+    const KEYS: usize = 300;
+    let Some(db) = Db::new(Backend::Postgres, "abandoned_requests").await else {
+        return;
+    };
+    let a = Instance::start(db.config("", "")).await;
+    let token = a.token("blr").await;
+    let route = json!({"prefix": "+9180", "trunk": "t1", "pop": "blr"});
+    assert_eq!(a.put_route("blr", route).await.status(), 201);
+    let url = a.url("/v1/calls");
+    let mut tasks = Vec::new();
+    // HTTP/2, as agents speak it: giving up resets the stream and the
+    // server drops the handler's future at once.
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let report = serde_json::to_value(detour_wire::AgentReport {
+        pop: "blr".into(),
+        version: "0.1.0".into(),
+        active_path: Some("direct".into()),
+        paths: Vec::new(),
+        config_error: None,
+        recordings: None,
+        deferred: None,
+    })
+    .unwrap();
+    for n in 0..KEYS {
+        // The agent's fleet report, written in a transaction.
+        let (report_url, report_token, report_client, report) = (
+            a.url("/v1/agents/blr/report"),
+            token.clone(),
+            client.clone(),
+            report.clone(),
+        );
+        let give_up = Duration::from_micros(rand::random_range(200..3000));
+        tasks.push(tokio::spawn(async move {
+            let send = report_client
+                .post(&report_url)
+                .bearer_auth(&report_token)
+                .json(&report)
+                .send();
+            let _ = tokio::time::timeout(give_up, send).await;
+        }));
+        for _ in 0..3 {
+            let (url, token, client) = (url.clone(), token.clone(), client.clone());
+            let give_up = Duration::from_micros(rand::random_range(200..3000));
+            tasks.push(tokio::spawn(async move {
+                let send = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("idempotency-key", format!("abandoned-{n}"))
+                    .json(&call_body())
+                    .send();
+                let _ = tokio::time::timeout(give_up, send).await;
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Whatever was in flight finishes (or is rolled back) well within this.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let url_db = db.config("", "").database_url();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url_db)
+        .await
+        .unwrap();
+    let open: Vec<(String, String)> = sqlx::query_as(
+        "SELECT state, left(query, 80) FROM pg_stat_activity WHERE datname = current_database() \
+         AND state LIKE 'idle in transaction%' AND now() - state_change > interval '500 milliseconds'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(open.is_empty(), "connections left inside a transaction: {open:?}");
+    // Every key answers at once: nothing holds its row.
+    for n in 0..KEYS {
+        let started = Instant::now();
+        let r = a
+            .post_call(&token, &call_body(), Some(&format!("abandoned-{n}")))
+            .await;
+        let took = started.elapsed();
+        assert!(
+            matches!(r.status().as_u16(), 200 | 201),
+            "{}",
+            r.text().await.unwrap()
+        );
+        assert!(took < Duration::from_secs(1), "key {n} took {took:?}");
+    }
+    a.stop().await;
+    db.finish().await;
+}

@@ -115,7 +115,7 @@ pub fn cp_server_config(certs: &Path) -> anyhow::Result<Arc<rustls::ServerConfig
 
 /// A server certificate for `host` from the fleet CA in `certs`, written
 /// there as `<stem>.pem` and `<stem>.key`.
-fn cp_cert(certs: &Path, host: &str, stem: &str) -> anyhow::Result<()> {
+pub fn cp_cert(certs: &Path, host: &str, stem: &str) -> anyhow::Result<()> {
     let ca_pem = std::fs::read_to_string(certs.join("ca.pem"))?;
     let ca_key = std::fs::read_to_string(certs.join("ca.key"))?;
     let now = time::OffsetDateTime::now_utc();

@@ -61,6 +61,10 @@ enum Command {
         /// every answer.
         #[arg(long, value_parser = humantime_duration)]
         retry_for: Option<Duration>,
+        /// Add the `call_id` of every answer to a steady run's summary
+        /// (a retrying run always has them).
+        #[arg(long)]
+        call_ids: bool,
     },
 }
 
@@ -108,11 +112,12 @@ fn main() -> ExitCode {
                 timeout,
                 body,
                 retry_for,
+                call_ids,
             } => {
                 let client = CallClient::new(timeout);
                 let make = |n: u64| Call::post(&path, &body.replace("{n}", &n.to_string()));
                 let summary = match retry_for {
-                    None => summary::steady(&steady(&client, &url, rate, duration, make).await),
+                    None => summary::steady(&steady(&client, &url, rate, duration, make).await, call_ids),
                     Some(give_up) => summary::retrying(&retrying(&client, &url, rate, duration, give_up, make).await),
                 };
                 println!("{summary}");

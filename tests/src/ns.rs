@@ -5,8 +5,13 @@
 //! rules inside blr's namespace on its uplink only. Everything (namespaces,
 //! links, processes) is removed on drop, also when a test fails.
 //!
-//! Addresses are 10.201.0.0/24 (internet) and 10.202.0.0/24 (backbone),
-//! inside these namespaces only; nothing routes anywhere else.
+//! With two control-plane regions ([`NsFleet::start_two_regions`]) there is
+//! a namespace per region and one for their shared Postgres, on a third
+//! "datacentre" bridge that the PoPs do not join.
+//!
+//! Addresses are 10.201.0.0/24 (internet), 10.202.0.0/24 (backbone) and
+//! 10.203.0.0/24 (datacentre), inside these namespaces only; nothing routes
+//! anywhere else.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +57,11 @@ fn run(cmd: &[&str]) -> anyhow::Result<()> {
 pub const POPS: [(&str, u8); 3] = [("blr", 11), ("maa", 12), ("del", 13)];
 /// The control plane's internet address.
 pub const CP_ADDR: &str = "10.201.0.100";
+/// The second region's control plane ([`NsFleet::start_two_regions`]).
+pub const CP2_ADDR: &str = "10.201.0.101";
+/// Postgres, on a "datacentre" bridge (10.203.0.0/24) that only the two
+/// regions' control planes join.
+pub const DB_ADDR: &str = "10.203.0.1";
 
 /// A running namespace fleet.
 pub struct NsFleet {
@@ -60,6 +70,10 @@ pub struct NsFleet {
     pub dir: tempfile::TempDir,
     children: Vec<(String, Child)>,
     namespaces: Vec<String>,
+    /// Control-plane regions: 1, or 2 with [`NsFleet::start_two_regions`].
+    regions: usize,
+    /// The regions' shared database, when it is Postgres.
+    postgres: Option<crate::pg::PrivatePostgres>,
 }
 
 impl NsFleet {
@@ -71,7 +85,7 @@ impl NsFleet {
     /// Builds the topology, certificates and configs, and starts the control
     /// plane stand-in and the three agents (binaries from `bin_dir`).
     pub fn start(bin_dir: &Path) -> anyhow::Result<NsFleet> {
-        let mut f = NsFleet::prepare(false)?;
+        let mut f = NsFleet::prepare(false, 1)?;
         let d = f.dir.path().to_path_buf();
         let args = crate::mock_cp::command_args(
             &format!("{CP_ADDR}:443"),
@@ -92,23 +106,73 @@ impl NsFleet {
         bin_dir: &Path,
         routes: &[(&str, &str)],
     ) -> anyhow::Result<NsFleet> {
-        let mut f = NsFleet::prepare(true)?;
-        let d = f.dir.path().to_path_buf();
+        let mut f = NsFleet::prepare(true, 1)?;
+        f.write_cp_config("cp", CP_ADDR, "cp", None)?;
+        f.seed(routes).await?;
+        f.spawn_control_plane("cp", bin_dir)?;
+        f.spawn_agents(bin_dir)?;
+        Ok(f)
+    }
+
+    /// Two control-plane regions on one Postgres: `mumbai` (priority 1,
+    /// [`CP_ADDR`], `cp.detour.test`) and `singapore` (priority 2,
+    /// [`CP2_ADDR`], `cp2.detour.test`), each `detour-control-plane serve`
+    /// in its own namespace, the database in a third one ([`DB_ADDR`]).
+    /// Every agent lists both endpoints, so it has six paths.
+    pub async fn start_two_regions(bin_dir: &Path, routes: &[(&str, &str)]) -> anyhow::Result<NsFleet> {
+        let mut f = NsFleet::prepare(true, 2)?;
+        let pg = crate::pg::PrivatePostgres::start_in_namespace(&f.ns("db"), DB_ADDR, "10.203.0.0/24")?;
+        let url = format!("postgres://detour@{DB_ADDR}:5432/detour");
+        f.write_cp_config("cp", CP_ADDR, "cp", Some(&url))?;
+        f.write_cp_config("cp2", CP2_ADDR, "cp2", Some(&url))?;
+        // This process is outside the namespaces: it reaches the database
+        // through the server's Unix socket.
+        f.write_cp_config("local", CP_ADDR, "cp", Some(&pg.socket_url()))?;
+        f.postgres = Some(pg);
+        f.seed(routes).await?;
+        f.spawn_control_plane("cp", bin_dir)?;
+        f.spawn_control_plane("cp2", bin_dir)?;
+        f.spawn_agents(bin_dir)?;
+        Ok(f)
+    }
+
+    /// `dir/<name>/cp.toml`: a control plane listening on `addr`:443 with
+    /// the certificate `certs/<cert>.pem`, on `database_url` (else SQLite in
+    /// `dir/cp/data`), the admin token in `dir/cp/admin.token`.
+    fn write_cp_config(
+        &self,
+        name: &str,
+        addr: &str,
+        cert: &str,
+        database_url: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let d = self.dir.path();
         let cp_dir = d.join("cp");
         std::fs::create_dir_all(cp_dir.join("data"))?;
-        let admin = format!("lab-admin-{}", uuid::Uuid::new_v4().simple());
-        std::fs::write(cp_dir.join("admin.token"), &admin)?;
+        std::fs::create_dir_all(d.join(name))?;
+        let admin = cp_dir.join("admin.token");
+        if !admin.exists() {
+            std::fs::write(&admin, format!("lab-admin-{}", uuid::Uuid::new_v4().simple()))?;
+        }
+        let db = database_url.map_or(String::new(), |u| format!("database_url = \"{u}\"\n"));
         std::fs::write(
-            cp_dir.join("cp.toml"),
+            d.join(name).join("cp.toml"),
             format!(
-                "listen = \"{CP_ADDR}:443\"\ndata_dir = \"{data}\"\nadmin_token_file = \"{admin}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+                "listen = \"{addr}:443\"\ndata_dir = \"{data}\"\n{db}admin_token_file = \"{admin}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
                 data = cp_dir.join("data").display(),
-                admin = cp_dir.join("admin.token").display(),
-                cert = d.join("certs/cp.pem").display(),
-                key = d.join("certs/cp.key").display(),
+                admin = admin.display(),
+                cert = d.join(format!("certs/{cert}.pem")).display(),
+                key = d.join(format!("certs/{cert}.key")).display(),
             ),
         )?;
-        let config = f.control_plane_config()?;
+        Ok(())
+    }
+
+    /// A PoP token per agent and `routes` (name, JSON spec), stored before
+    /// any control plane starts.
+    async fn seed(&self, routes: &[(&str, &str)]) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let config = self.control_plane_config()?;
         for (pop, _) in POPS {
             let token = detour_control_plane::create_agent_token(&config, pop).await?;
             std::fs::write(d.join(pop).join("agent.token"), token)?;
@@ -126,15 +190,19 @@ impl NsFleet {
                 .await?;
         }
         store.close().await;
-        f.spawn_control_plane(bin_dir)?;
-        f.spawn_agents(bin_dir)?;
-        Ok(f)
+        Ok(())
     }
 
-    /// The real control plane's configuration (after
-    /// [`NsFleet::start_with_control_plane`]).
+    /// The real control plane's configuration as this process can use it
+    /// (after [`NsFleet::start_with_control_plane`] or
+    /// [`NsFleet::start_two_regions`]).
     pub fn control_plane_config(&self) -> anyhow::Result<detour_control_plane::Config> {
-        let path = self.dir.path().join("cp").join("cp.toml");
+        let local = self.dir.path().join("local").join("cp.toml");
+        let path = if local.exists() {
+            local
+        } else {
+            self.dir.path().join("cp").join("cp.toml")
+        };
         detour_control_plane::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
@@ -170,13 +238,21 @@ impl NsFleet {
             let _ = child.wait();
         }
         tokio::time::sleep(down).await;
-        self.spawn_control_plane(bin_dir)
+        self.spawn_control_plane("cp", bin_dir)
     }
 
-    fn spawn_control_plane(&mut self, bin_dir: &Path) -> anyhow::Result<()> {
-        let cfg = self.dir.path().join("cp").join("cp.toml").display().to_string();
+    /// Kills region `name`'s control plane (`cp` or `cp2`) with SIGKILL, as
+    /// a region that is suddenly gone.
+    pub fn stop_control_plane(&mut self, name: &str) {
+        self.kill(name);
+        self.children.retain(|(n, _)| n != name);
+    }
+
+    /// Starts region `name`'s control plane (`cp` or `cp2`) from its config.
+    pub fn spawn_control_plane(&mut self, name: &str, bin_dir: &Path) -> anyhow::Result<()> {
+        let cfg = self.dir.path().join(name).join("cp.toml").display().to_string();
         self.spawn(
-            "cp",
+            name,
             &bin_dir.join("detour-control-plane"),
             &["serve", "--config", &cfg],
         )
@@ -192,13 +268,15 @@ impl NsFleet {
     }
 
     /// Namespaces, links, certificates and agent configs; no processes yet.
-    fn prepare(with_tokens: bool) -> anyhow::Result<NsFleet> {
+    fn prepare(with_tokens: bool, regions: usize) -> anyhow::Result<NsFleet> {
         let id = format!("{:04x}", rand::random::<u16>());
         let mut f = NsFleet {
             id,
             dir: tempfile::tempdir()?,
             children: Vec::new(),
             namespaces: Vec::new(),
+            regions,
+            postgres: None,
         };
         f.topology()?;
         f.configs(with_tokens)?;
@@ -207,13 +285,17 @@ impl NsFleet {
 
     fn topology(&mut self) -> anyhow::Result<()> {
         let sw = self.ns("sw");
-        for name in ["sw", "cp", "blr", "maa", "del"] {
+        let mut names = vec!["sw", "cp", "blr", "maa", "del"];
+        if self.regions == 2 {
+            names.extend(["cp2", "db"]);
+        }
+        for name in names {
             let ns = self.ns(name);
             run(&["ip", "netns", "add", &ns])?;
             self.namespaces.push(ns.clone());
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
-        for br in ["inet", "bb"] {
+        for br in ["inet", "bb", "dc"] {
             run(&["ip", "-n", &sw, "link", "add", br, "type", "bridge"])?;
             run(&["ip", "-n", &sw, "link", "set", br, "up"])?;
         }
@@ -223,6 +305,12 @@ impl NsFleet {
         for (pop, n) in POPS {
             links.push((self.ns(pop), "up0", "inet", format!("10.201.0.{n}/24")));
             links.push((self.ns(pop), "bb0", "bb", format!("10.202.0.{n}/24")));
+        }
+        if self.regions == 2 {
+            links.push((self.ns("cp2"), "up0", "inet", format!("{CP2_ADDR}/24")));
+            links.push((self.ns("cp"), "dc0", "dc", "10.203.0.100/24".to_owned()));
+            links.push((self.ns("cp2"), "dc0", "dc", "10.203.0.101/24".to_owned()));
+            links.push((self.ns("db"), "dc0", "dc", format!("{DB_ADDR}/24")));
         }
         for (i, (ns, ifname, br, addr)) in links.iter().enumerate() {
             let outer = format!("v{}{i}", self.id);
@@ -248,6 +336,26 @@ impl NsFleet {
             detour_agent::pki::issue(&certs, pop, &certs, 30)?;
         }
         crate::fleet::cp_server_config(&certs)?;
+        let token = if with_tokens {
+            "token_file = \"agent.token\"\n"
+        } else {
+            ""
+        };
+        let control_plane = if self.regions == 2 {
+            crate::fleet::cp_cert(&certs, crate::fleet::CP2_HOST, "cp2")?;
+            format!(
+                "[control_plane]\nca = \"../certs/ca.pem\"\n{token}\
+                 [[control_plane.endpoints]]\nname = \"mumbai\"\nurl = \"https://{}\"\naddresses = [\"{CP_ADDR}:443\"]\n\
+                 [[control_plane.endpoints]]\nname = \"singapore\"\nurl = \"https://{}\"\naddresses = [\"{CP2_ADDR}:443\"]\n",
+                crate::fleet::CP_HOST,
+                crate::fleet::CP2_HOST,
+            )
+        } else {
+            format!(
+                "[control_plane]\nurl = \"https://{}\"\naddresses = [\"{CP_ADDR}:443\"]\nca = \"../certs/ca.pem\"\n{token}",
+                crate::fleet::CP_HOST,
+            )
+        };
         for (pop, n) in POPS {
             let dir = d.join(pop);
             std::fs::create_dir_all(&dir)?;
@@ -255,15 +363,8 @@ impl NsFleet {
                 dir.join("agent.toml"),
                 format!(
                     "pop = \"{pop}\"\n[listen]\nlocal = \"127.0.0.1:8080\"\nrelay = \"10.202.0.{n}:4443\"\nadmin = \"127.0.0.1:9090\"\n\
-                     [control_plane]\nurl = \"https://{}\"\naddresses = [\"{CP_ADDR}:443\"]\nca = \"../certs/ca.pem\"\n{token}\
                      [tls]\nca = \"../certs/ca.pem\"\ncert = \"../certs/{pop}.pem\"\nkey = \"../certs/{pop}.key\"\n\
-                     [health]\ninterval = \"200ms\"\n[peers]\nfile = \"peers.toml\"\n",
-                    crate::fleet::CP_HOST,
-                    token = if with_tokens {
-                        "token_file = \"agent.token\"\n"
-                    } else {
-                        ""
-                    },
+                     [health]\ninterval = \"200ms\"\n[peers]\nfile = \"peers.toml\"\n{control_plane}",
                 ),
             )?;
             let mut peers = String::new();
@@ -333,7 +434,7 @@ impl NsFleet {
                 .unwrap_or_default();
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) {
                 let paths = v["paths"].as_array().cloned().unwrap_or_default();
-                if paths.len() == 3 && paths.iter().all(|p| p["state"] == "up") {
+                if paths.len() == 3 * self.regions && paths.iter().all(|p| p["state"] == "up") {
                     return Ok(());
                 }
             }
@@ -363,6 +464,28 @@ impl NsFleet {
             }
             rule.push("drop");
             run(&rule)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every packet between `pop`'s uplink and `addr` (one region's
+    /// control plane), both ways; the rest of the uplink works.
+    pub fn uplink_block(&self, pop: &str, addr: &str) -> anyhow::Result<()> {
+        let ns = self.ns(pop);
+        self.heal(pop)?;
+        run(&["ip", "netns", "exec", &ns, "nft", "add", "table", "inet", "chaos"])?;
+        for (chain, hook, dir, who) in [
+            ("in", "input", "iifname", "saddr"),
+            ("out", "output", "oifname", "daddr"),
+        ] {
+            let spec = format!("{{ type filter hook {hook} priority 0 ; }}");
+            run(&[
+                "ip", "netns", "exec", &ns, "nft", "add", "chain", "inet", "chaos", chain, &spec,
+            ])?;
+            run(&[
+                "ip", "netns", "exec", &ns, "nft", "add", "rule", "inet", "chaos", chain, dir, "up0", "ip",
+                who, addr, "drop",
+            ])?;
         }
         Ok(())
     }
@@ -430,6 +553,18 @@ impl Drop for NsFleet {
         for (_, c) in self.children.iter_mut() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // Stopped through its namespace, so before that goes.
+        drop(self.postgres.take());
+        if std::thread::panicking() && std::env::var_os("DETOUR_LAB_KEEP_FAILED").is_some() {
+            let dir = std::mem::replace(
+                &mut self.dir,
+                tempfile::TempDir::new().expect("a temporary directory"),
+            );
+            eprintln!(
+                "DETOUR_LAB_KEEP_FAILED: logs and configs kept in {}",
+                dir.keep().display()
+            );
         }
         // Deleting the namespaces removes their veths, bridges and rules.
         for ns in &self.namespaces {

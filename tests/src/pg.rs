@@ -13,6 +13,10 @@ pub struct PrivatePostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// The network namespace the server runs in (`start_in_namespace`).
+    netns: Option<String>,
+    /// The TCP address it listens on.
+    listen: String,
 }
 
 /// Why a private server cannot run here, if it cannot.
@@ -39,8 +43,16 @@ fn bin_dir() -> Option<PathBuf> {
     dirs.pop()
 }
 
-fn as_postgres(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("runuser")
+fn as_postgres(netns: Option<&str>, bin: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "runuser"]);
+            c
+        }
+        None => Command::new("runuser"),
+    };
+    let out = cmd
         .args(["-u", "postgres", "--"])
         .arg(bin)
         .args(args)
@@ -60,6 +72,23 @@ fn as_postgres(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
 impl PrivatePostgres {
     /// initdb, start on a free loopback port, create the `detour` database.
     pub fn start() -> anyhow::Result<PrivatePostgres> {
+        PrivatePostgres::start_on(None, "127.0.0.1", crate::process::free_port()?, None)
+    }
+
+    /// Like [`PrivatePostgres::start`], inside network namespace `netns`,
+    /// listening on `addr`:5432 and trusting clients from `clients` (a CIDR
+    /// such as `10.203.0.0/24`). Processes outside the namespace reach it
+    /// through its Unix socket ([`PrivatePostgres::socket_url`]).
+    pub fn start_in_namespace(netns: &str, addr: &str, clients: &str) -> anyhow::Result<PrivatePostgres> {
+        PrivatePostgres::start_on(Some(netns), addr, 5432, Some(clients))
+    }
+
+    fn start_on(
+        netns: Option<&str>,
+        listen: &str,
+        port: u16,
+        clients: Option<&str>,
+    ) -> anyhow::Result<PrivatePostgres> {
         let bin = bin_dir().context("no PostgreSQL server binaries")?;
         let dir = tempfile::Builder::new().prefix("detour-pg-").tempdir()?;
         Command::new("chown")
@@ -69,11 +98,24 @@ impl PrivatePostgres {
         let data = dir.path().join("data");
         let data_s = data.display().to_string();
         as_postgres(
+            None,
             &bin.join("initdb"),
             &["-D", &data_s, "--auth=trust", "-U", "postgres", "--no-sync"],
         )?;
-        let port = crate::process::free_port()?;
-        let pg = PrivatePostgres { dir, bin, port };
+        if let Some(cidr) = clients {
+            use std::io::Write;
+            let mut hba = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))?;
+            writeln!(hba, "host all all {cidr} trust")?;
+        }
+        let pg = PrivatePostgres {
+            dir,
+            bin,
+            port,
+            netns: netns.map(str::to_owned),
+            listen: listen.to_owned(),
+        };
         pg.ctl(&["start"])?;
         pg.psql("CREATE ROLE detour LOGIN SUPERUSER")?;
         pg.psql("CREATE DATABASE detour OWNER detour")?;
@@ -84,23 +126,26 @@ impl PrivatePostgres {
         let data = self.dir.path().join("data").display().to_string();
         let log = self.dir.path().join("server.log").display().to_string();
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses={} -c fsync=off",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.listen,
         );
         let mut args = vec!["-D", &data, "-l", &log, "-o", &opts, "-w", "-t", "30"];
         args.extend_from_slice(what);
-        as_postgres(&self.bin.join("pg_ctl"), &args).map(|_| ())
+        as_postgres(self.netns.as_deref(), &self.bin.join("pg_ctl"), &args).map(|_| ())
     }
 
     /// Runs one SQL statement as the superuser.
     pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
         let port = self.port.to_string();
+        let socket_dir = self.dir.path().display().to_string();
         as_postgres(
+            None,
             &self.bin.join("psql"),
             &[
                 "-h",
-                "127.0.0.1",
+                &socket_dir,
                 "-p",
                 &port,
                 "-U",
@@ -116,7 +161,17 @@ impl PrivatePostgres {
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://detour@127.0.0.1:{}/detour", self.port)
+        format!("postgres://detour@{}:{}/detour", self.listen, self.port)
+    }
+
+    /// The `detour` database through the server's Unix socket, which works
+    /// from any network namespace.
+    pub fn socket_url(&self) -> String {
+        format!(
+            "postgres://detour@localhost/detour?host={}&port={}",
+            self.dir.path().display(),
+            self.port
+        )
     }
 
     /// A fast restart: every session is cut, the server is away for as long
@@ -134,6 +189,26 @@ impl PrivatePostgres {
         ))?;
         self.psql("SELECT pg_reload_conf()")?;
         self.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'detour'")?;
+        Ok(())
+    }
+
+    /// From now on the `detour` role logs in over TCP only with `password`
+    /// (SCRAM, as on RDS); the superuser `postgres` stays trusted for
+    /// [`PrivatePostgres::psql`].
+    pub fn require_password(&self, password: &str) -> anyhow::Result<()> {
+        self.psql(&format!(
+            "ALTER ROLE detour PASSWORD '{}'",
+            password.replace('\'', "''")
+        ))?;
+        let hba = self.dir.path().join("data").join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .with_context(|| format!("writing {}", hba.display()))?;
+        self.psql("SELECT pg_reload_conf()")?;
         Ok(())
     }
 

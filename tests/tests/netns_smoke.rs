@@ -456,3 +456,126 @@ async fn a_short_soak_fails_no_call_and_leaks_nothing() {
     assert!(r.end.fds <= r.start.fds + 8, "fds grew: {r:?}");
     assert!(r.end.tasks <= r.start.tasks + 16, "tasks grew: {r:?}");
 }
+
+/// Scenario 7: two control-plane regions on the kernel network, both real
+/// `detour-control-plane serve` processes on one Postgres (each region in
+/// its own namespace, the database in a third). Under 50 calls/s from blr
+/// the primary region is killed (SIGKILL): no request fails, blr is on the
+/// secondary within a second, and back on `direct@mumbai` after the primary
+/// returns and its paths rise. Then blr's uplink to the primary alone is
+/// blackholed: blr goes through a peer to the primary, not direct to the
+/// secondary. Every call is stored once in the shared database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_on_postgres_the_primary_killed_fails_nothing() {
+    if skip() {
+        return;
+    }
+    if let Some(why) = detour_lab::pg::unavailable() {
+        assert!(
+            std::env::var("DETOUR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+            "the two-region suite needs Postgres: {why}"
+        );
+        eprintln!("SKIPPED: two regions on Postgres: {why}");
+        return;
+    }
+    let bins = bin_dir();
+    let route = r#"{"prefix":"+91","trunk":"t1","pop":"blr"}"#;
+    let mut fleet = NsFleet::start_two_regions(&bins, &[("india", route)])
+        .await
+        .unwrap();
+    for (pop, _) in detour_lab::ns::POPS {
+        fleet
+            .wait_ready(pop, &bins, Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    assert_eq!(active(&fleet, &bins), "direct@mumbai");
+
+    // 50 calls/s for 14 s, no retries by the call handler; the primary is
+    // killed 3 s in and started again 4 s later.
+    let body = r#"{"caller":"+919876543210","destination":"+918041234567"}"#;
+    let traffic = load_with(&fleet, &bins, 14, 50, &["--body", body, "--call-ids"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.stop_control_plane("cp");
+    let moved = wait_active(
+        &fleet,
+        &bins,
+        |a| a.ends_with("@singapore"),
+        Duration::from_secs(5),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    fleet.spawn_control_plane("cp", &bins).unwrap();
+    // A path that lost exchanges while the new process started (a debug
+    // build on a busy machine) waits for a clean run (30 s) before it is
+    // trusted again; usually it rises at once.
+    let back = wait_active(&fleet, &bins, |a| a == "direct@mumbai", Duration::from_secs(45)).await;
+    let s = summary(traffic);
+    eprintln!(
+        "primary killed: on the secondary after {moved:?}; back on direct@mumbai {back:?} after its restart; {} requests, {} failed, p99 {} ms, by path {}",
+        s["requests"], s["failed"], s["p99_ms"], s["by_path"]
+    );
+    assert_eq!(s["requests"], 700, "{s}");
+    assert_eq!(
+        s["failed"],
+        0,
+        "{s}\nblr:\n{}\ncp2:\n{}",
+        fleet.log("blr"),
+        fleet.log("cp2")
+    );
+    assert!(
+        moved < Duration::from_secs(1),
+        "on the secondary within 1 s (took {moved:?})"
+    );
+    // The return waits for the primary's paths to rise (`health.rise` = 3
+    // good probes, 200 ms apart here), not for its first answer.
+    assert!(back >= Duration::from_millis(400), "returned after only {back:?}");
+    let by_path = s["by_path"].as_object().unwrap();
+    let on = |region: &str| -> u64 {
+        by_path
+            .iter()
+            .filter(|(p, _)| p.ends_with(region))
+            .map(|(_, n)| n.as_u64().unwrap())
+            .sum()
+    };
+    assert!(
+        on("@singapore") > 100,
+        "the secondary carried the outage: {by_path:?}"
+    );
+    assert!(on("@mumbai") > 100, "the primary carried the rest: {by_path:?}");
+
+    // blr's own uplink to the primary blackholed, the primary up: through a
+    // peer to the primary, not direct to the secondary.
+    fleet.uplink_block("blr", detour_lab::ns::CP_ADDR).unwrap();
+    wait_active(
+        &fleet,
+        &bins,
+        |a| a.starts_with("via:") && a.ends_with("@mumbai"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let more = summary(load_with(&fleet, &bins, 3, 50, &["--body", body, "--call-ids"]));
+    fleet.heal("blr").unwrap();
+    assert_eq!(more["failed"], 0, "{more}");
+    for (path, _) in more["by_path"].as_object().unwrap() {
+        assert!(
+            path.starts_with("via:") && path.ends_with("@mumbai"),
+            "went over {path}: {more}"
+        );
+    }
+
+    // One database: every answered call stored exactly once.
+    let mut ids: Vec<&str> = Vec::new();
+    for run in [&s, &more] {
+        ids.extend(
+            run["call_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str()),
+        );
+    }
+    assert_eq!(ids.len(), 850);
+    let config = fleet.control_plane_config().unwrap();
+    detour_lab::fleet::check_stored_once(&config, &ids).await.unwrap();
+}

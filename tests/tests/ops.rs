@@ -1031,3 +1031,172 @@ fn the_metric_name_check_knows_real_names_and_catches_invented_ones() {
     );
     assert!(!known.contains("detour_cp_http_request_duration_seconds"));
 }
+
+/// `GET path` over HTTP/1.0, so that the body is not chunked.
+async fn get_unchunked(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `POST path` with a JSON body over HTTP/1.1; the status code.
+async fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> std::io::Result<u16> {
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))
+}
+
+/// The example Alertmanager config: `amtool check-config`, routing by
+/// severity (`amtool config routes test`), and its inhibitions on a real
+/// Alertmanager (Debian's `prometheus-alertmanager`, on loopback, no
+/// cluster): one dead PoP pages once, not once per path; a control plane
+/// that nobody can reach silences every PoP's path alerts; a certificate's
+/// page supersedes its warning.
+#[tokio::test]
+async fn alertmanager_example_routes_by_severity_and_inhibits_the_echoes() {
+    if !have("amtool", "Alertmanager config checks").await
+        || !have("prometheus-alertmanager", "Alertmanager inhibition test").await
+    {
+        return;
+    }
+    let config = repo().join("config/alertmanager/alertmanager.yml");
+    let check = run(Command::new("amtool").arg("check-config").arg(&config)).await;
+    assert!(check.status.success(), "amtool check-config: {}", text(&check));
+    for (labels, receiver) in [
+        (
+            ["severity=critical", "alertname=DetourAllPathsDown", "pop=blr"],
+            "pager",
+        ),
+        (
+            ["severity=warning", "alertname=DetourPathDown", "pop=blr"],
+            "chat",
+        ),
+        (
+            [
+                "severity=critical",
+                "alertname=DetourCallRecordsLost",
+                "job=detour-control-plane",
+            ],
+            "pager",
+        ),
+    ] {
+        let out = run(Command::new("amtool")
+            .args(["config", "routes", "test"])
+            .arg(format!("--config.file={}", config.display()))
+            .args(labels))
+        .await;
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            receiver,
+            "{labels:?}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = dir.path().join("alertmanager.log");
+    let _am: Child = Command::new("prometheus-alertmanager")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.path={}", dir.path().display()))
+        .arg(format!("--web.listen-address={addr}"))
+        .arg("--cluster.listen-address=")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("alertmanager.err")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start prometheus-alertmanager");
+    wait_status(&addr, "/-/ready", 200, Duration::from_secs(20), &log).await;
+
+    let alert = |labels: serde_json::Value| serde_json::json!({"labels": labels});
+    let post = |alerts: serde_json::Value| {
+        let addr = addr.clone();
+        async move {
+            let status = post_json(&addr, "/api/v2/alerts", &alerts).await.unwrap();
+            assert_eq!(status, 200);
+        }
+    };
+    // Which of the alerts now firing are inhibited, by name and PoP.
+    let inhibited = || {
+        let addr = addr.clone();
+        async move {
+            let (status, body) = get_unchunked(&addr, "/api/v2/alerts").await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let mut out: Vec<(String, String, bool)> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    let l = &a["labels"];
+                    let key = l["pop"].as_str().or(l["cert"].as_str()).unwrap_or("-");
+                    let by = a["status"]["inhibitedBy"]
+                        .as_array()
+                        .is_some_and(|b| !b.is_empty());
+                    (l["alertname"].as_str().unwrap().to_owned(), key.to_owned(), by)
+                })
+                .collect();
+            out.sort();
+            out
+        }
+    };
+    post(serde_json::json!([
+        alert(serde_json::json!({"alertname": "DetourAllPathsDown", "severity": "critical", "pop": "blr", "instance": "blr:9090"})),
+        alert(serde_json::json!({"alertname": "DetourPathDown", "severity": "warning", "pop": "blr", "path": "direct", "instance": "blr:9090"})),
+        alert(serde_json::json!({"alertname": "DetourPathDown", "severity": "warning", "pop": "blr", "path": "via:maa", "instance": "blr:9090"})),
+        alert(serde_json::json!({"alertname": "DetourPathDown", "severity": "warning", "pop": "maa", "path": "direct", "instance": "maa:9090"})),
+        alert(serde_json::json!({"alertname": "DetourCertificateExpiresSoon", "severity": "critical", "instance": "del:9090", "cert": "identity", "subject": "CN=del"})),
+        alert(serde_json::json!({"alertname": "DetourCertificateExpiring", "severity": "warning", "instance": "del:9090", "cert": "identity", "subject": "CN=del"})),
+    ]))
+    .await;
+    let s = |a: &str, k: &str, b: bool| (a.to_owned(), k.to_owned(), b);
+    assert_eq!(
+        inhibited().await,
+        vec![
+            s("DetourAllPathsDown", "blr", false),
+            s("DetourCertificateExpiresSoon", "identity", false),
+            s("DetourCertificateExpiring", "identity", true),
+            s("DetourPathDown", "blr", true),
+            s("DetourPathDown", "blr", true),
+            s("DetourPathDown", "maa", false),
+        ],
+        "one dead PoP pages once; another PoP's path still alerts"
+    );
+
+    // Nobody reaches the control plane: every PoP's path alerts are echoes.
+    post(serde_json::json!([alert(
+        serde_json::json!({"alertname": "DetourControlPlaneDown", "severity": "critical", "job": "detour-control-plane"})
+    )]))
+    .await;
+    let now = inhibited().await;
+    assert!(now.contains(&s("DetourPathDown", "maa", true)), "{now:?}");
+    assert!(now.contains(&s("DetourAllPathsDown", "blr", true)), "{now:?}");
+    assert!(now.contains(&s("DetourControlPlaneDown", "-", false)), "{now:?}");
+}

@@ -189,6 +189,9 @@ async fn a_broken_edit_keeps_the_old_config_and_says_why_until_fixed() {
     assert!(err.contains("peers.toml:3:9: peer.relay"), "{err}");
     let errors_seen = shared.metrics.config_reloads.with_label_values(&["error"]).get();
     assert!(errors_seen > errors_before);
+    assert_eq!(shared.metrics.config_last_reload_successful.get(), 0);
+    let last_success = shared.metrics.config_last_reload_success_timestamp.get();
+    assert!(last_success > 1.7e9, "loaded at start: {last_success}");
     // One bad edit is one rejected reload: the agent's own reads of the file
     // must not trigger another reload (that loop flooded logs and counters).
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -226,6 +229,8 @@ async fn a_broken_edit_keeps_the_old_config_and_says_why_until_fixed() {
     // Back to exactly the running config: nothing to swap, but the reload
     // succeeded, so alerts on the last reload's result clear.
     assert!(shared.metrics.config_reloads.with_label_values(&["ok"]).get() > ok_before_fix);
+    assert_eq!(shared.metrics.config_last_reload_successful.get(), 1);
+    assert!(shared.metrics.config_last_reload_success_timestamp.get() > last_success);
     fleet.shutdown().await;
 }
 
@@ -383,6 +388,24 @@ async fn a_rotated_certificate_is_applied_by_a_reload() {
         served_cert(&certs, relay).await,
         rotated,
         "the relay presents the new certificate"
+    );
+    // Its expiry is what the metric says now, and the only identity series.
+    let der = rustls::pki_types::CertificateDer::from(rotated.clone());
+    let (subject, not_after) = detour_agent::tls::cert_expiry(&der).unwrap();
+    let text = String::from_utf8(agent.shared.metrics.render()).unwrap();
+    let identity: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("detour_certificate_expiry_timestamp_seconds{cert=\"identity\""))
+        .collect();
+    assert_eq!(identity.len(), 1, "{identity:?}");
+    assert!(identity[0].contains(&subject), "{identity:?}");
+    assert!(
+        identity[0].ends_with(&format!(" {not_after}")),
+        "{identity:?} vs {not_after}"
+    );
+    assert!(
+        text.contains("detour_certificate_expiry_timestamp_seconds{cert=\"fleet_ca\""),
+        "{text}"
     );
 
     let r = CallClient::default()

@@ -300,6 +300,10 @@ impl HealthTable {
             };
             let labels = [&*v.name, &*v.endpoint];
             self.metrics.path_state.with_label_values(&labels).set(state);
+            self.metrics
+                .path_enabled
+                .with_label_values(&labels)
+                .set(i64::from(v.enabled));
             if let Some(rtt) = v.rtt {
                 self.metrics.path_rtt.with_label_values(&labels).set(rtt);
             }
@@ -346,6 +350,7 @@ impl HealthTable {
     /// publishes; counters elsewhere keep their history.
     pub fn forget(metrics: &Metrics, path: &str, endpoint: &str) {
         let _ = metrics.path_state.remove_label_values(&[path, endpoint]);
+        let _ = metrics.path_enabled.remove_label_values(&[path, endpoint]);
         let _ = metrics.path_rtt.remove_label_values(&[path, endpoint]);
         let _ = metrics.path_loss.remove_label_values(&[path, endpoint]);
         let _ = metrics.path_retransmit.remove_label_values(&[path, endpoint]);

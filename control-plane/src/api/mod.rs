@@ -64,6 +64,7 @@ pub fn router(app: Shared) -> Router {
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(run_to_completion))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
 }
@@ -104,6 +105,31 @@ async fn openapi_json() -> Response {
 }
 
 // ---- plumbing ----
+
+/// Runs the handler in a task of its own, so that a client that goes away
+/// (an agent cancelling the loser of a hedge, a deadline) cannot drop it
+/// half-way through a database transaction. sqlx does not survive that:
+/// a `BEGIN` cancelled before the server acknowledged it leaves the pooled
+/// connection inside a transaction that nothing ever commits, and every
+/// statement later run on that connection (the group commit's, other
+/// requests') joins it, holding its rows' locks; seen as another region's
+/// replica blocked for seconds on the same idempotency keys. A request that
+/// started is finished and stored, whoever is still listening.
+async fn run_to_completion(req: Request, next: Next) -> Response {
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "request handler panicked");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "the request failed inside the control plane; it has been logged",
+            )
+            .into_response()
+        }
+    }
+}
 
 async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
     let route = req

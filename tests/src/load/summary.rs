@@ -7,16 +7,34 @@ use super::client::CallResult;
 use super::latency::quantile;
 use super::open_loop::Retried;
 
-/// A steady run: `requests`, `failed`, `p50_ms`, `p99_ms`, `max_ms`.
-pub fn steady(results: &[CallResult]) -> serde_json::Value {
+/// A steady run: `requests`, `failed`, `p50_ms`, `p99_ms`, `max_ms`,
+/// `by_path` (answers per `x-detour-path`), and with `call_ids` the
+/// `call_id` of every answer.
+pub fn steady(results: &[CallResult], call_ids: bool) -> serde_json::Value {
     let failed = results.iter().filter(|r| !r.ok()).count();
-    serde_json::json!({
+    let mut by_path: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in results {
+        if let Some(path) = &r.path {
+            *by_path.entry(path).or_default() += 1;
+        }
+    }
+    let mut summary = serde_json::json!({
         "requests": results.len(),
         "failed": failed,
         "p50_ms": quantile(results, 0.5).as_secs_f64() * 1000.0,
         "p99_ms": quantile(results, 0.99).as_secs_f64() * 1000.0,
         "max_ms": quantile(results, 1.0).as_secs_f64() * 1000.0,
-    })
+        "by_path": by_path,
+    });
+    if call_ids {
+        let ids: Vec<String> = results
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .filter_map(|v| v["call_id"].as_str().map(str::to_owned))
+            .collect();
+        summary["call_ids"] = ids.into();
+    }
+    summary
 }
 
 /// A retrying run (`--retry-for`): `calls`, `failed` (never answered),
