@@ -55,12 +55,37 @@ fn read_admin_token(config: &Config) -> anyhow::Result<Option<String>> {
         .transpose()
 }
 
-/// Opens the database and applies pending migrations.
+/// Opens the database and applies pending migrations (`migrate`). Refuses
+/// a database that a newer release has migrated: this command never takes
+/// a schema backwards ([`store::MigrateRefused`]).
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let store = Store::open(config).await?;
-    let r = store.migrate().await;
+    let r = store.migrate_strict().await;
     store.close().await;
     r.with_context(|| format!("migrating {}", redact(&config.database_url())))
+}
+
+/// Migrates for `serve` and the `token` commands: this build's pending
+/// migrations, and a warning (not a refusal) for a database a newer release
+/// has migrated further, which is how a rollback runs (docs/operations.md,
+/// "Migrations").
+pub(crate) async fn migrate_tolerant(store: &Store, config: &Config) -> anyhow::Result<()> {
+    let newer = store
+        .migrate()
+        .await
+        .with_context(|| format!("migrating {}", redact(&config.database_url())))?;
+    if !newer.is_empty() {
+        let names: Vec<String> = newer
+            .iter()
+            .map(|u| format!("{} ({})", u.version, u.description))
+            .collect();
+        tracing::warn!(
+            migrations = %names.join(", "),
+            "the database was migrated by a newer release; running against its schema \
+             (migrations only add until no replica of the release before runs)"
+        );
+    }
+    Ok(())
 }
 
 /// The URL without its password, for messages.
@@ -96,10 +121,7 @@ pub async fn serve(
         None => None,
     };
     let store = Store::open(&config).await?;
-    store
-        .migrate()
-        .await
-        .with_context(|| format!("migrating {}", redact(&config.database_url())))?;
+    migrate_tolerant(&store, &config).await?;
     let app = Arc::new(App::new(config, store, admin_token.as_deref())?);
     app.refresh_rules(true).await.context("loading routes")?;
     app.metrics.db_up.set(1);

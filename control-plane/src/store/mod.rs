@@ -5,7 +5,8 @@
 //! This module opens the pool and holds what every table shares (errors,
 //! the Idempotency-Key types); one module per resource holds its SQL:
 //! `calls` (with `batch`, group commit on Postgres), `routes`,
-//! `audit`, `fleet`, `tokens`, and `idempotency` (the claims).
+//! `audit`, `fleet`, `tokens`, `idempotency` (the claims), and
+//! `migrations` (the schema and the policy that lets two releases share it).
 //!
 //! **Invariant:** all SQL here is static text with `$n` parameters; nothing
 //! is built by string concatenation.
@@ -16,13 +17,14 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use sqlx::AnyConnection;
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Connection, Executor, Row};
+use sqlx::{AnyPool, Connection, Executor};
 
 mod audit;
 mod batch;
 mod calls;
 mod fleet;
 mod idempotency;
+mod migrations;
 mod recordings;
 mod routes;
 mod tokens;
@@ -32,15 +34,13 @@ use batch::{Batcher, Counters};
 
 pub use audit::AuditRow;
 pub use calls::{CallRow, NewCall};
+pub use migrations::{MIGRATOR, MigrateRefused, Unknown};
 pub use recordings::Recorded;
 pub use routes::RouteRow;
 
 /// Prefix, call type, priority and window key: what must be unique among
 /// routes. Re-exported from [`crate::routing`], which derives it from a rule.
 pub use crate::routing::Matcher;
-
-/// Migrations embedded from the repository's `migrations/` folder.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Why a database operation failed, in the terms the API needs.
 #[derive(Debug, thiserror::Error)]
@@ -244,35 +244,6 @@ impl Store {
     /// Whether this is the embedded SQLite database.
     pub fn is_sqlite(&self) -> bool {
         self.sqlite
-    }
-
-    /// Applies pending migrations.
-    pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
-            other => StoreError::Other(other.to_string()),
-        })
-    }
-
-    /// Ready: the database answers and every embedded migration is applied.
-    pub async fn ready(&self) -> Result<(), String> {
-        let want = MIGRATOR.migrations.iter().map(|m| m.version).max().unwrap_or(0);
-        let row = sqlx::query("SELECT MAX(version) AS v FROM _sqlx_migrations")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| match StoreError::from(e) {
-                StoreError::Unavailable(e) => format!("database: {e}"),
-                // The database answered: the migrations table is missing.
-                other => format!("migrations not applied ({other})"),
-            })?;
-        let have: Option<i64> = row.try_get("v").map_err(|e| e.to_string())?;
-        if have.unwrap_or(0) < want {
-            return Err(format!(
-                "migrations: database at {}, this build needs {want}",
-                have.unwrap_or(0)
-            ));
-        }
-        Ok(())
     }
 
     /// Closes the pool.
