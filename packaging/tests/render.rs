@@ -65,7 +65,10 @@ fn every_subcommand_has_a_man_page_and_completions_know_them() {
         ("detour-control-plane", detour_control_plane::cli::Cli::command()),
     ] {
         let top = man_page(dir.path(), name);
-        assert!(top.contains(".SH FILES") && top.contains(".SH \"SEE ALSO\""), "{top}");
+        assert!(
+            top.contains(".SH FILES") && top.contains(".SH \"SEE ALSO\""),
+            "{top}"
+        );
         let mut names = Vec::new();
         subcommand_names(name, &cmd, &mut names);
         assert!(!names.is_empty());
