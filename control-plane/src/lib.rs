@@ -39,7 +39,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-pub use config::{Config, ConfigError, ConfigErrors};
+pub use config::{Config, ConfigError, ConfigErrors, redact};
 pub use tokens::{create_agent_token, create_agent_token_with_id, list_agent_tokens, revoke_agent_token};
 // `config` checks the admin token file with this (its old path).
 pub(crate) use auth::read_admin_token_file;
@@ -86,20 +86,6 @@ pub(crate) async fn migrate_tolerant(store: &Store, config: &Config) -> anyhow::
         );
     }
     Ok(())
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// Runs the control plane on `listener` until `shutdown` resolves: migrates,
@@ -151,16 +137,4 @@ pub async fn serve(
     tasks.finish();
     app.store.close().await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            super::redact("postgres://detour:secret@127.0.0.1:5432/detour"),
-            "postgres://detour:***@127.0.0.1:5432/detour"
-        );
-        assert_eq!(super::redact("sqlite:///x?mode=rwc"), "sqlite:///x?mode=rwc");
-    }
 }

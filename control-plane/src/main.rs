@@ -7,11 +7,17 @@ use clap::Parser;
 use detour_control_plane::Config;
 use detour_control_plane::cli::{Cli, Command, TokenCommand};
 
+/// Loads and validates the config; prints its errors, or its warnings
+/// (`file:line:col: warning: …`) for every command that goes on.
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    let config = Config::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(1)
-    })
+    })?;
+    for w in &config.warnings {
+        eprintln!("{w}");
+    }
+    Ok(config)
 }
 
 #[tokio::main]

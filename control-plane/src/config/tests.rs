@@ -98,3 +98,104 @@ fn shutdown_defaults_and_limits() {
         .to_string();
     assert!(err.starts_with("cp.toml:2:"), "{err}");
 }
+
+/// A Postgres config with a password file (`file` is its contents, if any).
+fn with_password_file(url: &str, file: Option<&str>) -> (tempfile::TempDir, Result<Config, ConfigErrors>) {
+    let dir = tempfile::tempdir().unwrap();
+    if let Some(text) = file {
+        std::fs::write(dir.path().join("db-password"), text).unwrap();
+    }
+    let text = format!("database_url = \"{url}\"\ndatabase_password_file = \"db-password\"\n");
+    let path = dir.path().join("cp.toml");
+    let c = Config::parse(&text, &path.display().to_string(), None);
+    (dir, c)
+}
+
+#[test]
+fn the_database_password_comes_from_its_file_into_the_connect_url_only() {
+    let (_dir, c) = with_password_file("postgres://detour@db:5432/detour", Some("s3cr3t:@/\n"));
+    let c = c.unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(c.database_url(), "postgres://detour@db:5432/detour");
+    assert_eq!(
+        c.database_connect_url().expose(),
+        "postgres://detour:s3cr3t%3A%40%2F@db:5432/detour"
+    );
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("s3cr3t"), "{debug}");
+}
+
+#[test]
+fn a_password_in_the_url_and_a_file_is_an_error_and_alone_a_warning() {
+    let (_dir, c) = with_password_file("postgres://detour:inline-pw@db/detour", Some("s3cr3t\n"));
+    let err = c.unwrap_err().to_string();
+    assert!(
+        err.contains("cp.toml:1:16: database_url carries a password"),
+        "{err}"
+    );
+    assert!(!err.contains("inline-pw") && !err.contains("s3cr3t"), "{err}");
+
+    let text = "database_url = \"postgres://detour:inline-pw@db/detour\"\n";
+    let c = Config::parse(text, "cp.toml", None).unwrap();
+    assert_eq!(c.warnings.len(), 1);
+    let w = c.warnings[0].to_string();
+    assert!(
+        w.starts_with("cp.toml:1:16: warning: database_url carries a password"),
+        "{w}"
+    );
+    assert!(!w.contains("inline-pw"), "{w}");
+    // The password written into the URL works as before, and never prints.
+    assert_eq!(
+        c.database_connect_url().expose(),
+        "postgres://detour:inline-pw@db/detour"
+    );
+    assert!(!format!("{c:?}").contains("inline-pw"));
+}
+
+#[test]
+fn password_file_problems_are_located_and_quote_no_secret() {
+    let (dir, c) = with_password_file("postgres://detour@db/detour", None);
+    let err = c.unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "{}:2:26: database_password_file: {}",
+            dir.path().join("cp.toml").display(),
+            dir.path().join("db-password").display()
+        )),
+        "{err}"
+    );
+    let (_dir, c) = with_password_file("postgres://detour@db/detour", Some("one\ntwo\n"));
+    let err = c.unwrap_err().to_string();
+    assert!(
+        err.contains("more than one line") && !err.contains("one\ntwo"),
+        "{err}"
+    );
+    let (_dir, c) = with_password_file("sqlite:///tmp/x.sqlite3", Some("pw\n"));
+    let err = c.unwrap_err().to_string();
+    assert!(err.contains("needs a postgres:// database_url"), "{err}");
+    // A bad scheme is reported without the password in it.
+    let err = Config::parse("database_url = \"mysql://u:hunter2@h/d\"\n", "cp.toml", None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("must start with postgres://") && !err.contains("hunter2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_relative_password_file_is_taken_from_the_credentials_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("db-password"), "from-systemd\n").unwrap();
+    let text = "database_url = \"postgres://detour@db/detour\"\ndatabase_password_file = \"db-password\"\n";
+    let path = dir.path().join("cp.toml").display().to_string();
+    let c = Config::parse(text, &path, Some(&creds)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.database_connect_url().expose(),
+        "postgres://detour:from-systemd@db/detour"
+    );
+    // Without $CREDENTIALS_DIRECTORY it is beside cp.toml, where there is none.
+    assert!(Config::parse(text, &path, None).is_err());
+}

@@ -144,8 +144,8 @@ impl Store {
     /// `/readyz` says so). SQLite gets WAL and one connection.
     pub async fn open(config: &Config) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
-        let url = config.database_url();
-        let sqlite = url.starts_with("sqlite:");
+        let url = config.database_connect_url();
+        let sqlite = url.expose().starts_with("sqlite:");
         if sqlite && config.database_url.is_none() {
             std::fs::create_dir_all(&config.data_dir)
                 .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
@@ -184,9 +184,11 @@ impl Store {
                     Ok(())
                 })
             });
+        // The URL carries the password (from the file); sqlx's errors here
+        // describe the URL's shape, never quote it.
         let pool = opts
-            .connect_lazy(&url)
-            .map_err(|e| anyhow::anyhow!("database_url: {e}"))?;
+            .connect_lazy(url.expose())
+            .map_err(|e| anyhow::anyhow!("database_url {}: {e}", crate::redact(&config.database_url())))?;
         Ok(Store {
             pool,
             sqlite,
