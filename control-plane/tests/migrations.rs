@@ -64,6 +64,7 @@ macro_rules! both {
 both!(
     serves_a_database_migrated_by_a_newer_release,
     ready_wants_every_migration_of_this_build,
+    rolling_back_past_the_release_that_tolerates_newer_schemas,
 );
 
 async fn serves_a_database_migrated_by_a_newer_release(backend: Backend) {
@@ -163,5 +164,55 @@ async fn ready_wants_every_migration_of_this_build(backend: Backend) {
     );
     pool.close().await;
     store.close().await;
+    db.finish().await;
+}
+
+/// docs/operations.md, "Migrations": a release from before the tolerance
+/// (simulated: this build's migrations up to `20261205000001`, strict as
+/// sqlx is by default) refuses the migrated database; with the retention
+/// index's row deleted it runs; this build then migrates again, finding
+/// the index already there.
+async fn rolling_back_past_the_release_that_tolerates_newer_schemas(backend: Backend) {
+    const RETENTION_INDEX: i64 = 20_261_206_000_001;
+    let Some(db) = Db::new(backend, "rollback_past").await else {
+        return;
+    };
+    let config = db.config("", "");
+    detour_control_plane::migrate(&config)
+        .await
+        .expect("this build migrates");
+    let old = Migrator::with_migrations(
+        MIGRATOR
+            .iter()
+            .filter(|m| m.version < RETENTION_INDEX)
+            .cloned()
+            .collect(),
+    );
+    // The refused start exits (sqlx keeps its Postgres advisory lock on a
+    // connection that refuses; the process's end lets it go).
+    let refused = sqlx::AnyPool::connect(&config.database_url()).await.unwrap();
+    let err = old.run(&refused).await.expect_err("the old release refuses");
+    refused.close().await;
+    assert!(
+        err.to_string().contains("previously applied but is missing"),
+        "{err}"
+    );
+    let pool = sqlx::AnyPool::connect(&config.database_url()).await.unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+        .bind(RETENTION_INDEX)
+        .execute(&pool)
+        .await
+        .unwrap();
+    old.run(&pool).await.expect("the old release starts");
+    detour_control_plane::migrate(&config)
+        .await
+        .expect("the next upgrade records the index migration again");
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = $1")
+        .bind(RETENTION_INDEX)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    pool.close().await;
     db.finish().await;
 }

@@ -17,8 +17,8 @@ use serde::Deserialize;
 pub use detour_wire::diag::{ConfigError, ConfigErrors};
 pub use secret::{DatabaseUrl, Secret, redact};
 pub use sections::{
-    DatabaseConfig, HookConfig, IdempotencyConfig, LimitsConfig, NumbersConfig, RoutingConfig,
-    ShutdownConfig, TlsConfig,
+    DatabaseConfig, HookConfig, IdempotencyConfig, Keep, LimitsConfig, NumbersConfig, RetentionConfig,
+    RoutingConfig, ShutdownConfig, TlsConfig,
 };
 
 /// The control plane's configuration (`cp.toml`). An unset field is filled
@@ -55,6 +55,7 @@ pub struct Config {
     pub hook: HookConfig,
     pub limits: LimitsConfig,
     pub idempotency: IdempotencyConfig,
+    pub retention: RetentionConfig,
     pub shutdown: ShutdownConfig,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) from this certificate and key.
     pub tls: Option<TlsConfig>,
@@ -88,6 +89,7 @@ impl Default for Config {
             hook: HookConfig::default(),
             limits: LimitsConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            retention: RetentionConfig::default(),
             shutdown: ShutdownConfig::default(),
             tls: None,
             warnings: Vec::new(),

@@ -199,3 +199,54 @@ fn a_relative_password_file_is_taken_from_the_credentials_directory() {
     // Without $CREDENTIALS_DIRECTORY it is beside cp.toml, where there is none.
     assert!(Config::parse(text, &path, None).is_err());
 }
+
+#[test]
+fn retention_defaults_forever_and_limits() {
+    let c = Config::from_toml_str("", "cp.toml").unwrap();
+    assert_eq!(c.retention.calls.limit(), Some(Duration::from_secs(400 * 86_400)));
+    assert_eq!(
+        c.retention.agent_reports.limit(),
+        Some(Duration::from_secs(30 * 86_400))
+    );
+    assert_eq!(c.retention.batch_size, 500);
+    let c = Config::from_toml_str(
+        "[retention]\ncalls = \"forever\"\naudit = \"2y\"\nbatch_size = 50\npause = \"1s\"\n",
+        "cp.toml",
+    )
+    .unwrap();
+    assert_eq!(c.retention.calls.limit(), None);
+    assert!(c.retention.audit.limit() > Some(Duration::from_secs(700 * 86_400)));
+    for (text, want) in [
+        (
+            "[retention]\ncalls = \"0s\"\n",
+            "retention.calls must be at least 1h",
+        ),
+        (
+            "[retention]\naudit = \"40s\"\n",
+            "retention.audit must be at least 1h",
+        ),
+        ("[retention]\ncalls = \"12h\"\n", "at least idempotency.retention"),
+        (
+            "[retention]\nbatch_size = 0\n",
+            "retention.batch_size must be between 1 and 10000",
+        ),
+        (
+            "[retention]\ninterval = \"0s\"\n",
+            "retention.interval must be above 0",
+        ),
+        (
+            "[retention]\npause = \"5m\"\n",
+            "retention.pause must be at most 1m",
+        ),
+    ] {
+        let err = Config::from_toml_str(text, "cp.toml").unwrap_err().to_string();
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    let err = Config::from_toml_str("[retention]\ncalls = \"always\"\n", "cp.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("cp.toml:2:9: ") && err.contains("or \"forever\""),
+        "{err}"
+    );
+}

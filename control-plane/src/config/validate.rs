@@ -9,7 +9,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Config, ConfigError, DatabaseConfig, HookConfig, LimitsConfig, NumbersConfig, RoutingConfig, secret,
+    Config, ConfigError, DatabaseConfig, HookConfig, LimitsConfig, NumbersConfig, RetentionConfig,
+    RoutingConfig, secret,
 };
 
 /// A problem at `place` (a byte range of `text`), or with the file as a whole.
@@ -36,6 +37,7 @@ pub(super) fn validate(config: &mut Config, file: &Path, text: &str) -> (Vec<Con
     hook(&mut p, &config.hook);
     capacity(&mut p, &config.limits, &config.database);
     connections(&mut p, &config.limits);
+    retention(&mut p, config);
     if config.shutdown.drain_timeout.is_zero() {
         p.push(
             None,
@@ -214,6 +216,49 @@ fn connections(p: &mut Problems<'_>, limits: &LimitsConfig) {
     }
     if limits.max_body_bytes < 256 {
         p.push(None, "limits.max_body_bytes must be at least 256");
+    }
+}
+
+/// How long rows are kept and how fast the sweep deletes them.
+fn retention(p: &mut Problems<'_>, config: &Config) {
+    let r = &config.retention;
+    let min = RetentionConfig::MIN_KEEP;
+    for (key, keep) in [
+        ("calls", r.calls),
+        ("audit", r.audit),
+        ("agent_reports", r.agent_reports),
+    ] {
+        if let Some(d) = keep.limit()
+            && d < min
+        {
+            p.push(
+                None,
+                format!("retention.{key} must be at least 1h, or \"forever\" to keep every row"),
+            );
+        }
+    }
+    if let Some(d) = r.calls.limit()
+        && d < config.idempotency.retention
+    {
+        p.push(
+            None,
+            "retention.calls must be at least idempotency.retention (a replayed answer names its call)",
+        );
+    }
+    if r.interval.is_zero() {
+        p.push(None, "retention.interval must be above 0");
+    }
+    if !(1..=RetentionConfig::MAX_BATCH_SIZE).contains(&r.batch_size) {
+        p.push(
+            None,
+            format!(
+                "retention.batch_size must be between 1 and {}",
+                RetentionConfig::MAX_BATCH_SIZE
+            ),
+        );
+    }
+    if r.pause > std::time::Duration::from_secs(60) {
+        p.push(None, "retention.pause must be at most 1m");
     }
 }
 

@@ -5,8 +5,9 @@
 //! This module opens the pool and holds what every table shares (errors,
 //! the Idempotency-Key types); one module per resource holds its SQL:
 //! `calls` (with `batch`, group commit on Postgres), `routes`,
-//! `audit`, `fleet`, `tokens`, `idempotency` (the claims), and
-//! `migrations` (the schema and the policy that lets two releases share it).
+//! `audit`, `fleet`, `tokens`, `idempotency` (the claims),
+//! `migrations` (the schema and the policy that lets two releases share it)
+//! and `retention` (deleting old rows in bounded batches).
 //!
 //! **Invariant:** all SQL here is static text with `$n` parameters; nothing
 //! is built by string concatenation.
@@ -26,6 +27,7 @@ mod fleet;
 mod idempotency;
 mod migrations;
 mod recordings;
+mod retention;
 mod routes;
 mod tokens;
 
@@ -36,6 +38,7 @@ pub use audit::AuditRow;
 pub use calls::{CallRow, NewCall};
 pub use migrations::{MIGRATOR, MigrateRefused, Unknown};
 pub use recordings::Recorded;
+pub use retention::{PurgedCalls, Table};
 pub use routes::RouteRow;
 
 /// Prefix, call type, priority and window key: what must be unique among
