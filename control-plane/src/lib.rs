@@ -13,10 +13,12 @@
 //! same transaction). [`record`] folds call events; [`metrics`], [`tls`] and
 //! [`config`] serve them all. Around them: [`server`] (the listener and its
 //! connections), [`tasks`] (the background loops), [`tokens`] (the `token`
-//! subcommands), [`cli`] (the command line `main.rs` parses).
+//! subcommands), [`backup`] (`backup` and `restore` of the SQLite
+//! database), [`cli`] (the command line `main.rs` parses).
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod hook;

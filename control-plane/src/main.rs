@@ -69,6 +69,18 @@ async fn main() -> ExitCode {
                 .map(|pop| println!("revoked token {id} of PoP {pop}; replicas refuse it within 30 s")),
             Err(code) => return code,
         },
+        Command::Backup { config, out } => match load(&config) {
+            Ok(c) => detour_control_plane::backup::backup(&c, &out)
+                .await
+                .map(|r| println!("backed up to {r}")),
+            Err(code) => return code,
+        },
+        Command::Restore { config, from } => match load(&config) {
+            Ok(c) => detour_control_plane::backup::restore(&c, &from)
+                .await
+                .map(|r| println!("restored {r}; start the control plane")),
+            Err(code) => return code,
+        },
         Command::Serve { config } => match load(&config) {
             Ok(c) => serve(c).await,
             Err(code) => return code,

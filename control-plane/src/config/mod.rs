@@ -168,6 +168,22 @@ impl Config {
         }
     }
 
+    /// The SQLite file in use: `data_dir/detour-cp.sqlite3`, or the file
+    /// a `sqlite:` `database_url` names (read as sqlx reads it); `None` for
+    /// Postgres or an in-memory database.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let Some(url) = &self.database_url else {
+            return Some(self.data_dir.join("detour-cp.sqlite3"));
+        };
+        let rest = url.as_str().strip_prefix("sqlite:")?;
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let file = rest.split('?').next().unwrap_or(rest);
+        if file.is_empty() || file == ":memory:" || rest.contains("mode=memory") {
+            return None;
+        }
+        Some(PathBuf::from(secret::percent_decode(file)))
+    }
+
     /// The URL to connect with: [`Config::database_url`] with the password
     /// from `database_password_file`, if any. For the driver only.
     pub fn database_connect_url(&self) -> Secret {

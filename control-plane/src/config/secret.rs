@@ -96,6 +96,30 @@ pub fn with_password(url: &str, password: &Secret) -> Option<Secret> {
     Some(Secret(u.to_string()))
 }
 
+/// `%XX` escapes decoded (invalid ones kept as they are), as sqlx reads an
+/// SQLite URL's path.
+pub(super) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Where a relative `database_password_file` is: in the service's
 /// credentials directory when systemd provides one (`LoadCredential=`
 /// sets `$CREDENTIALS_DIRECTORY`), else beside cp.toml like every other

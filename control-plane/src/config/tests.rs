@@ -250,3 +250,24 @@ fn retention_defaults_forever_and_limits() {
         "{err}"
     );
 }
+
+#[test]
+fn the_sqlite_file_is_found_as_sqlx_finds_it() {
+    let c = Config::for_data_dir(Path::new("/var/lib/detour-cp"));
+    assert_eq!(
+        c.sqlite_path(),
+        Some(PathBuf::from("/var/lib/detour-cp/detour-cp.sqlite3"))
+    );
+    for (url, want) in [
+        ("sqlite:///srv/cp.db?mode=rwc", Some("/srv/cp.db")),
+        ("sqlite://rel/cp.db", Some("rel/cp.db")),
+        ("sqlite:cp.db", Some("cp.db")),
+        ("sqlite:///srv/a%3Fb%25.db", Some("/srv/a?b%.db")),
+        ("sqlite::memory:", None),
+        ("sqlite://x.db?mode=memory", None),
+        ("postgres://detour@db/detour", None),
+    ] {
+        let c = Config::parse(&format!("database_url = \"{url}\"\n"), "cp.toml", None).unwrap();
+        assert_eq!(c.sqlite_path(), want.map(PathBuf::from), "{url}");
+    }
+}

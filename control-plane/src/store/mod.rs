@@ -6,8 +6,9 @@
 //! the Idempotency-Key types); one module per resource holds its SQL:
 //! `calls` (with `batch`, group commit on Postgres), `routes`,
 //! `audit`, `fleet`, `tokens`, `idempotency` (the claims),
-//! `migrations` (the schema and the policy that lets two releases share it)
-//! and `retention` (deleting old rows in bounded batches).
+//! `migrations` (the schema and the policy that lets two releases share it),
+//! `retention` (deleting old rows in bounded batches) and `backup` (SQLite's
+//! online copy).
 //!
 //! **Invariant:** all SQL here is static text with `$n` parameters; nothing
 //! is built by string concatenation.
@@ -21,6 +22,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Connection, Executor};
 
 mod audit;
+mod backup;
 mod batch;
 mod calls;
 mod fleet;
@@ -35,6 +37,7 @@ use crate::config::Config;
 use batch::{Batcher, Counters};
 
 pub use audit::AuditRow;
+pub use backup::{Contents, sqlite_url};
 pub use calls::{CallRow, NewCall};
 pub use migrations::{MIGRATOR, MigrateRefused, Unknown};
 pub use recordings::Recorded;
@@ -192,16 +195,24 @@ impl Store {
         let pool = opts
             .connect_lazy(url.expose())
             .map_err(|e| anyhow::anyhow!("database_url {}: {e}", crate::redact(&config.database_url())))?;
-        Ok(Store {
+        let mut store = Store::from_pool(pool, sqlite);
+        store.batch_slots = config.database.batch_writers as usize;
+        Ok(store)
+    }
+
+    /// A store on `pool`, writing new calls one statement each until
+    /// [`Store::open`] sets the group commit's writers.
+    fn from_pool(pool: AnyPool, sqlite: bool) -> Store {
+        Store {
             pool,
             sqlite,
             batcher: Arc::new(OnceLock::new()),
-            batch_slots: config.database.batch_writers as usize,
+            batch_slots: 1,
             batch_counters: Counters {
                 batches: IntCounter::new("batches", "group-commit statements").expect("static metric name"),
                 calls: IntCounter::new("batched_calls", "calls in them").expect("static metric name"),
             },
-        })
+        }
     }
 
     /// The store counting its group-commit statements and their calls in
