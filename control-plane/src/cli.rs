@@ -36,6 +36,26 @@ pub enum Command {
         #[arg(long, default_value = "cp.toml")]
         config: PathBuf,
     },
+    /// Copy the SQLite database to a new file while the control plane serves
+    /// (a consistent snapshot, checked); Postgres: use pg_dump.
+    Backup {
+        /// cp.toml naming the database.
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+        /// The backup to write; it must not exist (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a backup where the SQLite database belongs; there must be none
+    /// (stop the control plane and move the old one away first).
+    Restore {
+        /// cp.toml naming the database.
+        #[arg(long, default_value = "cp.toml")]
+        config: PathBuf,
+        /// The backup to restore (checked before it is copied).
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Agent tokens.
     Token {
         /// What to do with tokens.

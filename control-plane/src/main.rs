@@ -7,11 +7,17 @@ use clap::Parser;
 use detour_control_plane::Config;
 use detour_control_plane::cli::{Cli, Command, TokenCommand};
 
+/// Loads and validates the config; prints its errors, or its warnings
+/// (`file:line:col: warning: …`) for every command that goes on.
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    let config = Config::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(1)
-    })
+    })?;
+    for w in &config.warnings {
+        eprintln!("{w}");
+    }
+    Ok(config)
 }
 
 #[tokio::main]
@@ -61,6 +67,18 @@ async fn main() -> ExitCode {
             Ok(c) => detour_control_plane::revoke_agent_token(&c, &id)
                 .await
                 .map(|pop| println!("revoked token {id} of PoP {pop}; replicas refuse it within 30 s")),
+            Err(code) => return code,
+        },
+        Command::Backup { config, out } => match load(&config) {
+            Ok(c) => detour_control_plane::backup::backup(&c, &out)
+                .await
+                .map(|r| println!("backed up to {r}")),
+            Err(code) => return code,
+        },
+        Command::Restore { config, from } => match load(&config) {
+            Ok(c) => detour_control_plane::backup::restore(&c, &from)
+                .await
+                .map(|r| println!("restored {r}; start the control plane")),
             Err(code) => return code,
         },
         Command::Serve { config } => match load(&config) {

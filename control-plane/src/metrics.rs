@@ -51,6 +51,10 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Connections closed at once because `limits.max_connections` were open.
     pub connections_refused: IntCounter,
+    /// Rows the retention sweep deleted, by table.
+    pub retention_deleted: IntCounterVec,
+    /// When the last retention sweep finished without an error (Unix time).
+    pub retention_last_success: IntGauge,
 }
 
 impl Metrics {
@@ -144,8 +148,23 @@ impl Metrics {
             "Connections closed at once because limits.max_connections were open.",
         )
         .expect("valid metric");
+        let retention_deleted = IntCounterVec::new(
+            Opts::new(
+                "retention_deleted_rows_total",
+                "Rows deleted by the retention sweep, by table.",
+            ),
+            &["table"],
+        )
+        .expect("valid metric");
+        let retention_last_success = IntGauge::new(
+            "retention_last_success_timestamp_seconds",
+            "When the last retention sweep finished without an error (Unix time; 0: none yet).",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(retention_deleted.clone()),
+            Box::new(retention_last_success.clone()),
             Box::new(connections_refused.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -182,6 +201,8 @@ impl Metrics {
             db_batched_calls,
             connections,
             connections_refused,
+            retention_deleted,
+            retention_last_success,
             unprefixed,
             certificate_expiry,
             tls_reloads,

@@ -22,7 +22,7 @@ pub async fn create_agent_token_with_id(config: &Config, pop: &str) -> anyhow::R
         "PoP name {pop:?} must be 1 to 32 lowercase letters, digits, '-' or '_'"
     );
     let store = Store::open(config).await?;
-    store.migrate().await?;
+    crate::migrate_tolerant(&store, config).await?;
     let token = auth::new_token(pop);
     let id = uuid::Uuid::now_v7().to_string();
     let r = store.insert_token(&auth::hash_token(&token), &id, pop).await;
@@ -34,7 +34,7 @@ pub async fn create_agent_token_with_id(config: &Config, pop: &str) -> anyhow::R
 /// `token list`: one line per token (id, PoP, creation time), never the token.
 pub async fn list_agent_tokens(config: &Config, pop: Option<&str>) -> anyhow::Result<String> {
     let store = Store::open(config).await?;
-    store.migrate().await?;
+    crate::migrate_tolerant(&store, config).await?;
     let r = store.list_tokens(pop).await;
     store.close().await;
     let mut out = format!("{:<38} {:<12} CREATED\n", "ID", "POP");
@@ -52,7 +52,7 @@ pub async fn list_agent_tokens(config: &Config, pop: Option<&str>) -> anyhow::Re
 /// their cache entry expires (30 s).
 pub async fn revoke_agent_token(config: &Config, id: &str) -> anyhow::Result<String> {
     let store = Store::open(config).await?;
-    store.migrate().await?;
+    crate::migrate_tolerant(&store, config).await?;
     let r = store.revoke_token(id).await;
     store.close().await;
     match r? {

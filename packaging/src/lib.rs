@@ -80,6 +80,10 @@ pub fn programs() -> [Program; 2] {
                     "The admin token for the routes API, when set in cp.toml.",
                 ),
                 (
+                    "/etc/detour-cp/db-password",
+                    "The Postgres password (database_password_file), readable by root only; a LoadCredential= drop-in hands it to the service.",
+                ),
+                (
                     "/usr/lib/systemd/system/detour-control-plane.service",
                     "The hardened service.",
                 ),
