@@ -58,6 +58,9 @@ enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Ask again every second and redraw in place, until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
     },
     /// A fleet CA and per-PoP certificates.
     Pki {
@@ -166,20 +169,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { admin, json } => match detour_agent::status::fetch(&admin) {
-            Ok(report) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-                } else {
-                    print!("{}", detour_agent::status::table(&report));
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("detour-agent status: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Status { admin, json, watch } => detour_agent::status::main(&admin, json, watch),
         Command::Pki { command } => {
             let result = match command {
                 PkiCommand::Init { out } => detour_agent::pki::init(&out).map(|(c, k)| {
