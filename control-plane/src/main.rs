@@ -31,7 +31,7 @@ enum Command {
         #[arg(long, default_value = "cp.toml")]
         config: PathBuf,
     },
-    /// Agent tokens.
+    /// Agent and operator tokens.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
@@ -40,10 +40,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Create a token for a PoP; it is printed once, only its hash is stored.
+    /// Create a token for a PoP (or, with --operator, a read-only one for
+    /// the fleet page); it is printed once, only its hash is stored.
     Create {
-        #[arg(long)]
-        pop: String,
+        #[arg(long, required_unless_present = "operator")]
+        pop: Option<String>,
+        /// A read-only operator token for this person or team, instead.
+        #[arg(long, conflicts_with = "pop")]
+        operator: Option<String>,
         #[arg(long, default_value = "cp.toml")]
         config: PathBuf,
     },
@@ -94,14 +98,24 @@ async fn main() -> ExitCode {
             Err(code) => return code,
         },
         Command::Token {
-            command: TokenCommand::Create { pop, config },
+            command:
+                TokenCommand::Create {
+                    pop,
+                    operator,
+                    config,
+                },
         } => match load(&config) {
-            Ok(c) => detour_control_plane::create_agent_token_with_id(&c, &pop)
-                .await
-                .map(|(token, id)| {
-                    println!("{token}");
-                    eprintln!("token id {id} (for `token list` and `token revoke --id`)");
-                }),
+            Ok(c) => match operator {
+                Some(name) => detour_control_plane::create_operator_token(&c, &name).await,
+                None => {
+                    detour_control_plane::create_agent_token_with_id(&c, pop.as_deref().unwrap_or_default())
+                        .await
+                }
+            }
+            .map(|(token, id)| {
+                println!("{token}");
+                eprintln!("token id {id} (for `token list` and `token revoke --id`)");
+            }),
             Err(code) => return code,
         },
         Command::Token {
@@ -117,7 +131,7 @@ async fn main() -> ExitCode {
         } => match load(&config) {
             Ok(c) => detour_control_plane::revoke_agent_token(&c, &id)
                 .await
-                .map(|pop| println!("revoked token {id} of PoP {pop}; replicas refuse it within 30 s")),
+                .map(|who| println!("revoked token {id} of {who}; replicas refuse it within 30 s")),
             Err(code) => return code,
         },
         Command::Serve { config } => match load(&config) {

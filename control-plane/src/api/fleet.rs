@@ -1,16 +1,22 @@
 //! Fleet: `POST /v1/agents/{pop}/report` (an agent's report of its paths,
-//! latest per PoP) and `GET /v1/fleet` (every PoP's last report, admin only).
+//! latest per PoP, and what it adds to the history), `GET /v1/fleet` (every
+//! PoP's last report) and `GET /v1/fleet/view` (the fleet page's data, built
+//! by [`crate::fleet`] at most twice a second per replica). The reads take
+//! the admin token, an operator token or a fleet-page session
+//! ([`fleet_reader`]).
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
 use detour_wire::AgentReport;
 use serde_json::{Value, json};
+use tokio::time::{Duration, Instant};
 
 use super::error::{ApiError, ApiResult, forbidden, mismatch};
 use super::shed::rate_limit;
-use super::{Shared, admin, idem_of, json_response, read_body, rfc3339, stored_response};
-use crate::auth::Principal;
+use super::{Shared, idem_of, json_response, read_body, rfc3339, stored_response};
+use crate::auth::{AuthError, Principal};
 use crate::intake::FieldError;
 use crate::openapi;
 use crate::store::{self, Outcome, StoredResponse};
@@ -59,7 +65,7 @@ pub(super) async fn post_report(
     let retention = app.config.idempotency.retention;
     match app
         .store
-        .put_report(idem.as_ref(), &pop, &text, &response, retention)
+        .put_report(idem.as_ref(), &report, &text, &response, retention)
         .await?
     {
         Outcome::Done(()) => Ok(stored_response(response, false)),
@@ -71,7 +77,7 @@ pub(super) async fn post_report(
 #[utoipa::path(get, path = "/v1/fleet", tag = "fleet", security(("bearer" = [])),
     responses((status = 200, description = "Every PoP's last report.", body = openapi::FleetSchema), openapi::Errors))]
 pub(super) async fn fleet(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
-    admin(&app, &headers).await?;
+    fleet_reader(&app, &headers).await?;
     let now = store::now_ms();
     let rows = app.store.fleet().await?;
     let pops: Vec<Value> = rows
@@ -89,4 +95,82 @@ pub(super) async fn fleet(State(app): State<Shared>, headers: HeaderMap) -> ApiR
         StatusCode::OK,
         &json!({"generated_at": rfc3339(now), "pops": pops}),
     ))
+}
+
+#[utoipa::path(get, path = "/v1/fleet/view", tag = "fleet", security(("bearer" = [])),
+    responses((status = 200, description = "The fleet page's data: every PoP's paths with their \
+        15-minute history, the detours, recent switches and relay refusals.", body = openapi::FleetViewSchema),
+        openapi::Errors))]
+pub(super) async fn view(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
+    fleet_reader(&app, &headers).await?;
+    let body = app.fleet_view.get(&app).await?;
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// Who may read the fleet: the admin token or an operator token in the
+/// `Authorization` header, or else a fleet-page session cookie. An agent
+/// token is refused (403); nothing at all is a 401.
+pub(super) async fn fleet_reader(app: &super::App, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return match app.auth.bearer(headers).await? {
+            Principal::Agent { .. } => Err(forbidden(
+                "an agent token cannot read the fleet; use an operator token (token create --operator NAME)",
+            )),
+            p => Ok(p),
+        };
+    }
+    match super::page::session_cookie(headers) {
+        Some(id) => Ok(app.auth.session(id).await?),
+        None => Err(AuthError::NoSession.into()),
+    }
+}
+
+/// The view, built at most once per [`ViewCache::FRESH`] on this replica
+/// however many pages poll it: one build's queries serve every viewer.
+#[derive(Default)]
+pub struct ViewCache {
+    last: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl ViewCache {
+    /// How long a built view is served again. Pages poll every second, so
+    /// a report is on screen within about 1.5 s of its arrival.
+    pub const FRESH: Duration = Duration::from_millis(500);
+
+    async fn get(&self, app: &super::App) -> Result<Bytes, ApiError> {
+        // Held across the build: concurrent requests wait for one build
+        // instead of each running its own.
+        let mut last = self.last.lock().await;
+        if let Some((at, body)) = &*last
+            && at.elapsed() < Self::FRESH
+        {
+            return Ok(body.clone());
+        }
+        let now = store::now_ms();
+        let reports = app.store.fleet().await?;
+        let samples = app.store.fleet_samples(crate::fleet::first_bucket(now)).await?;
+        let switches = app
+            .store
+            .fleet_events("switch", crate::fleet::EVENTS_SHOWN)
+            .await?;
+        let refusals = app
+            .store
+            .fleet_events("refusal", crate::fleet::EVENTS_SHOWN)
+            .await?;
+        let v = crate::fleet::view(&crate::fleet::Inputs {
+            now_ms: now,
+            stale_after_ms: app.config.fleet.stale_after.as_millis() as i64,
+            reports: &reports,
+            samples: &samples,
+            switches: &switches,
+            refusals: &refusals,
+        });
+        let body = Bytes::from(v.to_string());
+        *last = Some((Instant::now(), body.clone()));
+        Ok(body)
+    }
 }

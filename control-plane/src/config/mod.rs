@@ -16,7 +16,7 @@ use toml::Spanned;
 
 pub use detour_wire::diag::{ConfigError, ConfigErrors};
 pub use sections::{
-    DatabaseConfig, HookConfig, IdempotencyConfig, LimitsConfig, NumbersConfig, RoutingConfig,
+    DatabaseConfig, FleetConfig, HookConfig, IdempotencyConfig, LimitsConfig, NumbersConfig, RoutingConfig,
     ShutdownConfig, TlsConfig,
 };
 
@@ -44,6 +44,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub idempotency: IdempotencyConfig,
     pub shutdown: ShutdownConfig,
+    pub fleet: FleetConfig,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) from this certificate and key.
     pub tls: Option<TlsConfig>,
 }
@@ -71,6 +72,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             idempotency: IdempotencyConfig::default(),
             shutdown: ShutdownConfig::default(),
+            fleet: FleetConfig::default(),
             tls: None,
         }
     }

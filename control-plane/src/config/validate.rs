@@ -40,6 +40,7 @@ pub(super) fn validate(config: &Config, file: &Path, text: &str) -> Vec<ConfigEr
     if config.shutdown.grace > std::time::Duration::from_secs(600) {
         p.push(None, "shutdown.grace must be at most 10m");
     }
+    fleet(&mut p, &config.fleet);
     files(&mut p, config);
     p.list
 }
@@ -73,6 +74,22 @@ fn database_url(p: &mut Problems<'_>, url: Option<&Spanned<String>>) {
             place(url),
             format!("database_url must start with postgres:// or sqlite: (got {v:?})"),
         );
+    }
+}
+
+fn fleet(p: &mut Problems<'_>, fleet: &super::FleetConfig) {
+    use std::time::Duration;
+    if fleet.stale_after < Duration::from_secs(1) {
+        p.push(None, "fleet.stale_after must be at least 1s");
+    }
+    if fleet.max_events < 100 {
+        p.push(None, "fleet.max_events must be at least 100");
+    }
+    if fleet.events_retention < Duration::from_secs(60) {
+        p.push(None, "fleet.events_retention must be at least 1m");
+    }
+    if !(Duration::from_secs(60)..=Duration::from_secs(30 * 86_400)).contains(&fleet.session_lifetime) {
+        p.push(None, "fleet.session_lifetime must be between 1m and 30d");
     }
 }
 

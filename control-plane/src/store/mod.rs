@@ -5,7 +5,8 @@
 //! This module opens the pool and holds what every table shares (errors,
 //! the Idempotency-Key types); one module per resource holds its SQL:
 //! `calls` (with `batch`, group commit on Postgres), `routes`,
-//! `audit`, `fleet`, `tokens`, and `idempotency` (the claims).
+//! `audit`, `fleet` (reports and their history), `tokens`, `operators`
+//! (operator tokens and fleet-page sessions), and `idempotency` (the claims).
 //!
 //! **Invariant:** all SQL here is static text with `$n` parameters; nothing
 //! is built by string concatenation.
@@ -23,6 +24,7 @@ mod batch;
 mod calls;
 mod fleet;
 mod idempotency;
+mod operators;
 mod recordings;
 mod routes;
 mod tokens;
@@ -32,6 +34,8 @@ use batch::{Batcher, Counters};
 
 pub use audit::AuditRow;
 pub use calls::{CallRow, NewCall};
+pub use fleet::{BUCKET_MS, EventRow, ReportRow, SampleRow, state_rank};
+pub use operators::SessionRow;
 pub use recordings::Recorded;
 pub use routes::RouteRow;
 
