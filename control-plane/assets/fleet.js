@@ -29,10 +29,10 @@ function clock(ms) {
   return new Date(ms).toLocaleTimeString([], { hour12: false });
 }
 
-function ago(s) {
-  if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s ago`;
-  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s ago`;
-  return `${(s / 3600).toFixed(1)} h ago`;
+function span(s) {
+  if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
+  return `${(s / 3600).toFixed(1)} h`;
 }
 
 function pct(x) {
@@ -112,7 +112,8 @@ function tile(p) {
 
 function setAge(t, p) {
   const meta = t.querySelector('[data-role="age"]');
-  meta.textContent = `${p.stale ? "no report for" : "reported"} ${ago(p.age_s)}${p.version ? " · " + p.version : ""}`;
+  const age = p.stale ? `no report for ${span(p.age_s)}` : `reported ${span(p.age_s)} ago`;
+  meta.textContent = `${age}${p.version ? " · " + p.version : ""}`;
 }
 
 const tiles = new Map(); // pop -> {sig, el}
