@@ -84,7 +84,7 @@ pub fn main(admin: &str, json: bool, watch: bool) -> std::process::ExitCode {
             return ExitCode::SUCCESS;
         }
         drop(out);
-        std::thread::sleep(WATCH_EVERY);
+        rt.block_on(tokio::time::sleep(WATCH_EVERY));
     }
 }
 

@@ -231,7 +231,7 @@ fn paths_of(i: usize, pops: usize) -> Vec<(String, f64)> {
 /// [`DETOURED_ONE_IN`]) through its first peer with the switch that took it
 /// there and a few refusals counted by its relay.
 fn report_of(i: usize, pops: usize, n: u64, started_ms: i64) -> AgentReport {
-    let detoured = i % DETOURED_ONE_IN == 0;
+    let detoured = i.is_multiple_of(DETOURED_ONE_IN);
     let paths: Vec<PathReport> = paths_of(i, pops)
         .into_iter()
         .enumerate()
