@@ -344,4 +344,50 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn the_last_switch_and_watch_frames() {
+        let mut report = AgentReport {
+            pop: "blr".into(),
+            version: "0.1.0".into(),
+            active_path: Some("via:maa".into()),
+            paths: vec![path("direct", false), path("via:maa", true)],
+            config_error: None,
+            recordings: None,
+            deferred: None,
+            switches: vec![detour_wire::SwitchReport {
+                // 2026-12-06 05:17:22.5 UTC.
+                at_ms: 1_796_534_242_500,
+                from: "direct".into(),
+                to: "via:maa".into(),
+                reason: "direct down: 3 consecutive failures (timed out)".into(),
+            }],
+            relay_rejected: Default::default(),
+        };
+        let text = table(&report);
+        assert!(
+            text.contains("last switch 05:17:22 UTC: direct -> via:maa (direct down: 3 consecutive failures (timed out))"),
+            "{text}"
+        );
+        // On a terminal: a header with the time, then the table.
+        let frame = render_watch(Ok(report.clone()), false, true, "127.0.0.1:9090");
+        let (head, rest) = frame.split_once('\n').unwrap();
+        assert!(
+            head.ends_with("127.0.0.1:9090  every 1s, Ctrl-C to stop"),
+            "{head}"
+        );
+        assert_eq!(rest, table(&report));
+        // Piped JSON: one line per refresh, errors too.
+        report.switches.clear();
+        let line = render_watch(Ok(report), true, false, "x");
+        assert_eq!(line.lines().count(), 1);
+        assert!(line.starts_with("{\"pop\":\"blr\""), "{line}");
+        let err = render_watch(Err("refused".into()), true, false, "x");
+        assert_eq!(err, "{\"error\":\"refused\"}\n");
+        let err = render_watch(Err("refused".into()), false, true, "x");
+        assert!(
+            err.contains("no answer, asking again every second: refused"),
+            "{err}"
+        );
+    }
 }
