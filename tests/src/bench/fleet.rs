@@ -424,7 +424,8 @@ fn render(r: &Reading) -> String {
         r.view_failed.to_string(),
     ]);
     format!(
-        "Measured {} with `cargo build --release -p detour-control-plane -p detour-lab && target/release/detour-lab bench fleet --seconds {}` \
+        "## The fleet page's data (issue: the fleet at a glance)\n\n\
+         Measured {} with `cargo build --release -p detour-control-plane -p detour-lab && target/release/detour-lab bench fleet --seconds {}` \
          ({} PoPs, {} pages). The control plane is its own release process on SQLite (its default), plain HTTP; \
          the PoPs are simulated by the benchmark process (one report each every 5 s, three paths each, one in {} \
          through a peer with its switch and relay refusals), which shares the 2 cores. 15 minutes of history \
