@@ -28,7 +28,7 @@ pub struct Inputs<'a> {
     pub stale_after_ms: i64,
     pub reports: &'a [ReportRow],
     /// Samples of the window (older ones are ignored).
-    pub samples: &'a [SampleRow],
+    pub samples: &'a [&'a SampleRow],
     /// Newest first.
     pub switches: &'a [EventRow],
     /// Newest first.

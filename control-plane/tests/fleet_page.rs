@@ -405,6 +405,24 @@ async fn reports_leave_a_bounded_history(backend: Backend) {
         .collect();
     assert_eq!(refused.iter().sum::<i64>(), 5, "3, then 2 more: {refused:?}");
 
+    // A later report in the same bucket raises its point (the worst of the
+    // bucket), seen by the next build of the view.
+    let mut slower = report("blr", "via:maa", vec![switch.clone()], 5);
+    slower.paths[1].rtt_seconds = Some(0.050);
+    send_report(&cp, &blr, &slower).await;
+    wait_until("the view's next build", Duration::from_secs(5), || async {
+        let v = view(&cp, ADMIN_TOKEN).await;
+        let blr_view = v["pops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pop"] == "blr")
+            .cloned();
+        let rtts = blr_view.unwrap()["paths"][1]["history"]["rtt_ms"].clone();
+        rtts.as_array().unwrap().iter().any(|x| *x == 50.0)
+    })
+    .await;
+
     // Bounded: at most `max_events` events stay, and old samples go.
     let store = cp.store().await;
     let (samples, events) = store.fleet_history_size().await.unwrap();

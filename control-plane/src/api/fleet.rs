@@ -131,9 +131,26 @@ pub(super) async fn fleet_reader(app: &super::App, headers: &HeaderMap) -> Resul
 
 /// The view, built at most once per [`ViewCache::FRESH`] on this replica
 /// however many pages poll it: one build's queries serve every viewer.
+///
+/// It also keeps the history samples of closed buckets as read last time:
+/// those rows no longer change (a report writes the bucket of the moment it
+/// arrives), so a build reads only the last two buckets from the database
+/// instead of the whole 15 minutes (a few thousand rows instead of ~90,000
+/// for 1,000 PoPs, which took 300 ms on SQLite). The database stays the
+/// history's only source: a replica that starts, or has not been asked for
+/// a while, reads the window whole again.
 #[derive(Default)]
 pub struct ViewCache {
-    last: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+    state: tokio::sync::Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    built: Option<(Instant, Bytes)>,
+    /// Samples by bucket, for buckets before `complete_until`.
+    samples: std::collections::BTreeMap<i64, Vec<store::SampleRow>>,
+    /// The first bucket that may still change (is read again).
+    complete_until: i64,
 }
 
 impl ViewCache {
@@ -144,15 +161,20 @@ impl ViewCache {
     async fn get(&self, app: &super::App) -> Result<Bytes, ApiError> {
         // Held across the build: concurrent requests wait for one build
         // instead of each running its own.
-        let mut last = self.last.lock().await;
-        if let Some((at, body)) = &*last
+        let mut state = self.state.lock().await;
+        if let Some((at, body)) = &state.built
             && at.elapsed() < Self::FRESH
         {
             return Ok(body.clone());
         }
         let now = store::now_ms();
+        let first = crate::fleet::first_bucket(now);
+        let now_bucket = now.div_euclid(store::BUCKET_MS);
+        // The bucket before this one may still take a report that was in
+        // flight as it closed; read it again too.
+        let read_from = state.complete_until.clamp(first, now_bucket - 1);
         let reports = app.store.fleet().await?;
-        let samples = app.store.fleet_samples(crate::fleet::first_bucket(now)).await?;
+        let fresh = app.store.fleet_samples(read_from).await?;
         let switches = app
             .store
             .fleet_events("switch", crate::fleet::EVENTS_SHOWN)
@@ -161,16 +183,24 @@ impl ViewCache {
             .store
             .fleet_events("refusal", crate::fleet::EVENTS_SHOWN)
             .await?;
+        let mut samples = std::mem::take(&mut state.samples).split_off(&first);
+        samples.retain(|&b, _| b < read_from);
+        for s in fresh {
+            samples.entry(s.bucket).or_default().push(s);
+        }
+        let all: Vec<&store::SampleRow> = samples.values().flatten().collect();
         let v = crate::fleet::view(&crate::fleet::Inputs {
             now_ms: now,
             stale_after_ms: app.config.fleet.stale_after.as_millis() as i64,
             reports: &reports,
-            samples: &samples,
+            samples: &all,
             switches: &switches,
             refusals: &refusals,
         });
         let body = Bytes::from(v.to_string());
-        *last = Some((Instant::now(), body.clone()));
+        state.samples = samples;
+        state.complete_until = now_bucket - 1;
+        state.built = Some((Instant::now(), body.clone()));
         Ok(body)
     }
 }

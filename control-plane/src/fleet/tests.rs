@@ -101,7 +101,7 @@ fn a_detour_a_stale_pop_and_history_in_their_places() {
         now_ms: NOW,
         stale_after_ms: 30_000,
         reports: &reports,
-        samples: &samples,
+        samples: &samples.iter().collect::<Vec<_>>(),
         switches: &[],
         refusals: &[],
     });

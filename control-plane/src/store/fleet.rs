@@ -252,13 +252,12 @@ impl Store {
             .execute(&self.pool)
             .await?
             .rows_affected();
-        // The newest `max_events` by arrival stay (a subquery that finds no
-        // row deletes nothing).
+        // Exactly the newest `max_events` by arrival stay (ties broken by id).
         n += sqlx::query(
-            "DELETE FROM fleet_events WHERE received_at < \
-             (SELECT received_at FROM fleet_events ORDER BY received_at DESC LIMIT 1 OFFSET $1)",
+            "DELETE FROM fleet_events WHERE id NOT IN \
+             (SELECT id FROM fleet_events ORDER BY received_at DESC, id DESC LIMIT $1)",
         )
-        .bind(max_events.max(1) - 1)
+        .bind(max_events.max(0))
         .execute(&self.pool)
         .await?
         .rows_affected();

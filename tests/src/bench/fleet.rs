@@ -5,7 +5,8 @@
 //! database (as after a quarter of an hour of such reports), and pages
 //! polling `GET /v1/fleet/view` every second. Measured: the control plane's
 //! CPU (share of one core) with the reports alone and with the pages too,
-//! and the data endpoint's latency.
+//! and the data endpoint's latency. Reports carry an Idempotency-Key each,
+//! as the agent's do.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -312,6 +313,8 @@ async fn report_loop(
                 .post(url)
                 .bearer_auth(token)
                 .header("content-type", "application/json")
+                // As the agent sends it: every report with its own key.
+                .header("idempotency-key", uuid::Uuid::new_v4().to_string())
                 .body(body)
                 .send()
                 .await;
