@@ -6,7 +6,8 @@
 //
 // Environment: FLEET_URL (https://127.0.0.1:PORT/fleet), FLEET_TOKEN (an
 // operator token), CHROMIUM (the executable), SCREENSHOT (a PNG to write
-// while blr is cut off, optional), STEP_TIMEOUT_MS (default 15000).
+// while blr is cut off, and beside it `-phone.png` at a phone's width;
+// optional), STEP_TIMEOUT_MS (default 15000).
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 
@@ -113,7 +114,13 @@ try {
     // One more report, so the sparkline shows the cut.
     await page.waitForTimeout(2500);
     await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
-    step("screenshot", process.env.SCREENSHOT);
+    // And as a phone shows it (the same page at 390 px).
+    const phone = process.env.SCREENSHOT.replace(/\.png$/, "-phone.png");
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.waitForTimeout(300);
+    await page.screenshot({ path: phone, fullPage: false });
+    await page.setViewportSize({ width: 1280, height: 860 });
+    step("screenshot", `${process.env.SCREENSHOT} ${phone}`);
   }
 
   if ((await command()) !== "heal") throw new Error("expected heal");

@@ -322,8 +322,13 @@ async fn report_loop(
                 Ok(r) if r.status().is_success() => {
                     lat.lock().unwrap_or_else(|e| e.into_inner()).push(t.elapsed());
                 }
-                _ => {
+                other => {
                     failed.fetch_add(1, Ordering::Relaxed);
+                    let why = match other {
+                        Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                        Err(e) => format!("{e:#}"),
+                    };
+                    eprintln!("fleet: a report of {pop} failed after {:?}: {why}", t.elapsed());
                 }
             }
         });
