@@ -84,7 +84,8 @@ pub fn main(admin: &str, json: bool, watch: bool) -> std::process::ExitCode {
             return ExitCode::SUCCESS;
         }
         drop(out);
-        rt.block_on(tokio::time::sleep(WATCH_EVERY));
+        // The timer is made inside the runtime (it needs its reactor).
+        rt.block_on(async { tokio::time::sleep(WATCH_EVERY).await });
     }
 }
 
