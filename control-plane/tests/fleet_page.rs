@@ -373,6 +373,26 @@ async fn reports_leave_a_bounded_history(backend: Backend) {
     send_report(&cp, &blr, &report("blr", "via:maa", vec![switch.clone()], 5)).await;
 
     let v = view(&cp, ADMIN_TOKEN).await;
+    // Browsers get it gzipped (a tenth of the size at 1,000 PoPs).
+    let r = cp
+        .client
+        .get(cp.url("/v1/fleet/view"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("accept-encoding", "gzip, deflate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&r.bytes().await.unwrap()[..]),
+        &mut text,
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["summary"],
+        v["summary"]
+    );
     assert_eq!(v["summary"]["detoured"], 1);
     assert_eq!(v["summary"]["direct"], 1);
     assert_eq!(v["detours"][0]["from"], "blr");
