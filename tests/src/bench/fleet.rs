@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::BenchArgs;
 use crate::load::Latencies;
-use crate::process::{Proc, cpu_us, free_port, loopback, rss_kib, sibling, wait_listening};
+use crate::process::{Proc, cpu_us, free_port, loopback, rss_kib, sibling, tree_cpu_us, wait_listening};
 use crate::report::{Table, machine, ms};
 
 /// Each PoP reports this often (half the agents' default, as the issue asks).
@@ -32,22 +32,43 @@ const DETOURED_ONE_IN: usize = 50;
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let machine = machine();
+    let mut readings = vec![measure(args, None).await?];
+    let postgres = match crate::pg::unavailable() {
+        None => {
+            let pg = crate::pg::PrivatePostgres::start()?;
+            readings.push(measure(args, Some(&pg)).await?);
+            None
+        }
+        Some(why) => {
+            println!("fleet: no Postgres run: {why}");
+            Some(why)
+        }
+    };
+    args.publish("fleet", &render(args, &machine, &readings, postgres.as_deref()))
+}
+
+/// One backend's run: SQLite in a temporary directory, or `pg`'s database.
+async fn measure(args: &BenchArgs, pg: Option<&crate::pg::PrivatePostgres>) -> anyhow::Result<Reading> {
     let pops = args.pops.max(3);
     let dur = Duration::from_secs(args.seconds);
+    let backend = if pg.is_some() { "Postgres" } else { "SQLite" };
     let bin = sibling("detour-control-plane")?;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let admin = format!("bench-admin-{}", uuid::Uuid::new_v4().simple());
     std::fs::write(dir.path().join("admin.token"), &admin)?;
     let config_path = dir.path().join("cp.toml");
-    // Reports are rate limited per PoP; a PoP here sends one per 5 s.
+    let db = pg.map_or_else(String::new, |pg| format!("database_url = \"{}\"\n", pg.url()));
     std::fs::write(
         &config_path,
-        format!("listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\nadmin_token_file = \"admin.token\"\n"),
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\nadmin_token_file = \"admin.token\"\n{db}"
+        ),
     )?;
     let config = detour_control_plane::Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("fleet: {pops} PoPs: tokens and 15 minutes of history…");
+    println!("fleet ({backend}): {pops} PoPs: tokens and 15 minutes of history…");
     let (tokens, operator) = prepare(&config, pops).await?;
+    let db_cpu = || pg.and_then(|p| p.server_pid()).map_or(0, tree_cpu_us);
 
     let cp = Proc(
         std::process::Command::new(&bin)
@@ -77,16 +98,16 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         report_lat.clone(),
         report_failed.clone(),
     ));
-    println!("fleet: warming up {WARM_UP:?}…");
+    println!("fleet ({backend}): warming up {WARM_UP:?}…");
     tokio::time::sleep(WARM_UP).await;
 
     // Reports alone.
     report_lat.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    let (cpu0, t0) = (cpu_us(cp.id()), Instant::now());
+    let (cpu0, db0, t0) = (cpu_us(cp.id()), db_cpu(), Instant::now());
     tokio::time::sleep(dur).await;
     let reports_only = share(cpu_us(cp.id()) - cpu0, t0.elapsed());
-    let reports_n = report_lat.lock().unwrap_or_else(|e| e.into_inner()).len();
-    println!("fleet: reports alone: {reports_only:.1}% of a core, {reports_n} reports");
+    let db_reports_only = share(db_cpu().saturating_sub(db0), t0.elapsed());
+    println!("fleet ({backend}): reports alone: {reports_only:.1}% of a core");
 
     // Reports and pages.
     let viewers = args.viewers.max(1);
@@ -109,18 +130,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     view_lat.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    view_bytes.store(0, Ordering::Relaxed);
     report_lat.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    let (cpu0, t0) = (cpu_us(cp.id()), Instant::now());
+    let (cpu0, db0, t0) = (cpu_us(cp.id()), db_cpu(), Instant::now());
     tokio::time::sleep(dur).await;
     let with_pages = share(cpu_us(cp.id()) - cpu0, t0.elapsed());
-    stop.notify_waiters();
-    let _ = reporters.await;
-    for p in pages {
-        let _ = p.await;
-    }
-    let rss = rss_kib(cp.id()).0;
-    drop(cp);
-
+    let db_with_pages = share(db_cpu().saturating_sub(db0), t0.elapsed());
+    // What the window saw; requests still in flight when the control plane
+    // is stopped below are not its failures.
     let views = Latencies::new(view_lat.lock().unwrap_or_else(|e| e.into_inner()).iter().copied());
     let reports = Latencies::new(
         report_lat
@@ -129,22 +146,34 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .iter()
             .copied(),
     );
+    let (report_failed, view_failed) = (
+        report_failed.load(Ordering::Relaxed),
+        view_failed.load(Ordering::Relaxed),
+    );
+    let view_bytes = view_bytes.load(Ordering::Relaxed);
+    stop.notify_waiters();
+    let _ = reporters.await;
+    for p in pages {
+        let _ = p.await;
+    }
+    let rss = rss_kib(cp.id()).0;
+    drop(cp);
+
     let n_views = views.len().max(1) as u64;
-    let md = render(&Reading {
-        machine,
+    Ok(Reading {
+        backend,
         pops,
         viewers,
-        seconds: args.seconds,
         reports_only,
         with_pages,
+        db_cpu: pg.map(|_| (db_reports_only, db_with_pages)),
         views,
-        view_failed: view_failed.load(Ordering::Relaxed),
-        view_kib: view_bytes.load(Ordering::Relaxed) / n_views / 1024,
+        view_failed,
+        view_kib: view_bytes / n_views / 1024,
         reports,
-        report_failed: report_failed.load(Ordering::Relaxed),
+        report_failed,
         rss_mib: rss / 1024,
-    });
-    args.publish("fleet", &md)
+    })
 }
 
 /// CPU time over wall time, as a percentage of one core.
@@ -383,12 +412,13 @@ async fn poll_loop(
 }
 
 struct Reading {
-    machine: String,
+    backend: &'static str,
     pops: usize,
     viewers: usize,
-    seconds: u64,
     reports_only: f64,
     with_pages: f64,
+    /// The database server's CPU (Postgres: its processes), both phases.
+    db_cpu: Option<(f64, f64)>,
     views: Latencies,
     view_failed: u64,
     view_kib: u64,
@@ -397,61 +427,87 @@ struct Reading {
     rss_mib: u64,
 }
 
-fn render(r: &Reading) -> String {
+fn render(args: &BenchArgs, machine: &str, readings: &[Reading], no_pg: Option<&str>) -> String {
     let mut t = Table::new(&[
         "",
         "control plane CPU (one core = 100%)",
+        "database CPU",
         "p50",
         "p99",
         "max",
         "requests",
         "failed",
     ]);
-    let (rp50, rp99, rmax) = r.reports.p50_p99_max();
-    t.row(&[
-        format!("{} PoPs reporting every 5 s, no page", r.pops),
-        format!("{:.1}%", r.reports_only),
-        String::new(),
-        String::new(),
-        String::new(),
-        String::new(),
-        String::new(),
-    ]);
-    t.row(&[
-        format!("the same, {} pages open: the reports", r.viewers),
-        format!("{:.1}%", r.with_pages),
-        ms(rp50),
-        ms(rp99),
-        ms(rmax),
-        r.reports.len().to_string(),
-        r.report_failed.to_string(),
-    ]);
-    let (p50, p99, max) = r.views.p50_p99_max();
-    t.row(&[
-        format!("the same: `GET /v1/fleet/view` ({} KiB gzipped)", r.view_kib),
-        String::new(),
-        ms(p50),
-        ms(p99),
-        ms(max),
-        r.views.len().to_string(),
-        r.view_failed.to_string(),
-    ]);
+    for r in readings {
+        let db = |phase: usize| {
+            r.db_cpu.map_or("(in process)".to_owned(), |c| {
+                format!("{:.1}%", if phase == 0 { c.0 } else { c.1 })
+            })
+        };
+        t.row(&[
+            format!("{}: {} PoPs reporting every 5 s, no page", r.backend, r.pops),
+            format!("{:.1}%", r.reports_only),
+            db(0),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        let (rp50, rp99, rmax) = r.reports.p50_p99_max();
+        t.row(&[
+            format!("{}: the same, {} pages open: the reports", r.backend, r.viewers),
+            format!("{:.1}%", r.with_pages),
+            db(1),
+            ms(rp50),
+            ms(rp99),
+            ms(rmax),
+            r.reports.len().to_string(),
+            r.report_failed.to_string(),
+        ]);
+        let (p50, p99, max) = r.views.p50_p99_max();
+        t.row(&[
+            format!(
+                "{}: the same: `GET /v1/fleet/view` ({} KiB gzipped)",
+                r.backend, r.view_kib
+            ),
+            String::new(),
+            String::new(),
+            ms(p50),
+            ms(p99),
+            ms(max),
+            r.views.len().to_string(),
+            r.view_failed.to_string(),
+        ]);
+    }
+    let rss: Vec<String> = readings
+        .iter()
+        .map(|r| format!("{} {} MiB", r.backend, r.rss_mib))
+        .collect();
+    let pg_note = match no_pg {
+        None => {
+            " Postgres is a private server started for the run (Debian's, `fsync=off`, on the same 2 cores); \
+                 its CPU is the server and its backends'."
+                .to_owned()
+        }
+        Some(why) => format!(" No Postgres run: {why}."),
+    };
     format!(
         "## The fleet page's data (issue: the fleet at a glance)\n\n\
-         Measured {} with `cargo build --release -p detour-control-plane -p detour-lab && target/release/detour-lab bench fleet --seconds {}` \
-         ({} PoPs, {} pages). The control plane is its own release process on SQLite (its default), plain HTTP; \
-         the PoPs are simulated by the benchmark process (one report each every 5 s, three paths each, one in {} \
-         through a peer with its switch and relay refusals), which shares the 2 cores. 15 minutes of history \
-         (30 points per path) are in the database before it starts. Each page asks for the view every second; \
-         the control plane builds it at most twice a second and serves every page from that. CPU is the control \
-         plane's user + system time over {} s each (from /proc), latencies in ms; its RSS at the end {} MiB.\n\n{}",
-        r.machine,
-        r.seconds,
-        r.pops,
-        r.viewers,
-        DETOURED_ONE_IN,
-        r.seconds,
-        r.rss_mib,
+         Measured {machine} with `cargo build --release -p detour-control-plane -p detour-lab && \
+         target/release/detour-lab bench fleet --seconds {}` ({} PoPs, {} pages). The control plane is its own \
+         release process, plain HTTP, on SQLite (its default) and then on Postgres.{pg_note} The PoPs are \
+         simulated by the benchmark process (one report each every 5 s with its own Idempotency-Key, three paths \
+         each, one in {DETOURED_ONE_IN} through a peer with its switch and relay refusals), which shares the 2 \
+         cores. 15 minutes of history (30 points per path) are in the database before it starts. Each page asks \
+         for the view every second (gzip accepted, as browsers do); a replica builds it at most twice a second \
+         and serves every page from that. CPU is user + system time over {} s each (from /proc), latencies in \
+         ms; the control plane's RSS at the end: {}.\n\n{}",
+        args.seconds,
+        args.pops,
+        args.viewers,
+        args.seconds,
+        rss.join(", "),
         t.finish()
     )
 }
