@@ -67,7 +67,7 @@ fn a_detour_a_stale_pop_and_history_in_their_places() {
         ("xyz".to_owned(), NOW, "not a report".to_owned()),
     ];
     let now_bucket = NOW / BUCKET_MS;
-    let samples = vec![
+    let samples = [
         SampleRow {
             pop: "blr".into(),
             path: "direct".into(),
