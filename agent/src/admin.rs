@@ -50,7 +50,22 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::B
 /// The agent's report, as `/status` serves it.
 pub fn report(shared: &Shared) -> AgentReport {
     let rt = shared.forwarder.runtime();
-    let paths = rt.health.reports();
+    let mut paths = rt.health.reports();
+    for report in paths.iter_mut().filter(|r| r.state != PathState::Up) {
+        // A path down because a certificate was refused says so: "3
+        // consecutive failures (connect failed)" alone hides a revocation.
+        let problem = rt
+            .paths
+            .iter()
+            .find(|p| *p.name == *report.path)
+            .and_then(|p| p.cert_problem());
+        if let Some(problem) = problem {
+            report.reason = Some(match report.reason.take() {
+                Some(r) => format!("{r}: {problem}"),
+                None => problem.to_string(),
+            });
+        }
+    }
     AgentReport {
         pop: rt.config.pop.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -42,6 +42,14 @@ pub struct PeerControl {
 /// Binds the control socket at `path`, replacing a socket file left by an
 /// earlier process (never any other kind of file).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    // systemd makes the runtime directory (0700); elsewhere the agent does.
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
         Ok(_) => {
@@ -171,4 +179,52 @@ pub async fn call(socket: &Path, method: Method, path: &str) -> anyhow::Result<(
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `detour-agent peer list|drain|undrain`: asks the agent at `socket` and
+/// prints the outcome. Errors say what to do.
+pub async fn peer_command(socket: &Path, action: &str, name: Option<&str>) -> anyhow::Result<()> {
+    let (method, path) = match (action, name) {
+        ("list", _) => (Method::GET, "/peers".to_owned()),
+        ("drain" | "undrain", Some(n)) => (Method::POST, format!("/peers/{n}/{action}")),
+        _ => anyhow::bail!("usage: detour-agent peer list | drain NAME | undrain NAME"),
+    };
+    let (status, body) = call(socket, method, &path).await?;
+    if !status.is_success() {
+        let detail = serde_json::from_str::<Problem>(&body)
+            .ok()
+            .and_then(|p| p.detail)
+            .unwrap_or(body);
+        anyhow::bail!("{detail}");
+    }
+    if action == "list" {
+        let peers: Vec<PeerControl> = serde_json::from_str(&body)?;
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::NOTHING);
+        table.set_header(["PEER", "IN FILE", "RUNTIME"]);
+        for p in &peers {
+            table.add_row([
+                p.name.as_str(),
+                if p.enabled { "enabled" } else { "disabled" },
+                if p.drained { "drained" } else { "-" },
+            ]);
+        }
+        println!("{table}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let name = name.unwrap_or_default();
+    let changed = v["changed"].as_bool().unwrap_or(false);
+    match (action, changed) {
+        ("drain", true) => println!(
+            "{name}: drained; no new requests go through it (`detour-agent peer undrain {name}` to restore)"
+        ),
+        ("drain", false) => println!("{name}: already drained"),
+        (_, true) => println!("{name}: undrained; it takes requests again when its paths are up"),
+        (_, false) => println!("{name}: was not drained"),
+    }
+    if v["peer"]["enabled"] == false {
+        println!("{name}: note: `enabled = false` in the peers file keeps it out of service anyway");
+    }
+    Ok(())
 }

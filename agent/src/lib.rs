@@ -9,12 +9,13 @@
 //! [`runtime`] owns the running state and its replacement on reload,
 //! [`reload`] watches the files, [`agent`] takes or binds the listeners and
 //! starts the loops, [`upgrade`] hands them from one process to the next; [`config`], [`tls`], [`pki`], [`admin`], [`metrics`], [`allocator`] and [`status`]
-//! support them. `main.rs` only parses the command line and calls into this
+//! support them. `main.rs` only parses the command line ([`cli`]) and calls into this
 //! library, so tests and the lab drive the same code.
 
 pub mod admin;
 pub mod agent;
 pub mod allocator;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod deferred;

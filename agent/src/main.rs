@@ -1,96 +1,11 @@
 //! `detour-agent`: the command line. Parses arguments, sets up logging and
 //! calls into the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use detour_agent::cli::{Cli, Command, LogFormat, PeerCommand, PkiCommand};
 use detour_agent::config::AgentConfig;
-
-#[derive(Parser)]
-#[command(
-    name = "detour-agent",
-    version,
-    about = "Keeps a telephony server talking to its control plane over the best working path."
-)]
-struct Cli {
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Plain, global = true)]
-    log_format: LogFormat,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the agent.
-    Run {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Worker threads. 1 runs everything on one thread (no cross-core
-        /// wake-ups on the request path); a request costs the agent tens of
-        /// microseconds of CPU, so one thread carries thousands per second.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-        threads: u16,
-        /// Take the listening sockets and the path table over from the agent
-        /// running with the same upgrade.dir, which then drains and exits (an
-        /// upgrade or restart that refuses no connection). Starts on its own
-        /// when no agent runs there.
-        #[arg(long)]
-        takeover: bool,
-    },
-    /// Validate agent.toml and the peers file; print every problem as file:line:col: message.
-    CheckConfig {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Print the path table of a running agent (from its admin /status).
-    Status {
-        /// Admin address of the agent.
-        #[arg(long, default_value = "127.0.0.1:9090")]
-        admin: String,
-        /// Print the raw JSON.
-        #[arg(long)]
-        json: bool,
-        /// Ask again every second and redraw in place, until Ctrl-C.
-        #[arg(long)]
-        watch: bool,
-    },
-    /// A fleet CA and per-PoP certificates.
-    Pki {
-        #[command(subcommand)]
-        command: PkiCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum PkiCommand {
-    /// Create a fleet CA: DIR/ca.pem and DIR/ca.key.
-    Init {
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Issue a PoP certificate: OUT/NAME.pem and OUT/NAME.key.
-    Issue {
-        /// Directory holding ca.pem and ca.key.
-        #[arg(long)]
-        ca: PathBuf,
-        /// PoP name, e.g. blr.
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        out: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = detour_agent::pki::LEAF_VALIDITY_DAYS)]
-        days: i64,
-    },
-}
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -110,6 +25,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match AgentConfig::load(&config) {
             Ok(c) => {
+                for w in c.warnings() {
+                    eprintln!("{}: warning: {w}", config.display());
+                }
                 println!(
                     "{}: OK (pop {}, {} peer(s), control plane {})",
                     config.display(),
@@ -170,15 +88,83 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { admin, json, watch } => detour_agent::status::main(&admin, json, watch),
+        Command::Peer {
+            command,
+            config,
+            socket,
+        } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => match AgentConfig::load(&config) {
+                    Ok(c) => match c.listen.control {
+                        Some(s) => s,
+                        None => {
+                            eprintln!(
+                                "detour-agent peer: {} has no listen.control; set it (e.g. /run/detour-agent/control.sock) and restart the agent",
+                                config.display()
+                            );
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                    Err(errors) => {
+                        eprintln!("{errors}");
+                        eprintln!(
+                            "detour-agent peer: cannot read the control socket from {}; pass --socket PATH",
+                            config.display()
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let (action, name) = match &command {
+                PeerCommand::List => ("list", None),
+                PeerCommand::Drain { name } => ("drain", Some(name.as_str())),
+                PeerCommand::Undrain { name } => ("undrain", Some(name.as_str())),
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("detour-agent peer: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(detour_agent::control::peer_command(&socket, action, name)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("detour-agent peer {action}: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Pki { command } => {
             let result = match command {
-                PkiCommand::Init { out } => detour_agent::pki::init(&out).map(|(c, k)| {
+                PkiCommand::Init { out, days } => detour_agent::pki::init_for(&out, days).map(|(c, k)| {
                     println!("wrote {} and {}", c.display(), k.display());
                 }),
                 PkiCommand::Issue { ca, name, out, days } => detour_agent::pki::issue(&ca, &name, &out, days)
                     .map(|(c, k)| {
                         println!("wrote {} and {}", c.display(), k.display());
                     }),
+                PkiCommand::Revoke {
+                    ca,
+                    name,
+                    cert,
+                    reason,
+                } => detour_agent::pki::revoke(&ca, name.as_deref(), cert.as_deref(), reason).map(|r| {
+                    for c in &r.added {
+                        println!("revoked {} (serial {})", c.names.join(", "), c.serial);
+                    }
+                    for c in &r.already {
+                        println!("already revoked: {} (serial {})", c.names.join(", "), c.serial);
+                    }
+                    println!(
+                        "wrote {} (CRL number {}, {} revoked in all): install it where agents' [tls] crl points \
+                         (they apply it as soon as the file changes)",
+                        r.crl.display(),
+                        r.number,
+                        r.total
+                    );
+                }),
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -36,6 +36,10 @@ pub struct Metrics {
     /// 1 for the path new requests use first, else 0.
     pub active_path: IntGaugeVec,
     pub active_endpoint: IntGaugeVec,
+    /// 1 for the most preferred control-plane endpoint(s) (the lowest
+    /// `priority`), 0 for the others: with `detour_active_endpoint`, says
+    /// whether a PoP runs on a secondary region.
+    pub endpoint_preferred: IntGaugeVec,
     pub path_switches: IntCounter,
     pub probes: IntCounterVec,
     /// Call-handler connections open now.
@@ -167,6 +171,13 @@ impl Metrics {
                 Opts::new(
                     "detour_active_endpoint",
                     "1 for the control-plane endpoint new requests go to first."
+                ),
+                &["endpoint"]
+            )),
+            endpoint_preferred: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "detour_endpoint_preferred",
+                    "1 for the most preferred control-plane endpoint (lowest priority), 0 for the others."
                 ),
                 &["endpoint"]
             )),
@@ -318,9 +329,9 @@ impl Metrics {
         metrics
     }
 
-    /// Publishes the expiry of every certificate in `config`, replacing
-    /// what an earlier config published.
-    pub fn set_certificates(&self, config: &crate::config::AgentConfig) {
+    /// Publishes the expiry of every certificate in `config` and which
+    /// endpoints are preferred, replacing what an earlier config published.
+    pub fn set_config_gauges(&self, config: &crate::config::AgentConfig) {
         self.certificate_expiry.reset();
         let set = |role: &str, certs: &[rustls::pki_types::CertificateDer<'_>]| {
             for (subject, not_after) in certs.iter().filter_map(crate::tls::cert_expiry) {
@@ -334,6 +345,13 @@ impl Metrics {
             set("fleet_ca", &tls.ca_certs);
         }
         set("control_plane_ca", &config.control_plane.ca_certs);
+        self.endpoint_preferred.reset();
+        let best = config.control_plane.endpoints.iter().map(|e| e.priority).min();
+        for e in &config.control_plane.endpoints {
+            self.endpoint_preferred
+                .with_label_values(&[&e.name])
+                .set(i64::from(Some(e.priority) == best));
+        }
     }
 
     /// Records a successful load or reload of the config files.

@@ -244,6 +244,10 @@ struct DialerInner {
     peer_tls: Option<TlsConnector>,
     sockets: Arc<Sockets>,
     retirement: Arc<Retirement>,
+    /// What the last TLS handshake with the peer's relay said about
+    /// certificates (revoked, untrusted, refused), until one succeeds: the
+    /// reason `/status` gives for a `via:` path that is down.
+    cert_problem: ArcSwapOption<String>,
 }
 
 /// When a peer's relay says it is draining (its process is being replaced),
@@ -348,6 +352,29 @@ async fn resolve(target: &str) -> Result<Vec<SocketAddr>, DialError> {
 }
 
 impl DialerInner {
+    /// Remembers what a tunnel setup said about certificates: a refused one
+    /// (either side's) is kept for `/status` and logged when it is new; a
+    /// relay that answered clears it.
+    fn note_certificates(&self, peer: &str, err: Option<&DialError>) {
+        match err {
+            None | Some(DialError::Refused { .. }) => {
+                if self.cert_problem.swap(None).is_some() {
+                    tracing::info!(path = %self.retirement.path, "certificates accepted again by {peer}'s relay");
+                }
+            }
+            Some(DialError::PeerTls { source, .. }) => {
+                if let Some(problem) = crate::tls::certificate_problem(source) {
+                    let problem = format!("{peer}'s relay: {problem}");
+                    let old = self.cert_problem.swap(Some(Arc::new(problem.clone())));
+                    if old.as_deref().map(String::as_str) != Some(problem.as_str()) {
+                        tracing::warn!(path = %self.retirement.path, "{problem}");
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
     async fn dial(&self, generation: u64) -> Result<DialStream, DialError> {
         let target = match &self.route {
             Route::Direct => self.target_authority.clone(),
@@ -389,14 +416,15 @@ impl DialerInner {
                     peer: peer.clone(),
                     source: io::Error::other(e),
                 })?;
-                let stream = tls
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|source| DialError::PeerTls {
+                let tunnel = match tls.connect(name, tcp).await {
+                    Ok(stream) => connect_tunnel(stream, peer, &self.target_authority).await,
+                    Err(source) => Err(DialError::PeerTls {
                         peer: peer.clone(),
                         source,
-                    })?;
-                let (stream, framed) = connect_tunnel(stream, peer, &self.target_authority).await?;
+                    }),
+                };
+                self.note_certificates(peer, tunnel.as_ref().err());
+                let (stream, framed) = tunnel?;
                 let deframer = framed.then(|| {
                     let retirement = self.retirement.clone();
                     Deframer::new(Box::new(move || retirement.signal(generation)))
@@ -429,11 +457,21 @@ where
         .header(frames::HEADER, frames::FRAMED)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| proto(format!("cannot ask for {authority}: {e}")))?;
+    // With TLS 1.3 the relay checks our certificate after our side of the
+    // handshake is done: its refusal (an alert) arrives here, and is a TLS
+    // error, not a protocol one.
+    let fail = |e: hyper::Error| match tls_cause(&e) {
+        Some(source) => DialError::PeerTls {
+            peer: peer.to_owned(),
+            source,
+        },
+        None => proto(e.to_string()),
+    };
     let (mut sender, conn) = http1::Builder::new()
         .max_buf_size(8192)
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| proto(e.to_string()))?;
+        .map_err(fail)?;
     // The connection task answers the request and, after a 200, hands the
     // stream over to the upgrade; it ends then (or when the relay closes).
     let mut conn = std::pin::pin!(conn.with_upgrades());
@@ -441,12 +479,12 @@ where
     let mut conn_done = false;
     let resp = tokio::select! {
         biased;
-        r = send.as_mut() => r.map_err(|e| proto(e.to_string()))?,
+        r = send.as_mut() => r.map_err(fail)?,
         r = conn.as_mut() => {
-            r.map_err(|e| proto(e.to_string()))?;
+            r.map_err(fail)?;
             conn_done = true;
             // Ended cleanly: the answer (if any) is already with `send`.
-            send.await.map_err(|e| proto(e.to_string()))?
+            send.await.map_err(fail)?
         }
     };
     if resp.status() != http::StatusCode::OK {
@@ -477,6 +515,23 @@ where
         )));
     }
     Ok((parts.io.into_inner(), framed))
+}
+
+/// The TLS error that ended a hyper exchange, if one did (as an `io::Error`
+/// around the `rustls::Error`, the way tokio-rustls reports them).
+fn tls_cause(e: &hyper::Error) -> Option<io::Error> {
+    let mut cur = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if let Some(tls) = err
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(io::Error::other(tls.clone()));
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// A byte stream of [`PathClient::dial_http1`].
@@ -545,6 +600,7 @@ impl PathClient {
             peer_tls: peer_tls.map(TlsConnector::from),
             sockets: sockets.clone(),
             retirement: Arc::new(Retirement::new(name)),
+            cert_problem: ArcSwapOption::empty(),
         });
         let client = Arc::new(ArcSwapOption::from_pointee(pool(&dialer, 1, &cp_tls)));
         let _ = dialer.retirement.pool.set(Arc::downgrade(&client));
@@ -628,6 +684,13 @@ impl PathClient {
             .await
             .map_err(|source| DialError::ControlPlaneTls { target, source })?;
         Ok(Box::new(tls))
+    }
+
+    /// What the last handshake with this path's peer relay said about
+    /// certificates (e.g. "maa's relay: its certificate is revoked
+    /// (tls.crl)"), until a handshake succeeds; `None` for `direct`.
+    pub fn cert_problem(&self) -> Option<Arc<String>> {
+        self.dialer.cert_problem.load_full()
     }
 
     /// Counts this path's pool retirements on `counter`.

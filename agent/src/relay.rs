@@ -4,6 +4,9 @@
 //! of its own `[recordings]`). The tunnel is spliced
 //! over this agent's own direct uplink (one hop, never through its own peers)
 //! and its bytes are never read: TLS to the control plane is end to end.
+//! A peer certificate on the fleet CA's revocation list (`tls.crl`) is
+//! refused at the handshake, and an open tunnel whose peer a new list
+//! revokes is closed.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,6 +22,8 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::server::danger::ClientCertVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -121,6 +126,7 @@ fn handshake_reason(e: &io::Error) -> &'static str {
         | Some(rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext { .. })) => {
             "expired_cert"
         }
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => "revoked",
         Some(rustls::Error::InvalidCertificate(_)) => "untrusted_cert",
         Some(_) => "tls_error",
         None => "handshake_error",
@@ -131,6 +137,12 @@ fn handshake_reason(e: &io::Error) -> &'static str {
 pub struct Relay {
     pub config: Arc<AgentConfig>,
     pub acceptor: TlsAcceptor,
+    /// How `acceptor` checks a peer's certificate (fleet CA, revocation lists).
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    /// The newest of those checks, for open tunnels: sent when a reload
+    /// changes the fleet CA or the revocation lists, and kept across reloads
+    /// (like `counts`).
+    pub trust: Arc<watch::Sender<Arc<dyn ClientCertVerifier>>>,
     pub metrics: Arc<Metrics>,
     pub counts: Arc<TunnelCounts>,
 }
@@ -198,7 +210,8 @@ async fn handle_conn(
     // through here, listed in this agent's peers file or not (peer lists
     // differ between PoPs during a rollout). A certificate that names no PoP
     // cannot be told apart in logs and limits, so it is refused.
-    let Some(peer) = crate::tls::peer_name(tls.get_ref().1.peer_certificates()) else {
+    let peer_certs = tls.get_ref().1.peer_certificates();
+    let Some(peer) = crate::tls::peer_name(peer_certs) else {
         relay
             .metrics
             .relay_rejected
@@ -207,6 +220,11 @@ async fn handle_conn(
         tracing::warn!(%remote, "relay refused a fleet certificate that names no PoP");
         return;
     };
+    let chain: Arc<[CertificateDer<'static>]> = peer_certs
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect();
     // The CONNECT head must arrive within what is left of the handshake budget.
     let head_budget = limits
         .handshake_timeout
@@ -216,7 +234,10 @@ async fn handle_conn(
     let peer2 = peer.clone();
     let service = service_fn(move |req| {
         let relay = relay2.clone();
-        let peer = peer2.clone();
+        let peer = Peer {
+            name: peer2.clone(),
+            chain: chain.clone(),
+        };
         let (drain, close) = (drain.clone(), close.clone());
         async move {
             Ok::<_, std::convert::Infallible>(handle_connect(relay, peer, remote, req, drain, close).await)
@@ -257,14 +278,45 @@ fn refuse(relay: &Relay, status: u16, reason: &'static str, title: &str, detail:
     resp
 }
 
+/// The peer on the other end of a relay connection: the PoP its certificate
+/// names, and that certificate's chain (checked again when trust changes).
+struct Peer {
+    name: String,
+    chain: Arc<[CertificateDer<'static>]>,
+}
+
+/// Resolves when a new check of peer certificates (a reload that changed the
+/// fleet CA or the revocation lists) finds `chain` revoked; never otherwise.
+async fn until_revoked(
+    mut trust: watch::Receiver<Arc<dyn ClientCertVerifier>>,
+    chain: Arc<[CertificateDer<'static>]>,
+) {
+    let Some((end_entity, intermediates)) = chain.split_first() else {
+        return std::future::pending().await;
+    };
+    loop {
+        if trust.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let verifier = trust.borrow_and_update().clone();
+        let now = rustls::pki_types::UnixTime::now();
+        if let Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) =
+            verifier.verify_client_cert(end_entity, intermediates, now)
+        {
+            return;
+        }
+    }
+}
+
 async fn handle_connect(
     relay: Arc<Relay>,
-    peer: String,
+    peer: Peer,
     remote: std::net::SocketAddr,
     req: Request<Incoming>,
     drain: watch::Receiver<bool>,
     mut close: watch::Receiver<bool>,
 ) -> Response<Body> {
+    let Peer { name: peer, chain } = peer;
     if req.method() != Method::CONNECT {
         return refuse(
             &relay,
@@ -327,6 +379,11 @@ async fn handle_connect(
         .get(frames::HEADER)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(frames::FRAMED.as_bytes()));
     let counts = relay.counts.clone();
+    let mut trust = relay.trust.subscribe();
+    if !Arc::ptr_eq(&*trust.borrow(), &relay.verifier) {
+        // Trust changed since this connection's handshake: check now.
+        trust.mark_changed();
+    }
     tokio::spawn(async move {
         let _slot = slot;
         let framed = framed.then(|| FramedTunnel::new(counts));
@@ -348,6 +405,10 @@ async fn handle_connect(
                         Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended"),
                     },
                     _ = close.wait_for(|c| *c) => tracing::info!(%peer, "tunnel still open at the end of the drain: closed"),
+                    _ = until_revoked(trust, chain) => tracing::warn!(
+                        %peer,
+                        "tunnel closed: the peer's certificate is revoked (tls.crl)"
+                    ),
                 }
             }
             Err(e) => tracing::debug!(%peer, error = %e, "tunnel upgrade failed"),

@@ -1,6 +1,6 @@
-//! Live reload: watches `agent.toml` and the peers file (and listens for
-//! SIGHUP), validates the whole new config, and swaps it in only when it is
-//! valid. A bad edit leaves the agent running on its old config, logs every
+//! Live reload: watches `agent.toml`, the peers file and the revocation list
+//! (`tls.crl`), and listens for SIGHUP; validates the whole new config, and
+//! swaps it in only when it is valid. A bad edit leaves the agent running on its old config, logs every
 //! problem as `file:line:col: message`, counts
 //! `detour_config_reloads_total{result="error"}` and shows the error in `/status`.
 
@@ -88,9 +88,8 @@ pub fn reload_now(agent: &Agent, files: &ConfigFiles) -> ReloadResult {
 /// modified for [`DEBOUNCE`]; `None` when they are all settled.
 fn fresh_for(files: &ConfigFiles) -> Option<Duration> {
     let now = std::time::SystemTime::now();
-    [Some(&files.agent), files.peers.as_ref()]
-        .into_iter()
-        .flatten()
+    files
+        .watched()
         .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
         .filter_map(|m| now.duration_since(m).ok())
         .filter(|age| *age < DEBOUNCE)
@@ -99,9 +98,8 @@ fn fresh_for(files: &ConfigFiles) -> Option<Duration> {
 }
 
 fn watch_dirs(files: &ConfigFiles) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = [Some(&files.agent), files.peers.as_ref()]
-        .into_iter()
-        .flatten()
+    let mut dirs: Vec<PathBuf> = files
+        .watched()
         .map(|f| f.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf))
         .map(|d| {
             if d.as_os_str().is_empty() {
@@ -119,13 +117,8 @@ fn watch_dirs(files: &ConfigFiles) -> Vec<PathBuf> {
 type Watcher = Debouncer<RecommendedWatcher, RecommendedCache>;
 
 fn watch(files: &ConfigFiles, tx: mpsc::UnboundedSender<()>) -> Option<Watcher> {
-    let names: Vec<PathBuf> = [Some(&files.agent), files.peers.as_ref()]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-    let file_names: Vec<std::ffi::OsString> = names
-        .iter()
+    let file_names: Vec<std::ffi::OsString> = files
+        .watched()
         .filter_map(|p| p.file_name().map(|n| n.to_owned()))
         .collect();
     let mut debouncer = match new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {

@@ -117,10 +117,12 @@ impl Shared {
         let mut drained = load_drained(&config);
         drained.retain(|n| config.peers.iter().any(|p| p.name == *n));
         let runtime = build(config.clone(), &metrics, None, &drained)?;
-        metrics.set_certificates(&config);
+        metrics.set_config_gauges(&config);
         let forwarder = Arc::new(Forwarder::new(runtime, metrics.clone()));
-        let counts = Arc::new(relay::TunnelCounts::default());
-        let relay = relay_state(&config, &metrics, counts)?.map(|r| Arc::new(ArcSwap::from_pointee(r)));
+        let relay = relay_state(&config, &metrics, None)?.map(|r| Arc::new(ArcSwap::from_pointee(r)));
+        for w in config.warnings() {
+            tracing::warn!("{w}");
+        }
         Ok(Shared {
             forwarder,
             metrics,
@@ -173,9 +175,10 @@ impl Shared {
         Ok(true)
     }
 
-    /// Applies a new, already validated config. A rotated certificate, key
-    /// or CA is applied: the relay presents and checks the new ones on new
-    /// handshakes, and tunnels through peers are set up again with them.
+    /// Applies a new, already validated config. A rotated certificate, key,
+    /// CA or revocation list is applied: the relay presents and checks the
+    /// new ones on new handshakes (and closes open tunnels of peers a new
+    /// list revokes), and tunnels through peers are set up again with them.
     pub fn apply(&self, new: AgentConfig) -> Result<Applied, ApplyError> {
         let rt = self.forwarder.runtime();
         if same_config(&rt.config, &new) {
@@ -192,11 +195,21 @@ impl Shared {
         // Everything is built before anything is swapped.
         let runtime = build(new.clone(), &self.metrics, Some(&rt), &drained)?;
         let relay_next = match &self.relay {
-            Some(relay) => relay_state(&new, &self.metrics, relay.load().counts.clone())?,
+            Some(relay) => relay_state(&new, &self.metrics, Some(&relay.load()))?,
             None => None,
         };
         if let (Some(relay), Some(r)) = (&self.relay, relay_next) {
-            relay.store(Arc::new(r));
+            let trust_changed = match (&rt.config.tls, &new.tls) {
+                (Some(a), Some(b)) => !a.same_trust(b),
+                _ => true,
+            };
+            let r = Arc::new(r);
+            relay.store(r.clone());
+            if trust_changed {
+                // Open tunnels were admitted under the old lists: each checks
+                // its peer's certificate again and closes if it is revoked.
+                r.trust.send_replace(r.verifier.clone());
+            }
         }
         let gone: Vec<(Arc<str>, Arc<str>)> = rt
             .paths
@@ -210,7 +223,10 @@ impl Shared {
             .map(|o| (o.name.clone(), o.endpoint.clone()))
             .collect();
         self.forwarder.replace(runtime);
-        self.metrics.set_certificates(&new);
+        self.metrics.set_config_gauges(&new);
+        for w in new.warnings() {
+            tracing::warn!("{w}");
+        }
         for (name, endpoint) in &gone {
             HealthTable::forget(&self.metrics, name, endpoint);
         }
@@ -281,18 +297,30 @@ pub fn build(
     })
 }
 
+/// The relay's state for `config`; what lives across reloads (the tunnel
+/// counts, the channel open tunnels watch for new trust) is taken from
+/// `old`, the running relay.
 fn relay_state(
     config: &Arc<AgentConfig>,
     metrics: &Arc<Metrics>,
-    counts: Arc<relay::TunnelCounts>,
+    old: Option<&relay::Relay>,
 ) -> Result<Option<relay::Relay>, ApplyError> {
     let (Some(_), Some(tls)) = (config.listen.relay, &config.tls) else {
         return Ok(None);
     };
-    let server = tls.relay_server_config().map_err(ApplyError::Relay)?;
+    let (server, verifier) = tls.relay_server_config().map_err(ApplyError::Relay)?;
+    let (counts, trust) = match old {
+        Some(o) => (o.counts.clone(), o.trust.clone()),
+        None => (
+            Arc::new(relay::TunnelCounts::default()),
+            Arc::new(tokio::sync::watch::Sender::new(verifier.clone())),
+        ),
+    };
     Ok(Some(relay::Relay {
         config: config.clone(),
         acceptor: tokio_rustls::TlsAcceptor::from(server),
+        verifier,
+        trust,
         metrics: metrics.clone(),
         counts,
     }))

@@ -1,13 +1,16 @@
 //! TLS material and rustls configurations: the fleet identity for the peer
-//! mesh (relay server and tunnel client, both mutual TLS) and the client
+//! mesh (relay server and tunnel client, both mutual TLS, both checking the
+//! fleet CA's revocation list when `tls.crl` is set) and the client
 //! configuration for TLS to the control plane.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// Which file a TLS problem is about.
@@ -16,6 +19,7 @@ pub enum Field {
     Ca,
     Cert,
     Key,
+    Crl,
 }
 
 /// A problem loading TLS material.
@@ -35,6 +39,14 @@ pub struct TlsMaterial {
     pub key: PrivateKeyDer<'static>,
     /// DNS names in this agent's certificate; one of them is the PoP name.
     pub names: Vec<String>,
+    /// The fleet CA's revocation lists from `tls.crl` as read (a reload
+    /// compares them); empty without one. Both sides of the mesh refuse a
+    /// peer certificate they list.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Whether this agent's own certificate is on one of those lists: every
+    /// peer with the same list refuses it. Not an error (the direct path
+    /// still works), but said at start, on reload and by `check-config`.
+    pub own_revoked: bool,
 }
 
 /// Why a PEM certificate file could not be used.
@@ -106,11 +118,19 @@ impl TlsMaterial {
         self.ca_certs == other.ca_certs
             && self.chain == other.chain
             && self.key.secret_der() == other.key.secret_der()
+            && self.crls == other.crls
     }
 
-    /// Loads the fleet CA, this agent's certificate chain and key, and checks
-    /// that the key belongs to the certificate and the chain to the CA.
-    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
+    /// Whether two loads check peers the same way: same fleet CA and
+    /// revocation lists. When this changes, open tunnels are checked again.
+    pub fn same_trust(&self, other: &TlsMaterial) -> bool {
+        self.ca_certs == other.ca_certs && self.crls == other.crls
+    }
+
+    /// Loads the fleet CA, this agent's certificate chain and key, and the
+    /// optional revocation list, and checks that the key belongs to the
+    /// certificate, the chain to the CA, and each list to a CA of the bundle.
+    pub fn load(ca: &Path, cert: &Path, key: &Path, crl: Option<&Path>) -> Result<TlsMaterial, TlsError> {
         let err = |field, message: String| TlsError { field, message };
         let ca_certs = load_certs(ca).map_err(|m| err(Field::Ca, format!("tls.ca: {m}")))?;
         let mut roots = RootCertStore::empty();
@@ -186,41 +206,201 @@ impl TlsMaterial {
                 ),
             ));
         }
+        let (crls, own_revoked) = match crl {
+            None => (Vec::new(), false),
+            Some(path) => {
+                let crls = load_crls(path, &ca_certs, ca).map_err(|m| err(Field::Crl, m))?;
+                // rustls's own reading of the lists: one it cannot use would
+                // fail every handshake.
+                let verifier = mesh_server_verifier(&roots, &crls)
+                    .map_err(|e| err(Field::Crl, format!("tls.crl: {}: {e}", path.display())))?;
+                let own = rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                    verifier.as_ref(),
+                    &chain[0],
+                    &chain[1..],
+                    &rustls::pki_types::ServerName::try_from(names[0].clone())
+                        .map_err(|e| err(Field::Cert, format!("tls.cert: {e}")))?,
+                    &[],
+                    rustls::pki_types::UnixTime::now(),
+                );
+                let own_revoked = match own {
+                    Ok(_) => false,
+                    Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => true,
+                    Err(e) => return Err(err(Field::Crl, format!("tls.crl: {}: {e}", path.display()))),
+                };
+                (crls, own_revoked)
+            }
+        };
         Ok(TlsMaterial {
             fleet_roots: roots,
             ca_certs,
             chain,
             key: key_der,
             names,
+            crls,
+            own_revoked,
         })
     }
 
+    /// The relay's check of a peer's client certificate: it must chain to
+    /// the fleet CA and not be on a revocation list of `tls.crl`. Kept by
+    /// the relay to check open tunnels again when the lists change.
+    pub fn client_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        WebPkiClientVerifier::builder_with_provider(self.fleet_roots.clone(), provider())
+            .with_crls(self.crls.iter().cloned())
+            // The fleet CA signs the PoP certificates directly, and a bundle
+            // during a CA rotation may hold a CA without a list: its
+            // certificates are checked for the chain only.
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))
+    }
+
     /// Server side of the relay: TLS 1.2/1.3, a client certificate from the
-    /// fleet CA is mandatory.
-    pub fn relay_server_config(&self) -> Result<Arc<ServerConfig>, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.fleet_roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let mut cfg = ServerConfig::builder_with_provider(provider)
+    /// fleet CA is mandatory ([`TlsMaterial::client_verifier`], returned too).
+    pub fn relay_server_config(
+        &self,
+    ) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), rustls::Error> {
+        let verifier = self.client_verifier()?;
+        let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(cfg))
+        Ok((Arc::new(cfg), verifier))
     }
 
     /// Client side of a tunnel to a peer's relay: presents this agent's
-    /// certificate and accepts only fleet-CA server certificates.
+    /// certificate and accepts only fleet-CA server certificates that no
+    /// revocation list of `tls.crl` names.
     pub fn peer_client_config(&self) -> Result<Arc<ClientConfig>, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = ClientConfig::builder_with_provider(provider)
+        let verifier = mesh_server_verifier(&self.fleet_roots, &self.crls)?;
+        let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(self.fleet_roots.clone())
+            .with_webpki_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The dialer's check of a peer relay's certificate (the relay's, in
+/// [`TlsMaterial::client_verifier`], is the same on the other side).
+fn mesh_server_verifier(
+    roots: &Arc<RootCertStore>,
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+    WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+        .with_crls(crls.iter().cloned())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
+}
+
+/// Reads the revocation lists of `tls.crl` (one or more PEM CRLs) and checks
+/// each one: issued and signed by a CA of the fleet bundle (`ca_certs`, read
+/// from `ca_path`), which may sign CRLs.
+pub fn load_crls(
+    path: &Path,
+    ca_certs: &[CertificateDer<'static>],
+    ca_path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let crls: Vec<CertificateRevocationListDer<'static>> = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| format!("tls.crl: cannot read {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.crl: {} is not a PEM CRL file: {e}", path.display()))?;
+    if crls.is_empty() {
+        return Err(format!(
+            "tls.crl: {} holds no PEM CRL (-----BEGIN X509 CRL-----)",
+            path.display()
+        ));
+    }
+    let cas: Vec<_> = ca_certs
+        .iter()
+        .filter_map(|c| {
+            x509_parser::parse_x509_certificate(c.as_ref())
+                .ok()
+                .map(|(_, c)| c)
+        })
+        .collect();
+    // rustls picks the list for a certificate by its issuer's name: with two
+    // CAs of one name (a rotation between CAs made alike), the other CA's
+    // list would be checked with the wrong key and every handshake refused.
+    for (i, a) in cas.iter().enumerate() {
+        if let Some(b) = cas[i + 1..].iter().find(|b| {
+            b.subject().as_raw() == a.subject().as_raw() && b.public_key().raw != a.public_key().raw
+        }) {
+            return Err(format!(
+                "tls.crl: tls.ca {} holds two different CAs named `{}`; revocation lists are matched \
+                 to their CA by name, so with tls.crl the CAs of a bundle need names of their own \
+                 (detour-agent pki init gives each one its own)",
+                ca_path.display(),
+                b.subject()
+            ));
+        }
+    }
+    for (i, der) in crls.iter().enumerate() {
+        let which = if crls.len() > 1 {
+            format!("CRL {} of {}", i + 1, crls.len())
+        } else {
+            "the CRL".to_owned()
+        };
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+            .map_err(|e| format!("tls.crl: {}: {which} does not parse: {e}", path.display()))?;
+        let Some(ca) = cas.iter().find(|c| c.subject().as_raw() == crl.issuer().as_raw()) else {
+            return Err(format!(
+                "tls.crl: {}: {which} is from `{}`, which is not a CA in tls.ca {}",
+                path.display(),
+                crl.issuer(),
+                ca_path.display()
+            ));
+        };
+        if crl.verify_signature(ca.public_key()).is_err() {
+            return Err(format!(
+                "tls.crl: {}: {which} names `{}` as its issuer, but that CA's key did not sign it",
+                path.display(),
+                crl.issuer()
+            ));
+        }
+        if let Ok(Some(usage)) = ca.key_usage()
+            && !usage.value.crl_sign()
+        {
+            return Err(format!(
+                "tls.crl: {}: the CA `{}` may not sign CRLs (its key usage lacks cRLSign)",
+                path.display(),
+                ca.subject()
+            ));
+        }
+    }
+    Ok(crls)
+}
+
+/// What a failed TLS handshake with a peer says about certificates, for
+/// people: `Some` when a certificate was refused (revoked, or not trusted),
+/// on either side.
+pub fn certificate_problem(e: &std::io::Error) -> Option<String> {
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match inner {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
+            Some("its certificate is revoked (tls.crl)".to_owned())
+        }
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked) => {
+            Some("it refused this agent's certificate as revoked".to_owned())
+        }
+        rustls::Error::InvalidCertificate(c) => Some(format!("its certificate is not trusted: {c}")),
+        rustls::Error::AlertReceived(
+            a @ (rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::CertificateExpired
+            | rustls::AlertDescription::CertificateUnknown),
+        ) => Some(format!("it refused this agent's certificate ({a:?})")),
+        _ => None,
     }
 }
 

@@ -221,3 +221,73 @@ fn status_watch_asks_again_every_second() {
         assert_eq!(v["active_path"], "direct", "{line}");
     }
 }
+
+/// `pki revoke` writes the CA's list, `check-config` reads it from
+/// `[tls] crl`: a list from the fleet CA passes, one listing this PoP's own
+/// certificate passes with a warning, a broken one fails at its line.
+#[test]
+fn pki_revoke_then_check_config_reads_the_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = d.join("certs");
+    let run = |args: &[&str]| {
+        let out = agent().args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let c = certs.to_str().unwrap();
+    assert_eq!(run(&["pki", "init", "--out", c]).0, Some(0));
+    for pop in ["blr", "maa"] {
+        assert_eq!(
+            run(&["pki", "issue", "--ca", c, "--name", pop, "--out", c]).0,
+            Some(0)
+        );
+    }
+    let (code, out, err) = run(&[
+        "pki",
+        "revoke",
+        "--ca",
+        c,
+        "--name",
+        "maa",
+        "--reason",
+        "key-compromise",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("revoked maa") && out.contains("CRL number 1"),
+        "{out}"
+    );
+    let (code, _, err) = run(&["pki", "revoke", "--ca", c]);
+    assert_eq!(code, Some(2), "--name or --cert is required: {err}");
+
+    let config = d.join("agent.toml");
+    std::fs::write(
+        &config,
+        "pop = \"blr\"\n[control_plane]\nurl = \"http://127.0.0.1:1\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/blr.pem\"\nkey = \"certs/blr.key\"\ncrl = \"certs/crl.pem\"\n",
+    )
+    .unwrap();
+    let check = || run(&["check-config", "--config", config.to_str().unwrap()]);
+    let (code, out, err) = check();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("OK") && err.is_empty(), "{out}{err}");
+
+    assert_eq!(run(&["pki", "revoke", "--ca", c, "--name", "blr"]).0, Some(0));
+    let (code, _, err) = check();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: tls.cert: this PoP's certificate is revoked"),
+        "{err}"
+    );
+
+    std::fs::write(certs.join("crl.pem"), "not a list\n").unwrap();
+    let (code, _, err) = check();
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with(&format!("{}:8:7: tls.crl:", config.display())),
+        "{err}"
+    );
+}

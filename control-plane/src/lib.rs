@@ -14,10 +14,13 @@
 //! page's view from the stored reports; [`metrics`], [`tls`] and
 //! [`config`] serve them all. Around them: [`server`] (the listener and its
 //! connections), [`tasks`] (the background loops), [`tokens`] (the `token`
-//! subcommands).
+//! subcommands), [`backup`] (`backup` and `restore` of the SQLite
+//! database), [`cli`] (the command line `main.rs` parses).
 
 pub mod api;
 pub mod auth;
+pub mod backup;
+pub mod cli;
 pub mod config;
 pub mod fleet;
 pub mod hook;
@@ -40,7 +43,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-pub use config::{Config, ConfigError, ConfigErrors};
+pub use config::{Config, ConfigError, ConfigErrors, redact};
 pub use tokens::{
     create_agent_token, create_agent_token_with_id, create_operator_token, list_agent_tokens,
     revoke_agent_token,
@@ -59,31 +62,44 @@ fn read_admin_token(config: &Config) -> anyhow::Result<Option<String>> {
         .transpose()
 }
 
-/// Opens the database and applies pending migrations.
+/// Opens the database and applies pending migrations (`migrate`). Refuses
+/// a database that a newer release has migrated: this command never takes
+/// a schema backwards ([`store::MigrateRefused`]).
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let store = Store::open(config).await?;
-    let r = store.migrate().await;
+    let r = store.migrate_strict().await;
     store.close().await;
     r.with_context(|| format!("migrating {}", redact(&config.database_url())))
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
+/// Migrates for `serve` and the `token` commands: this build's pending
+/// migrations, and a warning (not a refusal) for a database a newer release
+/// has migrated further, which is how a rollback runs (docs/operations.md,
+/// "Migrations").
+pub(crate) async fn migrate_tolerant(store: &Store, config: &Config) -> anyhow::Result<()> {
+    let newer = store
+        .migrate()
+        .await
+        .with_context(|| format!("migrating {}", redact(&config.database_url())))?;
+    if !newer.is_empty() {
+        let names: Vec<String> = newer
+            .iter()
+            .map(|u| format!("{} ({})", u.version, u.description))
+            .collect();
+        tracing::warn!(
+            migrations = %names.join(", "),
+            "the database was migrated by a newer release; running against its schema \
+             (migrations only add until no replica of the release before runs)"
+        );
     }
+    Ok(())
 }
 
 /// Runs the control plane on `listener` until `shutdown` resolves: migrates,
 /// loads the rules, starts the background loops ([`tasks`]) and serves
-/// HTTP/1.1 and HTTP/2 ([`server`]; HTTPS with ALPN when `[tls]` is set).
+/// HTTP/1.1 and HTTP/2 ([`server`]; HTTPS with ALPN when `[tls]` is set,
+/// from a certificate [`tasks`] reads again on SIGHUP and every
+/// `tls.reload_interval`).
 /// On shutdown `/readyz` fails at once and the replica keeps serving for
 /// `shutdown.grace`; then the listener closes, open requests drain (up to
 /// `shutdown.drain_timeout`), and held emergency calls get a last write
@@ -95,16 +111,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     rustls::crypto::ring::default_provider().install_default().ok();
     let admin_token = read_admin_token(&config)?;
-    let tls = match &config.tls {
-        Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(t)?)),
-        None => None,
-    };
+    // Read before the database opens, so a bad pair fails the start at once.
+    let cert = config
+        .tls
+        .as_ref()
+        .map(|t| tls::ServerCert::load(t).map(Arc::new))
+        .transpose()?;
     let store = Store::open(&config).await?;
-    store
-        .migrate()
-        .await
-        .with_context(|| format!("migrating {}", redact(&config.database_url())))?;
-    let app = Arc::new(App::new(config, store, admin_token.as_deref())?);
+    migrate_tolerant(&store, &config).await?;
+    let app = Arc::new(App::new(config, store, admin_token.as_deref(), cert)?);
     app.refresh_rules(true).await.context("loading routes")?;
     app.metrics.db_up.set(1);
 
@@ -127,22 +142,10 @@ pub async fn serve(
             stop.send(true).ok();
         }
     };
-    server::run(app.clone(), tls, listener, stopping).await;
+    server::run(app.clone(), listener, stopping).await;
     tasks.stop_loops();
     tasks::flush_held_calls(&app).await;
     tasks.finish();
     app.store.close().await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            super::redact("postgres://detour:secret@127.0.0.1:5432/detour"),
-            "postgres://detour:***@127.0.0.1:5432/detour"
-        );
-        assert_eq!(super::redact("sqlite:///x?mode=rwc"), "sqlite:///x?mode=rwc");
-    }
 }

@@ -1,78 +1,23 @@
 //! `detour-control-plane`: parses the command line, loads config, sets up
 //! tracing and hands over to the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use detour_control_plane::Config;
+use detour_control_plane::cli::{Cli, Command, TokenCommand};
 
-#[derive(Parser)]
-#[command(name = "detour-control-plane", version, about = "Detour control plane")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve the API (runs migrations first).
-    Serve {
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// Apply database migrations and exit.
-    Migrate {
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// Validate cp.toml; prints `file:line:col: message` and exits 1 on error.
-    CheckConfig {
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// Agent and operator tokens.
-    Token {
-        #[command(subcommand)]
-        command: TokenCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum TokenCommand {
-    /// Create a token for a PoP (or, with --operator, a read-only one for
-    /// the fleet page); it is printed once, only its hash is stored.
-    Create {
-        #[arg(long, required_unless_present = "operator")]
-        pop: Option<String>,
-        /// A read-only operator token for this person or team, instead.
-        #[arg(long, conflicts_with = "pop")]
-        operator: Option<String>,
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// List agent tokens: id, PoP, creation time (never the tokens).
-    List {
-        /// Only this PoP's tokens.
-        #[arg(long)]
-        pop: Option<String>,
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-    /// Revoke a token by id; every replica refuses it within 30 s.
-    Revoke {
-        #[arg(long)]
-        id: String,
-        #[arg(long, default_value = "cp.toml")]
-        config: PathBuf,
-    },
-}
-
+/// Loads and validates the config; prints its errors, or its warnings
+/// (`file:line:col: warning: …`) for every command that goes on.
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    let config = Config::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(1)
-    })
+    })?;
+    for w in &config.warnings {
+        eprintln!("{w}");
+    }
+    Ok(config)
 }
 
 #[tokio::main]
@@ -134,6 +79,18 @@ async fn main() -> ExitCode {
                 .map(|who| println!("revoked token {id} of {who}; replicas refuse it within 30 s")),
             Err(code) => return code,
         },
+        Command::Backup { config, out } => match load(&config) {
+            Ok(c) => detour_control_plane::backup::backup(&c, &out)
+                .await
+                .map(|r| println!("backed up to {r}")),
+            Err(code) => return code,
+        },
+        Command::Restore { config, from } => match load(&config) {
+            Ok(c) => detour_control_plane::backup::restore(&c, &from)
+                .await
+                .map(|r| println!("restored {r}; start the control plane")),
+            Err(code) => return code,
+        },
         Command::Serve { config } => match load(&config) {
             Ok(c) => serve(c).await,
             Err(code) => return code,
@@ -169,9 +126,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     _ = term.recv() => return,
                     // A HUP (log rotation, a reflexive `systemctl reload`) must
                     // not stop the service. Routes and tokens live in the
-                    // database and apply without a restart; cp.toml does not.
+                    // database and apply without a restart, and the TLS
+                    // certificate is read again (tasks.rs hears the HUP too);
+                    // the rest of cp.toml needs a restart.
                     _ = hup.recv() => tracing::warn!(
-                        "SIGHUP ignored: routes and tokens apply without a restart; restart the service to apply cp.toml changes"
+                        "SIGHUP: the TLS certificate is read again ([tls]); routes and tokens apply without a restart; restart the service to apply other cp.toml changes"
                     ),
                 }
             }

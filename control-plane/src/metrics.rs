@@ -2,16 +2,25 @@
 //! base units).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the control plane exports.
 pub struct Metrics {
     registry: Registry,
-    /// Series outside the `detour_cp_` prefix: `detour_build_info`, named
-    /// as the agent's so one rollout gate reads both.
+    /// Series outside the `detour_cp_` prefix: `detour_build_info` and
+    /// `detour_certificate_expiry_timestamp_seconds`, named as the agent's
+    /// so one rollout gate and one alert read both.
     unprefixed: Registry,
+    /// `detour_certificate_expiry_timestamp_seconds{cert="server",subject}`:
+    /// when the HTTPS certificate in use stops being valid (Unix seconds).
+    /// Set at start and on every rotation ([`Metrics::set_server_certificate`]).
+    pub certificate_expiry: GaugeVec,
+    /// Certificate rotations by result: `rotated` (a new pair serves new
+    /// connections), `error` (the files did not load or match; the pair in
+    /// use stays).
+    pub tls_reloads: IntCounterVec,
     /// Requests by matched route and status code.
     pub requests: IntCounterVec,
     /// Request latency by matched route.
@@ -42,6 +51,10 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Connections closed at once because `limits.max_connections` were open.
     pub connections_refused: IntCounter,
+    /// Rows the retention sweep deleted, by table.
+    pub retention_deleted: IntCounterVec,
+    /// When the last retention sweep finished without an error (Unix time).
+    pub retention_last_success: IntGauge,
 }
 
 impl Metrics {
@@ -112,13 +125,46 @@ impl Metrics {
         .expect("valid metric");
         let connections =
             IntGauge::new("connections", "Client connections open on this replica.").expect("valid metric");
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "tls_reloads_total",
+                "TLS certificate reloads that found a new pair, by result (rotated, error).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let certificate_expiry = GaugeVec::new(
+            Opts::new(
+                "detour_certificate_expiry_timestamp_seconds",
+                "Unix time at which a certificate in use stops being valid, by role and subject.",
+            ),
+            &["cert", "subject"],
+        )
+        .expect("valid metric");
+        let unprefixed = build_info();
+        unprefixed.register(Box::new(certificate_expiry.clone())).ok();
         let connections_refused = IntCounter::new(
             "connections_refused_total",
             "Connections closed at once because limits.max_connections were open.",
         )
         .expect("valid metric");
+        let retention_deleted = IntCounterVec::new(
+            Opts::new(
+                "retention_deleted_rows_total",
+                "Rows deleted by the retention sweep, by table.",
+            ),
+            &["table"],
+        )
+        .expect("valid metric");
+        let retention_last_success = IntGauge::new(
+            "retention_last_success_timestamp_seconds",
+            "When the last retention sweep finished without an error (Unix time; 0: none yet).",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(retention_deleted.clone()),
+            Box::new(retention_last_success.clone()),
             Box::new(connections_refused.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -133,6 +179,7 @@ impl Metrics {
             Box::new(spooled.clone()),
             Box::new(db_batches.clone()),
             Box::new(db_batched_calls.clone()),
+            Box::new(tls_reloads.clone()),
         ] {
             // Names are fixed and distinct, so registration cannot collide.
             registry.register(c).ok();
@@ -154,7 +201,22 @@ impl Metrics {
             db_batched_calls,
             connections,
             connections_refused,
-            unprefixed: build_info(),
+            retention_deleted,
+            retention_last_success,
+            unprefixed,
+            certificate_expiry,
+            tls_reloads,
+        }
+    }
+
+    /// Publishes the expiry of the HTTPS certificate in use (its leaf),
+    /// replacing the one published before.
+    pub fn set_server_certificate(&self, chain: &[rustls_pki_types::CertificateDer<'_>]) {
+        self.certificate_expiry.reset();
+        if let Some((subject, not_after)) = chain.first().and_then(crate::tls::cert_expiry) {
+            self.certificate_expiry
+                .with_label_values(&["server", &subject])
+                .set(not_after as f64);
         }
     }
 

@@ -1,5 +1,6 @@
 //! The listener: accepts connections (capped by `limits.max_connections`),
-//! terminates TLS when `[tls]` is set, and serves HTTP/1.1 and HTTP/2 on each
+//! terminates TLS when `[tls]` is set (each handshake with the certificate
+//! in use then, `App::cert`), and serves HTTP/1.1 and HTTP/2 on each
 //! behind `detour_wire::conn`'s guard (head and idle timeouts, problem+json for
 //! unparsable heads). Shutdown is graceful: connections finish what they carry
 //! for up to `shutdown.drain_timeout`.
@@ -23,7 +24,7 @@ use crate::api::{self, App};
 #[derive(Clone)]
 struct Serving {
     app: Arc<App>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<crate::tls::ServerCert>>,
     router: axum::Router,
     builder: Arc<Builder<TokioExecutor>>,
     limits: ConnLimits,
@@ -33,13 +34,8 @@ struct Serving {
 
 /// Serves `listener` until `shutdown` resolves, then closes it and drains the
 /// open connections (at most `shutdown.drain_timeout`).
-pub async fn run(
-    app: Arc<App>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) {
-    let serving = Serving::new(app.clone(), tls);
+pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let serving = Serving::new(app.clone());
     let graceful = GracefulShutdown::new();
     let cap = ConnCap::new(app.config.limits.max_connections, "limits.max_connections");
     let mut shutdown = std::pin::pin!(shutdown);
@@ -63,7 +59,7 @@ pub async fn run(
 }
 
 impl Serving {
-    fn new(app: Arc<App>, tls: Option<tokio_rustls::TlsAcceptor>) -> Serving {
+    fn new(app: Arc<App>) -> Serving {
         let limits = app.config.limits.clone();
         let rejection: conn::Rejection = {
             let (app, max) = (app.clone(), limits.max_header_bytes);
@@ -87,8 +83,8 @@ impl Serving {
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         Serving {
             router: api::router(app.clone()),
+            tls: app.cert.clone(),
             app,
-            tls,
             builder: Arc::new(builder),
             limits: ConnLimits {
                 header_timeout: limits.header_timeout,
@@ -104,9 +100,10 @@ impl Serving {
     async fn connection(self, stream: TcpStream, slot: OwnedSemaphorePermit, watcher: Watcher) {
         stream.set_nodelay(true).ok();
         self.app.metrics.connections.inc();
-        let result = match self.tls.clone() {
+        let result = match &self.tls {
             None => self.http(stream, watcher).await,
-            Some(acceptor) => {
+            Some(cert) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(cert.config());
                 match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => self.http(s, watcher).await,
                     Ok(Err(e)) => {

@@ -1,6 +1,8 @@
 //! The control plane's background loops: the route-version poll, the
-//! idempotency purge, the fleet history's purge, writing emergency calls
-//! held during a database outage, and SQLite's checkpoints. [`Tasks`] starts them with the server and stops
+//! retention sweep (old calls, audit entries, idempotency keys, agent
+//! reports), the fleet history's purge, writing emergency calls held during
+//! a database outage, reading the TLS certificate again, and SQLite's
+//! checkpoints. [`Tasks`] starts them with the server and stops
 //! them in the order shutdown needs.
 
 use std::sync::Arc;
@@ -11,8 +13,6 @@ use tokio::task::JoinHandle;
 
 use crate::api::App;
 
-/// How often expired idempotency keys are deleted.
-const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// How often the fleet history is trimmed to its bounds.
 const FLEET_PURGE_EVERY: Duration = Duration::from_secs(30);
 /// History samples are kept this many buckets beyond the page's window
@@ -29,12 +29,19 @@ pub struct Tasks {
 impl Tasks {
     pub fn start(app: &Arc<App>) -> Tasks {
         let (stop, rx) = watch::channel(false);
-        let loops = vec![
+        let mut loops = vec![
             tokio::spawn(poll_routes(app.clone(), rx.clone())),
-            tokio::spawn(purge_keys(app.clone(), rx.clone())),
+            tokio::spawn(retention(app.clone(), rx.clone())),
             tokio::spawn(purge_fleet(app.clone(), rx.clone())),
             tokio::spawn(flush_deferred(app.clone(), rx.clone())),
         ];
+        if let Some(cert) = &app.cert {
+            loops.push(tokio::spawn(rotate_certificate(
+                app.clone(),
+                cert.clone(),
+                rx.clone(),
+            )));
+        }
         let checkpoint = {
             let every = app.config.database.sqlite_checkpoint_interval;
             let (store, url) = (app.store.clone(), app.config.database_url());
@@ -64,6 +71,53 @@ impl Tasks {
 
     pub fn finish(self) {
         self.checkpoint.abort();
+    }
+}
+
+/// Reads the HTTPS certificate and key again every `tls.reload_interval` and
+/// on SIGHUP: a renewed pair serves new connections from then on (open ones
+/// keep theirs), and its expiry is published; a pair that does not load or
+/// match is logged and counted, and the one in use stays.
+async fn rotate_certificate(
+    app: Arc<App>,
+    cert: Arc<crate::tls::ServerCert>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::tls::Reloaded;
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fut = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::time::sleep(cert.reload_interval()) => {}
+            _ = hup_fut => tracing::info!("SIGHUP: reading the TLS certificate again"),
+            _ = stop.changed() => return,
+        }
+        match cert.reload() {
+            Ok(Reloaded::Unchanged) => {}
+            Ok(Reloaded::Rotated) => {
+                let chain = cert.chain();
+                app.metrics.set_server_certificate(&chain);
+                app.metrics.tls_reloads.with_label_values(&["rotated"]).inc();
+                let (subject, not_after) = chain
+                    .first()
+                    .and_then(crate::tls::cert_expiry)
+                    .unwrap_or_default();
+                tracing::info!(%subject, not_after, "TLS certificate rotated: new connections get the new one");
+            }
+            Err(e) => {
+                app.metrics.tls_reloads.with_label_values(&["error"]).inc();
+                tracing::error!("TLS certificate not rotated, still serving the previous one: {e:#}");
+            }
+        }
     }
 }
 
@@ -126,20 +180,131 @@ async fn poll_routes(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn purge_keys(app: Arc<App>, mut stop: watch::Receiver<bool>) {
-    let every = PURGE_EVERY.min(app.config.idempotency.retention.max(Duration::from_secs(1)));
+/// Deletes rows older than their retention: a sweep every
+/// `retention.interval` (more often when idempotency keys live shorter), each
+/// table in batches of `retention.batch_size` with `retention.pause` between
+/// them, until a batch comes back short.
+async fn retention(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let every = app
+        .config
+        .retention
+        .interval
+        .min(app.config.idempotency.retention.max(Duration::from_secs(1)));
     let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = app
-            .store
-            .purge_idempotency(app.config.idempotency.retention)
-            .await
-        {
-            tracing::debug!(error = %e, "idempotency purge failed; will retry");
+        if sweep(&app, &mut stop).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Shutdown began during a sweep.
+struct Stopped;
+
+/// One sweep over every table. Each batch runs in a task of its own, so
+/// stopping the loop never cancels a statement half-way (see
+/// `api::run_to_completion` for why that matters).
+async fn sweep(app: &Arc<App>, stop: &mut watch::Receiver<bool>) -> Result<(), Stopped> {
+    use crate::store::{Table, now_ms};
+    let r = &app.config.retention;
+    let now = now_ms();
+    let before = |keep: Duration| now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+    let limit = r.batch_size;
+    let mut ok = true;
+
+    if let Some(keep) = r.calls.limit() {
+        let cutoff = before(keep);
+        ok &= drain(app, stop, limit, "calls", || {
+            let (store, deleted) = (app.store.clone(), app.metrics.retention_deleted.clone());
+            async move {
+                let p = store.purge_calls(cutoff, limit).await?;
+                // Counted here: `drain` counts the calls.
+                deleted.with_label_values(&["call_events"]).inc_by(p.events);
+                deleted
+                    .with_label_values(&["call_recordings"])
+                    .inc_by(p.recordings);
+                Ok(p.calls)
+            }
+        })
+        .await?;
+    }
+    for (table, keep) in [
+        (Table::Audit, r.audit.limit()),
+        (Table::Idempotency, Some(app.config.idempotency.retention)),
+        (Table::AgentReports, r.agent_reports.limit()),
+    ] {
+        let Some(keep) = keep else { continue };
+        let cutoff = before(keep);
+        ok &= drain(app, stop, limit, table.name(), || {
+            let store = app.store.clone();
+            async move { store.purge(table, cutoff, limit).await }
+        })
+        .await?;
+    }
+    if ok {
+        app.metrics.retention_last_success.set(now / 1000);
+    }
+    Ok(())
+}
+
+/// Runs `batch` until it deletes fewer than `limit` rows, pausing between
+/// batches; counts the rows under `table` and logs the sum. `Ok(false)`
+/// when a batch failed (the next sweep tries again).
+async fn drain<F, Fut>(
+    app: &Arc<App>,
+    stop: &mut watch::Receiver<bool>,
+    limit: u32,
+    table: &str,
+    mut batch: F,
+) -> Result<bool, Stopped>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, crate::store::StoreError>> + Send + 'static,
+{
+    let mut total = 0u64;
+    let done = |total: u64| {
+        if total > 0 {
+            tracing::info!(
+                table,
+                rows = total,
+                "retention: deleted rows older than the table's retention"
+            );
+        }
+    };
+    loop {
+        let n = match tokio::spawn(batch()).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                done(total);
+                tracing::warn!(table, error = %e, "retention: a batch failed; the next sweep tries again");
+                return Ok(false);
+            }
+            Err(e) => {
+                done(total);
+                tracing::warn!(table, error = %e, "retention: a batch did not finish");
+                return Ok(false);
+            }
+        };
+        app.metrics
+            .retention_deleted
+            .with_label_values(&[table])
+            .inc_by(n);
+        total += n;
+        if n < u64::from(limit) {
+            done(total);
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = stop.changed() => {
+                done(total);
+                return Err(Stopped);
+            }
+            _ = tokio::time::sleep(app.config.retention.pause) => {}
         }
     }
 }

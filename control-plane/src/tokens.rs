@@ -23,7 +23,7 @@ pub async fn create_agent_token_with_id(config: &Config, pop: &str) -> anyhow::R
         "PoP name {pop:?} must be 1 to 32 lowercase letters, digits, '-' or '_'"
     );
     let store = Store::open(config).await?;
-    store.migrate().await?;
+    crate::migrate_tolerant(&store, config).await?;
     let token = auth::new_token(pop);
     let id = uuid::Uuid::now_v7().to_string();
     let r = store.insert_token(&auth::hash_token(&token), &id, pop).await;
@@ -41,7 +41,7 @@ pub async fn create_operator_token(config: &Config, name: &str) -> anyhow::Resul
         "operator name {name:?} must be 1 to 32 lowercase letters, digits, '-' or '_'"
     );
     let store = Store::open(config).await?;
-    store.migrate().await?;
+    crate::migrate_tolerant(&store, config).await?;
     let token = auth::new_operator_token(name);
     let id = uuid::Uuid::now_v7().to_string();
     let r = store
@@ -56,7 +56,7 @@ pub async fn create_operator_token(config: &Config, name: &str) -> anyhow::Resul
 /// time), never the token. With `pop`, only that PoP's agent tokens.
 pub async fn list_agent_tokens(config: &Config, pop: Option<&str>) -> anyhow::Result<String> {
     let store = Store::open(config).await?;
-    store.migrate().await?;
+    crate::migrate_tolerant(&store, config).await?;
     let r = store.list_tokens(pop).await;
     let ops = if pop.is_none() {
         store.list_operator_tokens().await
@@ -85,7 +85,7 @@ pub async fn list_agent_tokens(config: &Config, pop: Option<&str>) -> anyhow::Re
 /// their cache entry expires (30 s). Returns the PoP, or `operator:<name>`.
 pub async fn revoke_agent_token(config: &Config, id: &str) -> anyhow::Result<String> {
     let store = Store::open(config).await?;
-    store.migrate().await?;
+    crate::migrate_tolerant(&store, config).await?;
     let r = async {
         if let Some(pop) = store.revoke_token(id).await? {
             return Ok(Some(pop));

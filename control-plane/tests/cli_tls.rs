@@ -408,10 +408,212 @@ fn check_config_loads_the_files_serve_loads() {
             2,
             "no certificate",
         ),
+        (
+            format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nreload_interval = \"0s\"\n"),
+            4,
+            "tls.reload_interval must be above 0",
+        ),
     ] {
         let (code, err) = check(body);
         assert_eq!(code, Some(1), "{err}");
         assert!(err.contains(&format!("cp.toml:{line}:")), "{line}: {err}");
         assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
+
+/// The leaf certificate the control plane at `addr` presents on a new
+/// handshake, trusting `ca`.
+async fn served_leaf(addr: std::net::SocketAddr, ca: &rustls_pki_types::CertificateDer<'static>) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// The `detour_certificate_expiry_timestamp_seconds` lines of `/metrics`.
+async fn expiry_lines(cp: &Instance) -> Vec<String> {
+    let text = cp
+        .client
+        .get(cp.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("detour_certificate_expiry_timestamp_seconds{"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The server certificate rotates without a restart: a renewed pair in the
+/// same files serves new handshakes after the next read (`reload_interval`),
+/// and `detour_certificate_expiry_timestamp_seconds{cert="server"}` follows.
+/// A pair that does not match (the key copied before the certificate) is
+/// not used: the old one keeps serving and the failure is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_certificate_rotates_without_a_restart() {
+    support::init();
+    let db = Db::new(Backend::Sqlite, "tls_rotation").await.unwrap();
+    let (cert, key, ca) = support::tls_files(db.dir.path());
+    let config = db.config(
+        "",
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nreload_interval = \"100ms\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let ca_der = ca.der().clone();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_der(&ca_der).unwrap()])
+        .build()
+        .unwrap();
+    let cp = Instance::start_with(config, client, "https").await;
+    let expiry = |der: &[u8]| {
+        let (subject, not_after) =
+            detour_control_plane::tls::cert_expiry(&rustls_pki_types::CertificateDer::from(der.to_vec()))
+                .unwrap();
+        format!(
+            "detour_certificate_expiry_timestamp_seconds{{cert=\"server\",subject=\"{subject}\"}} {not_after}"
+        )
+    };
+    let first = served_leaf(cp.addr, &ca_der).await;
+    assert_eq!(expiry_lines(&cp).await, vec![expiry(&first)]);
+
+    // A renewed pair, valid for another 10 days: the key lands first.
+    let new_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+    let renewed = params.signed_by(&new_key, &ca).unwrap();
+    std::fs::write(&key, new_key.serialize_pem()).unwrap();
+    let errors = || async {
+        let text = cp
+            .client
+            .get(cp.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("detour_cp_tls_reloads_total{result=\"error\"}")
+    };
+    support::wait_until(
+        "the mismatched pair is refused",
+        std::time::Duration::from_secs(5),
+        errors,
+    )
+    .await;
+    assert_eq!(
+        served_leaf(cp.addr, &ca_der).await,
+        first,
+        "the old pair still serves"
+    );
+    assert_eq!(expiry_lines(&cp).await, vec![expiry(&first)]);
+
+    // Then the certificate: the next read swaps them in.
+    std::fs::write(&cert, renewed.pem()).unwrap();
+    let new_leaf = renewed.der().to_vec();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while served_leaf(cp.addr, &ca_der).await != new_leaf {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(expiry_lines(&cp).await, vec![expiry(&new_leaf)]);
+    let r = cp.client.get(cp.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    cp.stop().await;
+}
+
+/// `systemctl reload` (SIGHUP) reads the certificate at once, whatever
+/// `reload_interval` says, in the real binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_the_server_certificate_again() {
+    support::init();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (cert, key, ca) = support::tls_files(d);
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(
+        d.join("cp.toml"),
+        format!(
+            "listen = \"{addr}\"\ndata_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nreload_interval = \"1h\"\n",
+            d.join("data").display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(d.join("cp.toml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ca_der = ca.der().clone();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_der(&ca_der).unwrap()])
+        .build()
+        .unwrap();
+    let url = format!("https://{addr}/healthz");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !client.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(server.0.try_wait().unwrap().is_none(), "exited at start");
+        assert!(std::time::Instant::now() < deadline, "never became healthy");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let first = served_leaf(addr, &ca_der).await;
+
+    let new_key = rcgen::KeyPair::generate().unwrap();
+    let renewed = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&new_key, &ca)
+        .unwrap();
+    std::fs::write(&key, new_key.serialize_pem()).unwrap();
+    std::fs::write(&cert, renewed.pem()).unwrap();
+    assert_eq!(served_leaf(addr, &ca_der).await, first, "not read before the HUP");
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while served_leaf(addr, &ca_der).await != renewed.der().to_vec() {
+        assert!(server.0.try_wait().unwrap().is_none(), "SIGHUP stopped it");
+        assert!(std::time::Instant::now() < deadline, "the HUP did not rotate it");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

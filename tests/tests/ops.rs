@@ -241,6 +241,18 @@ async fn lab(bins: &Path, cp_url: &str) -> Lab {
             "--out",
             pki.to_str().unwrap(),
         ],
+        // A revoked PoP, so the fleet CA has a revocation list to install.
+        vec![
+            "pki",
+            "issue",
+            "--ca",
+            pki.to_str().unwrap(),
+            "--name",
+            "gone",
+            "--out",
+            dir.path().join("gone").to_str().unwrap(),
+        ],
+        vec!["pki", "revoke", "--ca", pki.to_str().unwrap(), "--name", "gone"],
     ] {
         let out = run(Command::new(&agent).args(&args)).await;
         assert!(out.status.success(), "detour-agent {args:?}: {}", text(&out));
@@ -277,6 +289,7 @@ async fn lab(bins: &Path, cp_url: &str) -> Lab {
         "detour_manage_service": false,
         "detour_agent_binary_src": agent,
         "detour_agent_pki_dir": pki,
+        "detour_agent_crl_src": pki.join("crl.pem"),
         "detour_agent_file_owner": user,
         "detour_agent_file_group": group,
         "detour_agent_token": "ops-test-token",
@@ -291,6 +304,10 @@ async fn lab(bins: &Path, cp_url: &str) -> Lab {
         "detour_control_plane_file_group": group,
         "detour_control_plane_listen": format!("127.0.0.1:{}", free_port()),
         "detour_control_plane_admin_token": "ops-test-admin-token",
+        // Postgres (never dialled here: nothing starts the control plane),
+        // so the role writes the password file and its credential.
+        "detour_control_plane_database_url": "postgres://detour@127.0.0.1:1/detour",
+        "detour_control_plane_database_password": "ops-test-db-password",
     });
     std::fs::write(p("vars.json"), vars.to_string()).unwrap();
     Lab { dir, prefix, admin }
@@ -334,6 +351,7 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
         "/etc/detour/certs/ca.pem",
         "/etc/detour/certs/blr.pem",
         "/etc/detour/certs/blr.key",
+        "/etc/detour/certs/crl.pem",
         "/etc/detour-cp/cp.toml",
         "/etc/detour-cp/admin.token",
         "/usr/local/bin/detour-control-plane",
@@ -392,6 +410,11 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
         .collect();
     assert_eq!(listens.len(), 3, "local, relay and admin:\n{socket}");
     let toml = std::fs::read_to_string(&agent_toml).unwrap();
+    let crl = lab.installed("/etc/detour/certs/crl.pem");
+    assert!(
+        toml.contains(&format!("crl = \"{}\"\n", crl.display())),
+        "[tls] crl is set:\n{toml}"
+    );
     for l in listens {
         let addr = l.trim_start_matches("ListenStream=");
         assert!(
@@ -407,6 +430,24 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
             .any(|l| l.starts_with("ExecStartPre=") && l.contains("check-config")),
         "{cp_unit}"
     );
+    // The database password: a file of its own, handed over as a systemd
+    // credential; cp.toml names it and holds no secret.
+    let password_file = lab.installed("/etc/detour-cp/db-password");
+    assert_eq!(
+        std::fs::read_to_string(&password_file).unwrap(),
+        "ops-test-db-password\n"
+    );
+    let load = format!("LoadCredential=db-password:{}", password_file.display());
+    assert!(
+        cp_unit.lines().any(|l| l == load),
+        "unit has `{load}`:\n{cp_unit}"
+    );
+    let cp_toml = std::fs::read_to_string(lab.installed("/etc/detour-cp/cp.toml")).unwrap();
+    assert!(
+        cp_toml.contains("database_password_file = \"db-password\""),
+        "{cp_toml}"
+    );
+    assert!(!cp_toml.contains("ops-test-db-password"), "{cp_toml}");
 
     // systemd's own parser finds nothing to warn about (it exits 0 even on
     // bad values, so read what it prints about the files).
@@ -446,6 +487,11 @@ async fn agent_role_installs_an_agent_that_runs_passes_the_gate_and_rolls_back()
         .arg(lab.installed("/etc/detour-cp/cp.toml")))
     .await;
     assert!(cp_check.status.success(), "{}", text(&cp_check));
+    assert!(
+        !String::from_utf8_lossy(&cp_check.stderr).contains("warning"),
+        "{}",
+        text(&cp_check)
+    );
 
     // The installed agent starts with the rendered config and serves.
     let log = lab.path("agent.log");

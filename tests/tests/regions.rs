@@ -78,7 +78,9 @@ async fn the_primary_region_stopped_under_load_fails_nothing_and_traffic_returns
         tokio::time::sleep(Duration::from_secs(3).saturating_sub(begin.elapsed() - stopped)).await;
         fleet.start_region(1).await.unwrap();
         let started = begin.elapsed();
-        let back = wait_for(&blr, Duration::from_secs(20), |a| a == "direct@mumbai").await;
+        // Usually at the rise; a path that lost exchanges while the machine
+        // was busy waits for its clean run (30 s) first.
+        let back = wait_for(&blr, Duration::from_secs(45), |a| a == "direct@mumbai").await;
         (stopped, moved, started, back)
     };
     let (results, (stopped, moved, started, back)) = tokio::join!(load, faults);
@@ -117,8 +119,18 @@ async fn the_primary_region_stopped_under_load_fails_nothing_and_traffic_returns
     // The return waits for the primary's paths to rise again (hold-down and
     // `health.rise` good probes), not for the first answer.
     assert!(back >= Duration::from_millis(500), "returned after only {back:?}");
+    // Back on the primary by the end of the run (on direct, unless the
+    // return took longer than the run).
     let last = results.last().unwrap();
-    assert_eq!(last.path.as_deref(), Some("direct@mumbai"), "{last:?}");
+    let want = if started + back < Duration::from_secs(8) {
+        "direct@mumbai"
+    } else {
+        "@mumbai"
+    };
+    assert!(
+        last.path.as_deref().unwrap_or_default().ends_with(want),
+        "{last:?}"
+    );
 
     // One database: every answered call stored exactly once.
     let ids: Vec<String> = results.iter().map(|r| call_id(&r.body)).collect();
@@ -189,6 +201,15 @@ async fn a_blackholed_direct_goes_through_a_peer_to_the_primary_and_relays_carry
     );
     assert!(
         text.contains(r#"detour_active_endpoint{endpoint="singapore",pop="blr"} 1"#),
+        "{text}"
+    );
+    // Which endpoint is the primary, for the secondary-region alert.
+    assert!(
+        text.contains(r#"detour_endpoint_preferred{endpoint="mumbai",pop="blr"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"detour_endpoint_preferred{endpoint="singapore",pop="blr"} 0"#),
         "{text}"
     );
     fleet.shutdown().await;

@@ -353,6 +353,7 @@ async fn served_cert(certs: &std::path::Path, relay: std::net::SocketAddr) -> Ve
         &certs.join("ca.pem"),
         &certs.join("maa.pem"),
         &certs.join("maa.key"),
+        None,
     )
     .unwrap();
     let connector = tokio_rustls::TlsConnector::from(maa.peer_client_config().unwrap());
@@ -590,6 +591,38 @@ async fn a_peer_drained_at_runtime_takes_no_requests_and_stays_drained_across_a_
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
+    // The same through the command an operator types, finding the socket
+    // from the agent's config.
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_detour-lab"))
+        .parent()
+        .unwrap()
+        .join("detour-agent");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(["peer"])
+            .args(args)
+            .arg("--config")
+            .arg(&blr.config_path)
+            .output()
+            .expect("run detour-agent peer");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = cli(&["drain", "del"]);
+    assert!(ok && out.contains("del: drained"), "{out}");
+    let (ok, out) = cli(&["list"]);
+    assert!(ok, "{out}");
+    let del_row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("del"))
+        .unwrap_or_default();
+    assert!(del_row.contains("drained"), "{out}");
+    let (ok, out) = cli(&["undrain", "del"]);
+    assert!(ok && out.contains("del: undrained"), "{out}");
+    let (ok, out) = cli(&["drain", "pune"]);
+    assert!(!ok && out.contains("no peer named `pune`"), "{out}");
     fleet.pop("del").uplink.set(Fault::Blackhole);
     wait_for("blr back on maa", Duration::from_secs(10), || {
         paths_of(&fleet, "blr")
@@ -614,4 +647,210 @@ async fn get_admin(agent: &detour_agent::agent::Agent, path: &str) -> (u16, Stri
         r.status.unwrap_or(0),
         String::from_utf8_lossy(&r.body).into_owned(),
     )
+}
+
+/// Copies `from` over `to` the way an install does (a temporary file
+/// renamed over the old one), so a watcher never sees half a list.
+fn install(from: &std::path::Path, to: &std::path::Path) {
+    let tmp = to.with_extension("pem.new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// `pop`'s `/status` reason for `path`.
+fn reason_of(fleet: &Fleet, pop: &str, path: &str) -> Option<String> {
+    detour_agent::admin::report(&fleet.pop(pop).agent().shared)
+        .paths
+        .into_iter()
+        .find(|p| p.path == path)
+        .and_then(|p| p.reason)
+}
+
+fn path_is(fleet: &Fleet, pop: &str, path: &str, want: PathState) -> bool {
+    paths_of(fleet, pop)
+        .iter()
+        .any(|(n, s, _)| n == path && *s == want)
+}
+
+/// The fleet CA's revocation list applies on the next handshake, no restart.
+/// blr and del check a list (`[tls] crl`); maa's certificate is revoked and
+/// the new list written where they read it, while blr's uplink is down and
+/// its calls go through maa. Then blr's via:maa cannot be set up (maa's relay
+/// certificate is revoked) and its calls move to del without one failing;
+/// blr's and del's relays refuse maa's tunnels and close the ones it had
+/// open (`detour_relay_rejected_total{reason="revoked"}`), and both sides'
+/// `/status` say "revoked". A list without maa lets it back in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_pop_is_refused_on_the_next_handshake_and_a_list_without_it_lets_it_back() {
+    let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+    let certs = fleet.dir.path().join("certs");
+    let ca_pem = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    let ca_key = std::fs::read_to_string(certs.join("ca.key")).unwrap();
+    let empty_list = |number| {
+        detour_agent::pki::crl_pem(&ca_pem, &ca_key, &[], number, time::OffsetDateTime::now_utc()).unwrap()
+    };
+    let crl_of = |pop: &str| fleet.dir.path().join(pop).join("crl.pem");
+    let crls_of = |pop: &str| {
+        let rt = fleet.pop(pop).agent().shared.forwarder.runtime();
+        rt.config.tls.as_ref().unwrap().crls.clone()
+    };
+    // blr and del check a list, empty for now: added by a reload.
+    for pop in ["blr", "del"] {
+        std::fs::write(crl_of(pop), empty_list(1)).unwrap();
+        let p = fleet.pop(pop);
+        let text = std::fs::read_to_string(&p.config_path).unwrap();
+        let key = format!("key = \"../certs/{pop}.key\"\n");
+        save_by_rename(
+            &p.config_path,
+            &text.replacen(&key, &format!("{key}crl = \"crl.pem\"\n"), 1),
+        );
+    }
+    wait_for("blr and del read their lists", Duration::from_secs(3), || {
+        crls_of("blr").len() == 1 && crls_of("del").len() == 1
+    })
+    .await;
+    fleet.wait_all_up(Duration::from_secs(10)).await.unwrap();
+
+    // blr's calls go through maa.
+    let blr = fleet.pop("blr");
+    save_by_rename(
+        &peers_path(&fleet, "blr"),
+        &(peer_entry(&fleet, "maa", "weight = 1000") + &peer_entry(&fleet, "del", "weight = 1")),
+    );
+    blr.uplink.set(Fault::Blackhole);
+    fleet
+        .wait_active("blr", "via:maa", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let revoked = |pop: &str| {
+        detour_lab::fleet::counter_sum(
+            fleet.pop(pop).agent(),
+            "detour_relay_rejected_total",
+            "reason",
+            "revoked",
+        )
+    };
+    assert_eq!((revoked("blr"), revoked("del")), (0, 0));
+
+    let client = CallClient::default();
+    let url = blr.local_url();
+    let lists_before = (crls_of("blr"), crls_of("del"));
+    let load = steady(&client, &url, 50, Duration::from_secs(5), |n| {
+        Call::post("/v1/calls", &format!("{{\"n\":{n}}}"))
+    });
+    let revoke = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = detour_agent::pki::revoke(
+            &certs,
+            Some("maa"),
+            None,
+            detour_agent::pki::Reason::KeyCompromise,
+        )
+        .unwrap();
+        assert_eq!(r.added.len(), 1, "{r:?}");
+        for pop in ["blr", "del"] {
+            install(&r.crl, &crl_of(pop));
+        }
+        let written = Instant::now();
+        // The file watch applies it: no SIGHUP, no restart.
+        wait_for("blr and del apply the new list", Duration::from_secs(3), || {
+            crls_of("blr") != lists_before.0 && crls_of("del") != lists_before.1
+        })
+        .await;
+        wait_for("blr's via:maa down", Duration::from_secs(5), || {
+            path_is(&fleet, "blr", "via:maa", PathState::Down)
+        })
+        .await;
+        written.elapsed()
+    };
+    let (results, down_after) = tokio::join!(load, revoke);
+    eprintln!("blr's via:maa down {down_after:?} after the list was written");
+    let failed: Vec<_> = results.iter().filter(|r| !r.ok()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
+    let late: Vec<_> = results
+        .iter()
+        .filter(|r| r.at > Duration::from_secs(4))
+        .map(|r| r.path.as_deref())
+        .collect();
+    assert!(
+        !late.is_empty() && late.iter().all(|p| *p == Some("via:del")),
+        "calls move to del: {late:?}"
+    );
+
+    // blr cannot set up via:maa, and says why.
+    let why = reason_of(&fleet, "blr", "via:maa").unwrap_or_default();
+    assert!(why.contains("maa's relay: its certificate is revoked"), "{why}");
+    assert!(path_is(&fleet, "blr", "via:del", PathState::Up));
+    let pinned = |pin: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .send(
+                    Method::POST,
+                    &format!("{url}/v1/calls"),
+                    &[("x-detour-pin", pin)],
+                    Bytes::from_static(b"{}"),
+                )
+                .await
+        }
+    };
+    let r = pinned("via:maa").await;
+    let body = String::from_utf8_lossy(&r.body).to_lowercase();
+    assert_eq!(r.status, Some(503), "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    assert_eq!(pinned("via:del").await.status, Some(200));
+
+    // blr's and del's relays refuse maa, whose open tunnels to del were
+    // closed (maa's via:del would stay up on them otherwise).
+    wait_for("maa's via:del down", Duration::from_secs(5), || {
+        path_is(&fleet, "maa", "via:del", PathState::Down)
+    })
+    .await;
+    wait_for(
+        "both relays count revoked handshakes",
+        Duration::from_secs(5),
+        || revoked("blr") > 0 && revoked("del") > 0,
+    )
+    .await;
+    let why = reason_of(&fleet, "maa", "via:del").unwrap_or_default();
+    assert!(
+        why.contains("del's relay: it refused this agent's certificate as revoked"),
+        "{why}"
+    );
+    // maa itself keeps its own uplink.
+    let r = CallClient::default()
+        .send(
+            Method::POST,
+            &format!("{}/v1/calls", fleet.pop("maa").local_url()),
+            &[],
+            Bytes::from_static(b"{}"),
+        )
+        .await;
+    assert_eq!(r.status, Some(200));
+
+    // A list without maa (a newer one): maa is back on the next handshakes.
+    for pop in ["blr", "del"] {
+        let tmp = crl_of(pop).with_extension("pem.new");
+        std::fs::write(&tmp, empty_list(100)).unwrap();
+        std::fs::rename(&tmp, crl_of(pop)).unwrap();
+    }
+    wait_for(
+        "blr's via:maa and maa's via:del up",
+        Duration::from_secs(15),
+        || {
+            path_is(&fleet, "blr", "via:maa", PathState::Up)
+                && path_is(&fleet, "maa", "via:del", PathState::Up)
+        },
+    )
+    .await;
+    assert_eq!(pinned("via:maa").await.status, Some(200));
+    assert_eq!(reason_of(&fleet, "blr", "via:maa"), None);
+    blr.uplink.set(Fault::Pass);
+    fleet.shutdown().await;
 }

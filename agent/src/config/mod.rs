@@ -58,11 +58,25 @@ pub struct AgentConfig {
     pub files: ConfigFiles,
 }
 
-/// The files a config was read from.
+/// The files a config was read from, and watched for changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigFiles {
     pub agent: PathBuf,
     pub peers: Option<PathBuf>,
+    /// `tls.crl`: a new revocation list applies as soon as it is written,
+    /// like an edit of the peers file. (The certificate and key are read
+    /// again on reload but not watched: they change as a pair, and a reload
+    /// between the two copies would be refused.)
+    pub crl: Option<PathBuf>,
+}
+
+impl ConfigFiles {
+    /// Every file a change of which triggers a reload.
+    pub fn watched(&self) -> impl Iterator<Item = &PathBuf> {
+        [Some(&self.agent), self.peers.as_ref(), self.crl.as_ref()]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// Listener addresses.
@@ -581,6 +595,22 @@ impl AgentConfig {
             Some(c) if errors.is_empty() => Ok(c),
             _ => Err(ConfigErrors(errors)),
         }
+    }
+
+    /// What is valid but needs a person: printed by `check-config`, logged
+    /// when the config is applied (at start and on every reload).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let (Some(tls), Some(crl)) = (&self.tls, &self.files.crl)
+            && tls.own_revoked
+        {
+            warnings.push(format!(
+                "tls.cert: this PoP's certificate is revoked by {}: peers with that list refuse its \
+                 tunnels and its relay (the direct path still works); give it a new certificate",
+                crl.display()
+            ));
+        }
+        warnings
     }
 }
 

@@ -104,6 +104,7 @@ pub struct Tls {
     pub ca: Spanned<String>,
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
+    pub crl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

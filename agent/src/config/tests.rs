@@ -1,5 +1,7 @@
 use std::path::Path;
 
+use rustls::pki_types::pem::PemObject;
+
 use super::*;
 
 /// A directory with a fleet CA, certificates for blr and maa, a token and
@@ -558,4 +560,110 @@ fn control_plane_endpoint_mistakes_are_named() {
         &with("[[control_plane.endpoints]]\nurl = \"ftp://a.example\"\n"),
         "control_plane.endpoints.url",
     );
+}
+
+#[test]
+fn a_revocation_list_must_come_from_the_fleet_ca_and_is_watched() {
+    let dir = setup();
+    let certs = dir.path().join("certs");
+    let agent_toml = dir.path().join("agent.toml").display().to_string();
+    crate::pki::revoke(&certs, Some("maa"), None, crate::pki::Reason::Unspecified).unwrap();
+    let with_crl = |file: &str| {
+        VALID.replace(
+            "key = \"certs/blr.key\"\n",
+            &format!("key = \"certs/blr.key\"\ncrl = \"{file}\"\n"),
+        )
+    };
+    std::fs::write(dir.path().join("agent.toml"), with_crl("certs/crl.pem")).unwrap();
+    let c = load(dir.path()).unwrap();
+    let tls = c.tls.as_ref().unwrap();
+    assert_eq!(tls.crls.len(), 1);
+    assert!(!tls.own_revoked);
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    assert_eq!(c.files.crl.as_deref(), Some(certs.join("crl.pem").as_path()));
+    assert!(c.files.watched().any(|f| f.ends_with("certs/crl.pem")));
+
+    let at_crl = format!("{agent_toml}:13:7: tls.crl");
+    let expect = |file: &str, what: &str| {
+        let errs = errors_with(dir.path(), &with_crl(file), PEERS);
+        assert!(
+            errs.len() == 1 && errs[0].starts_with(&at_crl) && errs[0].contains(what),
+            "{file}: want {at_crl} … {what}, got {errs:#?}"
+        );
+    };
+    expect("certs/missing.pem", "cannot read");
+    std::fs::write(certs.join("garbage.pem"), "hello\n").unwrap();
+    expect("certs/garbage.pem", "holds no PEM CRL");
+    // Another CA of the same name: the name matches, the signature does not.
+    let impostor = dir.path().join("impostor");
+    std::fs::create_dir_all(&impostor).unwrap();
+    let fleet_ca = std::fs::read(certs.join("ca.pem")).unwrap();
+    let fleet_ca = rustls::pki_types::CertificateDer::from_pem_slice(&fleet_ca).unwrap();
+    let (_, parsed) = x509_parser::parse_x509_certificate(fleet_ca.as_ref()).unwrap();
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let now = time::OffsetDateTime::now_utc();
+    let (pem, key) = crate::pki::new_ca(&cn, now, 30).unwrap();
+    let forged = crate::pki::crl_pem(&pem, &key, &[], 7, now).unwrap();
+    std::fs::write(impostor.join("crl.pem"), forged).unwrap();
+    expect(
+        &impostor.join("crl.pem").display().to_string(),
+        "key did not sign it",
+    );
+    // A CA of another name.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (pem, key) = crate::pki::new_ca("Other CA", time::OffsetDateTime::now_utc(), 30).unwrap();
+    let crl = crate::pki::crl_pem(&pem, &key, &[], 1, time::OffsetDateTime::now_utc()).unwrap();
+    std::fs::write(other.join("crl.pem"), crl).unwrap();
+    expect(&other.join("crl.pem").display().to_string(), "not a CA in tls.ca");
+    // A bundle of two CAs of one name (made alike): lists cannot be told apart.
+    let twin = dir.path().join("twin");
+    std::fs::create_dir_all(&twin).unwrap();
+    let (a, a_key) = crate::pki::new_ca("Twin CA", now, 30).unwrap();
+    let (b, _) = crate::pki::new_ca("Twin CA", now, 30).unwrap();
+    let (leaf, leaf_key) = crate::pki::issue_pem(
+        &a,
+        &a_key,
+        "blr",
+        now - time::Duration::hours(1),
+        now + time::Duration::days(1),
+    )
+    .unwrap();
+    std::fs::write(twin.join("blr.pem"), leaf).unwrap();
+    std::fs::write(twin.join("blr.key"), leaf_key).unwrap();
+    std::fs::write(twin.join("ca.pem"), format!("{a}{b}")).unwrap();
+    std::fs::write(
+        twin.join("crl.pem"),
+        crate::pki::crl_pem(&a, &a_key, &[], 1, now).unwrap(),
+    )
+    .unwrap();
+    let t = |f: &str| twin.join(f).display().to_string();
+    let errs = errors_with(
+        dir.path(),
+        &with_crl(&t("crl.pem"))
+            .replace("certs/ca.pem", &t("ca.pem"))
+            .replace("certs/blr.pem", &t("blr.pem"))
+            .replace("certs/blr.key", &t("blr.key")),
+        PEERS,
+    );
+    assert!(
+        errs.len() == 1 && errs[0].contains("two different CAs named `CN=Twin CA"),
+        "{errs:#?}"
+    );
+
+    // This PoP's own certificate on the list: valid (the direct path still
+    // works), with a warning.
+    crate::pki::revoke(&certs, Some("blr"), None, crate::pki::Reason::Unspecified).unwrap();
+    std::fs::write(dir.path().join("agent.toml"), with_crl("certs/crl.pem")).unwrap();
+    let c = load(dir.path()).unwrap();
+    assert!(c.tls.as_ref().unwrap().own_revoked);
+    let w = c.warnings();
+    assert!(w.len() == 1 && w[0].contains("revoked"), "{w:?}");
 }

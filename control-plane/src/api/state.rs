@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::routing::{RouteSpec, RuleSet};
 use crate::spool::Spool;
 use crate::store::{Store, StoreError};
+use crate::tls::ServerCert;
 
 /// Emergency calls held in memory during a database outage, at most.
 const EMERGENCY_SPOOL_MAX: usize = 10_000;
@@ -44,16 +45,27 @@ pub struct App {
     /// Set when shutdown begins: `/readyz` answers 503 from then on, so the
     /// load balancer stops sending while the replica still serves.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// The HTTPS certificate (with `[tls]`), read again by `tasks`.
+    pub cert: Option<Arc<ServerCert>>,
 }
 
 impl App {
-    /// State for `config` over an opened, migrated `store`.
-    pub fn new(config: Config, store: Store, admin_token: Option<&str>) -> anyhow::Result<App> {
+    /// State for `config` over an opened, migrated `store`, serving HTTPS
+    /// with `cert` when `[tls]` is set.
+    pub fn new(
+        config: Config,
+        store: Store,
+        admin_token: Option<&str>,
+        cert: Option<Arc<ServerCert>>,
+    ) -> anyhow::Result<App> {
         let numbers = Numbers::new(
             config.numbers.default_region.get_ref(),
             config.numbers.emergency.iter().map(|e| e.get_ref().clone()),
         );
         let metrics = Metrics::new();
+        if let Some(c) = &cert {
+            metrics.set_server_certificate(&c.chain());
+        }
         let store = store.counting_batches(metrics.db_batches.clone(), metrics.db_batched_calls.clone());
         Ok(App {
             auth: Authenticator::new(admin_token, store.clone()),
@@ -70,6 +82,7 @@ impl App {
             spool: Spool::new(EMERGENCY_SPOOL_MAX),
             stopping: std::sync::atomic::AtomicBool::new(false),
             fleet_view: Default::default(),
+            cert,
             store,
             config,
         })

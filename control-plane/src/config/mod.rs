@@ -5,6 +5,7 @@
 //! This file holds the top level ([`Config`]) and loading; `sections` the
 //! tables below it with their defaults, `validate` the checks.
 
+mod secret;
 mod sections;
 mod validate;
 
@@ -12,12 +13,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use toml::Spanned;
 
 pub use detour_wire::diag::{ConfigError, ConfigErrors};
+pub use secret::{DatabaseUrl, Secret, redact};
 pub use sections::{
-    DatabaseConfig, FleetConfig, HookConfig, IdempotencyConfig, LimitsConfig, NumbersConfig, RoutingConfig,
-    ShutdownConfig, TlsConfig,
+    DatabaseConfig, FleetConfig, HookConfig, IdempotencyConfig, Keep, LimitsConfig, NumbersConfig,
+    RetentionConfig, RoutingConfig, ShutdownConfig, TlsConfig,
 };
 
 /// The control plane's configuration (`cp.toml`). An unset field is filled
@@ -31,9 +32,20 @@ pub struct Config {
     /// Relative paths are resolved against the config file's directory.
     /// Default `data`.
     pub data_dir: PathBuf,
-    /// `postgres://user:pass@host/db` for a shared Postgres (several replicas),
-    /// or `sqlite://path`. Unset: SQLite in `data_dir`.
-    pub database_url: Option<Spanned<String>>,
+    /// `postgres://user@host/db` for a shared Postgres (several replicas),
+    /// or `sqlite://path`. Unset: SQLite in `data_dir`. Keep the password
+    /// out of it: `database_password_file`, or `PGPASSWORD` in the
+    /// environment (a password here works, with a warning).
+    pub database_url: Option<DatabaseUrl>,
+    /// File holding the Postgres password (one line). A relative path is
+    /// looked up in `$CREDENTIALS_DIRECTORY` when systemd sets it
+    /// (`LoadCredential=db-password:/etc/detour-cp/db-password` with
+    /// `database_password_file = "db-password"`), else beside this file.
+    /// Read at start: after changing the password, restart.
+    pub database_password_file: Option<PathBuf>,
+    /// The password read from `database_password_file` at load.
+    #[serde(skip)]
+    pub database_password: Option<Secret>,
     /// File holding the admin bearer token (one line). Unset: admin endpoints
     /// answer 403 to everyone.
     pub admin_token_file: Option<PathBuf>,
@@ -43,10 +55,15 @@ pub struct Config {
     pub hook: HookConfig,
     pub limits: LimitsConfig,
     pub idempotency: IdempotencyConfig,
+    pub retention: RetentionConfig,
     pub shutdown: ShutdownConfig,
     pub fleet: FleetConfig,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) from this certificate and key.
     pub tls: Option<TlsConfig>,
+    /// What validation found questionable but not wrong, each as
+    /// `file:line:col: warning: …`; `check-config` and `serve` print them.
+    #[serde(skip)]
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Config {
@@ -64,6 +81,8 @@ impl Default for Config {
             listen: Self::DEFAULT_LISTEN,
             data_dir: PathBuf::from(Self::DEFAULT_DATA_DIR),
             database_url: None,
+            database_password_file: None,
+            database_password: None,
             admin_token_file: None,
             database: DatabaseConfig::default(),
             numbers: NumbersConfig::default(),
@@ -71,9 +90,11 @@ impl Default for Config {
             hook: HookConfig::default(),
             limits: LimitsConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            retention: RetentionConfig::default(),
             shutdown: ShutdownConfig::default(),
             fleet: FleetConfig::default(),
             tls: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -88,8 +109,15 @@ impl Config {
     }
 
     /// Parses and validates config text; `file_name` is used in error
-    /// messages and its directory anchors relative paths.
+    /// messages and its directory anchors relative paths (a relative
+    /// `database_password_file` is looked up in `$CREDENTIALS_DIRECTORY`
+    /// when that is set).
     pub fn from_toml_str(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        Self::parse(text, file_name, credentials.as_deref())
+    }
+
+    fn parse(text: &str, file_name: &str, credentials: Option<&Path>) -> Result<Config, ConfigErrors> {
         let file = Path::new(file_name);
         let mut config: Config = toml::from_str(text).map_err(|e| {
             ConfigErrors(vec![validate::problem(
@@ -100,16 +128,17 @@ impl Config {
             )])
         })?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        config.resolve_paths(&base);
-        let errors = validate::validate(&config, file, text);
+        config.resolve_paths(&base, credentials);
+        let (errors, warnings) = validate::validate(&mut config, file, text);
         if errors.is_empty() {
+            config.warnings = warnings;
             Ok(config)
         } else {
             Err(ConfigErrors(errors))
         }
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path, credentials: Option<&Path>) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -119,21 +148,52 @@ impl Config {
         if let Some(p) = &mut self.admin_token_file {
             fix(p);
         }
+        if let Some(p) = &mut self.database_password_file {
+            *p = secret::resolve_password_file(p, base, credentials);
+        }
         if let Some(tls) = &mut self.tls {
             fix(&mut tls.cert);
             fix(&mut tls.key);
         }
     }
 
-    /// The database URL in use: `database_url`, or an SQLite file in `data_dir`.
+    /// The database URL in use as written: `database_url`, or an SQLite
+    /// file in `data_dir`. It may hold a password written into cp.toml:
+    /// messages show it through [`redact`].
     pub fn database_url(&self) -> String {
         match &self.database_url {
-            Some(url) => url.get_ref().clone(),
+            Some(url) => url.as_str().to_owned(),
             None => format!(
                 "sqlite://{}?mode=rwc",
                 self.data_dir.join("detour-cp.sqlite3").display()
             ),
         }
+    }
+
+    /// The SQLite file in use: `data_dir/detour-cp.sqlite3`, or the file
+    /// a `sqlite:` `database_url` names (read as sqlx reads it); `None` for
+    /// Postgres or an in-memory database.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let Some(url) = &self.database_url else {
+            return Some(self.data_dir.join("detour-cp.sqlite3"));
+        };
+        let rest = url.as_str().strip_prefix("sqlite:")?;
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let file = rest.split('?').next().unwrap_or(rest);
+        if file.is_empty() || file == ":memory:" || rest.contains("mode=memory") {
+            return None;
+        }
+        Some(PathBuf::from(secret::percent_decode(file)))
+    }
+
+    /// The URL to connect with: [`Config::database_url`] with the password
+    /// from `database_password_file`, if any. For the driver only.
+    pub fn database_connect_url(&self) -> Secret {
+        let url = self.database_url();
+        self.database_password
+            .as_ref()
+            .and_then(|pw| secret::with_password(&url, pw))
+            .unwrap_or_else(|| Secret::new(url))
     }
 
     /// The time zone rule windows are read in (validated at load).

@@ -313,6 +313,23 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// How often `cert` and `key` are read again: a renewed pair serves new
+    /// connections from then on, without a restart (SIGHUP reads them at
+    /// once). A pair that does not load or match is not used; the replica
+    /// keeps serving the one it has. Default `60s`, which also catches a
+    /// Kubernetes Secret update (the kubelet rewrites mounted files within
+    /// about a minute).
+    #[serde(default = "TlsConfig::default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl TlsConfig {
+    /// Default of `tls.reload_interval`.
+    pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
+
+    fn default_reload_interval() -> Duration {
+        Self::DEFAULT_RELOAD_INTERVAL
+    }
 }
 
 /// What `serve` does on SIGTERM (a deploy or `systemctl stop`).
@@ -345,6 +362,98 @@ impl Default for ShutdownConfig {
         Self {
             grace: Self::DEFAULT_GRACE,
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// How long a kind of row is kept: a duration, or `"forever"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep(pub Option<Duration>);
+
+impl Keep {
+    /// Rows older than this go; `None`: kept forever.
+    pub fn limit(self) -> Option<Duration> {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Keep {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "forever" {
+            return Ok(Keep(None));
+        }
+        humantime_serde::re::humantime::parse_duration(&s)
+            .map(|d| Keep(Some(d)))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{e}: expected a duration such as \"400d\", or \"forever\""
+                ))
+            })
+    }
+}
+
+/// How long rows are kept, and how the background sweep deletes the older
+/// ones: in statements of at most `batch_size` rows with a `pause` between
+/// them, every `interval`, on every replica (replicas skip the rows another
+/// is deleting). Idempotency keys follow `idempotency.retention`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Calls, with their events and recordings (the objects in the bucket
+    /// are not touched), by creation time. Default `400d`: a year of
+    /// records and a month to reconcile it. At least
+    /// `idempotency.retention`.
+    pub calls: Keep,
+    /// Route audit entries (`GET /v1/audit`). Default `400d`.
+    pub audit: Keep,
+    /// The latest report of a PoP that has not reported since: its entry in
+    /// `GET /v1/fleet` goes. Default `30d`.
+    pub agent_reports: Keep,
+    /// How often a sweep starts. Default `1m`.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Rows one statement deletes at most (a call takes its events and
+    /// recordings with it). On SQLite the statement holds the database's
+    /// one connection, so requests wait while it runs: keep it small.
+    /// Default 500.
+    pub batch_size: u32,
+    /// Pause between two statements of a sweep. With the defaults a sweep
+    /// deletes at most 2,500 rows a second per table, far above what a
+    /// fleet writes. Default `200ms`.
+    #[serde(with = "humantime_serde")]
+    pub pause: Duration,
+}
+
+impl RetentionConfig {
+    /// Default of `retention.calls`.
+    pub const DEFAULT_CALLS: Duration = Duration::from_secs(400 * 24 * 3600);
+    /// Default of `retention.audit`.
+    pub const DEFAULT_AUDIT: Duration = Duration::from_secs(400 * 24 * 3600);
+    /// Default of `retention.agent_reports`.
+    pub const DEFAULT_AGENT_REPORTS: Duration = Duration::from_secs(30 * 24 * 3600);
+    /// Default of `retention.interval`.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+    /// Default of `retention.batch_size`.
+    pub const DEFAULT_BATCH_SIZE: u32 = 500;
+    /// Default of `retention.pause`.
+    pub const DEFAULT_PAUSE: Duration = Duration::from_millis(200);
+    /// The shortest retention accepted: a typo such as `"40s"` for
+    /// `"40d"` must not empty a table.
+    pub const MIN_KEEP: Duration = Duration::from_secs(3600);
+    /// The largest `batch_size`.
+    pub const MAX_BATCH_SIZE: u32 = 10_000;
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            calls: Keep(Some(Self::DEFAULT_CALLS)),
+            audit: Keep(Some(Self::DEFAULT_AUDIT)),
+            agent_reports: Keep(Some(Self::DEFAULT_AGENT_REPORTS)),
+            interval: Self::DEFAULT_INTERVAL,
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+            pause: Self::DEFAULT_PAUSE,
         }
     }
 }

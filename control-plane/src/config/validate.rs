@@ -8,7 +8,10 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Config, ConfigError, DatabaseConfig, HookConfig, LimitsConfig, NumbersConfig, RoutingConfig};
+use super::{
+    Config, ConfigError, DatabaseConfig, HookConfig, LimitsConfig, NumbersConfig, RetentionConfig,
+    RoutingConfig, secret,
+};
 
 /// A problem at `place` (a byte range of `text`), or with the file as a whole.
 pub(super) fn problem(file: &Path, text: &str, place: Option<Range<usize>>, message: String) -> ConfigError {
@@ -18,19 +21,23 @@ pub(super) fn problem(file: &Path, text: &str, place: Option<Range<usize>>, mess
     }
 }
 
-/// Every problem with `config`, parsed from `text` (the contents of `file`).
-pub(super) fn validate(config: &Config, file: &Path, text: &str) -> Vec<ConfigError> {
+/// Every problem with `config`, parsed from `text` (the contents of `file`),
+/// and the warnings. Reads the secrets the config names into it (the
+/// database password).
+pub(super) fn validate(config: &mut Config, file: &Path, text: &str) -> (Vec<ConfigError>, Vec<ConfigError>) {
     let mut p = Problems {
         file,
         text,
         list: Vec::new(),
+        warnings: Vec::new(),
     };
-    database_url(&mut p, config.database_url.as_ref());
+    database(&mut p, config);
     numbers(&mut p, &config.numbers);
     routing(&mut p, &config.routing);
     hook(&mut p, &config.hook);
     capacity(&mut p, &config.limits, &config.database);
     connections(&mut p, &config.limits);
+    retention(&mut p, config);
     if config.shutdown.drain_timeout.is_zero() {
         p.push(
             None,
@@ -42,7 +49,7 @@ pub(super) fn validate(config: &Config, file: &Path, text: &str) -> Vec<ConfigEr
     }
     fleet(&mut p, &config.fleet);
     files(&mut p, config);
-    p.list
+    (p.list, p.warnings)
 }
 
 /// Collects problems against one file's text.
@@ -50,12 +57,18 @@ struct Problems<'a> {
     file: &'a Path,
     text: &'a str,
     list: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Problems<'_> {
     fn push(&mut self, place: Option<Range<usize>>, message: impl Into<String>) {
         self.list
             .push(problem(self.file, self.text, place, message.into()));
+    }
+
+    fn warn(&mut self, place: Option<Range<usize>>, message: impl Into<String>) {
+        let message = format!("warning: {}", message.into());
+        self.warnings.push(problem(self.file, self.text, place, message));
     }
 }
 
@@ -66,14 +79,56 @@ fn place(s: &Spanned<String>) -> Option<Range<usize>> {
     if r == (0..0) { None } else { Some(r) }
 }
 
-fn database_url(p: &mut Problems<'_>, url: Option<&Spanned<String>>) {
-    let Some(url) = url else { return };
-    let v = url.get_ref();
-    if !(v.starts_with("postgres://") || v.starts_with("postgresql://") || v.starts_with("sqlite:")) {
+/// `database_url` and its password. Messages show the URL redacted.
+fn database(p: &mut Problems<'_>, config: &mut Config) {
+    let url = config
+        .database_url
+        .as_ref()
+        .map(|u| (u.as_str().to_owned(), place(&u.0)));
+    if let Some((v, at)) = &url
+        && !(v.starts_with("postgres://") || v.starts_with("postgresql://") || v.starts_with("sqlite:"))
+    {
         p.push(
-            place(url),
-            format!("database_url must start with postgres:// or sqlite: (got {v:?})"),
+            at.clone(),
+            format!(
+                "database_url must start with postgres:// or sqlite: (got {:?})",
+                secret::redact(v)
+            ),
         );
+    }
+    let postgres = url
+        .as_ref()
+        .is_some_and(|(v, _)| v.starts_with("postgres://") || v.starts_with("postgresql://"));
+    let inline = url.as_ref().is_some_and(|(v, _)| secret::has_password(v));
+    let url_at = url.and_then(|(_, at)| at);
+    let Some(path) = config.database_password_file.clone() else {
+        if inline {
+            p.warn(
+                url_at,
+                "database_url carries a password, so cp.toml holds a secret: put it in \
+                 database_password_file (or PGPASSWORD) and leave it out of the URL",
+            );
+        }
+        return;
+    };
+    let places: FilePlaces = toml::from_str(p.text).unwrap_or_default();
+    let file_at = places.database_password_file.as_ref().map(|v| v.span());
+    if !postgres {
+        p.push(
+            file_at,
+            "database_password_file needs a postgres:// database_url (SQLite has no password)",
+        );
+    } else if inline {
+        p.push(
+            url_at,
+            "database_url carries a password and database_password_file names another: \
+             remove the password from the URL",
+        );
+    } else {
+        match secret::read_password_file(&path) {
+            Ok(pw) => config.database_password = Some(pw),
+            Err(e) => p.push(file_at, format!("database_password_file: {e}")),
+        }
     }
 }
 
@@ -181,11 +236,55 @@ fn connections(p: &mut Problems<'_>, limits: &LimitsConfig) {
     }
 }
 
+/// How long rows are kept and how fast the sweep deletes them.
+fn retention(p: &mut Problems<'_>, config: &Config) {
+    let r = &config.retention;
+    let min = RetentionConfig::MIN_KEEP;
+    for (key, keep) in [
+        ("calls", r.calls),
+        ("audit", r.audit),
+        ("agent_reports", r.agent_reports),
+    ] {
+        if let Some(d) = keep.limit()
+            && d < min
+        {
+            p.push(
+                None,
+                format!("retention.{key} must be at least 1h, or \"forever\" to keep every row"),
+            );
+        }
+    }
+    if let Some(d) = r.calls.limit()
+        && d < config.idempotency.retention
+    {
+        p.push(
+            None,
+            "retention.calls must be at least idempotency.retention (a replayed answer names its call)",
+        );
+    }
+    if r.interval.is_zero() {
+        p.push(None, "retention.interval must be above 0");
+    }
+    if !(1..=RetentionConfig::MAX_BATCH_SIZE).contains(&r.batch_size) {
+        p.push(
+            None,
+            format!(
+                "retention.batch_size must be between 1 and {}",
+                RetentionConfig::MAX_BATCH_SIZE
+            ),
+        );
+    }
+    if r.pause > std::time::Duration::from_secs(60) {
+        p.push(None, "retention.pause must be at most 1m");
+    }
+}
+
 /// Where the file settings are in the text, for messages about the files
 /// (the typed [`Config`] keeps paths, not places).
 #[derive(Debug, Default, Deserialize)]
 struct FilePlaces {
     admin_token_file: Option<Spanned<toml::Value>>,
+    database_password_file: Option<Spanned<toml::Value>>,
     tls: Option<TlsPlaces>,
 }
 
@@ -193,6 +292,7 @@ struct FilePlaces {
 struct TlsPlaces {
     cert: Option<Spanned<toml::Value>>,
     key: Option<Spanned<toml::Value>>,
+    reload_interval: Option<Spanned<toml::Value>>,
 }
 
 /// The files `serve` reads are read here too, so `check-config` fails
@@ -207,6 +307,9 @@ fn files(p: &mut Problems<'_>, config: &Config) {
     }
     let Some(tls) = &config.tls else { return };
     let t = places.tls.unwrap_or_default();
+    if tls.reload_interval.is_zero() {
+        p.push(at(&t.reload_interval), "tls.reload_interval must be above 0");
+    }
     match (crate::tls::load_certs(&tls.cert), crate::tls::load_key(&tls.key)) {
         (Ok(certs), Ok(key)) => {
             if let Err(e) = crate::tls::server_config_from(certs, key) {

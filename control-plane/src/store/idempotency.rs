@@ -1,11 +1,12 @@
 //! Idempotency-Key claims: a row in `idempotency`, taken inside the
-//! transaction of the write it guards, and the purge of expired keys.
+//! transaction of the write it guards. Expired keys are purged by
+//! `retention`.
 
 use std::time::Duration;
 
 use sqlx::{AnyConnection, Row};
 
-use super::{Idem, Outcome, Result, Store, StoreError, StoredResponse, now_ms};
+use super::{Idem, Outcome, Result, StoreError, StoredResponse, now_ms};
 
 /// What claiming a key found.
 pub(super) enum Claim {
@@ -108,16 +109,4 @@ pub(super) async fn finish_claim(conn: &mut AnyConnection, key: &str, resp: &Sto
         .execute(&mut *conn)
         .await?;
     Ok(())
-}
-
-impl Store {
-    /// Deletes idempotency keys older than `retention`; returns how many.
-    pub async fn purge_idempotency(&self, retention: Duration) -> Result<u64> {
-        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let r = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected())
-    }
 }

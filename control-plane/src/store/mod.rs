@@ -6,7 +6,10 @@
 //! the Idempotency-Key types); one module per resource holds its SQL:
 //! `calls` (with `batch`, group commit on Postgres), `routes`,
 //! `audit`, `fleet` (reports and their history), `tokens`, `operators`
-//! (operator tokens and fleet-page sessions), and `idempotency` (the claims).
+//! (operator tokens and fleet-page sessions), `idempotency` (the claims),
+//! `migrations` (the schema and the policy that lets two releases share it),
+//! `retention` (deleting old rows in bounded batches) and `backup` (SQLite's
+//! online copy).
 //!
 //! **Invariant:** all SQL here is static text with `$n` parameters; nothing
 //! is built by string concatenation.
@@ -17,15 +20,18 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use sqlx::AnyConnection;
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Connection, Executor, Row};
+use sqlx::{AnyPool, Connection, Executor};
 
 mod audit;
+mod backup;
 mod batch;
 mod calls;
 mod fleet;
 mod idempotency;
 mod operators;
+mod migrations;
 mod recordings;
+mod retention;
 mod routes;
 mod tokens;
 
@@ -33,18 +39,18 @@ use crate::config::Config;
 use batch::{Batcher, Counters};
 
 pub use audit::AuditRow;
+pub use backup::{Contents, sqlite_url};
 pub use calls::{CallRow, NewCall};
 pub use fleet::{BUCKET_MS, EventRow, ReportRow, SampleRow, state_rank};
 pub use operators::SessionRow;
+pub use migrations::{MIGRATOR, MigrateRefused, Unknown};
 pub use recordings::Recorded;
+pub use retention::{PurgedCalls, Table};
 pub use routes::RouteRow;
 
 /// Prefix, call type, priority and window key: what must be unique among
 /// routes. Re-exported from [`crate::routing`], which derives it from a rule.
 pub use crate::routing::Matcher;
-
-/// Migrations embedded from the repository's `migrations/` folder.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Why a database operation failed, in the terms the API needs.
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +154,8 @@ impl Store {
     /// `/readyz` says so). SQLite gets WAL and one connection.
     pub async fn open(config: &Config) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
-        let url = config.database_url();
-        let sqlite = url.starts_with("sqlite:");
+        let url = config.database_connect_url();
+        let sqlite = url.expose().starts_with("sqlite:");
         if sqlite && config.database_url.is_none() {
             std::fs::create_dir_all(&config.data_dir)
                 .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
@@ -188,19 +194,29 @@ impl Store {
                     Ok(())
                 })
             });
+        // The URL carries the password (from the file); sqlx's errors here
+        // describe the URL's shape, never quote it.
         let pool = opts
-            .connect_lazy(&url)
-            .map_err(|e| anyhow::anyhow!("database_url: {e}"))?;
-        Ok(Store {
+            .connect_lazy(url.expose())
+            .map_err(|e| anyhow::anyhow!("database_url {}: {e}", crate::redact(&config.database_url())))?;
+        let mut store = Store::from_pool(pool, sqlite);
+        store.batch_slots = config.database.batch_writers as usize;
+        Ok(store)
+    }
+
+    /// A store on `pool`, writing new calls one statement each until
+    /// [`Store::open`] sets the group commit's writers.
+    fn from_pool(pool: AnyPool, sqlite: bool) -> Store {
+        Store {
             pool,
             sqlite,
             batcher: Arc::new(OnceLock::new()),
-            batch_slots: config.database.batch_writers as usize,
+            batch_slots: 1,
             batch_counters: Counters {
                 batches: IntCounter::new("batches", "group-commit statements").expect("static metric name"),
                 calls: IntCounter::new("batched_calls", "calls in them").expect("static metric name"),
             },
-        })
+        }
     }
 
     /// The store counting its group-commit statements and their calls in
@@ -248,35 +264,6 @@ impl Store {
     /// Whether this is the embedded SQLite database.
     pub fn is_sqlite(&self) -> bool {
         self.sqlite
-    }
-
-    /// Applies pending migrations.
-    pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
-            other => StoreError::Other(other.to_string()),
-        })
-    }
-
-    /// Ready: the database answers and every embedded migration is applied.
-    pub async fn ready(&self) -> Result<(), String> {
-        let want = MIGRATOR.migrations.iter().map(|m| m.version).max().unwrap_or(0);
-        let row = sqlx::query("SELECT MAX(version) AS v FROM _sqlx_migrations")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| match StoreError::from(e) {
-                StoreError::Unavailable(e) => format!("database: {e}"),
-                // The database answered: the migrations table is missing.
-                other => format!("migrations not applied ({other})"),
-            })?;
-        let have: Option<i64> = row.try_get("v").map_err(|e| e.to_string())?;
-        if have.unwrap_or(0) < want {
-            return Err(format!(
-                "migrations: database at {}, this build needs {want}",
-                have.unwrap_or(0)
-            ));
-        }
-        Ok(())
     }
 
     /// Closes the pool.

@@ -84,6 +84,11 @@ pub(super) fn validate(path: &Path, text: &str, errors: &mut Vec<ConfigError>) -
         files: ConfigFiles {
             agent: path.to_path_buf(),
             peers: peers_path,
+            crl: raw
+                .tls
+                .as_ref()
+                .and_then(|t| t.get_ref().crl.as_ref())
+                .map(|c| super::values::resolve(path, c.get_ref())),
         },
     })
 }
