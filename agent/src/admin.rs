@@ -74,6 +74,8 @@ pub fn report(shared: &Shared) -> AgentReport {
         config_error: shared.config_error.load().as_ref().map(|s| s.to_string()),
         recordings: shared.recordings.load().as_deref().cloned(),
         deferred: shared.deferred.load().as_ref().map(|d| d.report()),
+        switches: rt.health.switches(),
+        relay_rejected: shared.metrics.relay_rejected_counts(),
     }
 }
 

@@ -65,6 +65,9 @@ pub enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Ask again every second and redraw in place, until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
     },
     /// Drain or undrain a peer of a running agent, without editing files
     /// (through its control socket, `listen.control`).

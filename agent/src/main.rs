@@ -87,20 +87,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { admin, json } => match detour_agent::status::fetch(&admin) {
-            Ok(report) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-                } else {
-                    print!("{}", detour_agent::status::table(&report));
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("detour-agent status: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Status { admin, json, watch } => detour_agent::status::main(&admin, json, watch),
         Command::Peer {
             command,
             config,

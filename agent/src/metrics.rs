@@ -360,6 +360,20 @@ impl Metrics {
         self.config_last_reload_success_timestamp.set(unix_now());
     }
 
+    /// `detour_relay_rejected_total` by reason, for the fleet report.
+    pub fn relay_rejected_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        use prometheus::core::Collector;
+        self.relay_rejected
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .filter_map(|m| {
+                let reason = m.get_label().iter().find(|l| l.name() == "reason")?;
+                Some((reason.value().to_owned(), m.get_counter().get_value() as u64))
+            })
+            .collect()
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -1,5 +1,6 @@
 //! `detour-agent status`: fetches `/status` from a running agent's admin
-//! listener (hyper's client) and prints the path table (comfy-table).
+//! listener (hyper's client) and prints the path table (comfy-table), or
+//! the JSON; with `--watch`, again every second, redrawn in place.
 
 use std::time::Duration;
 
@@ -15,17 +16,114 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// `/status` of an agent with a hundred peers is about 40 KiB.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
+/// How often `--watch` asks again.
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// Fetches the report over plain HTTP/1.1 (the admin listener is local).
 /// Blocking: it runs its own small runtime.
 pub fn fetch(admin: &str) -> Result<AgentReport, String> {
-    let addr: std::net::SocketAddr = admin
+    let addr = parse_admin(admin)?;
+    runtime()?.block_on(get(addr))
+}
+
+fn parse_admin(admin: &str) -> Result<std::net::SocketAddr, String> {
+    admin
         .parse()
-        .map_err(|_| format!("`{admin}` is not an IP:port address"))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+        .map_err(|_| format!("`{admin}` is not an IP:port address"))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    rt.block_on(get(addr))
+        .map_err(|e| format!("cannot start a runtime: {e}"))
+}
+
+/// `detour-agent status [--json] [--watch]`: the table (or the JSON) once;
+/// with `watch`, every [`WATCH_EVERY`] until interrupted. On a terminal the
+/// screen is redrawn in place; piped, each refresh is appended (one JSON
+/// line each with `--json`, for `jq`). While watching, an agent that does
+/// not answer (restarting, say) is shown as an error line and asked again.
+pub fn main(admin: &str, json: bool, watch: bool) -> std::process::ExitCode {
+    use std::io::{IsTerminal, Write};
+    use std::process::ExitCode;
+    let fail = |e: String| {
+        eprintln!("detour-agent status: {e}");
+        ExitCode::FAILURE
+    };
+    let (addr, rt) = match parse_admin(admin).and_then(|a| Ok((a, runtime()?))) {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    if !watch {
+        return match rt.block_on(get(addr)) {
+            Ok(r) if json => {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                print!("{}", table(&r));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
+    }
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let text = render_watch(rt.block_on(get(addr)), json, tty, admin);
+        let mut out = std::io::stdout().lock();
+        // Home, the frame, then clear whatever an earlier, longer frame
+        // left below it: redrawn in place without a blank flash.
+        let written = if tty {
+            write!(out, "\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n"))
+        } else {
+            write!(out, "{text}")
+        };
+        if written.and_then(|()| out.flush()).is_err() {
+            // The reader went away (`| head`): done.
+            return ExitCode::SUCCESS;
+        }
+        drop(out);
+        // The timer is made inside the runtime (it needs its reactor).
+        rt.block_on(async { tokio::time::sleep(WATCH_EVERY).await });
+    }
+}
+
+/// One `--watch` frame: a header line with the time, then the table (or
+/// the JSON: pretty on a terminal, one line when piped); an error instead
+/// when the agent did not answer.
+fn render_watch(report: Result<AgentReport, String>, json: bool, tty: bool, admin: &str) -> String {
+    let now = utc_time_of_day();
+    match (report, json) {
+        (Ok(r), true) if !tty => format!("{}\n", serde_json::to_string(&r).unwrap_or_default()),
+        (Ok(r), true) => format!(
+            "{now}  {admin}  every {}s, Ctrl-C to stop\n{}\n",
+            WATCH_EVERY.as_secs(),
+            serde_json::to_string_pretty(&r).unwrap_or_default()
+        ),
+        (Ok(r), false) => format!(
+            "{now}  {admin}  every {}s, Ctrl-C to stop\n{}",
+            WATCH_EVERY.as_secs(),
+            table(&r)
+        ),
+        (Err(e), true) if !tty => format!("{}\n", serde_json::json!({"error": e})),
+        (Err(e), _) => format!("{now}  {admin}  no answer, asking again every second: {e}\n"),
+    }
+}
+
+/// The wall-clock time of day now, UTC.
+fn utc_time_of_day() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    time_of_day(ms)
+}
+
+/// `HH:MM:SS UTC` for milliseconds since the Unix epoch (no date crate in
+/// the agent for a time of day).
+fn time_of_day(unix_ms: i64) -> String {
+    let day = unix_ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02} UTC", day / 3600, day % 3600 / 60, day % 60)
 }
 
 async fn get(addr: std::net::SocketAddr) -> Result<AgentReport, String> {
@@ -117,6 +215,15 @@ pub fn table(r: &AgentReport) -> String {
             ));
         }
     }
+    if let Some(s) = r.switches.last() {
+        out.push_str(&format!(
+            "last switch {}: {} -> {} ({})\n",
+            time_of_day(s.at_ms),
+            detour_wire::printable(&s.from),
+            detour_wire::printable(&s.to),
+            detour_wire::printable(&s.reason)
+        ));
+    }
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t.set_header(["", "PATH", "STATE", "RTT", "P95", "LOSS", "SCORE", "REASON"]);
@@ -180,6 +287,8 @@ mod tests {
             config_error: None,
             recordings: None,
             deferred: None,
+            switches: Vec::new(),
+            relay_rejected: Default::default(),
         };
         let text = table(&report);
         let lines: Vec<&str> = text.lines().skip(1).collect();
@@ -217,6 +326,8 @@ mod tests {
                 oldest_age_s: 61.0,
                 journal: "/var/lib/detour-agent/deferred.journal".into(),
             }),
+            switches: Vec::new(),
+            relay_rejected: Default::default(),
         };
         let text = table(&report);
         assert!(
@@ -232,6 +343,52 @@ mod tests {
         assert!(
             text.contains("  a\\u{1b}[31m.wav: store_refused: 404 NoSuchBucket"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_last_switch_and_watch_frames() {
+        let mut report = AgentReport {
+            pop: "blr".into(),
+            version: "0.1.0".into(),
+            active_path: Some("via:maa".into()),
+            paths: vec![path("direct", false), path("via:maa", true)],
+            config_error: None,
+            recordings: None,
+            deferred: None,
+            switches: vec![detour_wire::SwitchReport {
+                // 2026-12-06 05:17:22.5 UTC.
+                at_ms: 1_796_534_242_500,
+                from: "direct".into(),
+                to: "via:maa".into(),
+                reason: "direct down: 3 consecutive failures (timed out)".into(),
+            }],
+            relay_rejected: Default::default(),
+        };
+        let text = table(&report);
+        assert!(
+            text.contains("last switch 05:17:22 UTC: direct -> via:maa (direct down: 3 consecutive failures (timed out))"),
+            "{text}"
+        );
+        // On a terminal: a header with the time, then the table.
+        let frame = render_watch(Ok(report.clone()), false, true, "127.0.0.1:9090");
+        let (head, rest) = frame.split_once('\n').unwrap();
+        assert!(
+            head.ends_with("127.0.0.1:9090  every 1s, Ctrl-C to stop"),
+            "{head}"
+        );
+        assert_eq!(rest, table(&report));
+        // Piped JSON: one line per refresh, errors too.
+        report.switches.clear();
+        let line = render_watch(Ok(report), true, false, "x");
+        assert_eq!(line.lines().count(), 1);
+        assert!(line.starts_with("{\"pop\":\"blr\""), "{line}");
+        let err = render_watch(Err("refused".into()), true, false, "x");
+        assert_eq!(err, "{\"error\":\"refused\"}\n");
+        let err = render_watch(Err("refused".into()), false, true, "x");
+        assert!(
+            err.contains("no answer, asking again every second: refused"),
+            "{err}"
         );
     }
 }

@@ -182,6 +182,46 @@ async fn sighup_reloads_the_running_agent_instead_of_killing_it() {
     child.wait().ok();
 }
 
+/// `status --watch` asks again every second: piped with `--json`, one line
+/// per answer, from a stand-in admin listener that serves `/status`.
+#[test]
+fn status_watch_asks_again_every_second() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let body = r#"{"pop":"blr","version":"0.1.0","active_path":"direct","paths":[]}"#;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut head = [0u8; 1024];
+            let _ = conn.read(&mut head);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let mut child = agent()
+        .args(["status", "--watch", "--json", "--admin", &addr.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a first answer").unwrap();
+    let second = lines.next();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let second = second
+        .unwrap_or_else(|| panic!("no second answer: {}", String::from_utf8_lossy(&out.stderr)))
+        .unwrap();
+    for line in [first, second] {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["active_path"], "direct", "{line}");
+    }
+}
+
 /// `pki revoke` writes the CA's list, `check-config` reads it from
 /// `[tls] crl`: a list from the fleet CA passes, one listing this PoP's own
 /// certificate passes with a warning, a broken one fails at its line.

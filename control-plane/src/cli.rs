@@ -64,19 +64,24 @@ pub enum Command {
     },
 }
 
-/// `detour-control-plane token ...`.
+/// `detour-control-plane token ...`: agent and operator tokens.
 #[derive(Subcommand)]
 pub enum TokenCommand {
-    /// Create a token for a PoP; it is printed once, only its hash is stored.
+    /// Create a token for a PoP (or, with --operator, a read-only one for
+    /// the fleet page); it is printed once, only its hash is stored.
     Create {
         /// PoP the token is for, e.g. blr.
-        #[arg(long)]
-        pop: String,
+        #[arg(long, required_unless_present = "operator")]
+        pop: Option<String>,
+        /// A read-only operator token for this person or team (the fleet
+        /// page), instead of an agent's.
+        #[arg(long, conflicts_with = "pop")]
+        operator: Option<String>,
         /// cp.toml naming the database.
         #[arg(long, default_value = "cp.toml")]
         config: PathBuf,
     },
-    /// List agent tokens: id, PoP, creation time (never the tokens).
+    /// List tokens: id, PoP (or operator:NAME), creation time (never the tokens).
     List {
         /// Only this PoP's tokens.
         #[arg(long)]

@@ -10,7 +10,8 @@
 //! A request meets the modules in this order: [`api`] (axum handlers, auth,
 //! shedding) → [`intake`] (validation, E.164) → [`routing`] (pure rules, with
 //! [`hook`] beside it) → [`store`] (sqlx, with [`idempotency`] claims in the
-//! same transaction). [`record`] folds call events; [`metrics`], [`tls`] and
+//! same transaction). [`record`] folds call events, [`fleet`] builds the fleet
+//! page's view from the stored reports; [`metrics`], [`tls`] and
 //! [`config`] serve them all. Around them: [`server`] (the listener and its
 //! connections), [`tasks`] (the background loops), [`tokens`] (the `token`
 //! subcommands), [`backup`] (`backup` and `restore` of the SQLite
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod fleet;
 pub mod hook;
 pub mod idempotency;
 pub mod intake;
@@ -42,7 +44,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 pub use config::{Config, ConfigError, ConfigErrors, redact};
-pub use tokens::{create_agent_token, create_agent_token_with_id, list_agent_tokens, revoke_agent_token};
+pub use tokens::{
+    create_agent_token, create_agent_token_with_id, create_operator_token, list_agent_tokens,
+    revoke_agent_token,
+};
 // `config` checks the admin token file with this (its old path).
 pub(crate) use auth::read_admin_token_file;
 

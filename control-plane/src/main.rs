@@ -43,14 +43,24 @@ async fn main() -> ExitCode {
             Err(code) => return code,
         },
         Command::Token {
-            command: TokenCommand::Create { pop, config },
+            command:
+                TokenCommand::Create {
+                    pop,
+                    operator,
+                    config,
+                },
         } => match load(&config) {
-            Ok(c) => detour_control_plane::create_agent_token_with_id(&c, &pop)
-                .await
-                .map(|(token, id)| {
-                    println!("{token}");
-                    eprintln!("token id {id} (for `token list` and `token revoke --id`)");
-                }),
+            Ok(c) => match operator {
+                Some(name) => detour_control_plane::create_operator_token(&c, &name).await,
+                None => {
+                    detour_control_plane::create_agent_token_with_id(&c, pop.as_deref().unwrap_or_default())
+                        .await
+                }
+            }
+            .map(|(token, id)| {
+                println!("{token}");
+                eprintln!("token id {id} (for `token list` and `token revoke --id`)");
+            }),
             Err(code) => return code,
         },
         Command::Token {
@@ -66,7 +76,7 @@ async fn main() -> ExitCode {
         } => match load(&config) {
             Ok(c) => detour_control_plane::revoke_agent_token(&c, &id)
                 .await
-                .map(|pop| println!("revoked token {id} of PoP {pop}; replicas refuse it within 30 s")),
+                .map(|who| println!("revoked token {id} of {who}; replicas refuse it within 30 s")),
             Err(code) => return code,
         },
         Command::Backup { config, out } => match load(&config) {

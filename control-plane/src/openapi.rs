@@ -328,6 +328,108 @@ pub struct FleetSchema {
     pub pops: Vec<FleetPopSchema>,
 }
 
+/// `GET /v1/fleet/view`: what the fleet page shows.
+#[derive(Serialize, ToSchema)]
+#[schema(as = FleetView)]
+pub struct FleetViewSchema {
+    /// When the view was built, ms since the epoch.
+    pub now_ms: i64,
+    /// `fleet.stale_after`, seconds.
+    pub stale_after_s: f64,
+    /// Width of one history point, seconds (30).
+    pub bucket_s: i64,
+    /// Length of the history, seconds (900).
+    pub window_s: i64,
+    pub summary: FleetSummarySchema,
+    /// Every PoP that ever reported, those needing a look first.
+    pub pops: Vec<FleetViewPopSchema>,
+    /// PoPs whose active path goes through a peer.
+    pub detours: Vec<DetourSchema>,
+    /// The newest switches of active paths, newest first.
+    pub switches: Vec<FleetEventSchema>,
+    /// The newest relay refusals, newest first.
+    pub refusals: Vec<FleetEventSchema>,
+}
+
+/// How many PoPs are in which condition.
+#[derive(Serialize, ToSchema)]
+#[schema(as = FleetSummary)]
+pub struct FleetSummarySchema {
+    pub pops: u64,
+    pub direct: u64,
+    pub detoured: u64,
+    pub stale: u64,
+    pub no_path: u64,
+}
+
+/// One PoP on the fleet page.
+#[derive(Serialize, ToSchema)]
+#[schema(as = FleetViewPop)]
+pub struct FleetViewPopSchema {
+    pub pop: String,
+    pub received_at_ms: i64,
+    /// Seconds since its last report.
+    pub age_s: f64,
+    /// No report for `fleet.stale_after`.
+    pub stale: bool,
+    pub version: Option<String>,
+    /// Its active path (`direct`, `via:<peer>`).
+    pub active: Option<String>,
+    pub config_error: Option<String>,
+    pub last_switch: Option<detour_wire::SwitchReport>,
+    pub paths: Vec<FleetViewPathSchema>,
+}
+
+/// One path of a PoP, now and over the last 15 minutes.
+#[derive(Serialize, ToSchema)]
+#[schema(as = FleetViewPath)]
+pub struct FleetViewPathSchema {
+    pub path: String,
+    pub state: detour_wire::PathState,
+    pub active: bool,
+    pub rtt_ms: Option<f64>,
+    /// 0.0 to 1.0.
+    pub loss: f64,
+    pub reason: Option<String>,
+    pub history: PathHistorySchema,
+}
+
+/// One value per 30-second bucket, oldest first; null where no report came.
+#[derive(Serialize, ToSchema)]
+#[schema(as = PathHistory)]
+pub struct PathHistorySchema {
+    /// The highest RTT reported in each bucket, ms.
+    pub rtt_ms: Vec<Option<f64>>,
+    /// The highest loss reported in each bucket.
+    pub loss: Vec<Option<f64>>,
+    /// The worst state of each bucket: `u` up, `g` degraded, `d` down, `-` none.
+    pub state: String,
+}
+
+/// A PoP going through a peer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Detour)]
+pub struct DetourSchema {
+    pub from: String,
+    pub via: String,
+    /// The PoP has stopped reporting: this was its last known path.
+    pub stale: bool,
+}
+
+/// A switch (`from`, `to`, `reason`) or a relay refusal (`reason`, `n`).
+#[derive(Serialize, ToSchema)]
+#[schema(as = FleetEvent)]
+pub struct FleetEventSchema {
+    /// ms since the epoch.
+    pub at_ms: i64,
+    pub pop: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub reason: String,
+    /// Refusals counted (1 for a switch).
+    pub n: i64,
+}
+
 #[derive(Serialize, ToSchema)]
 #[schema(as = Ready)]
 pub struct ReadySchema {

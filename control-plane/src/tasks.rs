@@ -1,8 +1,8 @@
 //! The control plane's background loops: the route-version poll, the
 //! retention sweep (old calls, audit entries, idempotency keys, agent
-//! reports), writing emergency calls held during a database outage, reading
-//! the TLS certificate again, and SQLite's checkpoints. [`Tasks`] starts
-//! them with the server and stops
+//! reports), the fleet history's purge, writing emergency calls held during
+//! a database outage, reading the TLS certificate again, and SQLite's
+//! checkpoints. [`Tasks`] starts them with the server and stops
 //! them in the order shutdown needs.
 
 use std::sync::Arc;
@@ -12,6 +12,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::App;
+
+/// How often the fleet history is trimmed to its bounds.
+const FLEET_PURGE_EVERY: Duration = Duration::from_secs(30);
+/// History samples are kept this many buckets beyond the page's window
+/// (5 minutes), so a replica with a slow clock still finds its window whole.
+const SAMPLE_SLACK_BUCKETS: i64 = 10;
 
 /// The running background loops.
 pub struct Tasks {
@@ -26,6 +32,7 @@ impl Tasks {
         let mut loops = vec![
             tokio::spawn(poll_routes(app.clone(), rx.clone())),
             tokio::spawn(retention(app.clone(), rx.clone())),
+            tokio::spawn(purge_fleet(app.clone(), rx.clone())),
             tokio::spawn(flush_deferred(app.clone(), rx.clone())),
         ];
         if let Some(cert) = &app.cert {
@@ -300,4 +307,35 @@ where
             _ = tokio::time::sleep(app.config.retention.pause) => {}
         }
     }
+}
+
+/// Keeps the fleet history bounded (every replica does it; the deletes are
+/// idempotent): samples older than the page's 15 minutes plus slack,
+/// events past `fleet.events_retention` or beyond the newest
+/// `fleet.max_events`, and expired page sessions.
+async fn purge_fleet(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(FLEET_PURGE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = purge_fleet_once(&app).await {
+            tracing::debug!(error = %e, "fleet history purge failed; will retry");
+        }
+    }
+}
+
+/// One pass of [`purge_fleet`]; returns the rows deleted.
+pub async fn purge_fleet_once(app: &App) -> Result<u64, crate::store::StoreError> {
+    let now = crate::store::now_ms();
+    let fleet = &app.config.fleet;
+    let samples_from = crate::fleet::first_bucket(now) - SAMPLE_SLACK_BUCKETS;
+    let events_from = now - fleet.events_retention.as_millis() as i64;
+    let n = app
+        .store
+        .purge_fleet(samples_from, events_from, i64::from(fleet.max_events))
+        .await?;
+    Ok(n + app.store.purge_sessions().await?)
 }

@@ -1082,6 +1082,8 @@ async fn fleet_reports_latest_per_pop(backend: Backend) {
             config_error: None,
             recordings: None,
             deferred: None,
+            switches: Vec::new(),
+            relay_rejected: Default::default(),
         };
         let r = cp
             .client

@@ -126,7 +126,7 @@ async fn token_create_prints_a_working_token_once() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = revoke(&id);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent token has id"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no token has id"));
     let cp = Instance::start(db.config("", "")).await;
     let r = cp
         .client

@@ -50,6 +50,11 @@ async fn the_document_lists_every_route() {
         ("/v1/audit", "get"),
         ("/v1/agents/{pop}/report", "post"),
         ("/v1/fleet", "get"),
+        ("/v1/fleet/view", "get"),
+        ("/fleet", "get"),
+        ("/fleet/login", "get"),
+        ("/fleet/login", "post"),
+        ("/fleet/logout", "post"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

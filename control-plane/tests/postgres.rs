@@ -391,6 +391,8 @@ async fn clients_that_give_up_mid_request_leave_no_transaction_open() {
         config_error: None,
         recordings: None,
         deferred: None,
+        switches: Vec::new(),
+        relay_rejected: Default::default(),
     })
     .unwrap();
     for n in 0..KEYS {

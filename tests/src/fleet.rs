@@ -73,6 +73,9 @@ pub struct FleetOptions {
     /// instance on the same database), which every agent lists as endpoint
     /// `singapore` (priority 2) after `mumbai` ([`CP_HOST`], priority 1).
     pub second_region: bool,
+    /// TOML appended to the real control plane's cp.toml (its sections,
+    /// e.g. `[fleet]\nstale_after = "3s"`).
+    pub cp_extra: String,
 }
 
 impl Default for FleetOptions {
@@ -86,6 +89,7 @@ impl Default for FleetOptions {
             database_url: None,
             tail: BTreeMap::new(),
             second_region: false,
+            cp_extra: String::new(),
         }
     }
 }
@@ -170,8 +174,13 @@ impl Fleet {
         let (cp, cp_addr) = match opts.external_cp {
             Some(addr) => (None, addr),
             None if opts.real_cp => {
-                let (addr, token, stop) =
-                    start_real_cp(dir.path(), &opts.pops, opts.database_url.as_deref()).await?;
+                let (addr, token, stop) = start_real_cp(
+                    dir.path(),
+                    &opts.pops,
+                    opts.database_url.as_deref(),
+                    &opts.cp_extra,
+                )
+                .await?;
                 admin_token = Some(token);
                 real_cp_stop = Some(stop);
                 (None, addr)
@@ -526,6 +535,22 @@ dir = "run"
         Ok(())
     }
 
+    /// A read-only operator token named `name` for the real control plane's
+    /// fleet page, as `token create --operator` makes one.
+    pub async fn operator_token(&self, name: &str) -> anyhow::Result<String> {
+        let path = self.dir.path().join("cp").join("cp.toml");
+        let config = detour_control_plane::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(detour_control_plane::create_operator_token(&config, name)
+            .await?
+            .0)
+    }
+
+    /// The real control plane's fleet page (HTTPS with the lab CA's
+    /// certificate for [`CP_HOST`], here on its loopback address).
+    pub fn page_url(&self) -> String {
+        format!("https://{}/fleet", self.cp_addr)
+    }
+
     /// Restarts the real control plane as `systemctl restart` would: a
     /// graceful stop (in-flight requests finish, connections close, the
     /// database is closed), `down` with nothing listening, then a new
@@ -626,6 +651,7 @@ async fn start_real_cp(
     dir: &Path,
     pops: &[String],
     database_url: Option<&str>,
+    extra: &str,
 ) -> anyhow::Result<(
     SocketAddr,
     String,
@@ -639,7 +665,7 @@ async fn start_real_cp(
     std::fs::write(cp_dir.join("admin.token"), &admin_token)?;
     let db = database_url.map_or_else(String::new, |u| format!("database_url = \"{u}\"\n"));
     let text = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\nadmin_token_file = \"{admin}\"\n{db}\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\nadmin_token_file = \"{admin}\"\n{db}\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n{extra}\n",
         data = cp_dir.join("data").display(),
         admin = cp_dir.join("admin.token").display(),
         cert = certs.join("cp.pem").display(),

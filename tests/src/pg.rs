@@ -160,6 +160,12 @@ impl PrivatePostgres {
         )
     }
 
+    /// The server's (postmaster's) process id, from its pid file.
+    pub fn server_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://detour@{}:{}/detour", self.listen, self.port)
     }

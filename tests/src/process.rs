@@ -148,6 +148,27 @@ pub fn cpu_us(pid: u32) -> u64 {
     cpu_ticks(&stat) * 10_000
 }
 
+/// CPU time of a process and its children now running (a database server
+/// and its backends), in microseconds.
+pub fn tree_cpu_us(pid: u32) -> u64 {
+    let mut total = cpu_us(pid);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return total;
+    };
+    for e in dir.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // The parent is the second field after the command name.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            total += cpu_ticks(&stat) * 10_000;
+        }
+    }
+    total
+}
+
 /// User + system CPU of a `/proc/<pid>/stat` line, in clock ticks (10 ms).
 fn cpu_ticks(stat: &str) -> u64 {
     // Fields after the command name, which is in parentheses and may hold

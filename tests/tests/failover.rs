@@ -366,4 +366,15 @@ fn the_demo_tells_the_story_and_exits_zero_when_nothing_failed() {
     );
     assert!(phases[1]["reroute_s"].as_f64().unwrap() < 1.0);
     assert_eq!(lines.last().unwrap()["ok"], true);
+    // Where to watch it: the control plane's fleet page and a token for it.
+    let page = lines
+        .iter()
+        .find(|v| v.get("fleet_page").is_some())
+        .expect(&stdout);
+    let url = page["fleet_page"].as_str().unwrap();
+    assert!(
+        url.starts_with("https://127.0.0.1:") && url.ends_with("/fleet"),
+        "{url}"
+    );
+    assert!(page["operator_token"].as_str().unwrap().starts_with("dto_demo_"));
 }

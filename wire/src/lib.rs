@@ -175,6 +175,34 @@ pub struct AgentReport {
     /// Deferred requests waiting, when some requests are deferrable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred: Option<DeferredReport>,
+    /// The most recent changes of the active path, oldest first (at most
+    /// [`AgentReport::MAX_SWITCHES`]). Every report repeats them, so one
+    /// lost report loses none; the control plane keeps each once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub switches: Vec<SwitchReport>,
+    /// Tunnels the relay refused since the agent started, by reason (the
+    /// `reason` label of `detour_relay_rejected_total`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub relay_rejected: std::collections::BTreeMap<String, u64>,
+}
+
+impl AgentReport {
+    /// The switches a report carries at most.
+    pub const MAX_SWITCHES: usize = 16;
+}
+
+/// One change of an agent's active path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SwitchReport {
+    /// When, in milliseconds since the Unix epoch (the agent's clock).
+    pub at_ms: i64,
+    /// The path left (`none` when there was none).
+    pub from: String,
+    /// The path taken (`none` when no path is usable).
+    pub to: String,
+    /// Why, for people: e.g. `direct down: 3 consecutive failures (timeout)`.
+    pub reason: String,
 }
 
 /// The deferred-delivery journal, as `/status` shows it.

@@ -2,12 +2,13 @@
 //! lock, the ranked [`Snapshot`] out through `ArcSwap`, the per-path metrics
 //! published (and removed with their path), and the active path's switches.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use detour_wire::{PathReport, PathState};
+use detour_wire::{AgentReport, PathReport, PathState, SwitchReport};
 use tokio::time::Instant;
 
 use super::{FailureKind, Outcome, PathInfo, PathMemory, PathStats};
@@ -117,6 +118,9 @@ pub struct HealthTable {
     metrics: Arc<Metrics>,
     active: Mutex<Option<Arc<str>>>,
     dirty: AtomicBool,
+    /// The last switches of the active path, oldest first, for the fleet
+    /// report (at most [`AgentReport::MAX_SWITCHES`]).
+    switches: Mutex<VecDeque<SwitchReport>>,
 }
 
 impl HealthTable {
@@ -129,6 +133,7 @@ impl HealthTable {
             metrics,
             active: Mutex::new(None),
             dirty: AtomicBool::new(false),
+            switches: Mutex::new(VecDeque::new()),
         };
         table.publish();
         table
@@ -150,7 +155,13 @@ impl HealthTable {
             }
         }
         *lock(&self.active) = lock(&old.active).clone();
+        *lock(&self.switches) = lock(&old.switches).clone();
         self.publish();
+    }
+
+    /// The last switches of the active path, oldest first.
+    pub fn switches(&self) -> Vec<SwitchReport> {
+        lock(&self.switches).iter().cloned().collect()
     }
 
     /// Every path's evidence and state, and the active path, as of now (the
@@ -318,17 +329,30 @@ impl HealthTable {
         {
             let mut active = lock(&self.active);
             if *active != new_active {
-                let reason = match snap.active() {
-                    Some(p) => format!("{} is {}", p.name, p.state.as_str()),
-                    None => "no enabled path".to_owned(),
-                };
+                let reason = switch_reason(&snap, active.as_deref());
                 let from = active.as_deref().unwrap_or("none").to_owned();
+                let to = new_active.as_deref().unwrap_or("none");
                 if let Some(old) = active.as_deref() {
                     self.metrics.active_path.with_label_values(&[old]).set(0);
                     let old_state = snap.by_name(old).map_or("removed", |p| p.state.as_str());
-                    tracing::warn!(from = %from, to = new_active.as_deref().unwrap_or("none"), reason = %reason, old_state, "active path switched");
+                    tracing::warn!(from = %from, to, reason = %reason, old_state, "active path switched");
                     self.metrics.path_switches.inc();
                 }
+                // The first choice after start is no switch; coming back
+                // from having no path at all is one.
+                let mut switches = lock(&self.switches);
+                if active.is_some() || switches.back().is_some_and(|s| s.to == "none") {
+                    if switches.len() == AgentReport::MAX_SWITCHES {
+                        switches.pop_front();
+                    }
+                    switches.push_back(SwitchReport {
+                        at_ms: unix_ms(),
+                        from: from.clone(),
+                        to: to.to_owned(),
+                        reason,
+                    });
+                }
+                drop(switches);
                 if let Some(new) = new_active.as_deref() {
                     self.metrics.active_path.with_label_values(&[new]).set(1);
                 }
@@ -386,6 +410,35 @@ impl HealthTable {
             })
             .collect()
     }
+}
+
+/// Why the active path moves away from `from`, for people: what is wrong
+/// with the path left, or, when nothing is, what is better about the one
+/// taken (a recovered `direct` is preferred to a peer).
+fn switch_reason(snap: &Snapshot, from: Option<&str>) -> String {
+    let left = from.map(|f| (f, snap.by_name(f)));
+    match (left, snap.active()) {
+        (Some((f, None)), _) => format!("{f} removed"),
+        (Some((_, Some(old))), _) if !old.enabled => format!("{} disabled (drained)", old.name),
+        (Some((_, Some(old))), _) if old.state != PathState::Up => format!(
+            "{} {}: {}",
+            old.name,
+            old.state.as_str(),
+            old.reason.as_deref().unwrap_or("no reason recorded")
+        ),
+        (_, Some(new)) if new.direct && new.state == PathState::Up => {
+            format!("{} up again, preferred", new.name)
+        }
+        (_, Some(new)) => format!("{} is {} and scores better", new.name, new.state.as_str()),
+        (_, None) => "no enabled path".to_owned(),
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the system clock.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Locks a mutex, recovering from a poisoned one: health stats stay usable

@@ -389,6 +389,8 @@ fn may_see(who: &Principal, pop: &str) -> bool {
     match who {
         Principal::Admin => true,
         Principal::Agent { pop: own } => own == pop,
+        // Never reached: `authenticate` refuses operator tokens.
+        Principal::Operator { .. } => false,
     }
 }
 

@@ -104,6 +104,7 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Store(s) => s.into(),
+            AuthError::ReadOnly => forbidden(AuthError::ReadOnly.to_string()),
             other => ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

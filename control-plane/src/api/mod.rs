@@ -2,7 +2,8 @@
 //! authenticates, reads a bounded body, hands it to `intake`/`routing`/`store`,
 //! and answers JSON or `application/problem+json` (never a bare 500 for bad
 //! input). One module per resource: `calls`, `routes`, `audit` and
-//! `fleet` (agent reports and the fleet view), `streams` (the WebSocket
+//! `fleet` (agent reports and the fleet view's data), `page` (the fleet
+//! page, its login and assets), `streams` (the WebSocket
 //! echo), plus `health` (probes and metrics); `state` holds the replica's shared state, `shed` the rate
 //! limits and load shedding, `error` the problem answers.
 
@@ -11,6 +12,7 @@ mod calls;
 mod error;
 mod fleet;
 mod health;
+mod page;
 mod routes;
 mod shed;
 mod state;
@@ -60,6 +62,12 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/audit", get(audit::audit_log))
         .route("/v1/agents/{pop}/report", post(fleet::post_report))
         .route("/v1/fleet", get(fleet::fleet))
+        .route("/v1/fleet/view", get(fleet::view))
+        .route("/fleet", get(page::page))
+        .route("/fleet/login", get(page::login_form).post(page::login))
+        .route("/fleet/logout", post(page::logout))
+        .route("/fleet/fleet.js", get(page::script))
+        .route("/fleet/fleet.css", get(page::style))
         .route("/v1/streams/echo", get(streams::echo))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
@@ -76,7 +84,8 @@ pub fn router(app: Shared) -> Router {
     info(title = "Detour control plane", description = "Call routing, call records and the fleet view. Errors are RFC 9457 problem+json."),
     paths(health::healthz, health::readyz, health::metrics, calls::create_call, calls::get_call,
           calls::post_event, calls::post_recording, routes::list_routes, routes::get_route, routes::put_route,
-          routes::delete_route, audit::audit_log, fleet::post_report, fleet::fleet, streams::echo),
+          routes::delete_route, audit::audit_log, fleet::post_report, fleet::fleet, fleet::view, streams::echo,
+          page::page, page::login_form, page::login, page::logout),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -40,6 +40,8 @@ pub struct App {
     reload: Mutex<()>,
     /// Emergency calls answered while the database was down.
     pub spool: Spool,
+    /// The fleet page's data, built at most twice a second.
+    pub(super) fleet_view: super::fleet::ViewCache,
     /// Set when shutdown begins: `/readyz` answers 503 from then on, so the
     /// load balancer stops sending while the replica still serves.
     pub stopping: std::sync::atomic::AtomicBool,
@@ -79,6 +81,7 @@ impl App {
             reload: Mutex::new(()),
             spool: Spool::new(EMERGENCY_SPOOL_MAX),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            fleet_view: Default::default(),
             cert,
             store,
             config,

@@ -17,8 +17,8 @@ use serde::Deserialize;
 pub use detour_wire::diag::{ConfigError, ConfigErrors};
 pub use secret::{DatabaseUrl, Secret, redact};
 pub use sections::{
-    DatabaseConfig, HookConfig, IdempotencyConfig, Keep, LimitsConfig, NumbersConfig, RetentionConfig,
-    RoutingConfig, ShutdownConfig, TlsConfig,
+    DatabaseConfig, FleetConfig, HookConfig, IdempotencyConfig, Keep, LimitsConfig, NumbersConfig,
+    RetentionConfig, RoutingConfig, ShutdownConfig, TlsConfig,
 };
 
 /// The control plane's configuration (`cp.toml`). An unset field is filled
@@ -57,6 +57,7 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     pub retention: RetentionConfig,
     pub shutdown: ShutdownConfig,
+    pub fleet: FleetConfig,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) from this certificate and key.
     pub tls: Option<TlsConfig>,
     /// What validation found questionable but not wrong, each as
@@ -91,6 +92,7 @@ impl Default for Config {
             idempotency: IdempotencyConfig::default(),
             retention: RetentionConfig::default(),
             shutdown: ShutdownConfig::default(),
+            fleet: FleetConfig::default(),
             tls: None,
             warnings: Vec::new(),
         }

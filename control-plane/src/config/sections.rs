@@ -262,6 +262,49 @@ impl Default for IdempotencyConfig {
     }
 }
 
+/// The fleet view (`GET /fleet`, `/v1/fleet/view`) and its history.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// A PoP whose last report is older than this is shown stale, with its
+    /// age. Keep it at two or three of the agents'
+    /// `control_plane.report_interval` (default 10 s). Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// How long switches and relay refusals are kept in the database.
+    /// Default `24h`.
+    #[serde(with = "humantime_serde")]
+    pub events_retention: Duration,
+    /// At most this many switches and refusals are kept (the newest), so a
+    /// flapping fleet cannot grow the table without bound. Default 10000.
+    pub max_events: u32,
+    /// How long a login on the fleet page lasts. Default `12h`.
+    #[serde(with = "humantime_serde")]
+    pub session_lifetime: Duration,
+}
+
+impl FleetConfig {
+    /// Default of `fleet.stale_after`.
+    pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30);
+    /// Default of `fleet.events_retention`.
+    pub const DEFAULT_EVENTS_RETENTION: Duration = Duration::from_secs(24 * 3600);
+    /// Default of `fleet.max_events`.
+    pub const DEFAULT_MAX_EVENTS: u32 = 10_000;
+    /// Default of `fleet.session_lifetime`.
+    pub const DEFAULT_SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            stale_after: Self::DEFAULT_STALE_AFTER,
+            events_retention: Self::DEFAULT_EVENTS_RETENTION,
+            max_events: Self::DEFAULT_MAX_EVENTS,
+            session_lifetime: Self::DEFAULT_SESSION_LIFETIME,
+        }
+    }
+}
+
 /// HTTPS termination in the service itself.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

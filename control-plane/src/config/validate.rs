@@ -47,6 +47,7 @@ pub(super) fn validate(config: &mut Config, file: &Path, text: &str) -> (Vec<Con
     if config.shutdown.grace > std::time::Duration::from_secs(600) {
         p.push(None, "shutdown.grace must be at most 10m");
     }
+    fleet(&mut p, &config.fleet);
     files(&mut p, config);
     (p.list, p.warnings)
 }
@@ -128,6 +129,22 @@ fn database(p: &mut Problems<'_>, config: &mut Config) {
             Ok(pw) => config.database_password = Some(pw),
             Err(e) => p.push(file_at, format!("database_password_file: {e}")),
         }
+    }
+}
+
+fn fleet(p: &mut Problems<'_>, fleet: &super::FleetConfig) {
+    use std::time::Duration;
+    if fleet.stale_after < Duration::from_secs(1) {
+        p.push(None, "fleet.stale_after must be at least 1s");
+    }
+    if fleet.max_events < 100 {
+        p.push(None, "fleet.max_events must be at least 100");
+    }
+    if fleet.events_retention < Duration::from_secs(60) {
+        p.push(None, "fleet.events_retention must be at least 1m");
+    }
+    if !(Duration::from_secs(60)..=Duration::from_secs(30 * 86_400)).contains(&fleet.session_lifetime) {
+        p.push(None, "fleet.session_lifetime must be between 1m and 30d");
     }
 }
 

@@ -5,7 +5,8 @@
 //! This module opens the pool and holds what every table shares (errors,
 //! the Idempotency-Key types); one module per resource holds its SQL:
 //! `calls` (with `batch`, group commit on Postgres), `routes`,
-//! `audit`, `fleet`, `tokens`, `idempotency` (the claims),
+//! `audit`, `fleet` (reports and their history), `tokens`, `operators`
+//! (operator tokens and fleet-page sessions), `idempotency` (the claims),
 //! `migrations` (the schema and the policy that lets two releases share it),
 //! `retention` (deleting old rows in bounded batches) and `backup` (SQLite's
 //! online copy).
@@ -28,6 +29,7 @@ mod calls;
 mod fleet;
 mod idempotency;
 mod migrations;
+mod operators;
 mod recordings;
 mod retention;
 mod routes;
@@ -39,7 +41,9 @@ use batch::{Batcher, Counters};
 pub use audit::AuditRow;
 pub use backup::{Contents, sqlite_url};
 pub use calls::{CallRow, NewCall};
+pub use fleet::{BUCKET_MS, EventRow, ReportRow, SampleRow, state_rank};
 pub use migrations::{MIGRATOR, MigrateRefused, Unknown};
+pub use operators::SessionRow;
 pub use recordings::Recorded;
 pub use retention::{PurgedCalls, Table};
 pub use routes::RouteRow;

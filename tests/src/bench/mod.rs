@@ -13,6 +13,7 @@
 //! - [`regions`]: the primary control-plane region lost under traffic.
 //! - [`streams`]: WebSockets through blr, its uplink cut: close and
 //!   reconnect times.
+//! - [`fleet`](mod@fleet): the fleet page's data with 1,000 PoPs reporting.
 //!
 //! [`faults`] is what failover and compare share.
 
@@ -25,6 +26,7 @@ pub mod compare;
 pub mod deferred;
 pub mod failover;
 pub mod faults;
+pub mod fleet;
 pub mod netns;
 pub mod overhead;
 pub mod recordings;
@@ -44,7 +46,8 @@ pub struct BenchArgs {
     /// S3-compatible store, needs moto), deferred (call events through an
     /// outage), regions (the primary control-plane region lost under
     /// traffic; `--runs` each way), streams (WebSockets through a cut;
-    /// `--runs` rounds), all (overhead and failover).
+    /// `--runs` rounds), fleet (the fleet page's data with `--pops` PoPs
+    /// reporting and `--viewers` pages open), all (overhead and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -64,6 +67,12 @@ pub struct BenchArgs {
     /// (`upgrade`).
     #[arg(long, default_value_t = 5)]
     pub runs: u32,
+    /// PoPs reporting (`fleet`).
+    #[arg(long, default_value_t = 1000)]
+    pub pops: usize,
+    /// Fleet pages open, each polling every second (`fleet`).
+    #[arg(long, default_value_t = 3)]
+    pub viewers: usize,
 }
 
 impl BenchArgs {
@@ -90,12 +99,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "deferred" => deferred::run(&args).await,
         "regions" => regions::run(&args).await,
         "streams" => streams::run(&args).await,
+        "fleet" => fleet::run(&args).await,
         "all" => {
             overhead::run(&args).await?;
             failover::run(&args).await
         }
         other => bail!(
-            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred, regions, streams or all"
+            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred, regions, streams, fleet or all"
         ),
     }
 }

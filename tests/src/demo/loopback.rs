@@ -135,15 +135,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     };
     let defaults = FleetOptions::default();
+    let mut extra = defaults.extra.clone();
+    // Every second, so the fleet page follows the story as it happens.
+    extra.insert("control_plane".into(), "report_interval = \"1s\"".into());
     let mut fleet = Fleet::start(FleetOptions {
         real_cp: true,
         tail: recordings
             .as_ref()
             .map(|r| r.tails(&defaults.pops))
             .unwrap_or_default(),
+        extra,
+        cp_extra: "[fleet]\nstale_after = \"5s\"\n".into(),
         ..defaults
     })
     .await?;
+    let operator = fleet.operator_token("demo").await?;
     let blr_url = fleet.pop("blr").local_url();
     let client = CallClient::new(Duration::from_secs(2));
     let admin = fleet.admin_token.clone().unwrap_or_default();
@@ -151,13 +157,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     say(
         &args,
         &format!(
-            "ready: {} routes; {} requests/s through blr ({}), 2 s client timeout, {} s per phase\n",
+            "ready: {} routes; {} requests/s through blr ({}), 2 s client timeout, {} s per phase",
             ROUTES.len(),
             args.rate,
             blr_url,
             args.duration
         ),
     );
+    say(
+        &args,
+        &format!(
+            "fleet page: {}  (log in with operator token {operator}; the certificate is the lab CA's, \
+             {}/certs/ca.pem: let the browser accept it)\n",
+            fleet.page_url(),
+            fleet.dir.path().display()
+        ),
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"fleet_page": fleet.page_url(), "operator_token": operator})
+        );
+    }
 
     // Traffic: initiations (10% emergency) and events for calls already made.
     let total = Duration::from_secs(args.duration * phases.len() as u64);
@@ -211,12 +232,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
         _ => None,
     };
+    if args.hold && story_finished(&summaries, &phases) {
+        say(
+            &args,
+            &format!(
+                "\nthe fleet keeps running for the page ({}); Ctrl-C to stop",
+                fleet.page_url()
+            ),
+        );
+        tokio::signal::ctrl_c().await.ok();
+    }
     fleet.shutdown().await;
     if let Some(o) = &outcome {
         all_ok &= o.stored == o.written;
     }
     print_summaries(&args, &summaries, outcome.as_ref(), all_ok)?;
     Ok(all_ok)
+}
+
+/// Whether the story ran to its end (it was not interrupted).
+fn story_finished(summaries: &[PhaseSummary], phases: &[Phase]) -> bool {
+    summaries.len() == phases.len()
 }
 
 /// The story as it is told: results arriving, the killed peer to restart.

@@ -29,6 +29,10 @@ pub struct DemoArgs {
     /// The same story in Linux network namespaces with nftables faults (root).
     #[arg(long)]
     pub netns: bool,
+    /// After the story, keep the fleet running (and its fleet page up)
+    /// until Ctrl-C.
+    #[arg(long)]
+    pub hold: bool,
 }
 
 /// Runs the demo; `Ok(true)` when no request failed.

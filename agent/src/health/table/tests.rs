@@ -133,3 +133,44 @@ proptest! {
         prop_assert_eq!(ranked.len(), paths.iter().filter(|p| p.enabled).count());
     }
 }
+
+#[test]
+fn a_switch_says_what_is_wrong_with_the_path_left_or_better_about_the_one_taken() {
+    let mut down = view(0, "direct", PathState::Down, 9.0, true);
+    down.reason = Some("3 consecutive failures (timed out)".into());
+    let snap = Snapshot {
+        paths: vec![down, view(1, "via:maa", PathState::Up, 2.0, true)],
+        ranked: vec![1, 0],
+    };
+    assert_eq!(
+        switch_reason(&snap, Some("direct")),
+        "direct down: 3 consecutive failures (timed out)"
+    );
+    assert_eq!(switch_reason(&snap, Some("via:del")), "via:del removed");
+    let back = Snapshot {
+        paths: vec![
+            view(0, "direct", PathState::Up, 1.0, true),
+            view(1, "via:maa", PathState::Up, 2.0, true),
+        ],
+        ranked: vec![0, 1],
+    };
+    assert_eq!(
+        switch_reason(&back, Some("via:maa")),
+        "direct up again, preferred"
+    );
+    let drained = Snapshot {
+        paths: vec![
+            view(0, "direct", PathState::Up, 1.0, true),
+            view(1, "via:maa", PathState::Up, 2.0, false),
+        ],
+        ranked: vec![0],
+    };
+    assert_eq!(
+        switch_reason(&drained, Some("via:maa")),
+        "via:maa disabled (drained)"
+    );
+    assert_eq!(
+        switch_reason(&Snapshot::default(), Some("direct")),
+        "direct removed"
+    );
+}
