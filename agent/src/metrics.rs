@@ -33,6 +33,9 @@ pub struct Metrics {
     pub path_rtt: GaugeVec,
     pub path_loss: GaugeVec,
     pub path_retransmit: GaugeVec,
+    /// Data segments the kernel sent on the path's connections, and of
+    /// those, sent again: the evidence the loss test judges.
+    pub path_segments: IntCounterVec,
     /// 1 for the path new requests use first, else 0.
     pub active_path: IntGaugeVec,
     pub active_endpoint: IntGaugeVec,
@@ -162,6 +165,13 @@ impl Metrics {
                     "Share of the path's recent data segments the kernel sent again (this side only)."
                 ),
                 &["path", "endpoint"]
+            )),
+            path_segments: reg!(IntCounterVec::new(
+                Opts::new(
+                    "detour_path_segments_total",
+                    "Data segments the kernel sent on the path's connections (kind sent), and of those sent again (kind again)."
+                ),
+                &["path", "endpoint", "kind"]
             )),
             active_path: reg!(IntGaugeVec::new(
                 Opts::new("detour_active_path", "1 for the path new requests use first."),

@@ -14,12 +14,27 @@ use crate::runtime::Shared;
 use crate::transport;
 
 /// Probes every path each interval (jittered by up to 10%) with a
-/// `GET health.path` on the path's own pooled connection.
+/// `GET health.path` on the path's own pooled connection, and the paths
+/// under suspicion ([`crate::health::PathStats::suspect`]) [`BOOST`] times
+/// as often: a loss test halfway to its verdict, or a path left for loss
+/// proving itself clean, decides sooner with more evidence.
 pub async fn probe_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut next_round = tokio::time::Instant::now();
     loop {
         let rt = shared.forwarder.runtime();
         let interval = rt.config.health.interval;
+        let now = tokio::time::Instant::now();
+        let round = now >= next_round;
+        if round {
+            let jitter = interval.mul_f64(rand::random::<f64>() * 0.1);
+            next_round = now + interval - jitter;
+        }
+        let snapshot = rt.health.snapshot();
         for (i, path) in rt.paths.iter().enumerate() {
+            let suspect = snapshot.paths.get(i).is_some_and(|p| p.suspect);
+            if !round && !suspect {
+                continue;
+            }
             let rt = rt.clone();
             let path = path.clone();
             let metrics = shared.metrics.clone();
@@ -34,13 +49,16 @@ pub async fn probe_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                 rt.health.record(i, outcome);
             });
         }
-        let jitter = interval.mul_f64(rand::random::<f64>() * 0.1);
+        let tick = (interval / BOOST).max(Duration::from_millis(10));
         tokio::select! {
-            _ = tokio::time::sleep(interval - jitter) => {}
+            _ = tokio::time::sleep(tick.min(next_round.saturating_duration_since(tokio::time::Instant::now()))) => {}
             _ = shutdown.changed() => return,
         }
     }
 }
+
+/// How much more often a suspect path is probed.
+pub const BOOST: u32 = 10;
 
 /// One probe of path `i`. The timeout adapts: 3x the path's recent p99,
 /// within `health.timeout_min..=timeout_max`.

@@ -447,6 +447,12 @@ impl NsFleet {
 
     /// Drops `percent`% of packets (100 = blackhole) both ways on `pop`'s uplink.
     pub fn uplink_loss(&self, pop: &str, percent: u32) -> anyhow::Result<()> {
+        self.uplink_loss_permille(pop, percent * 10)
+    }
+
+    /// Drops `permille` of every thousand packets (1000 = blackhole) both
+    /// ways on `pop`'s uplink; 0 adds the rules without dropping anything.
+    pub fn uplink_loss_permille(&self, pop: &str, permille: u32) -> anyhow::Result<()> {
         let ns = self.ns(pop);
         self.heal(pop)?;
         run(&["ip", "netns", "exec", &ns, "nft", "add", "table", "inet", "chaos"])?;
@@ -455,12 +461,12 @@ impl NsFleet {
             run(&[
                 "ip", "netns", "exec", &ns, "nft", "add", "chain", "inet", "chaos", chain, &spec,
             ])?;
-            let pct = percent.to_string();
+            let n = permille.to_string();
             let mut rule = vec![
                 "ip", "netns", "exec", &ns, "nft", "add", "rule", "inet", "chaos", chain, dir, "up0",
             ];
-            if percent < 100 {
-                rule.extend(["numgen", "random", "mod", "100", "<", pct.as_str()]);
+            if permille < 1000 {
+                rule.extend(["numgen", "random", "mod", "1000", "<", n.as_str()]);
             }
             rule.push("drop");
             run(&rule)?;

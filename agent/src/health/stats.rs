@@ -51,6 +51,12 @@ pub struct PathStats {
     /// Since the path went `down`: when the kernel first delivered data on
     /// it while sending segments again, and in how many samples since.
     down_repeats: Option<(Instant, u32)>,
+    /// Sequential tests of the loss the kernel's segments show, and of the
+    /// loss the exchanges show ([`loss`]).
+    segments: LossTest,
+    exchanges_test: LossTest,
+    /// When the path last left `up`.
+    out_since: Option<Instant>,
 }
 
 const RECENT: usize = 64;
@@ -60,9 +66,6 @@ const MAX_AGE: Duration = Duration::from_secs(30);
 pub const CLEAN_RUN: Duration = Duration::from_secs(30);
 /// A path that stayed up this long forgets its past flaps.
 const FLAP_FORGET: Duration = Duration::from_secs(60);
-/// Fewest bad exchanges in the short window that make a path degraded (and
-/// fewest segments sent again among the last [`TRANSPORT_SEGMENTS`]).
-const MIN_BAD_FOR_DEGRADED: u32 = 3;
 /// How long the kernel's retransmission counts are remembered.
 const TRANSPORT_WINDOW: Duration = Duration::from_secs(10);
 /// How many of the most recent data segments the retransmission share is
@@ -99,7 +102,26 @@ impl PathStats {
             transport: VecDeque::new(),
             answering_since: None,
             down_repeats: None,
+            segments: LossTest::default(),
+            exchanges_test: LossTest::default(),
+            out_since: None,
         }
+    }
+
+    /// Worth probing more often than `health.interval`: an `up` path halfway
+    /// to a verdict of loss, or a path left for loss that answers and has
+    /// yet to prove itself clean. More evidence decides sooner.
+    pub fn suspect(&self) -> bool {
+        if self.state == PathState::Up {
+            self.segments.suspect() || self.exchanges_test.suspect()
+        } else {
+            self.mixed && self.ok_since_out && !self.loss_tests_clean()
+        }
+    }
+
+    /// Both loss tests found the path's loss negligible (or saw nothing).
+    fn loss_tests_clean(&self) -> bool {
+        self.segments.clean() && self.exchanges_test.clean()
     }
 
     pub fn state(&self) -> PathState {
@@ -188,22 +210,20 @@ impl PathStats {
             return None;
         }
         if self.state == PathState::Down {
-            self.down_transport(delta, now);
+            self.down_transport(delta, now, cfg);
             return None;
         }
         self.transport.push_back((now, delta));
-        let (sent, retrans) = self.transport_totals(now);
+        self.segments
+            .observe(Stream::Segments, delta.sent, delta.repeats, cfg.degraded_loss);
+        if delta.repeats > 0 {
+            self.last_bad = Some(now);
+        }
+        if self.state != PathState::Up || !self.segments.lossy() {
+            return None;
+        }
+        let (sent, retrans) = self.segments.run;
         let ratio = retrans as f64 / sent.max(1) as f64;
-        // Only a sample with repeats of its own is new evidence; the clean
-        // run counts from the last segment sent again, not from the moment
-        // old repeats leave the window.
-        if delta.repeats == 0 || retrans < u64::from(MIN_BAD_FOR_DEGRADED) || ratio < cfg.degraded_loss {
-            return None;
-        }
-        self.last_bad = Some(now);
-        if self.state != PathState::Up {
-            return None;
-        }
         self.reason = Some(format!(
             "{:.0}% of packets sent again ({retrans} of the last {sent})",
             ratio * 100.0
@@ -220,7 +240,7 @@ impl PathStats {
     /// goes out in one or two samples when it heals (one per connection
     /// whose retransmission timer fires). Once the path answers and the
     /// backlog has settled, the samples feed its loss figures again.
-    fn down_transport(&mut self, delta: Delta, now: Instant) {
+    fn down_transport(&mut self, delta: Delta, now: Instant, cfg: &HealthConfig) {
         if delta.repeats > 0 {
             let (first, samples) = self.down_repeats.get_or_insert((now, 0));
             *samples += 1;
@@ -234,6 +254,8 @@ impl PathStats {
             .is_some_and(|t| now.saturating_duration_since(t) >= TRANSPORT_SETTLE)
         {
             self.transport.push_back((now, delta));
+            self.segments
+                .observe(Stream::Segments, delta.sent, delta.repeats, cfg.degraded_loss);
         }
     }
 
@@ -287,6 +309,8 @@ impl PathStats {
     fn count(&mut self, outcome: Outcome, now: Instant, cfg: &HealthConfig) -> bool {
         let bad = !matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_));
         self.exchanges.push_back((now, bad));
+        self.exchanges_test
+            .observe(Stream::Exchanges, 1, u64::from(bad), cfg.degraded_loss);
         while self.exchanges.len() > cfg.window
             || self
                 .exchanges
@@ -339,7 +363,7 @@ impl PathStats {
         } else {
             f64::from(short_bad) / f64::from(short_total)
         };
-        let lossy = short_bad >= MIN_BAD_FOR_DEGRADED && short_loss >= cfg.degraded_loss;
+        let lossy = self.exchanges_test.lossy();
 
         // Once a path is out, a failure after a success means loss, not an outage.
         if self.state != PathState::Up && hard && self.ok_since_out {
@@ -372,10 +396,12 @@ impl PathStats {
         } else {
             let held = self.hold_until.is_some_and(|t| now < t);
             // A clean outage (nothing but failures, then nothing but
-            // successes) may rise after `rise` good exchanges. A lossy path
-            // must first go a whole clean run without a bad exchange, or it
-            // would flap.
-            let clean = !self.mixed || self.last_bad.is_none_or(|t| now.duration_since(t) >= CLEAN_RUN);
+            // successes) may rise after `rise` good exchanges. A path left
+            // for loss must first prove its loss negligible, and stay out
+            // for the clean run at least, or it would flap.
+            let clean = !self.mixed
+                || (self.loss_tests_clean()
+                    && self.out_since.is_none_or(|t| now.duration_since(t) >= CLEAN_RUN));
             // A path nobody has seen fail yet is up on its first good answer,
             // so an agent is useful the moment it starts.
             let first_light =
@@ -430,6 +456,10 @@ impl PathStats {
             let hold = (base * jitter).min(cfg.hold_down_max.as_secs_f64());
             self.hold_until = Some(now + Duration::from_secs_f64(hold));
             self.up_since = None;
+            self.out_since = Some(now);
+            // The verdict is in; what follows must prove the path afresh.
+            self.segments.restart();
+            self.exchanges_test.restart();
         }
         // An outage's retransmissions say nothing about loss, and a path
         // that rises is judged afresh.
@@ -457,6 +487,9 @@ impl PathStats {
             // The evidence that kept the path out is history now; judge it
             // afresh, or the old failures would push it straight out again.
             self.exchanges.clear();
+            self.segments.restart();
+            self.exchanges_test.restart();
+            self.out_since = None;
             self.up_since = Some(now);
             self.hold_until = None;
         }
@@ -482,8 +515,11 @@ fn quantile(samples: &VecDeque<f64>, q: f64) -> Option<f64> {
     v.get(idx.min(v.len() - 1)).copied()
 }
 
+mod loss;
 mod memory;
 #[cfg(test)]
 mod tests;
+
+pub use loss::{LossTest, Stream};
 
 pub use memory::PathMemory;

@@ -39,6 +39,8 @@ pub struct PathView {
     pub score: f64,
     pub consecutive_failures: u32,
     pub reason: Option<String>,
+    /// Worth probing more often ([`PathStats::suspect`]).
+    pub suspect: bool,
 }
 
 /// The ranked view of every path, published on every change.
@@ -219,6 +221,12 @@ impl HealthTable {
     /// previous sample.
     pub fn record_transport(&self, index: usize, delta: Delta) {
         self.update(index, |s, now| {
+            if delta.delivered > 0 {
+                let (path, endpoint) = (&*s.info.name, &*s.info.endpoint);
+                let m = &self.metrics.path_segments;
+                m.with_label_values(&[path, endpoint, "sent"]).inc_by(delta.sent);
+                m.with_label_values(&[path, endpoint, "again"]).inc_by(delta.repeats);
+            }
             let changed = s.record_transport(delta, now, &self.cfg);
             tracing::trace!(path = %s.info.name, sent = delta.sent, again = delta.repeats, delivered = delta.delivered, state = s.state().as_str(), "transport");
             changed
@@ -285,6 +293,7 @@ impl HealthTable {
                 score: s.score(now, self.epoch),
                 consecutive_failures: s.consecutive_failures(),
                 reason: s.reason().map(str::to_owned),
+                suspect: s.suspect(),
             });
         }
         let mut ranked = rank(&views);

@@ -73,6 +73,17 @@ pub struct BenchArgs {
     /// Fleet pages open, each polling every second (`fleet`).
     #[arg(long, default_value_t = 3)]
     pub viewers: usize,
+    /// `netns`: instead of the three faults, sweep random loss on blr's
+    /// uplink (0, 0.5, 1, 2, 5, 10, 20 and 30%), `--level-seconds` each,
+    /// each level on a fresh fleet.
+    #[arg(long)]
+    pub loss_sweep: bool,
+    /// `netns --loss-sweep`: seconds of loss per level.
+    #[arg(long, default_value_t = 300)]
+    pub level_seconds: u64,
+    /// `netns --loss-sweep`: only these levels, in per mille (e.g. `5,50`).
+    #[arg(long, value_delimiter = ',')]
+    pub levels: Vec<u32>,
 }
 
 impl BenchArgs {

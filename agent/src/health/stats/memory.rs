@@ -10,7 +10,7 @@ use detour_wire::PathState;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::PathStats;
+use super::{LossTest, PathStats};
 
 /// One path as a snapshot keeps it. Ages and times left are milliseconds as
 /// of when the snapshot was written.
@@ -34,6 +34,13 @@ pub struct PathMemory {
     pub never_up: bool,
     pub last_bad_age_ms: Option<u64>,
     pub answering_for_ms: Option<u64>,
+    /// The loss tests (absent in snapshots of older agents: no evidence).
+    #[serde(default)]
+    pub segments: LossTest,
+    #[serde(default)]
+    pub exchanges_test: LossTest,
+    #[serde(default)]
+    pub out_for_ms: Option<u64>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -68,6 +75,9 @@ impl PathStats {
             never_up: self.never_up,
             last_bad_age_ms: self.last_bad.map(age),
             answering_for_ms: self.answering_since.map(age),
+            segments: self.segments,
+            exchanges_test: self.exchanges_test,
+            out_for_ms: self.out_since.map(age),
         }
     }
 
@@ -99,6 +109,9 @@ impl PathStats {
         self.never_up = m.never_up;
         self.last_bad = m.last_bad_age_ms.map(at);
         self.answering_since = m.answering_for_ms.map(at);
+        self.segments = m.segments;
+        self.exchanges_test = m.exchanges_test;
+        self.out_since = m.out_for_ms.map(at);
         self.transport.clear();
         self.down_repeats = None;
     }

@@ -22,6 +22,7 @@ fn view(i: usize, name: &str, state: PathState, score: f64, enabled: bool) -> Pa
         score,
         consecutive_failures: 0,
         reason: None,
+        suspect: false,
     }
 }
 
