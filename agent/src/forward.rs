@@ -178,18 +178,28 @@ impl Forwarder {
         adaptive.min(deadline.saturating_duration_since(Instant::now()))
     }
 
-    /// Hedge delay for a request on path `i`: the p95 of its recent request
-    /// latencies, at least a third of the minimum attempt timeout.
+    /// Hedge delay for a request on path `i`: twice the median of its
+    /// recent request latencies plus [`HEDGE_MARGIN`], at most a third of
+    /// the minimum attempt timeout (50 ms by default). The median, not a
+    /// tail quantile: a lossy path's stalls fill its tail, and a delay made
+    /// of the tail would grow with the very fault it should cut short.
     fn hedge_delay(&self, rt: &Runtime, i: usize) -> Duration {
         let f = &rt.config.forward;
-        let floor = f.attempt_timeout_min / 3;
+        let ceiling = f.attempt_timeout_min / 3;
         let snap = rt.health.snapshot();
         snap.paths
             .get(i)
-            .and_then(|p| p.request_p95.or(p.p95))
-            .map_or(floor, |p95| Duration::from_secs_f64(p95).max(floor))
+            .and_then(|p| p.request_p50.or(p.rtt))
+            .map_or(ceiling, |p50| {
+                (Duration::from_secs_f64(p50 * 2.0) + HEDGE_MARGIN).min(ceiling)
+            })
     }
 }
+
+/// What a hedge waits beyond twice a path's median request latency: above
+/// the healthy spread of a quiet path, so few healthy requests are hedged,
+/// and far below a lost segment's repair (a tail-loss probe or a timeout).
+pub const HEDGE_MARGIN: Duration = Duration::from_millis(3);
 
 /// The paths a request pinned to `pin` (its `X-Detour-Pin`, else
 /// `forward.pin`) may take, best first: the pinned one, or every enabled

@@ -31,7 +31,9 @@ pub struct PathView {
     pub rtt: Option<f64>,
     pub p95: Option<f64>,
     pub p99: Option<f64>,
-    /// p95 of recent request latencies on this path, seconds (the hedge delay).
+    /// Median and p95 of recent request latencies on this path, seconds
+    /// (the hedge delay is made of the median).
+    pub request_p50: Option<f64>,
     pub request_p95: Option<f64>,
     pub loss: f64,
     /// Share of recent data segments sent again, from the kernel.
@@ -287,6 +289,7 @@ impl HealthTable {
                 rtt: s.rtt(),
                 p95: s.rtt_quantile(0.95),
                 p99: s.rtt_quantile(0.99),
+                request_p50: s.request_quantile(0.5),
                 request_p95: s.request_quantile(0.95),
                 loss: s.loss(now, self.epoch),
                 retransmit: s.retransmit_ratio(now),

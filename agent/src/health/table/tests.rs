@@ -16,6 +16,7 @@ fn view(i: usize, name: &str, state: PathState, score: f64, enabled: bool) -> Pa
         rtt: None,
         p95: None,
         p99: None,
+        request_p50: None,
         request_p95: None,
         loss: 0.0,
         retransmit: None,
