@@ -632,9 +632,9 @@ fn render(args: &Args, results: &[RunResult], ceiling: Option<Ceiling>) -> Strin
     s.push_str(&format!(
         "Machine: {}; the load generator runs in the same process and shares the cores. \
          Each call: auth (cached), validation, E.164 normalisation, routing over the rules, \
-         and one statement inserting the Idempotency-Key claim with the response and the \
-         call row (on Postgres, together with the other calls that arrived meanwhile: group \
-         commit, `store/batch.rs`).\n\n",
+         and the Idempotency-Key claim with the response and the call row written together \
+         with the other calls that arrived meanwhile (group commit, `store/batch.rs`: one \
+         statement on Postgres, one transaction of two statements on SQLite).\n\n",
         machine()
     ));
     s.push_str("| backend | calls/s (closed loop) | p50 ms | p99 ms | errors | p50 ms @ fixed rate | p99 ms @ fixed rate | achieved rate | errors @ fixed rate |\n");

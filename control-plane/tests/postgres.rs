@@ -1,5 +1,5 @@
 //! Postgres-only behaviour: replicas sharing one database, and the database
-//! going away and coming back. Skipped (with a SKIPPED line) without
+//! going away and coming back; and group commit, on SQLite too. Skipped (with a SKIPPED line) without
 //! `DATABASE_URL`; failing instead when `DETOUR_REQUIRE_POSTGRES=1`.
 
 mod support;
@@ -289,13 +289,23 @@ fn new_call(n: usize, metadata: &str) -> (Idem, NewCall, StoredResponse) {
     (idem, call, response)
 }
 
-/// New calls that arrive together are written by one statement (store/batch.rs);
+/// New calls that arrive together are written together (store/batch.rs);
 /// a duplicate key in the crowd still gets one call and replays, a different
-/// body under a taken key is a mismatch, and a row Postgres refuses does not
-/// take its neighbours down with it: they are written one by one instead.
+/// body under a taken key is a mismatch, and a row the database refuses does
+/// not take its neighbours down with it: they are written one by one instead.
 #[tokio::test]
 async fn concurrent_new_calls_are_group_committed_exactly_once() {
-    let Some(db) = Db::new(Backend::Postgres, "group_commit").await else {
+    group_commit(Backend::Postgres).await;
+}
+
+/// The same on SQLite, whose batches are one transaction of two statements.
+#[tokio::test]
+async fn sqlite_concurrent_new_calls_are_group_committed_exactly_once() {
+    group_commit(Backend::Sqlite).await;
+}
+
+async fn group_commit(backend: Backend) {
+    let Some(db) = Db::new(backend, "group_commit").await else {
         return;
     };
     let config = db.config("", "[database]\nbatch_writers = 1\n");
@@ -304,9 +314,20 @@ async fn concurrent_new_calls_are_group_committed_exactly_once() {
         .expect("open");
     store.migrate().await.expect("migrate");
     let retention = Duration::from_secs(3600);
+    // A call without a key, stored first: its id is taken.
+    let (_, mut taken, taken_resp) = new_call(300, "{}");
+    taken.id = "taken".to_owned();
+    assert_eq!(
+        store
+            .create_call(None, &taken, &taken_resp, retention)
+            .await
+            .expect("taken"),
+        Outcome::Done(())
+    );
 
     // 40 distinct calls, 5 copies of one more key, one body mismatch on it,
-    // and one call whose metadata Postgres cannot store as text (a NUL).
+    // one call whose id is taken, and on Postgres one call whose metadata
+    // it cannot store as text (a NUL).
     let mut jobs: Vec<(Idem, NewCall, StoredResponse)> = (0..40).map(|n| new_call(n, "{}")).collect();
     for copy in 0..5 {
         let (idem, mut call, resp) = new_call(100, "{}");
@@ -317,7 +338,12 @@ async fn concurrent_new_calls_are_group_committed_exactly_once() {
     idem.request_hash = "other".to_owned();
     call.id = "mismatch".to_owned();
     jobs.push((idem, call, resp));
-    jobs.push(new_call(200, "{\"bad\":\"\u{0}\"}"));
+    let (idem, mut call, resp) = new_call(201, "{}");
+    call.id = "taken".to_owned();
+    jobs.push((idem, call, resp));
+    if backend == Backend::Postgres {
+        jobs.push(new_call(200, "{\"bad\":\"\u{0}\"}"));
+    }
 
     let results = futures_util::future::join_all(
         jobs.iter()
@@ -337,14 +363,21 @@ async fn concurrent_new_calls_are_group_committed_exactly_once() {
     }
     assert!(matches!(results[45], Ok(Outcome::Mismatch)), "{:?}", results[45]);
     assert!(
-        matches!(results[46], Err(StoreError::Other(_))),
-        "the unstorable call fails on its own: {:?}",
+        matches!(results[46], Err(StoreError::Conflict(_))),
+        "the call with a taken id fails on its own: {:?}",
         results[46]
     );
+    if backend == Backend::Postgres {
+        assert!(
+            matches!(results[47], Err(StoreError::Other(_))),
+            "the unstorable call fails on its own: {:?}",
+            results[47]
+        );
+    }
     assert_eq!(
         store.count_calls().await.expect("count"),
-        41,
-        "40 calls + one for the duplicated key"
+        42,
+        "the call stored first, 40 calls, and one for the duplicated key"
     );
     let (batches, calls) = store.call_batches();
     eprintln!("{calls} calls in {batches} statements");

@@ -1,4 +1,4 @@
-//! Group commit for new calls on Postgres.
+//! Group commit for new calls, on Postgres and on SQLite.
 //!
 //! Every normal-priority call with an Idempotency-Key is one row in
 //! `idempotency` and one in `calls`. Written one call per statement, each
@@ -8,8 +8,14 @@
 //! low load every batch holds one call (no waiting is added), under load
 //! batches grow by themselves, up to [`MAX_BATCH`].
 //!
-//! The statement is static SQL with one parameter, the batch as a JSON array
-//! (`json_to_recordset`); values are never put into the SQL text. A call
+//! On Postgres the statement is static SQL with one parameter, the batch as a
+//! JSON array (`json_to_recordset`); values are never put into the SQL text.
+//! SQLite cannot insert inside a `WITH`, so there a batch is one transaction
+//! of two static statements over the same JSON (`json_each`): the claims,
+//! returning the keys taken, then the calls of those keys. Its one
+//! connection is the single writer either way; what a batch saves there is
+//! the per-call round trips to sqlx's SQLite thread and a commit (a WAL
+//! append) per call. A call
 //! whose key already exists comes back as [`Written::Exists`] and is then
 //! handled one by one (replay or mismatch) by the store's transactional path,
 //! exactly as without batching. Two calls with the same key never share a
@@ -91,6 +97,13 @@ pub struct Batcher {
     tx: mpsc::UnboundedSender<Job>,
 }
 
+/// Which database's statements a batch is written with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
 /// Counts statements run and the calls they carried (the service registers
 /// them as `detour_cp_db_batches_total` / `detour_cp_db_batched_calls_total`).
 #[derive(Clone, Debug)]
@@ -103,9 +116,9 @@ impl Batcher {
     /// Starts the batching task on the current tokio runtime. At most
     /// `in_flight` batch statements run at once (each holds one pooled
     /// connection); the task ends when every handle is dropped.
-    pub fn start(pool: AnyPool, in_flight: usize, counters: Counters) -> Batcher {
+    pub fn start(pool: AnyPool, dialect: Dialect, in_flight: usize, counters: Counters) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, rx, in_flight.max(1), counters));
+        tokio::spawn(run(pool, dialect, rx, in_flight.max(1), counters));
         Batcher { tx }
     }
 
@@ -125,7 +138,13 @@ impl Batcher {
     }
 }
 
-async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Job>, in_flight: usize, counters: Counters) {
+async fn run(
+    pool: AnyPool,
+    dialect: Dialect,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    in_flight: usize,
+    counters: Counters,
+) {
     let slots = Arc::new(Semaphore::new(in_flight));
     let mut held: Option<Job> = None;
     loop {
@@ -169,7 +188,10 @@ async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Job>, in_flight: usi
         counters.calls.inc_by(batch.len() as u64);
         let pool = pool.clone();
         tokio::spawn(async move {
-            write_batch(&pool, batch).await;
+            match dialect {
+                Dialect::Postgres => write_batch(&pool, batch).await,
+                Dialect::Sqlite => write_batch_sqlite(&pool, batch).await,
+            }
             drop(permit);
         });
     }
@@ -206,9 +228,9 @@ const INSERT_BATCH: &str = "WITH v AS (SELECT * FROM json_to_recordset($1::json)
      v.metadata, v.decision, 'initiated', v.created_at FROM v JOIN claim ON claim.key = v.key \
      RETURNING id";
 
-async fn write_batch(pool: &AnyPool, mut batch: Vec<Job>) {
-    batch.sort_by(|a, b| a.idem.key.cmp(&b.idem.key));
-    let rows: Vec<BatchRow<'_>> = batch
+/// The batch's rows, in key order.
+fn rows(batch: &[Job]) -> Vec<BatchRow<'_>> {
+    batch
         .iter()
         .map(|j| BatchRow {
             id: &j.call.id,
@@ -226,7 +248,12 @@ async fn write_batch(pool: &AnyPool, mut batch: Vec<Job>) {
             content_type: &j.response.content_type,
             body: &j.response.body,
         })
-        .collect();
+        .collect()
+}
+
+async fn write_batch(pool: &AnyPool, mut batch: Vec<Job>) {
+    batch.sort_by(|a, b| a.idem.key.cmp(&b.idem.key));
+    let rows = rows(&batch);
     let json = match serde_json::to_string(&rows) {
         Ok(j) => j,
         Err(_) => {
@@ -253,21 +280,92 @@ async fn write_batch(pool: &AnyPool, mut batch: Vec<Job>) {
                 let _ = j.reply.send(w);
             }
         }
-        Err(e) => {
-            let unreachable = match StoreError::from(e) {
-                StoreError::Unavailable(why) => Some(why),
-                other => {
-                    tracing::debug!(calls = batch.len(), error = %other, "batched call insert failed; writing its calls one by one");
-                    None
-                }
-            };
+        Err(e) => fail(batch, e.into()),
+    }
+}
+
+/// Tells every call of a failed batch what to do: report an unreachable
+/// database, or be written on its own (the failure may be a neighbour's).
+fn fail(batch: Vec<Job>, e: StoreError) {
+    let unreachable = match e {
+        StoreError::Unavailable(why) => Some(why),
+        other => {
+            tracing::debug!(calls = batch.len(), error = %other, "batched call insert failed; writing its calls one by one");
+            None
+        }
+    };
+    for j in batch {
+        let w = match &unreachable {
+            Some(why) => Written::Failed(StoreError::Unavailable(why.clone())),
+            None => Written::Individually,
+        };
+        let _ = j.reply.send(w);
+    }
+}
+
+/// SQLite: the claims of a batch; returns the keys taken.
+const CLAIM_BATCH_SQLITE: &str = "INSERT INTO idempotency \
+     (key, request_hash, created_at, status, content_type, body) \
+     SELECT value->>'key', value->>'request_hash', value->>'created_at', value->>'status', \
+     value->>'content_type', value->>'body' FROM json_each($1) WHERE true \
+     ON CONFLICT (key) DO NOTHING RETURNING key";
+
+/// SQLite: the calls whose keys were taken (the batch's JSON, filtered).
+const INSERT_BATCH_SQLITE: &str = "INSERT INTO calls \
+     (id, created_at, pop, caller, destination, call_type, priority, metadata, decision, state, \
+     updated_at) \
+     SELECT value->>'id', value->>'created_at', value->>'pop', value->>'caller', \
+     value->>'destination', value->>'call_type', value->>'priority', value->>'metadata', \
+     value->>'decision', 'initiated', value->>'created_at' FROM json_each($1)";
+
+/// SQLite: one transaction holding the claims and the calls of the keys
+/// taken; a key that exists is left to the one-by-one path, as on Postgres.
+async fn write_batch_sqlite(pool: &AnyPool, mut batch: Vec<Job>) {
+    batch.sort_by(|a, b| a.idem.key.cmp(&b.idem.key));
+    match claim_and_insert_sqlite(pool, &batch).await {
+        Ok(claimed) => {
             for j in batch {
-                let w = match &unreachable {
-                    Some(why) => Written::Failed(StoreError::Unavailable(why.clone())),
-                    None => Written::Individually,
+                let w = if claimed.contains(&j.idem.key) {
+                    Written::Created
+                } else {
+                    Written::Exists
                 };
                 let _ = j.reply.send(w);
             }
         }
+        Err(e) => fail(batch, e),
     }
+}
+
+async fn claim_and_insert_sqlite(pool: &AnyPool, batch: &[Job]) -> Result<HashSet<String>, StoreError> {
+    let all = rows(batch);
+    let json = serde_json::to_string(&all).map_err(|e| StoreError::Other(e.to_string()))?;
+    let mut tx = pool.begin().await?;
+    let claimed: HashSet<String> = sqlx::query(CLAIM_BATCH_SQLITE)
+        .bind(json)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>("key"))
+        .collect::<Result<_, _>>()?;
+    if !claimed.is_empty() {
+        let mine: Vec<&BatchRow<'_>> = all.iter().filter(|r| claimed.contains(r.key)).collect();
+        let json = serde_json::to_string(&mine).map_err(|e| StoreError::Other(e.to_string()))?;
+        let inserted = sqlx::query(INSERT_BATCH_SQLITE)
+            .bind(json)
+            .execute(&mut *tx)
+            .await?;
+        if inserted.rows_affected() != mine.len() as u64 {
+            // Not expected (a failed row fails the statement); if it ever
+            // happens, nothing of the batch is kept and each call is written
+            // on its own.
+            return Err(StoreError::Other(format!(
+                "batch inserted {} calls for {} keys",
+                inserted.rows_affected(),
+                mine.len()
+            )));
+        }
+    }
+    tx.commit().await?;
+    Ok(claimed)
 }

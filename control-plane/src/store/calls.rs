@@ -1,13 +1,13 @@
 //! Calls: the `calls` and `call_events` tables. A new call and its
-//! Idempotency-Key claim are written together (on Postgres, normal calls by
-//! the group commit in `batch`); events are folded into the call's record
+//! Idempotency-Key claim are written together (normal calls by the group
+//! commit in `batch`); events are folded into the call's record
 //! in the transaction that adds them.
 
 use std::time::Duration;
 
 use sqlx::{AnyConnection, AnyPool, Row};
 
-use super::batch::{Batcher, Written};
+use super::batch::{Batcher, Dialect, Written};
 use super::idempotency::{claim, finish_claim};
 use super::{Idem, Outcome, Result, Store, StoredResponse, now_ms};
 use crate::intake::Priority;
@@ -65,7 +65,7 @@ impl Store {
                 insert_call(&self.pool, call).await?;
                 return Ok(Outcome::Done(()));
             }
-            Some(idem) if !self.sqlite && call.priority == Priority::Normal.as_str() => {
+            Some(idem) if call.priority == Priority::Normal.as_str() => {
                 // Written together with the calls that arrive meanwhile
                 // (batch.rs); a key that exists is decided below.
                 match self.batcher().write(idem, call, response).await {
@@ -94,8 +94,19 @@ impl Store {
 
     /// The group-commit writer, started on first use.
     fn batcher(&self) -> &Batcher {
-        self.batcher
-            .get_or_init(|| Batcher::start(self.pool.clone(), self.batch_slots, self.batch_counters.clone()))
+        self.batcher.get_or_init(|| {
+            let dialect = if self.sqlite {
+                Dialect::Sqlite
+            } else {
+                Dialect::Postgres
+            };
+            Batcher::start(
+                self.pool.clone(),
+                dialect,
+                self.batch_slots,
+                self.batch_counters.clone(),
+            )
+        })
     }
 
     /// Group commit so far: (statements, calls they carried).

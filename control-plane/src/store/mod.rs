@@ -4,7 +4,7 @@
 //!
 //! This module opens the pool and holds what every table shares (errors,
 //! the Idempotency-Key types); one module per resource holds its SQL:
-//! `calls` (with `batch`, group commit on Postgres), `routes`,
+//! `calls` (with `batch`, group commit), `routes`,
 //! `audit`, `fleet` (reports and their history), `tokens`, `operators`
 //! (operator tokens and fleet-page sessions), `idempotency` (the claims),
 //! `migrations` (the schema and the policy that lets two releases share it),
@@ -133,7 +133,7 @@ pub enum Outcome<T> {
 pub struct Store {
     pool: AnyPool,
     sqlite: bool,
-    /// Group commit for new calls (Postgres), started on first use.
+    /// Group commit for new calls, started on first use.
     batcher: Arc<OnceLock<Batcher>>,
     /// How many batch statements may run at once.
     batch_slots: usize,
@@ -200,7 +200,12 @@ impl Store {
             .connect_lazy(url.expose())
             .map_err(|e| anyhow::anyhow!("database_url {}: {e}", crate::redact(&config.database_url())))?;
         let mut store = Store::from_pool(pool, sqlite);
-        store.batch_slots = config.database.batch_writers as usize;
+        // SQLite has one connection: one batch at a time.
+        store.batch_slots = if sqlite {
+            1
+        } else {
+            config.database.batch_writers as usize
+        };
         Ok(store)
     }
 
