@@ -263,6 +263,8 @@ pub struct Retirement {
     current: AtomicU64,
     /// The path's pool slot (weak: the pool's dialer holds this).
     pool: OnceLock<Weak<ArcSwapOption<HttpClient>>>,
+    /// The path's pool for streamed bodies, retired with the other.
+    stream_pool: OnceLock<Weak<ArcSwapOption<StreamClient>>>,
     /// Counts retirements (`detour_path_pool_renewals_total`), once the
     /// runtime has given it one.
     renewals: OnceLock<prometheus::IntCounter>,
@@ -275,6 +277,7 @@ impl Retirement {
             path: Arc::from(path),
             current: AtomicU64::new(1),
             pool: OnceLock::new(),
+            stream_pool: OnceLock::new(),
             renewals: OnceLock::new(),
             lock: Mutex::new(()),
         }
@@ -289,6 +292,9 @@ impl Retirement {
         }
         self.current.store(generation + 1, Ordering::Relaxed);
         if let Some(slot) = self.pool.get().and_then(Weak::upgrade) {
+            slot.store(None);
+        }
+        if let Some(slot) = self.stream_pool.get().and_then(Weak::upgrade) {
             slot.store(None);
         }
         if let Some(c) = self.renewals.get() {
@@ -541,6 +547,13 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Http1Io for T {}
 /// The HTTP client type of every path.
 pub type HttpClient = Client<HttpsConnector<Dialer>, Full<Bytes>>;
 
+/// A request body produced while it is sent (a recording's part read from
+/// disk), rather than held whole in memory.
+pub type StreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;
+
+/// The HTTP client of a path for [`StreamBody`] requests.
+pub type StreamClient = Client<HttpsConnector<Dialer>, StreamBody>;
+
 /// One path to the control plane with its own connection pool.
 pub struct PathClient {
     /// `direct` or `via:<peer>`, with `@<endpoint>` when the control plane
@@ -561,6 +574,9 @@ pub struct PathClient {
     /// The pool in use; emptied when a relay announces it is draining, and
     /// filled again by the next request.
     client: Arc<ArcSwapOption<HttpClient>>,
+    /// The pool for streamed bodies, built by the first such request (only
+    /// the recordings' paths to the object store send them).
+    stream_client: Arc<ArcSwapOption<StreamClient>>,
     dialer: Arc<DialerInner>,
     cp_tls: Arc<rustls::ClientConfig>,
     /// `http(s)://host:port`, the prefix of every request URI on this path.
@@ -604,6 +620,8 @@ impl PathClient {
         });
         let client = Arc::new(ArcSwapOption::from_pointee(pool(&dialer, 1, &cp_tls)));
         let _ = dialer.retirement.pool.set(Arc::downgrade(&client));
+        let stream_client = Arc::new(ArcSwapOption::empty());
+        let _ = dialer.retirement.stream_pool.set(Arc::downgrade(&stream_client));
         let scheme = if target.tls { "https" } else { "http" };
         PathClient {
             name: Arc::from(name),
@@ -614,6 +632,7 @@ impl PathClient {
             host_value: None,
             target: target.clone(),
             client,
+            stream_client,
             dialer,
             cp_tls,
             origin: format!("{scheme}://{}", target.authority()),
@@ -655,6 +674,26 @@ impl PathClient {
             &self.cp_tls,
         ));
         self.client.store(Some(c.clone()));
+        c
+    }
+
+    /// The pool for requests with streamed bodies: its own connections,
+    /// retired with the path's other pool when a relay drains.
+    pub fn stream_client(&self) -> Arc<StreamClient> {
+        if let Some(c) = self.stream_client.load_full() {
+            return c;
+        }
+        let r = &self.dialer.retirement;
+        let _one = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = self.stream_client.load_full() {
+            return c;
+        }
+        let c = Arc::new(pool(
+            &self.dialer,
+            r.current.load(Ordering::Relaxed),
+            &self.cp_tls,
+        ));
+        self.stream_client.store(Some(c.clone()));
         c
     }
 
@@ -701,7 +740,16 @@ impl PathClient {
 
 /// A connection pool (an HTTP client) whose connections `dialer` sets up,
 /// as generation `generation` of the path's pools.
-fn pool(dialer: &Arc<DialerInner>, generation: u64, cp_tls: &Arc<rustls::ClientConfig>) -> HttpClient {
+fn pool<B>(
+    dialer: &Arc<DialerInner>,
+    generation: u64,
+    cp_tls: &Arc<rustls::ClientConfig>,
+) -> Client<HttpsConnector<Dialer>, B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((**cp_tls).clone())
         .https_or_http()

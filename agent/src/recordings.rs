@@ -517,27 +517,14 @@ impl Recorder {
                     .put(e)
                     .map_err(|err| Failure::new(Reason::Journal, err.to_string()))
             };
-            // The whole file's SHA-256 (for the call record) is computed
-            // beside the upload, not before it: a large recording starts
-            // sending at once.
-            let hashing = entry.sha256.is_empty();
-            let (uploaded, sum) = tokio::join!(
-                store.upload(&self.shared, &path, &mut entry, l.size, l.mtime_ms, &mut save),
-                async {
-                    if hashing {
-                        Some(sha256_file(&path, l).await)
-                    } else {
-                        None
-                    }
-                }
-            );
-            uploaded?;
-            if let Some(sum) = sum {
-                entry.sha256 = sum?;
-            }
-            // Parts are read ahead of the store's answers: a file that
-            // changed while they were in flight is stored again, whole (the
-            // next pass overwrites the key).
+            // The whole file's SHA-256 (for the call record) comes from the
+            // same pass that hashes the parts, so each byte is read from disk
+            // twice (hashed, sent) and hashed twice (file, part).
+            entry.sha256 = store
+                .upload(&self.shared, &path, &mut entry, l.size, l.mtime_ms, &mut save)
+                .await?;
+            // A file that changed after its last part was read is stored
+            // again, whole (the next pass overwrites the key).
             unchanged(&path, l)?;
             entry.stored = true;
             self.save(&entry)?;

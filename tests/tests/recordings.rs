@@ -427,6 +427,11 @@ async fn refusals_and_a_damaged_journal_are_reported_and_nothing_is_deleted() {
     })
     .await;
     assert!(failures(&blr, "store_refused") >= 1);
+    // The files may be found by different scans (each rename wakes one).
+    wait_for("no call id reported", Duration::from_secs(10), || {
+        failing(&blr, no_id).is_some()
+    })
+    .await;
     let no_id_why = failing(&blr, no_id).expect("no call id reported");
     assert!(
         no_id_why.starts_with("no_call_id: `not a call id` is not a call id"),

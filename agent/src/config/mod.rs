@@ -413,8 +413,9 @@ pub struct Recordings {
     pub after_upload: AfterUpload,
     /// Multipart part size (S3: at least 5 MiB); smaller files go in one PUT.
     pub part_size: u64,
-    /// Parts of one recording uploaded at once (each buffered in memory:
-    /// up to `parallel_parts` x `part_size` bytes).
+    /// Parts of one recording uploaded at once. Parts are read from disk as
+    /// they are sent, not buffered: each in flight holds two 256 KiB chunks,
+    /// whatever `part_size` is.
     pub parallel_parts: u16,
     /// How often the directory is scanned.
     pub scan_interval: Duration,
