@@ -8,7 +8,7 @@ use std::time::Duration;
 use detour_wire::PathState;
 use tokio::time::Instant;
 
-use super::{Outcome, PathInfo};
+use super::{FailureKind, Outcome, PathInfo};
 use crate::config::Health as HealthConfig;
 use crate::transport::Delta;
 
@@ -57,6 +57,8 @@ pub struct PathStats {
     exchanges_test: LossTest,
     /// When the path last left `up`.
     out_since: Option<Instant>,
+    /// When an exchange last succeeded.
+    last_ok: Option<Instant>,
 }
 
 const RECENT: usize = 64;
@@ -105,6 +107,7 @@ impl PathStats {
             segments: LossTest::default(),
             exchanges_test: LossTest::default(),
             out_since: None,
+            last_ok: None,
         }
     }
 
@@ -321,12 +324,14 @@ impl PathStats {
         }
         match outcome {
             Outcome::Ok(rtt) => {
+                self.last_ok = Some(now);
                 self.sample(rtt);
                 self.consecutive_failures = 0;
                 self.consecutive_ok += 1;
                 false
             }
             Outcome::Answered(took) => {
+                self.last_ok = Some(now);
                 if self.req_recent.len() == RECENT {
                     self.req_recent.pop_front();
                 }
@@ -373,7 +378,17 @@ impl PathStats {
             self.ok_since_out = true;
             self.answering_since.get_or_insert(now);
         }
-        if hard && self.consecutive_failures >= cfg.fall {
+        // Timeouts are ambiguous: a lost segment stalls every request on its
+        // connection until the kernel repairs it (a tail-loss probe or a
+        // retransmission timeout, ~200 ms), so several time out in a row
+        // on a path that is merely lossy. They take the path down only once
+        // nothing has answered for twice the shortest timeout; a refused or
+        // broken connection does at once.
+        let ambiguous = matches!(outcome, Outcome::Failed(FailureKind::Timeout));
+        let silent = self
+            .last_ok
+            .is_none_or(|t| now.saturating_duration_since(t) >= cfg.timeout_min * 2);
+        if hard && self.consecutive_failures >= cfg.fall && (silent || !ambiguous) {
             let why = match outcome {
                 Outcome::Failed(k) => k.as_str(),
                 _ => "failed",

@@ -39,6 +39,8 @@ fn stats() -> PathStats {
 
 const OK: Outcome = Outcome::Ok(Duration::from_millis(2));
 const FAIL: Outcome = Outcome::Failed(FailureKind::Timeout);
+/// An unambiguous failure: the connection broke.
+const DEAD: Outcome = Outcome::Failed(FailureKind::Broken);
 
 /// Feeds `outcome` every `every` for `for_`, advancing paused time.
 async fn feed(
@@ -87,13 +89,48 @@ async fn hard_failures_take_a_path_down_fast() {
     let mut s = stats();
     s.record(OK, Instant::now(), epoch, &cfg());
     assert_eq!(
-        s.record(FAIL, Instant::now(), epoch, &cfg()),
+        s.record(DEAD, Instant::now(), epoch, &cfg()),
         None,
         "one failure is not enough"
     );
     assert_eq!(
-        s.record(FAIL, Instant::now(), epoch, &cfg()),
+        s.record(DEAD, Instant::now(), epoch, &cfg()),
         Some(PathState::Down)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_in_a_row_take_a_path_down_only_when_nothing_answers_meanwhile() {
+    let epoch = Instant::now();
+    let mut s = stats();
+    s.record(OK, Instant::now(), epoch, &cfg());
+    // A lost segment stalls the connection: the requests on it time out
+    // 150 ms after they were sent, 20 ms apart; the repair comes at 200 ms.
+    tokio::time::advance(Duration::from_millis(150)).await;
+    for _ in 0..3 {
+        assert_eq!(s.record(FAIL, Instant::now(), epoch, &cfg()), None);
+        tokio::time::advance(Duration::from_millis(20)).await;
+    }
+    s.record(
+        Outcome::Answered(Duration::from_millis(200)),
+        Instant::now(),
+        epoch,
+        &cfg(),
+    );
+    assert_eq!(s.state(), PathState::Up);
+    // A blackhole: nothing answers again; down 300 ms after the last answer.
+    let mut down = None;
+    for i in 0..20 {
+        tokio::time::advance(Duration::from_millis(20)).await;
+        if i >= 7 && s.record(FAIL, Instant::now(), epoch, &cfg()) == Some(PathState::Down) {
+            down = Some(i);
+            break;
+        }
+    }
+    assert_eq!(
+        down,
+        Some(14),
+        "down at the first timeout 300 ms after the last answer"
     );
 }
 
@@ -219,8 +256,8 @@ async fn flapping_waits_longer_each_time() {
     s.record(OK, Instant::now(), epoch, &cfg());
     let mut holds = Vec::new();
     for _ in 0..4 {
-        s.record(FAIL, Instant::now(), epoch, &cfg());
-        s.record(FAIL, Instant::now(), epoch, &cfg());
+        s.record(DEAD, Instant::now(), epoch, &cfg());
+        s.record(DEAD, Instant::now(), epoch, &cfg());
         assert_eq!(s.state(), PathState::Down);
         let fell = Instant::now();
         // Probe every 100 ms until up again.
@@ -268,7 +305,7 @@ async fn a_lossy_path_that_falls_hard_still_needs_the_clean_run() {
     )
     .await;
     // Loss: a failure, good answers, then two failures in a row.
-    for o in [FAIL, OK, OK, FAIL, FAIL] {
+    for o in [DEAD, OK, OK, DEAD, DEAD] {
         tokio::time::advance(Duration::from_millis(20)).await;
         s.record(o, Instant::now(), epoch, &cfg());
     }
@@ -366,7 +403,7 @@ async fn an_outage_is_judged_by_exchanges_not_by_its_retransmissions() {
     s.record(OK, Instant::now(), epoch, &cfg());
     // Blackhole: the kernel resends into the void and nothing is delivered.
     for _ in 0..2 {
-        tokio::time::advance(Duration::from_millis(100)).await;
+        tokio::time::advance(Duration::from_millis(200)).await;
         assert_eq!(s.record_transport(tick(5, 5, 0), Instant::now(), &cfg()), None);
         s.record(FAIL, Instant::now(), epoch, &cfg());
     }
@@ -397,10 +434,10 @@ async fn a_down_path_that_answers_while_losing_packets_must_show_a_clean_run() {
     let epoch = Instant::now();
     let mut s = stats();
     s.record(OK, Instant::now(), epoch, &cfg());
-    // A burst of loss begins with two lost exchanges back to back: down,
+    // A burst of loss begins with two exchanges broken back to back: down,
     // looking like an outage.
-    s.record(FAIL, Instant::now(), epoch, &cfg());
-    s.record(FAIL, Instant::now(), epoch, &cfg());
+    s.record(DEAD, Instant::now(), epoch, &cfg());
+    s.record(DEAD, Instant::now(), epoch, &cfg());
     assert_eq!(s.state(), PathState::Down);
     // It answers again, but keeps losing packets.
     for i in 0..30u32 {
@@ -457,7 +494,9 @@ async fn a_loss_burst_that_looks_like_an_outage_to_the_probes_still_needs_the_cl
     let mut s = stats();
     s.record(OK, Instant::now(), epoch, &cfg());
     // 30% loss: the requests on the stalled connection time out together,
-    // so the path goes down looking like an outage.
+    // and nothing answers for long enough, so the path goes down looking
+    // like an outage.
+    tokio::time::advance(Duration::from_millis(300)).await;
     s.record(FAIL, Instant::now(), epoch, &cfg());
     s.record(FAIL, Instant::now(), epoch, &cfg());
     assert_eq!(s.state(), PathState::Down);
