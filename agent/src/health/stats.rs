@@ -222,17 +222,10 @@ impl PathStats {
         if delta.repeats > 0 {
             self.last_bad = Some(now);
         }
-        if self.state != PathState::Up || !self.segments.lossy() {
-            return None;
-        }
-        let (sent, retrans) = self.segments.run;
-        let ratio = retrans as f64 / sent.max(1) as f64;
-        self.reason = Some(format!(
-            "{:.0}% of packets sent again ({retrans} of the last {sent})",
-            ratio * 100.0
-        ));
-        self.transition(PathState::Up, PathState::Degraded, now, cfg);
-        Some(PathState::Degraded)
+        // The verdict is given on the path's next answer (see
+        // `next_state`): segments sent again with data delivered can also be
+        // the first moments of an outage, which answers nothing.
+        None
     }
 
     /// The kernel's view of a down path. Data delivered between segments
@@ -368,7 +361,13 @@ impl PathStats {
         } else {
             f64::from(short_bad) / f64::from(short_total)
         };
-        let lossy = self.exchanges_test.lossy();
+        // Loss is judged when the path answers: failures in a row with
+        // nothing answering between them are an outage in progress (or a
+        // stall), which `fall` judges, and the segments sent again at the
+        // start of an outage come with the last data delivered before it.
+        let answered = matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_));
+        let lossy_segments = answered && self.segments.lossy();
+        let lossy = answered && (lossy_segments || self.exchanges_test.lossy());
 
         // Once a path is out, a failure after a success means loss, not an outage.
         if self.state != PathState::Up && hard && self.ok_since_out {
@@ -399,7 +398,14 @@ impl PathStats {
             ));
             PathState::Down
         } else if self.state == PathState::Up {
-            if lossy {
+            if lossy_segments {
+                let (sent, again) = self.segments.run;
+                self.reason = Some(format!(
+                    "{:.0}% of packets sent again ({again} of the last {sent})",
+                    again as f64 * 100.0 / sent.max(1) as f64
+                ));
+                PathState::Degraded
+            } else if lossy {
                 self.reason = Some(format!(
                     "{:.0}% of recent exchanges lost or stalled",
                     short_loss * 100.0

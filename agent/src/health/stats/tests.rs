@@ -348,7 +348,8 @@ async fn traffic(
         let now = Instant::now();
         s.record(Outcome::Answered(Duration::from_millis(2)), now, epoch, &cfg());
         let again = u64::from(loss(i));
-        if s.record_transport(tick(10, again, 10 - again), now, &cfg()) == Some(PathState::Degraded) {
+        s.record_transport(tick(10, again, 10 - again), now, &cfg());
+        if s.state() == PathState::Degraded {
             return Some(now - start);
         }
     }
