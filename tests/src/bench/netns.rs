@@ -121,7 +121,10 @@ async fn one_run(
     let load = fleet.spawn_load(bins, &[&rate[..], &[&format!("{}s", healthy.as_secs())]].concat())?;
     let healthy_out = tokio::task::spawn_blocking(move || load.wait_with_output()).await??;
     let h1 = hedges(&fleet);
-    let load = fleet.spawn_load(bins, &[&rate[..], &[&format!("{}s", fault_for.as_secs())]].concat())?;
+    let load = fleet.spawn_load(
+        bins,
+        &[&rate[..], &[&format!("{}s", fault_for.as_secs())]].concat(),
+    )?;
     fleet.uplink_loss("blr", percent)?;
     let t = tokio::time::Instant::now();
     let mut moved = None;
@@ -221,8 +224,10 @@ struct Level {
     permille: u32,
     /// From the nft rule to blr's first switch off `direct`.
     left: Option<Duration>,
-    /// Active-path switches during the loss (the agent keeps its last 16).
+    /// Active-path switches during the loss (the agent keeps its last 16),
+    /// and why the first one happened.
     switches: usize,
+    why: String,
     requests: u64,
     failed: u64,
     p99: f64,
@@ -285,6 +290,7 @@ async fn loss_sweep(args: &BenchArgs, bins: &Path) -> anyhow::Result<()> {
         "p99 (ms)",
         "segments/s on direct",
         "of them sent again",
+        "why it left",
     ]);
     for r in &rows {
         let switches = if r.switches >= 16 {
@@ -302,6 +308,7 @@ async fn loss_sweep(args: &BenchArgs, bins: &Path) -> anyhow::Result<()> {
             format!("{:.1}", r.p99),
             format!("{:.0}", r.segments_per_s),
             format!("{:.2}%", r.resent * 100.0),
+            r.why.replace('|', "/"),
         ]);
     }
     md.push_str(&table.finish());
@@ -336,19 +343,27 @@ async fn one_level(bins: &Path, permille: u32, healthy: Duration, hold: Duration
         serde_json::from_str(&fleet.exec("blr", &bins.join("detour-agent"), &["status", "--json"])?)
             .unwrap_or_default();
     fleet.heal("blr")?;
-    let switches: Vec<(i64, String)> = status["switches"]
+    let switches: Vec<(i64, String, String)> = status["switches"]
         .as_array()
         .map(|a| {
             a.iter()
-                .filter_map(|s| Some((s["at_ms"].as_i64()?, s["from"].as_str()?.to_owned())))
-                .filter(|(at, _)| *at >= rule_ms)
+                .filter_map(|s| {
+                    Some((
+                        s["at_ms"].as_i64()?,
+                        s["from"].as_str()?.to_owned(),
+                        s["reason"].as_str().unwrap_or_default().to_owned(),
+                    ))
+                })
+                .filter(|(at, _, _)| *at >= rule_ms)
                 .collect()
         })
         .unwrap_or_default();
-    let left = switches
-        .iter()
-        .find(|(_, from)| from.starts_with("direct"))
-        .map(|(at, _)| Duration::from_millis(u64::try_from(at - rule_ms).unwrap_or(0)));
+    for (at, from, why) in &switches {
+        eprintln!("  +{} ms: off {from}: {why}", at - rule_ms);
+    }
+    let first = switches.iter().find(|(_, from, _)| from.starts_with("direct"));
+    let left = first.map(|(at, _, _)| Duration::from_millis(u64::try_from(at - rule_ms).unwrap_or(0)));
+    let why = first.map(|(_, _, why)| why.clone()).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let sent = after.0.saturating_sub(before.0) as f64;
     let again = after.1.saturating_sub(before.1) as f64;
@@ -356,6 +371,7 @@ async fn one_level(bins: &Path, permille: u32, healthy: Duration, hold: Duration
         permille,
         left,
         switches: switches.len(),
+        why,
         requests: v["requests"].as_u64().unwrap_or(0),
         failed: v["failed"].as_u64().unwrap_or(0),
         p99: v["p99_ms"].as_f64().unwrap_or(0.0),
