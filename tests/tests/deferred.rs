@@ -132,12 +132,14 @@ async fn events_sent_while_every_path_is_down_arrive_later_once_each_and_in_orde
             .collect();
         let want: Vec<String> = (0..EVENTS).map(|n| format!("ev-{call}-{n}")).collect();
         assert_eq!(first_arrivals(&keys), want, "call-{call}'s events out of order");
-        // Once each, but for the first: its attempts during the outage (on
-        // every path) were sent and the dead links deliver their bytes when
-        // they heal, as TCP would. They carry its Idempotency-Key, so the
-        // control plane applies it once.
-        for k in &want[1..] {
-            assert_eq!(by_key.get(k), Some(&1), "{k}");
+        // Every one arrived. Those attempted before the agent judged every
+        // path down (timeouts in a row take a path down only after 300 ms
+        // without an answer, so that a lossy path's stalls do not) were sent
+        // into the dead links, which deliver their bytes when they heal, as
+        // TCP would; the deferred copy follows. Both carry the event's
+        // Idempotency-Key, so the control plane applies it once.
+        for k in &want {
+            assert!(by_key.get(k).is_some_and(|n| *n >= 1), "{k} never arrived");
         }
     }
     let m = &fleet.pop("blr").agent().shared.metrics;
