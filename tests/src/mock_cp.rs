@@ -256,8 +256,8 @@ pub fn command_args(listen: &str, tls: Option<(&Path, &Path)>) -> Vec<String> {
     args
 }
 
-/// `detour-lab mock-cp` as its own process on loopback, plain HTTP; killed
-/// on drop.
+/// `detour-lab mock-cp` as its own process on loopback, plain HTTP or
+/// HTTPS; killed on drop.
 pub struct MockCpProcess {
     pub addr: SocketAddr,
     _proc: Proc,
@@ -266,9 +266,14 @@ pub struct MockCpProcess {
 impl MockCpProcess {
     /// Starts it on a free loopback port and waits until it listens.
     pub async fn start() -> anyhow::Result<MockCpProcess> {
+        Self::start_with(None).await
+    }
+
+    /// The same, serving HTTPS with `tls` (certificate, key) when given.
+    pub async fn start_with(tls: Option<(&Path, &Path)>) -> anyhow::Result<MockCpProcess> {
         let addr = loopback(free_port()?);
         let child = Command::new(sibling("detour-lab")?)
-            .args(command_args(&addr.to_string(), None))
+            .args(command_args(&addr.to_string(), tls))
             .stdout(Stdio::null())
             .spawn()
             .context("starting the mock control plane")?;

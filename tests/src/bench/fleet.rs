@@ -47,8 +47,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     args.publish("fleet", &render(args, &machine, &readings, postgres.as_deref()))
 }
 
-/// One backend's run: SQLite in a temporary directory, or `pg`'s database.
-async fn measure(args: &BenchArgs, pg: Option<&crate::pg::PrivatePostgres>) -> anyhow::Result<Reading> {
+/// One backend's run: SQLite in a temporary directory, or `pg`'s database
+/// (`bench scale` takes the SQLite one for its control-plane half).
+pub(crate) async fn measure(
+    args: &BenchArgs,
+    pg: Option<&crate::pg::PrivatePostgres>,
+) -> anyhow::Result<Reading> {
     let pops = args.pops.max(3);
     let dur = Duration::from_secs(args.seconds);
     let backend = if pg.is_some() { "Postgres" } else { "SQLite" };
@@ -411,20 +415,21 @@ async fn poll_loop(
     }
 }
 
-struct Reading {
-    backend: &'static str,
-    pops: usize,
-    viewers: usize,
-    reports_only: f64,
-    with_pages: f64,
+/// One backend's run: CPU as % of one core, latencies of both endpoints.
+pub(crate) struct Reading {
+    pub(crate) backend: &'static str,
+    pub(crate) pops: usize,
+    pub(crate) viewers: usize,
+    pub(crate) reports_only: f64,
+    pub(crate) with_pages: f64,
     /// The database server's CPU (Postgres: its processes), both phases.
-    db_cpu: Option<(f64, f64)>,
-    views: Latencies,
-    view_failed: u64,
-    view_kib: u64,
-    reports: Latencies,
-    report_failed: u64,
-    rss_mib: u64,
+    pub(crate) db_cpu: Option<(f64, f64)>,
+    pub(crate) views: Latencies,
+    pub(crate) view_failed: u64,
+    pub(crate) view_kib: u64,
+    pub(crate) reports: Latencies,
+    pub(crate) report_failed: u64,
+    pub(crate) rss_mib: u64,
 }
 
 fn render(args: &BenchArgs, machine: &str, readings: &[Reading], no_pg: Option<&str>) -> String {

@@ -14,6 +14,8 @@
 //! - [`streams`]: WebSockets through blr, its uplink cut: close and
 //!   reconnect times.
 //! - [`fleet`](mod@fleet): the fleet page's data with 1,000 PoPs reporting.
+//! - [`scale`]: one agent with 100 peers (probes, relay, failover), and the
+//!   control plane with 1,000 PoPs reporting.
 //!
 //! [`faults`] is what failover and compare share.
 
@@ -31,6 +33,7 @@ pub mod netns;
 pub mod overhead;
 pub mod recordings;
 pub mod regions;
+pub mod scale;
 pub mod soak;
 pub mod streams;
 pub mod upgrade;
@@ -47,7 +50,10 @@ pub struct BenchArgs {
     /// outage), regions (the primary control-plane region lost under
     /// traffic; `--runs` each way), streams (WebSockets through a cut;
     /// `--runs` rounds), fleet (the fleet page's data with `--pops` PoPs
-    /// reporting and `--viewers` pages open), all (overhead and failover).
+    /// reporting and `--viewers` pages open), scale (one agent with 100 peers,
+    /// each its own process: probe and relay CPU, RSS, `--runs` failovers;
+    /// then the control plane with `--pops` PoPs reporting), all (overhead
+    /// and failover).
     #[arg(default_value = "all")]
     pub what: String,
     /// Seconds per measurement.
@@ -111,12 +117,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "regions" => regions::run(&args).await,
         "streams" => streams::run(&args).await,
         "fleet" => fleet::run(&args).await,
+        "scale" => scale::run(&args).await,
         "all" => {
             overhead::run(&args).await?;
             failover::run(&args).await
         }
         other => bail!(
-            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred, regions, streams, fleet or all"
+            "unknown benchmark `{other}`; choose overhead, failover, compare, netns, soak, upgrade, recordings, deferred, regions, streams, fleet, scale or all"
         ),
     }
 }
