@@ -630,12 +630,14 @@ async fn an_agent_killed_at_ten_random_moments_loses_no_recording_and_sends_no_s
     let mut fleet = fleet_with(tail).await;
     let client = CallClient::new(Duration::from_secs(5));
     let dir = blr_dir(&fleet);
-    // 4 multipart recordings (3 to 4 parts each) and 20 small ones; half are
-    // there when the agent starts, the rest are written while it is dead.
+    // 5 multipart recordings (3 to 4 parts each) and 25 small ones; 12 are
+    // there when the agent starts, the rest are written while it is dead
+    // (two after each of the first nine kills, so that uploads streamed
+    // fast still outlast ten kills).
     let mut files = Vec::new();
     {
         let local = fleet.pop("blr").local_url();
-        for n in 0..24 {
+        for n in 0..30 {
             let id = make_call(&client, &local, 300 + n).await;
             let size = if n % 6 == 0 {
                 16_000_000 + n * 100_000
@@ -709,7 +711,7 @@ async fn an_agent_killed_at_ten_random_moments_loses_no_recording_and_sends_no_s
         for p in whole {
             held.push((logged, p));
         }
-        if kills <= 6 {
+        if kills <= 9 {
             drop_n(12 + (kills - 1) * 2..12 + kills * 2);
         }
         (proc, _) = fleet.spawn_agent_process("blr", &bin).await.unwrap();
