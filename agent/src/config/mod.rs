@@ -207,9 +207,11 @@ pub struct Health {
     pub rise: u32,
     /// Consecutive hard failures that take a path down.
     pub fall: u32,
-    /// Failure ratio over the window above which a path is degraded.
+    /// Loss rate the sequential loss tests leave an `up` path at (p1; a
+    /// fifth of it is tolerated; docs/failover.md, "Judging loss").
     pub degraded_loss: f64,
-    /// Number of recent exchanges (probes and requests) the loss ratio is over.
+    /// Number of recent exchanges (probes and requests) the displayed loss
+    /// ratio is over (it no longer decides anything).
     pub window: usize,
     /// First hold-down after a path flaps; doubles on every flap.
     pub hold_down_min: Duration,
@@ -230,7 +232,7 @@ impl Health {
     pub const DEFAULT_RISE: u32 = 3;
     /// Default of `health.fall`.
     pub const DEFAULT_FALL: u32 = 2;
-    /// Default of `health.degraded_loss`: 5% of the window.
+    /// Default of `health.degraded_loss`: 5%.
     pub const DEFAULT_DEGRADED_LOSS: f64 = 0.05;
     /// Default of `health.window`.
     pub const DEFAULT_WINDOW: usize = 40;
