@@ -16,7 +16,7 @@ use detour_wire::PathState;
 
 use crate::link::Link;
 use crate::mock_cp::MockCp;
-use crate::process::{Proc, free_port, spawn_agent, wait_listening};
+use crate::process::{Proc, free_ports, spawn_agent, wait_listening};
 
 /// The control plane's name in every agent's URL; each agent dials it
 /// through its own uplink link.
@@ -446,10 +446,9 @@ dir = "run"
         let mut text = std::fs::read_to_string(&p.config_path)?;
         let relay = p.relay_addr.context("no relay")?;
         text = text.replace("relay = \"127.0.0.1:0\"", &format!("relay = \"{relay}\""));
-        for listener in ["local", "admin"] {
+        for (listener, port) in ["local", "admin"].into_iter().zip(free_ports(2)?) {
             let any = format!("{listener} = \"127.0.0.1:0\"");
             if text.contains(&any) {
-                let port = free_port()?;
                 text = text.replace(&any, &format!("{listener} = \"127.0.0.1:{port}\""));
             }
         }

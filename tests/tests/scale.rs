@@ -11,7 +11,7 @@ use detour_agent::config::AgentConfig;
 use detour_lab::fleet::init_crypto;
 use detour_lab::load::CallClient;
 use detour_lab::mock_cp::MockCp;
-use detour_lab::process::free_port;
+use detour_lab::process::free_ports;
 use detour_wire::PathState;
 use http::Method;
 use tokio::time::Instant;
@@ -31,10 +31,9 @@ async fn an_agent_with_a_hundred_peers_starts_and_serves_on_direct() {
     // Peers whose relays nobody listens on: their paths are down, and
     // nothing about them may keep the agent from serving on `direct`.
     let mut peers = String::new();
-    for i in 0..PEERS {
+    for (i, port) in free_ports(PEERS).unwrap().into_iter().enumerate() {
         peers.push_str(&format!(
-            "[[peer]]\nname = \"s{i:03}\"\nrelay = \"127.0.0.1:{}\"\n\n",
-            free_port().unwrap()
+            "[[peer]]\nname = \"s{i:03}\"\nrelay = \"127.0.0.1:{port}\"\n\n"
         ));
     }
     std::fs::write(hub.join("peers.toml"), peers).unwrap();

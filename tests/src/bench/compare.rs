@@ -27,7 +27,7 @@ use crate::link::{Fault, Link};
 use crate::load::{CallResult, closed_loop, fixed_rate, q3};
 use crate::mock_cp::{MockCp, MockCpProcess};
 use crate::plot::{Panel, Point, Series};
-use crate::process::{Proc, free_port, loopback, rss_kib, sibling, spawn_agent, wait_listening};
+use crate::process::{Proc, free_ports, loopback, rss_kib, sibling, spawn_agent, wait_listening};
 use crate::report::{Table, machine, ms};
 
 /// `detour-lab bench compare`.
@@ -226,7 +226,8 @@ async fn healthy(
 
 /// A single-PoP `detour-agent` process in front of `cp` (direct path only).
 async fn agent_process(cp: SocketAddr, dir: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
-    let (local, admin) = (free_port()?, free_port()?);
+    let ports = free_ports(2)?;
+    let (local, admin) = (ports[0], ports[1]);
     std::fs::write(dir.join("peers.toml"), "")?;
     std::fs::write(
         dir.join("agent.toml"),

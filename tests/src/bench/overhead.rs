@@ -17,7 +17,7 @@ use crate::fleet::CP_HOST;
 use crate::haproxy_squid::haproxy_alone;
 use crate::load::{Latencies, closed_loop, fixed_rate};
 use crate::mock_cp::MockCpProcess;
-use crate::process::{Proc, cpu_us, free_port, loopback, rss_kib, sibling, spawn_agent, wait_listening};
+use crate::process::{Proc, cpu_us, free_ports, loopback, rss_kib, sibling, spawn_agent, wait_listening};
 use crate::report::{Table, machine, us};
 
 /// `detour-lab bench overhead`.
@@ -77,9 +77,10 @@ impl Agents {
 /// `cp` over plain HTTP; configs in `d/<pop>`, certificates in `d/certs`.
 async fn start_agents(d: &Path, cp: SocketAddr, bin: &Path, threads: Option<u16>) -> anyhow::Result<Agents> {
     let (cp_port, cp_addr) = (cp.port(), cp);
+    let free = free_ports(6)?;
     let mut ports = BTreeMap::new();
-    for pop in ["blr", "maa"] {
-        ports.insert(pop, (free_port()?, free_port()?, free_port()?));
+    for (pop, p) in ["blr", "maa"].into_iter().zip(free.chunks(3)) {
+        ports.insert(pop, (p[0], p[1], p[2]));
     }
     let mut procs = Vec::new();
     for pop in ["blr", "maa"] {

@@ -27,7 +27,7 @@ use crate::fleet::CP_HOST;
 use crate::link::{Fault, Link};
 use crate::load::{Latencies, fixed_rate};
 use crate::mock_cp::MockCpProcess;
-use crate::process::{Proc, cpu_us, free_port, loopback, rss_kib, sibling, spawn_agent, wait_listening};
+use crate::process::{Proc, cpu_us, free_ports, loopback, rss_kib, sibling, spawn_agent, wait_listening};
 use crate::report::{Table, machine, ms};
 
 /// Peers of the hub, each its own agent process.
@@ -118,10 +118,11 @@ struct Ports {
 
 impl Ports {
     fn free() -> anyhow::Result<Ports> {
+        let p = free_ports(3)?;
         Ok(Ports {
-            local: free_port()?,
-            relay: free_port()?,
-            admin: free_port()?,
+            local: p[0],
+            relay: p[1],
+            admin: p[2],
         })
     }
 }
@@ -218,7 +219,7 @@ async fn start_mesh(args: &BenchArgs) -> anyhow::Result<Mesh> {
 
 /// Starts `pop`'s agent from `dir` (its peers file already there) on
 /// fresh ports and waits until it listens on all three. A port taken
-/// between [`free_port`] and the agent's bind makes it exit: then again on
+/// between [`free_ports`] and the agent's bind makes it exit: then again on
 /// other ports, three tries in all.
 async fn start_agent(
     bin: &Path,
