@@ -1,6 +1,7 @@
-//! Gathering evidence about the paths: a health probe of every path each
-//! `health.interval`, and the kernel's retransmission counters of every
-//! path's connections every 100 ms. Both feed the health table.
+//! Gathering evidence about the paths: health probes (the paths a failover
+//! would take every `health.interval`, the others every
+//! `health.standby_interval`), and the kernel's retransmission counters of
+//! every path's connections every 100 ms. Both feed the health table.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,26 +14,42 @@ use crate::paths;
 use crate::runtime::Shared;
 use crate::transport;
 
-/// Probes every path each interval (jittered by up to 10%) with a
-/// `GET health.path` on the path's own pooled connection, and the paths
-/// under suspicion ([`crate::health::PathStats::suspect`]) [`BOOST`] times
-/// as often: a loss test halfway to its verdict, or a path left for loss
-/// proving itself clean, decides sooner with more evidence.
+/// Probes paths with a `GET health.path` on each path's own pooled
+/// connection. Every interval (jittered by up to 10%): every `direct` path
+/// and the first `health.watched` of the ranking (the active path and its
+/// nearest stand-ins, the paths a failover would take), so those are always
+/// known to the interval. The other paths (an agent with 100 peers has 97
+/// of them) once every `health.standby_interval`, their turns spread over
+/// the rounds. And the paths under suspicion
+/// ([`crate::health::PathStats::suspect`]) [`BOOST`] times as often as the
+/// interval, whatever their rank: a loss test halfway to its verdict, or a
+/// path left for loss proving itself clean, decides sooner with more
+/// evidence.
 pub async fn probe_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut next_round = tokio::time::Instant::now();
+    let mut rounds: u64 = 0;
     loop {
         let rt = shared.forwarder.runtime();
-        let interval = rt.config.health.interval;
+        let h = &rt.config.health;
+        let interval = h.interval;
         let now = tokio::time::Instant::now();
         let round = now >= next_round;
         if round {
             let jitter = interval.mul_f64(rand::random::<f64>() * 0.1);
             next_round = now + interval - jitter;
+            rounds += 1;
         }
         let snapshot = rt.health.snapshot();
+        let standby_every = standby_every(h.interval, h.standby_interval);
         for (i, path) in rt.paths.iter().enumerate() {
-            let suspect = snapshot.paths.get(i).is_some_and(|p| p.suspect);
-            if !round && !suspect {
+            // A path the snapshot does not know yet (a reload just added
+            // it) is probed as if watched.
+            let view = snapshot.paths.get(i).filter(|p| p.index == i);
+            let suspect = view.is_some_and(|p| p.suspect);
+            let watched =
+                view.is_none_or(|p| p.direct) || snapshot.ranked.iter().take(h.watched).any(|&r| r == i);
+            let turn = (rounds + i as u64).is_multiple_of(standby_every);
+            if !(suspect || round && (watched || turn)) {
                 continue;
             }
             let rt = rt.clone();
@@ -55,6 +72,13 @@ pub async fn probe_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// A path out of watch is probed every this many rounds: `standby` in
+/// rounds of `interval`, rounded up, at least every round.
+fn standby_every(interval: Duration, standby: Duration) -> u64 {
+    let rounds = standby.as_nanos().div_ceil(interval.as_nanos().max(1));
+    u64::try_from(rounds).unwrap_or(u64::MAX).max(1)
 }
 
 /// How much more often a suspect path is probed.
@@ -133,5 +157,23 @@ pub async fn refresh_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<boo
             }
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standby_paths_are_probed_every_standby_interval_in_rounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(standby_every(ms(500), ms(5000)), 10);
+        assert_eq!(
+            standby_every(ms(500), ms(5200)),
+            11,
+            "rounded up: never more often than asked"
+        );
+        assert_eq!(standby_every(ms(500), ms(500)), 1);
+        assert_eq!(standby_every(ms(500), ms(100)), 1, "at least every round");
     }
 }

@@ -1,6 +1,7 @@
 //! An agent with a hundred peers: the config validates, the agent starts
 //! with a path per peer, and serves requests on `direct` while every peer's
-//! relay is unreachable. (`detour-lab bench scale` measures what such an
+//! relay is unreachable; the peers out of watch are probed every
+//! `health.standby_interval`, none forgotten. (`detour-lab bench scale` measures what such an
 //! agent costs.)
 
 use std::time::Duration;
@@ -43,7 +44,7 @@ async fn an_agent_with_a_hundred_peers_starts_and_serves_on_direct() {
             "pop = \"hub\"\n[listen]\nlocal = \"127.0.0.1:0\"\nrelay = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [control_plane]\nurl = \"http://cp.detour.test\"\naddresses = [\"{}\"]\n\
              [tls]\nca = \"../certs/ca.pem\"\ncert = \"../certs/hub.pem\"\nkey = \"../certs/hub.key\"\n\
-             [health]\ninterval = \"200ms\"\n[peers]\nfile = \"peers.toml\"\n[upgrade]\ndir = \"run\"\n",
+             [health]\ninterval = \"200ms\"\nstandby_interval = \"2s\"\n[peers]\nfile = \"peers.toml\"\n[upgrade]\ndir = \"run\"\n",
             cp.addr
         ),
     )
@@ -80,5 +81,39 @@ async fn an_agent_with_a_hundred_peers_starts_and_serves_on_direct() {
         assert!(r.ok(), "request {n}: {r:?}");
         assert_eq!(r.path.as_deref(), Some("direct"), "request {n}");
     }
+
+    // Probes: `direct` and the first `health.watched` (4) of the ranking
+    // every 200 ms, the other peers every 2 s, and none forgotten.
+    let probes = |name: &str| {
+        ["ok", "slow", "failed"]
+            .iter()
+            .map(|r| agent.shared.metrics.probes.with_label_values(&[name, r]).get())
+            .sum::<u64>()
+    };
+    let names: Vec<String> = (0..PEERS).map(|i| format!("via:s{i:03}")).collect();
+    let before: Vec<u64> = names.iter().map(|n| probes(n)).collect();
+    let direct_before = probes("direct");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after: Vec<u64> = names.iter().map(|n| probes(n)).collect();
+    let direct = probes("direct") - direct_before;
+    let peers: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+    assert!(direct >= 20, "direct probed every 200 ms: {direct} probes in 5 s");
+    let forgotten: Vec<&String> = names
+        .iter()
+        .zip(after.iter().zip(&before))
+        .filter(|(_, (a, b))| a == b)
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        forgotten.is_empty(),
+        "every peer probed within 5 s: not {forgotten:?}"
+    );
+    // Every peer at the interval would be 2,500; four watched at the
+    // interval and the rest every 2 s is about 100 + 240.
+    assert!(
+        peers <= 600,
+        "peers out of watch probed every 2 s: {peers} probes in 5 s"
+    );
+
     agent.shutdown(detour_agent::agent::Stop::HandedOver).await;
 }

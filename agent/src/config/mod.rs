@@ -217,6 +217,12 @@ pub struct Health {
     pub hold_down_min: Duration,
     /// Upper bound of the hold-down.
     pub hold_down_max: Duration,
+    /// Paths probed every `interval`: the first this many of the ranking
+    /// (the active path and its nearest stand-ins), and every `direct`.
+    pub watched: usize,
+    /// Time between probes of the other paths (an agent with many peers
+    /// does not probe them all twice a second).
+    pub standby_interval: Duration,
 }
 
 impl Health {
@@ -240,6 +246,10 @@ impl Health {
     pub const DEFAULT_HOLD_DOWN_MIN: Duration = Duration::from_secs(2);
     /// Default of `health.hold_down_max`.
     pub const DEFAULT_HOLD_DOWN_MAX: Duration = Duration::from_secs(60);
+    /// Default of `health.watched`.
+    pub const DEFAULT_WATCHED: usize = 4;
+    /// Default of `health.standby_interval`.
+    pub const DEFAULT_STANDBY_INTERVAL: Duration = Duration::from_secs(5);
 }
 
 /// How requests are sent.

@@ -120,6 +120,8 @@ pub struct Health {
     pub window: Option<Spanned<u32>>,
     pub hold_down_min: Option<Spanned<String>>,
     pub hold_down_max: Option<Spanned<String>>,
+    pub watched: Option<Spanned<u32>>,
+    pub standby_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

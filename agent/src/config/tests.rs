@@ -667,3 +667,26 @@ fn a_revocation_list_must_come_from_the_fleet_ca_and_is_watched() {
     let w = c.warnings();
     assert!(w.len() == 1 && w[0].contains("revoked"), "{w:?}");
 }
+
+#[test]
+fn standby_probing_defaults_and_bounds() {
+    let dir = setup();
+    let c = load(dir.path()).unwrap();
+    assert_eq!(c.health.watched, 4);
+    assert_eq!(c.health.standby_interval, Duration::from_secs(5));
+    let agent = VALID.replace(
+        "interval = \"500ms\"",
+        "interval = \"500ms\"\nwatched = 0\nstandby_interval = \"100ms\"",
+    );
+    let errs = errors_with(dir.path(), &agent, PEERS);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("health.watched: must be at least 1")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("health.standby_interval: is shorter than health.interval")),
+        "{errs:#?}"
+    );
+}

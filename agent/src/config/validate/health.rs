@@ -47,6 +47,13 @@ pub(super) fn validate(d: &mut Diag<'_>, h: &raw::Health) -> Health {
             &h.hold_down_max,
             Health::DEFAULT_HOLD_DOWN_MAX,
         ),
+        watched: positive(d, "health.watched", &h.watched, Health::DEFAULT_WATCHED),
+        standby_interval: duration_or(
+            d,
+            "health.standby_interval",
+            &h.standby_interval,
+            Health::DEFAULT_STANDBY_INTERVAL,
+        ),
     };
     if health.timeout_min > health.timeout_max
         && let Some(s) = &h.timeout_min
@@ -57,6 +64,11 @@ pub(super) fn validate(d: &mut Diag<'_>, h: &raw::Health) -> Health {
         && let Some(s) = &h.hold_down_min
     {
         d.span(s, "health.hold_down_min: is greater than health.hold_down_max");
+    }
+    if health.standby_interval < health.interval
+        && let Some(s) = &h.standby_interval
+    {
+        d.span(s, "health.standby_interval: is shorter than health.interval");
     }
     health
 }

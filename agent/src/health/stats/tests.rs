@@ -22,6 +22,8 @@ fn cfg() -> HealthConfig {
         window: 40,
         hold_down_min: Duration::from_secs(2),
         hold_down_max: Duration::from_secs(60),
+        watched: 4,
+        standby_interval: Duration::from_secs(5),
     }
 }
 
