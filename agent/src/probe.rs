@@ -42,14 +42,9 @@ pub async fn probe_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         let snapshot = rt.health.snapshot();
         let standby_every = standby_every(h.interval, h.standby_interval);
         for (i, path) in rt.paths.iter().enumerate() {
-            // A path the snapshot does not know yet (a reload just added
-            // it) is probed as if watched.
-            let view = snapshot.paths.get(i).filter(|p| p.index == i);
-            let suspect = view.is_some_and(|p| p.suspect);
-            let watched =
-                view.is_none_or(|p| p.direct) || snapshot.ranked.iter().take(h.watched).any(|&r| r == i);
-            let turn = (rounds + i as u64).is_multiple_of(standby_every);
-            if !(suspect || round && (watched || turn)) {
+            let due = round
+                && (snapshot.watched(i, h.watched) || (rounds + i as u64).is_multiple_of(standby_every));
+            if !(due || snapshot.suspect(i)) {
                 continue;
             }
             let rt = rt.clone();
@@ -80,6 +75,10 @@ fn standby_every(interval: Duration, standby: Duration) -> u64 {
     let rounds = standby.as_nanos().div_ceil(interval.as_nanos().max(1));
     u64::try_from(rounds).unwrap_or(u64::MAX).max(1)
 }
+
+/// A path out of watch has its TCP counters read every this many refreshes
+/// (every second).
+const STANDBY_SAMPLE: u64 = 10;
 
 /// How much more often a suspect path is probed.
 pub const BOOST: u32 = 10;
@@ -130,9 +129,11 @@ pub async fn probe(rt: &Runtime, path: &paths::PathClient, i: usize) -> Outcome 
     }
 }
 
-/// Every 100 ms: reads the kernel's retransmission counters of every path's
-/// connections into the health table, and republishes the snapshot if any
-/// evidence arrived.
+/// Every 100 ms: reads the kernel's retransmission counters of the watched
+/// and suspect paths' connections into the health table (of the others,
+/// probed every `health.standby_interval`, every [`STANDBY_SAMPLE`]-th
+/// time: the counters are cumulative, so their evidence is late, never
+/// lost), and republishes the snapshot if any evidence arrived.
 pub async fn refresh_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut diag = match transport::Diag::new() {
         Ok(d) => Some(d),
@@ -141,12 +142,22 @@ pub async fn refresh_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<boo
             None
         }
     };
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                ticks += 1;
                 let rt = shared.forwarder.runtime();
                 if let Some(diag) = diag.as_mut() {
+                    let snapshot = rt.health.snapshot();
+                    let watched = rt.config.health.watched;
                     for (i, path) in rt.paths.iter().enumerate() {
+                        let due = snapshot.watched(i, watched)
+                            || snapshot.suspect(i)
+                            || (ticks + i as u64).is_multiple_of(STANDBY_SAMPLE);
+                        if !due {
+                            continue;
+                        }
                         let delta = path.sockets.sample(diag);
                         if !delta.is_empty() {
                             rt.health.record_transport(i, delta);

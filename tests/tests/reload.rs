@@ -153,6 +153,7 @@ async fn adding_disabling_and_removing_peers_applies_live_without_failures() {
         "detour_path_loss_ratio",
         "detour_path_retransmit_ratio",
         "detour_active_path",
+        "detour_path_segments_total",
     ];
     let stale: Vec<&str> = metrics
         .lines()

@@ -136,14 +136,14 @@ impl PathStats {
         self.ewma
     }
 
-    /// The `q` quantile (0..1) of recent RTT samples, in seconds.
-    pub fn rtt_quantile(&self, q: f64) -> Option<f64> {
-        quantile(&self.recent, q)
+    /// The `qs` quantiles (0..1) of recent RTT samples, in seconds.
+    pub fn rtt_quantiles<const N: usize>(&self, qs: [f64; N]) -> [Option<f64>; N] {
+        quantiles(&self.recent, qs)
     }
 
-    /// The `q` quantile (0..1) of recent request latencies, in seconds.
-    pub fn request_quantile(&self, q: f64) -> Option<f64> {
-        quantile(&self.req_recent, q)
+    /// The `qs` quantiles (0..1) of recent request latencies, in seconds.
+    pub fn request_quantiles<const N: usize>(&self, qs: [f64; N]) -> [Option<f64>; N] {
+        quantiles(&self.req_recent, qs)
     }
 
     /// (exchanges, bad ones) among the last `health.window` exchanges that
@@ -526,14 +526,21 @@ impl PathStats {
     }
 }
 
-fn quantile(samples: &VecDeque<f64>, q: f64) -> Option<f64> {
-    if samples.is_empty() {
-        return None;
+/// The `qs` quantiles (0..1) of `samples` (at most [`RECENT`]), sorted once
+/// on the stack: the snapshot is rebuilt up to ten times a second for every
+/// path.
+fn quantiles<const N: usize>(samples: &VecDeque<f64>, qs: [f64; N]) -> [Option<f64>; N] {
+    let mut v = [0.0; RECENT];
+    let n = samples.len().min(RECENT);
+    for (slot, s) in v.iter_mut().zip(samples.iter().rev()) {
+        *slot = *s;
     }
-    let mut v: Vec<f64> = samples.iter().copied().collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
-    v.get(idx.min(v.len() - 1)).copied()
+    let v = &mut v[..n];
+    v.sort_unstable_by(f64::total_cmp);
+    qs.map(|q| {
+        let idx = ((n as f64 - 1.0) * q).round() as usize;
+        v.get(idx.min(n.saturating_sub(1))).copied()
+    })
 }
 
 mod loss;

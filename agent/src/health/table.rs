@@ -63,6 +63,26 @@ impl Snapshot {
     pub fn by_name(&self, name: &str) -> Option<&PathView> {
         self.paths.iter().find(|p| &*p.name == name)
     }
+
+    /// Whether path `index` is watched closely (probed every
+    /// `health.interval`, its TCP counters read every refresh): a `direct`
+    /// path, one of the first `watched` of the ranking (the active path and
+    /// the stand-ins a failover takes), or one this snapshot does not know
+    /// yet (a reload just added it).
+    pub fn watched(&self, index: usize, watched: usize) -> bool {
+        self.paths
+            .get(index)
+            .filter(|p| p.index == index)
+            .is_none_or(|p| p.direct)
+            || self.ranked.iter().take(watched).any(|&r| r == index)
+    }
+
+    /// Whether path `index` is under suspicion ([`PathView::suspect`]).
+    pub fn suspect(&self, index: usize) -> bool {
+        self.paths
+            .get(index)
+            .is_some_and(|p| p.index == index && p.suspect)
+    }
 }
 
 /// The current path keeps traffic unless the best is this much better...
@@ -113,11 +133,44 @@ pub fn rank(paths: &[PathView]) -> Vec<usize> {
     order
 }
 
+/// One path's metric series, looked up once per table rather than on every
+/// publish (the snapshot is rebuilt up to ten times a second for every path).
+struct PathSeries {
+    state: prometheus::IntGauge,
+    enabled: prometheus::IntGauge,
+    rtt: prometheus::Gauge,
+    loss: prometheus::Gauge,
+    retransmit: prometheus::Gauge,
+    segments_sent: prometheus::IntCounter,
+    segments_again: prometheus::IntCounter,
+}
+
+impl PathSeries {
+    fn new(m: &Metrics, info: &PathInfo) -> PathSeries {
+        let labels = [&*info.name, &*info.endpoint];
+        let segments = |kind| {
+            m.path_segments
+                .with_label_values(&[&*info.name, &*info.endpoint, kind])
+        };
+        PathSeries {
+            state: m.path_state.with_label_values(&labels),
+            enabled: m.path_enabled.with_label_values(&labels),
+            rtt: m.path_rtt.with_label_values(&labels),
+            loss: m.path_loss.with_label_values(&labels),
+            retransmit: m.path_retransmit.with_label_values(&labels),
+            segments_sent: segments("sent"),
+            segments_again: segments("again"),
+        }
+    }
+}
+
 /// The health of every path of one agent.
 pub struct HealthTable {
     cfg: HealthConfig,
     epoch: Instant,
     paths: Vec<Mutex<PathStats>>,
+    /// Each path's metric series, in table order.
+    series: Vec<PathSeries>,
     snapshot: ArcSwap<Snapshot>,
     metrics: Arc<Metrics>,
     active: Mutex<Option<Arc<str>>>,
@@ -132,6 +185,7 @@ impl HealthTable {
         let table = HealthTable {
             cfg,
             epoch: Instant::now(),
+            series: infos.iter().map(|i| PathSeries::new(&metrics, i)).collect(),
             paths: infos.into_iter().map(|i| Mutex::new(PathStats::new(i))).collect(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             metrics,
@@ -223,11 +277,11 @@ impl HealthTable {
     /// previous sample.
     pub fn record_transport(&self, index: usize, delta: Delta) {
         self.update(index, |s, now| {
-            if delta.delivered > 0 {
-                let (path, endpoint) = (&*s.info.name, &*s.info.endpoint);
-                let m = &self.metrics.path_segments;
-                m.with_label_values(&[path, endpoint, "sent"]).inc_by(delta.sent);
-                m.with_label_values(&[path, endpoint, "again"]).inc_by(delta.repeats);
+            if delta.delivered > 0
+                && let Some(series) = self.series.get(index)
+            {
+                series.segments_sent.inc_by(delta.sent);
+                series.segments_again.inc_by(delta.repeats);
             }
             let changed = s.record_transport(delta, now, &self.cfg);
             tracing::trace!(path = %s.info.name, sent = delta.sent, again = delta.repeats, delivered = delta.delivered, state = s.state().as_str(), "transport");
@@ -277,6 +331,8 @@ impl HealthTable {
         let mut views = Vec::with_capacity(self.paths.len());
         for (i, p) in self.paths.iter().enumerate() {
             let s = lock(p);
+            let [p95, p99] = s.rtt_quantiles([0.95, 0.99]);
+            let [request_p50, request_p95] = s.request_quantiles([0.5, 0.95]);
             views.push(PathView {
                 index: i,
                 name: s.info.name.clone(),
@@ -287,10 +343,10 @@ impl HealthTable {
                 enabled: s.info.enabled,
                 drained: s.info.drained,
                 rtt: s.rtt(),
-                p95: s.rtt_quantile(0.95),
-                p99: s.rtt_quantile(0.99),
-                request_p50: s.request_quantile(0.5),
-                request_p95: s.request_quantile(0.95),
+                p95,
+                p99,
+                request_p50,
+                request_p95,
                 loss: s.loss(now, self.epoch),
                 retransmit: s.retransmit_ratio(now),
                 score: s.score(now, self.epoch),
@@ -317,24 +373,20 @@ impl HealthTable {
             }
         }
         let snap = Snapshot { paths: views, ranked };
-        for v in &snap.paths {
+        for (v, series) in snap.paths.iter().zip(&self.series) {
             let state = match v.state {
                 PathState::Up => 2,
                 PathState::Degraded => 1,
                 PathState::Down => 0,
             };
-            let labels = [&*v.name, &*v.endpoint];
-            self.metrics.path_state.with_label_values(&labels).set(state);
-            self.metrics
-                .path_enabled
-                .with_label_values(&labels)
-                .set(i64::from(v.enabled));
+            series.state.set(state);
+            series.enabled.set(i64::from(v.enabled));
             if let Some(rtt) = v.rtt {
-                self.metrics.path_rtt.with_label_values(&labels).set(rtt);
+                series.rtt.set(rtt);
             }
-            self.metrics.path_loss.with_label_values(&labels).set(v.loss);
+            series.loss.set(v.loss);
             if let Some(r) = v.retransmit {
-                self.metrics.path_retransmit.with_label_values(&labels).set(r);
+                series.retransmit.set(r);
             }
         }
         let new_active = snap.active().map(|p| p.name.clone());
@@ -392,6 +444,9 @@ impl HealthTable {
         let _ = metrics.path_rtt.remove_label_values(&[path, endpoint]);
         let _ = metrics.path_loss.remove_label_values(&[path, endpoint]);
         let _ = metrics.path_retransmit.remove_label_values(&[path, endpoint]);
+        for kind in ["sent", "again"] {
+            let _ = metrics.path_segments.remove_label_values(&[path, endpoint, kind]);
+        }
         let _ = metrics.active_path.remove_label_values(&[path]);
         let _ = metrics.path_pool_renewals.remove_label_values(&[path]);
     }
