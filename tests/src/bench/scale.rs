@@ -542,7 +542,7 @@ fn render(args: &BenchArgs, machine: &str, hub: &HubReading, cp: &Reading) -> St
          `health.interval`, 500 ms) whose only peer is the hub, all in front of the control-plane stand-in \
          (`detour-lab mock-cp`, HTTPS with a certificate from the lab CA, so every probe pays its TLS, inside the mesh's own on `via:` paths). The hub's uplink goes through a lab link in the benchmark process. \
          CPU is user + system time from /proc over {secs} s, as a share of one core: first with the spokes \
-         having no peers (the hub probing its {paths} paths, nothing else), then with every spoke taking the hub \
+         having no peers (the hub probing its {paths} paths, nothing else: with the default `health.watched` and `health.standby_interval`, `direct` and 4 paths every 500 ms and the others every 5 s), then with every spoke taking the hub \
          as its peer, so the hub's relay carries a tunnel per spoke for its `via:hub` probes. The {SPOKES} spokes \
          together used {spokes:.1}% of a core in the first window, on the same 2 cores. Then {rounds} rounds of \
          {LOAD_RATE} requests/s through the hub for {load} s, the uplink blackholed {cut} s in (the hub's relay \
