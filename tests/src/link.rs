@@ -101,6 +101,43 @@ impl Link {
         })
     }
 
+    /// Starts a link like [`Link::start`], run by a thread and runtime of
+    /// its own. For a link that carries bulk traffic (recordings at 100 MB/s
+    /// and more) beside an in-process agent: on a real PoP that forwarding
+    /// is the kernel's work, not tasks queued on the agent's runtime, and
+    /// copying it on the runtime that also serves the agent's calls would
+    /// measure the lab, not the agent.
+    pub async fn start_apart(target: SocketAddr) -> std::io::Result<Link> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("lab-link".to_owned())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match Link::start(target).await {
+                        Ok(link) => {
+                            let mut stop = link.stop.subscribe();
+                            if tx.send(Ok(link)).is_ok() {
+                                // Until the link is dropped.
+                                let _ = stop.wait_for(|s| *s).await;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        rx.await
+            .map_err(|_| std::io::Error::other("the link's thread ended before it started"))?
+    }
+
     /// Switches the link's behaviour, for open and new connections alike.
     pub fn set(&self, fault: Fault) {
         let _ = self.mode.send(fault);
