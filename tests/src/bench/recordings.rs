@@ -287,7 +287,7 @@ async fn call_latencies(url: &str, key_base: u64) -> Latencies {
     // The slowest calls and when they were sent: one stall holds up every
     // call sent during it, which a p99 alone does not tell.
     let mut slow: Vec<_> = results.iter().map(|(at, r)| (*at, r.latency)).collect();
-    slow.sort_by(|a, b| b.1.cmp(&a.1));
+    slow.sort_by_key(|s| std::cmp::Reverse(s.1));
     let shown: Vec<String> = slow
         .iter()
         .take(12)
