@@ -55,6 +55,9 @@ pub struct PathStats {
     /// loss the exchanges show ([`loss`]).
     segments: LossTest,
     exchanges_test: LossTest,
+    /// When the exchange loss test last counted a bad exchange: the ones
+    /// within `health.timeout_min` of it are the same stall.
+    bad_trial_at: Option<Instant>,
     /// When the path last left `up`.
     out_since: Option<Instant>,
     /// When an exchange last succeeded.
@@ -106,6 +109,7 @@ impl PathStats {
             down_repeats: None,
             segments: LossTest::default(),
             exchanges_test: LossTest::default(),
+            bad_trial_at: None,
             out_since: None,
             last_ok: None,
         }
@@ -305,8 +309,22 @@ impl PathStats {
     fn count(&mut self, outcome: Outcome, now: Instant, cfg: &HealthConfig) -> bool {
         let bad = !matches!(outcome, Outcome::Ok(_) | Outcome::Answered(_));
         self.exchanges.push_back((now, bad));
-        self.exchanges_test
-            .observe(Stream::Exchanges, 1, u64::from(bad), cfg.degraded_loss);
+        // One lost segment often spoils several exchanges at once: all that
+        // wait on the same retransmission end together, as stalls or
+        // timeouts. For the loss test those are one trial, not several: bad
+        // exchanges within `timeout_min` of the last one it counted are left
+        // out (good ones always count).
+        let same_stall = bad
+            && self
+                .bad_trial_at
+                .is_some_and(|t| now.saturating_duration_since(t) < cfg.timeout_min);
+        if !same_stall {
+            if bad {
+                self.bad_trial_at = Some(now);
+            }
+            self.exchanges_test
+                .observe(Stream::Exchanges, 1, u64::from(bad), cfg.degraded_loss);
+        }
         while self.exchanges.len() > cfg.window
             || self
                 .exchanges

@@ -520,3 +520,31 @@ async fn a_loss_burst_that_looks_like_an_outage_to_the_probes_still_needs_the_cl
         s.reason()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn one_stall_that_spoils_several_exchanges_is_one_trial_for_the_loss_test() {
+    let epoch = Instant::now();
+    let slow = Outcome::Slow(Duration::from_millis(400));
+    // Five exchanges ending together after one stall (within 150 ms, the
+    // `timeout_min`)...
+    let mut burst = stats();
+    burst.record(OK, Instant::now(), epoch, &cfg());
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_millis(20)).await;
+        burst.record(slow, Instant::now(), epoch, &cfg());
+    }
+    // ...weigh as much as one.
+    let mut one = stats();
+    one.record(OK, Instant::now(), epoch, &cfg());
+    one.record(slow, Instant::now(), epoch, &cfg());
+    assert!(burst.exchanges_test.leave > 0.0);
+    assert_eq!(burst.exchanges_test.leave, one.exchanges_test.leave);
+    // Stalls further apart than that are separate trials.
+    let mut apart = stats();
+    apart.record(OK, Instant::now(), epoch, &cfg());
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_millis(200)).await;
+        apart.record(slow, Instant::now(), epoch, &cfg());
+    }
+    assert!(apart.exchanges_test.leave > 4.0 * one.exchanges_test.leave);
+}
