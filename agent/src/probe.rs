@@ -1,7 +1,8 @@
 //! Gathering evidence about the paths: health probes (the paths a failover
 //! would take every `health.interval`, the others every
 //! `health.standby_interval`), and the kernel's retransmission counters of
-//! every path's connections every 100 ms. Both feed the health table.
+//! the paths' connections (those same paths every 100 ms, the others every
+//! second). Both feed the health table.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -120,7 +120,7 @@ async fn the_primary_region_stopped_under_load_fails_nothing_and_traffic_returns
     // `health.rise` good probes), not for the first answer. The first of the
     // three probes may go out right after the start, the other two at least
     // 180 ms apart (200 ms, jittered by up to 10%): at least 360 ms. (It
-    // once took 486 ms on CI, which a 500 ms bound called too quick.)
+    // once took 486 ms in a full run, which a 500 ms bound called too quick.)
     assert!(back >= Duration::from_millis(360), "returned after only {back:?}");
     // Back on the primary by the end of the run (on direct, unless the
     // return took longer than the run).

@@ -97,7 +97,9 @@ async fn an_agent_with_a_hundred_peers_starts_and_serves_on_direct() {
     let after: Vec<u64> = names.iter().map(|n| probes(n)).collect();
     let direct = probes("direct") - direct_before;
     let peers: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
-    assert!(direct >= 20, "direct probed every 200 ms: {direct} probes in 5 s");
+    // About 25; the margin is for a busy machine's late timers (out of
+    // watch, direct would be probed 2 or 3 times).
+    assert!(direct >= 15, "direct probed every 200 ms: {direct} probes in 5 s");
     let forgotten: Vec<&String> = names
         .iter()
         .zip(after.iter().zip(&before))
