@@ -14,7 +14,10 @@
 //! the call-control connections, ranked by the same health table as calls.
 
 pub mod journal;
+mod priority;
 mod s3;
+
+pub use priority::idle_priority;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -112,6 +115,8 @@ struct Recorder {
     failing: HashMap<String, (Failure, tokio::time::Instant)>,
     store: Option<Arc<s3::Store>>,
     uploaded: u64,
+    /// The recorder's CPU class, told of the backlog.
+    class: Arc<priority::Class>,
     /// To the agent's own local listener (the control plane's record).
     local_client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -122,46 +127,57 @@ struct Recorder {
 /// Runs the recorder until `shutdown` turns true. `local` is the agent's own
 /// local listener: the control plane is told of each recording through it,
 /// like any call-handler request (retried, hedged and deduplicated).
-/// Runs the recorder on a thread and runtime of its own, at a lower CPU
-/// priority (nice +10): hashing, reading and sending recordings then yield
-/// the CPU to call control whenever both want it, and never hold up one of
-/// the runtime workers that serve calls. Returns when the recorder stops.
+/// Runs the recorder on a thread and runtime of its own, so that uploads
+/// never hold up one of the runtime workers that serve calls; its threads
+/// get CPU as [`priority`] says (idle CPU while the recorder keeps up).
+/// Returns when the recorder stops.
 pub async fn run_apart(shared: Arc<Shared>, local: std::net::SocketAddr, shutdown: watch::Receiver<bool>) {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let class = Arc::new(priority::Class::new());
+    let c = class.clone();
     let spawned = std::thread::Builder::new()
         .name("detour-recordings".to_owned())
         .spawn(move || {
-            // Every thread of this runtime (workers and blocking pool).
-            let lower = || {
-                let tid = rustix::thread::gettid();
-                if let Err(e) = rustix::process::setpriority_process(Some(tid), 10) {
-                    tracing::debug!(error = %e, "recordings: cannot lower the recorder's priority");
-                }
-            };
-            lower();
+            c.join();
+            let (joins, leaves) = (c.clone(), c.clone());
             match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_name("detour-recordings")
-                .on_thread_start(lower)
+                // Every thread of this runtime: workers and blocking pool.
+                .on_thread_start(move || joins.join())
+                .on_thread_stop(move || leaves.leave())
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(run(shared, local, shutdown)),
+                Ok(rt) => rt.block_on(run(shared, local, shutdown, c.clone())),
                 Err(e) => tracing::error!(error = %e, "recordings: cannot start the recorder's runtime; recordings are not uploaded"),
             }
             let _ = done_tx.send(());
         });
-    match spawned {
-        Ok(_) => {
-            let _ = done_rx.await;
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "recordings: cannot start the recorder's thread; recordings are not uploaded")
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "recordings: cannot start the recorder's thread; recordings are not uploaded");
+        return;
+    }
+    // From this runtime, which the recorder's class never starves: the
+    // recorder's threads leave idle CPU when a recording waits too long.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut done_rx => return,
+            _ = tick.tick() => {
+                class.check(now_ms());
+            }
         }
     }
 }
 
-pub async fn run(shared: Arc<Shared>, local: std::net::SocketAddr, mut shutdown: watch::Receiver<bool>) {
+async fn run(
+    shared: Arc<Shared>,
+    local: std::net::SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    class: Arc<priority::Class>,
+) {
     loop {
         // A `[recordings]` section may come (or go, or move its journal)
         // with a reload.
@@ -175,7 +191,8 @@ pub async fn run(shared: Arc<Shared>, local: std::net::SocketAddr, mut shutdown:
                 _ = shutdown.changed() => return,
             }
         };
-        if !watch_section(&shared, local, &journal, &mut shutdown).await {
+        class.note_oldest(None);
+        if !watch_section(&shared, local, &journal, &mut shutdown, &class).await {
             return;
         }
     }
@@ -188,6 +205,7 @@ async fn watch_section(
     local: std::net::SocketAddr,
     journal_path: &Path,
     shutdown: &mut watch::Receiver<bool>,
+    class: &Arc<priority::Class>,
 ) -> bool {
     let (journal, loaded) = loop {
         match Journal::open(journal_path) {
@@ -233,6 +251,7 @@ async fn watch_section(
         failing: HashMap::new(),
         store: None,
         uploaded: 0,
+        class: class.clone(),
         local_client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http(),
     };
@@ -458,15 +477,16 @@ impl Recorder {
         m.recordings_pending_bytes
             .set(pending.iter().map(|(_, l)| l.size as i64).sum());
         let now = now_ms();
-        let oldest = pending
+        let oldest_ms = pending
             .iter()
             .map(|(n, l)| {
                 self.journal
                     .get(n)
                     .map_or(l.mtime_ms, |e| e.seen_ms.min(l.mtime_ms))
             })
-            .min()
-            .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+            .min();
+        self.class.note_oldest(oldest_ms);
+        let oldest = oldest_ms.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
         m.recordings_oldest_pending_age.set(oldest);
         let backlog = Backlog {
             pending: pending.len() as u64,

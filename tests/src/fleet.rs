@@ -76,6 +76,10 @@ pub struct FleetOptions {
     /// TOML appended to the real control plane's cp.toml (its sections,
     /// e.g. `[fleet]\nstale_after = "3s"`).
     pub cp_extra: String,
+    /// Run the real control plane on a runtime of its own, every thread of
+    /// it (and its database's) kept on this CPU: a control plane in another
+    /// datacentre, off the PoP's CPU (see [`crate::cpus`]).
+    pub cp_cpu: Option<usize>,
 }
 
 impl Default for FleetOptions {
@@ -90,6 +94,7 @@ impl Default for FleetOptions {
             tail: BTreeMap::new(),
             second_region: false,
             cp_extra: String::new(),
+            cp_cpu: None,
         }
     }
 }
@@ -179,6 +184,7 @@ impl Fleet {
                     &opts.pops,
                     opts.database_url.as_deref(),
                     &opts.cp_extra,
+                    opts.cp_cpu,
                 )
                 .await?;
                 admin_token = Some(token);
@@ -651,6 +657,7 @@ async fn start_real_cp(
     pops: &[String],
     database_url: Option<&str>,
     extra: &str,
+    cpu: Option<usize>,
 ) -> anyhow::Result<(
     SocketAddr,
     String,
@@ -682,7 +689,59 @@ async fn start_real_cp(
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    Ok((addr, admin_token, spawn_cp(config, listener)))
+    let stop = match cpu {
+        None => spawn_cp(config, listener),
+        Some(cpu) => spawn_cp_apart(config, listener.into_std()?, cpu)?,
+    };
+    Ok((addr, admin_token, stop))
+}
+
+/// [`spawn_cp`] on a thread and runtime of its own, every thread of it kept
+/// on `cpu` (threads the control plane starts, such as SQLite's, inherit
+/// it). The handle returned ends when that runtime has stopped.
+fn spawn_cp_apart(
+    config: detour_control_plane::Config,
+    listener: std::net::TcpListener,
+    cpu: usize,
+) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("lab-cp".to_owned())
+        .spawn(move || {
+            let pin = move || {
+                if let Err(e) = crate::cpus::pin_current_thread(cpu) {
+                    tracing::warn!("control plane: cannot keep to CPU {cpu}: {e}");
+                }
+            };
+            pin();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("lab-cp")
+                .on_thread_start(pin)
+                .enable_all()
+                .build();
+            match rt {
+                Ok(rt) => rt.block_on(async move {
+                    let shutdown = async move {
+                        let _ = stop_rx.await;
+                    };
+                    let served = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => detour_control_plane::serve(config, l, shutdown).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = served {
+                        tracing::error!("control plane stopped: {e:#}");
+                    }
+                }),
+                Err(e) => tracing::error!("control plane: no runtime: {e}"),
+            }
+            let _ = done_tx.send(());
+        })?;
+    let task = tokio::spawn(async move {
+        let _ = done_rx.await;
+    });
+    Ok((stop, task))
 }
 
 /// The second region: its own control-plane instance serving HTTPS as

@@ -12,6 +12,7 @@
 //! `detour-lab` binary are built on these.
 
 pub mod bench;
+pub mod cpus;
 pub mod demo;
 pub mod fleet;
 pub mod haproxy_squid;

@@ -106,12 +106,23 @@ impl Link {
     /// and more) beside an in-process agent: on a real PoP that forwarding
     /// is the kernel's work, not tasks queued on the agent's runtime, and
     /// copying it on the runtime that also serves the agent's calls would
-    /// measure the lab, not the agent.
-    pub async fn start_apart(target: SocketAddr) -> std::io::Result<Link> {
+    /// measure the lab, not the agent. With `cpu`, the thread is kept on
+    /// that CPU in the `SCHED_IDLE` class, like the store it leads to: the
+    /// network's work on the cloud's CPU, where it yields to the control
+    /// plane at once (see [`crate::cpus`]).
+    pub async fn start_apart(target: SocketAddr, cpu: Option<usize>) -> std::io::Result<Link> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("lab-link".to_owned())
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = crate::cpus::pin_current_thread(cpu) {
+                        tracing::warn!("link: cannot keep to CPU {cpu}: {e}");
+                    }
+                    if let Err(e) = detour_agent::recordings::idle_priority() {
+                        tracing::warn!("link: cannot lower its priority: {e}");
+                    }
+                }
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {

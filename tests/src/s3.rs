@@ -42,7 +42,14 @@ pub struct Moto {
 
 impl Moto {
     pub async fn start() -> anyhow::Result<Moto> {
-        Moto::start_with(&[]).await
+        Moto::start_with(&[], None).await
+    }
+
+    /// moto kept on `cpu` (`taskset`) in the `SCHED_IDLE` class (`chrt`): a
+    /// store in another datacentre, off the PoP's CPU, and yielding that CPU
+    /// at once to the control plane that shares it (see [`crate::cpus`]).
+    pub async fn start_on(cpu: usize) -> anyhow::Result<Moto> {
+        Moto::start_with(&[], Some(cpu)).await
     }
 
     /// moto that checks credentials and signatures, as S3 does, with
@@ -53,7 +60,7 @@ impl Moto {
     /// brings) in the first four requests, the only ones moto lets through
     /// unsigned (`INITIAL_NO_AUTH_ACTION_COUNT`).
     pub async fn start_checking_credentials(bucket: &str) -> anyhow::Result<(Moto, String, String)> {
-        let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]).await?;
+        let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")], None).await?;
         let script = format!(
             r#"
 import boto3
@@ -86,13 +93,22 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
         Ok((moto, access.to_owned(), secret.to_owned()))
     }
 
-    async fn start_with(env: &[(&str, &str)]) -> anyhow::Result<Moto> {
+    async fn start_with(env: &[(&str, &str)], cpu: Option<usize>) -> anyhow::Result<Moto> {
         let port = free_port()?;
         let log = tempfile::NamedTempFile::new()?;
         // moto stands in for a store in another datacentre: niced, so that
         // its CPU on this machine does not count against what is measured
-        // here (`nice` execs it: the child is moto itself).
-        let child = Command::new("nice")
+        // here (`taskset`, `chrt` and `nice` exec it: the child is moto
+        // itself).
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string(), "chrt", "--idle", "0", "nice"]);
+                c
+            }
+            None => Command::new("nice"),
+        };
+        let child = command
             .args(["-n", "10", "moto_server"])
             .envs(env.iter().copied())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])

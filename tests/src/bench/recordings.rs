@@ -12,11 +12,13 @@
 //! parts, one recording at a time.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use detour_control_plane::store::sqlite_url;
 use tokio::time::Instant;
 
 use super::BenchArgs;
@@ -33,12 +35,29 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(why) = crate::s3::unavailable() {
         anyhow::bail!("bench recordings needs moto: {why}");
     }
-    let moto = Moto::start().await?;
+    // The PoP's work on one CPU, the cloud's (control plane, store, the
+    // store's link) on another: on two shared cores the stand-ins for the
+    // cloud would otherwise compete with the PoP for CPU, which a real PoP
+    // never sees. The call handler writing its recordings (the feeder) and
+    // boto3 run on the PoP's CPU, like the agent.
+    let split = crate::cpus::split();
+    let _pinned = match split {
+        Some(s) => Some(crate::cpus::pin_process(s.pop)?),
+        None => {
+            println!("recordings: one CPU: the PoP and the cloud's stand-ins share it");
+            None
+        }
+    };
+    let cloud = split.map(|s| s.cloud);
+    let moto = match cloud {
+        Some(cpu) => Moto::start_on(cpu).await?,
+        None => Moto::start().await?,
+    };
     moto.create_bucket(BUCKET).await?;
     let creds_dir = tempfile::tempdir()?;
     let creds = write_credentials(creds_dir.path())?;
     // On a thread of its own: it carries every upload's bytes.
-    let blr_store = Link::start_apart(moto.addr).await?;
+    let blr_store = Link::start_apart(moto.addr, cloud).await?;
     let mut tail = BTreeMap::new();
     let port = moto.addr.port();
     tail.insert(
@@ -51,8 +70,21 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             recordings_section(port, moto.addr, &creds, BUCKET, ""),
         );
     }
+    // The control plane's database on tmpfs: in production it is on another
+    // machine's disk; here it would share one with the recordings, and its
+    // commits would wait behind their writeback.
+    let cp_db =
+        tempfile::Builder::new()
+            .prefix("detour-bench-cp")
+            .tempdir_in(if Path::new("/dev/shm").is_dir() {
+                "/dev/shm"
+            } else {
+                "/tmp"
+            })?;
     let fleet = Fleet::start(FleetOptions {
         real_cp: true,
+        cp_cpu: cloud,
+        database_url: Some(sqlite_url(&cp_db.path().join("detour.db"), "rwc")),
         tail,
         ..Default::default()
     })
@@ -101,9 +133,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     let boto = boto3_seconds(blr_store.addr, 50 * MB, 5)?;
 
-    // Call control beside uploads: 100 calls/s for 10 s idle, then 10 s
+    // Call control beside uploads: 100 calls/s for 10 s idle; then 10 s
     // with four 50 MB recordings pending at every moment (one dropped as
-    // soon as one is stored), so the recorder is never idle in the window.
+    // soon as one is stored), so the recorder is never idle in the window;
+    // then 10 s with the same files written at the same moments into a
+    // directory the agent does not watch: the call handler's own writing,
+    // without the uploads, to tell the two costs apart.
     let url = format!("{local}/v1/calls");
     let idle = call_latencies(&url, 0).await;
     let mut ids = Vec::new();
@@ -114,18 +149,31 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .map(|i| std::sync::Arc::new(content(200 + i, 50 * MB)))
         .collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let feeder = tokio::spawn(keep_four_pending(dir.clone(), ids, bodies, stopped));
+    let feeder = tokio::spawn(keep_four_pending(dir.clone(), ids, bodies.clone(), stopped));
     let busy = call_latencies(&url, 10_000).await;
     let _ = stop.send(true);
-    let (dropped, pending) = feeder.await??;
+    let (drops, pending) = feeder.await??;
     let deadline = Instant::now() + Duration::from_secs(300);
     while pending.iter().any(|id| dir.join(format!("{id}.wav")).exists()) {
         anyhow::ensure!(Instant::now() < deadline, "the last uploads did not finish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let unwatched = dir.with_file_name("not-watched");
+    let writer = tokio::spawn(write_at(unwatched.clone(), drops.clone(), bodies));
+    let writes_only = call_latencies(&url, 20_000).await;
+    writer.await??;
+    let _ = std::fs::remove_dir_all(&unwatched);
     fleet.shutdown().await;
+    drop(_pinned);
 
-    let md = render(&rows, &boto, &idle, &(busy, dropped), &machine());
+    let calls = CallControl {
+        idle,
+        writes_only,
+        busy,
+        dropped: drops.len(),
+        split,
+    };
+    let md = render(&rows, &boto, &calls, &machine());
     args.publish("recordings", &md)
 }
 
@@ -135,18 +183,21 @@ const BUSY_IDS: usize = 80;
 
 /// Keeps four 50 MB recordings pending in `dir` until `stop`: a new one is
 /// dropped (written off the runtime, as the call handler would) as soon as
-/// one is gone. Returns how many were dropped, and those still pending.
+/// one is gone. Returns when each was dropped (from the start), and those
+/// still pending.
 async fn keep_four_pending(
     dir: std::path::PathBuf,
     ids: Vec<String>,
     bodies: Vec<std::sync::Arc<Vec<u8>>>,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<(usize, Vec<String>)> {
+) -> anyhow::Result<(Vec<Duration>, Vec<String>)> {
+    let start = Instant::now();
+    let mut drops = Vec::new();
     let mut pending: Vec<String> = Vec::new();
-    let mut next = 0;
     while !*stop.borrow() {
         pending.retain(|id| dir.join(format!("{id}.wav")).exists());
         while pending.len() < 4 {
+            let next = drops.len();
             let id = ids
                 .get(next)
                 .context("out of call ids: the recorder would have been idle in the window")?
@@ -156,13 +207,47 @@ async fn keep_four_pending(
                 format!("{id}.wav"),
                 bodies[next % bodies.len()].clone(),
             );
+            drops.push(start.elapsed());
             tokio::task::spawn_blocking(move || drop_file(&d, &name, &body)).await??;
             pending.push(id);
-            next += 1;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok((next, pending))
+    Ok((drops, pending))
+}
+
+/// Writes the same files as [`keep_four_pending`] at the same moments into
+/// `dir` (not watched by the agent), keeping the last four, as the call
+/// handler's writing alone would.
+async fn write_at(
+    dir: std::path::PathBuf,
+    drops: Vec<Duration>,
+    bodies: Vec<std::sync::Arc<Vec<u8>>>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&dir)?;
+    let start = Instant::now();
+    for (n, at) in drops.iter().enumerate() {
+        tokio::time::sleep_until(start + *at).await;
+        let (d, body) = (dir.clone(), bodies[n % bodies.len()].clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            drop_file(&d, &format!("{n}.wav"), &body)?;
+            if n >= 4 {
+                std::fs::remove_file(d.join(format!("{}.wav", n - 4)))?;
+            }
+            Ok(())
+        })
+        .await??;
+    }
+    Ok(())
+}
+
+/// Call-control latency in the three windows.
+struct CallControl {
+    idle: Latencies,
+    writes_only: Latencies,
+    busy: Latencies,
+    dropped: usize,
+    split: Option<crate::cpus::Split>,
 }
 
 async fn new_call(client: &CallClient, local: &str, n: usize) -> anyhow::Result<String> {
@@ -309,13 +394,7 @@ fn mb_per_s(size: usize, d: Duration) -> String {
     format!("{:.0}", size as f64 / MB as f64 / d.as_secs_f64().max(1e-9))
 }
 
-fn render(
-    rows: &[(&str, usize, Latencies)],
-    boto: &[f64],
-    idle: &Latencies,
-    busy: &(Latencies, usize),
-    machine: &str,
-) -> String {
+fn render(rows: &[(&str, usize, Latencies)], boto: &[f64], calls: &CallControl, machine: &str) -> String {
     let mut out = format!(
         "## Recordings (issue: recordings over the resilient path)\n\nMeasured {machine}, with `cargo build --release -p detour-lab && target/release/detour-lab bench recordings`: the in-process fleet with the real control plane and moto (`moto_server`, the S3-compatible server the tests use) on loopback; blr reaches moto through a link cut together with its uplink (run by a thread of its own: on a real PoP its copying is the kernel's forwarding, not work on the agent's runtime). Durable: from the file's rename into the recordings directory until a `HEAD` of its object succeeds (polled every 10 ms). The agent's defaults: the directory watched (inotify) with a scan every 250 ms as the fallback, 8 MiB parts with 4 in flight, one recording at a time.\n\n"
     );
@@ -354,20 +433,29 @@ fn render(
         ours.as_secs_f64(),
         100.0 * boto_p50 / ours.as_secs_f64().max(1e-9),
     ));
-    let (i50, i99, _) = idle.p50_p99_max();
-    let (busy, dropped) = (&busy.0, busy.1);
-    let (b50, b99, _) = busy.p50_p99_max();
+    let (i50, i99, _) = calls.idle.p50_p99_max();
+    let (w50, w99, _) = calls.writes_only.p50_p99_max();
+    let (b50, b99, _) = calls.busy.p50_p99_max();
+    let diff = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1000.0;
     out.push_str(&format!(
-        "\nCall control beside uploads (100 calls/s for 10 s through blr's agent on `direct`, each sent once): p50 {} / p99 {} with no upload ({} calls answered), p50 {} / p99 {} with four 50 MB recordings pending throughout, a new one dropped as soon as one was stored, so the recorder was never idle ({} calls answered; {} recordings dropped in the window): p99 {:+.1} ms.\n",
+        "\nCall control beside uploads (100 calls/s for 10 s through blr's agent on `direct`, each sent once), p50 / p99 in ms:\n\n| window | calls answered | p50 | p99 |\n|---|---|---|---|\n| nothing else | {} | {} | {} |\n| four 50 MB recordings pending throughout ({} dropped, each as soon as one was stored: the recorder never idle) | {} | {} | {} |\n| the same files written at the same moments where the agent does not look (the call handler's writing alone) | {} | {} | {} |\n\nCall-control p99 raised by the uploads (against the same writing alone): {:+.1} ms; by writing and uploading together (against nothing else): {:+.1} ms.\n",
+        calls.idle.len(),
         ms(i50),
         ms(i99),
-        idle.len(),
+        calls.dropped,
+        calls.busy.len(),
         ms(b50),
         ms(b99),
-        busy.len(),
-        dropped,
-        (b99.as_secs_f64() - i99.as_secs_f64()) * 1000.0,
+        calls.writes_only.len(),
+        ms(w50),
+        ms(w99),
+        diff(b99, w99),
+        diff(b99, i99),
     ));
+    out.push_str(&match calls.split {
+        Some(s) => format!("\nThe PoP's work (the agent, its recorder, the writing of recordings, boto3) ran on CPU {}; the stand-ins for the cloud (control plane, moto, the store's link) on CPU {}, and the control plane's SQLite on tmpfs: on a real fleet they run on other machines, and on two shared cores they competed with the PoP for CPU and disk (a control plane commit waited up to 100 ms behind the recordings' writeback, and boto3 uploading to moto from the same machine raised call control's p99 by 95 ms without Detour uploading anything).\n", s.pop, s.cloud),
+        None => "\nOne CPU: the PoP's work and the stand-ins for the cloud shared it.\n".to_owned(),
+    });
     out.push_str("\nGoals (issue 15): a 1 MB recording durable within 1 s p99 of its completion; upload throughput at least 90% of boto3's on the same link; call-control p99 raised by at most 2 ms.\n");
     out
 }
