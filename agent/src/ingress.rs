@@ -371,7 +371,7 @@ fn target(uri: &http::Uri) -> Result<http::uri::PathAndQuery, Problem> {
 
 /// Reads the body whole (so any path can re-send it), within
 /// `ingress.max_body` and `ingress.body_timeout`. A refusal closes the
-/// connection: the rest of the body is never read.
+/// connection: the rest of the body is never read (but see [`discard`]).
 async fn read_body(
     ingress: &crate::config::Ingress,
     headers: &http::HeaderMap,
@@ -383,6 +383,14 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
+        // A client that asked to be told first has sent nothing yet; reading
+        // would tell it to go on (hyper answers `100 Continue` then).
+        let waits = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waits {
+            discard(body, max, ingress.body_timeout).await;
+        }
         return Err(closing(problem(too_large(max))));
     }
     let collected =
@@ -401,6 +409,27 @@ async fn read_body(
         ),
     };
     Err(closing(problem(p)))
+}
+
+/// How long [`discard`] waits for more of a refused body.
+const DISCARD_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Reads and drops what the client is still sending of a body declared
+/// over the limit, before the 413: closing a connection with unread bytes
+/// makes the kernel reset it, and a client still writing its body may then
+/// see the reset instead of the answer. Up to `cap` bytes, within `within`,
+/// and only while bytes keep coming (a client that waits for an answer
+/// before sending gets it after [`DISCARD_IDLE`]).
+async fn discard(mut body: Incoming, cap: u64, within: std::time::Duration) {
+    let deadline = Instant::now() + within;
+    let mut read = 0u64;
+    while read <= cap {
+        let wait = DISCARD_IDLE.min(deadline.saturating_duration_since(Instant::now()));
+        match tokio::time::timeout(wait, body.frame()).await {
+            Ok(Some(Ok(frame))) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => return,
+        }
+    }
 }
 
 /// The headers sent upstream: hop-by-hop, `Host` (each path sets its

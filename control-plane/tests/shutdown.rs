@@ -26,8 +26,15 @@ async fn shutdown_fails_readiness_first_serves_through_the_grace_then_closes() {
 
     cp.begin_stop();
     let began = Instant::now();
-    // Out of rotation at once...
-    let ready = cp.client.get(cp.url("/readyz")).send().await.unwrap();
+    // Out of rotation at once (a task of the server's takes the stop
+    // signal, so it may need a scheduling turn: 500 ms at most)...
+    let ready = loop {
+        let r = cp.client.get(cp.url("/readyz")).send().await.unwrap();
+        if r.status() == 503 || began.elapsed() > Duration::from_millis(500) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert_eq!(ready.status(), 503);
     let problem: serde_json::Value = ready.json().await.unwrap();
     assert!(
