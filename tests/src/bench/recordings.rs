@@ -107,7 +107,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     };
 
     let mut rows = Vec::new();
-    for (label, size, n) in [("1 MB, healthy", MB, 20), ("50 MB, healthy", 50 * MB, 5)] {
+    for (label, size, n) in [
+        ("1 MB, healthy", MB, 20),
+        ("50 MB, healthy", 50 * MB, THROUGHPUT_RUNS),
+    ] {
         let mut took = Vec::new();
         for i in 0..n {
             let id = next_call().await?;
@@ -131,12 +134,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     blr_store.set(Fault::Pass);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let boto = boto3_seconds(blr_store.addr, 50 * MB, 5)?;
+    let boto = boto3_seconds(blr_store.addr, 50 * MB, THROUGHPUT_RUNS)?;
 
-    // Call control beside uploads: 100 calls/s for 10 s idle; then 10 s
+    // Call control beside uploads: 100 calls/s for 20 s idle; then 20 s
     // with four 50 MB recordings pending at every moment (one dropped as
     // soon as one is stored), so the recorder is never idle in the window;
-    // then 10 s with the same files written at the same moments into a
+    // then 20 s with the same files written at the same moments into a
     // directory the agent does not watch: the call handler's own writing,
     // without the uploads, to tell the two costs apart.
     let url = format!("{local}/v1/calls");
@@ -178,8 +181,17 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Call ids made ready for the busy window (one per recording dropped in
-/// it; at 120 MB/s the window takes about 25).
-const BUSY_IDS: usize = 80;
+/// it; at 100 MB/s the window takes about 40).
+const BUSY_IDS: usize = 120;
+
+/// How long each call-control window lasts: 2,000 calls, so that a p99 is
+/// the 20th slowest, not the 10th (a difference of two p99s of 1,000 calls
+/// moved by about a millisecond from run to run).
+const WINDOW: Duration = Duration::from_secs(20);
+
+/// 50 MB uploads timed on each side of the throughput comparison (with
+/// five, one slow upload moved the ratio by 10% or more).
+const THROUGHPUT_RUNS: usize = 10;
 
 /// Keeps four 50 MB recordings pending in `dir` until `stop`: a new one is
 /// dropped (written off the runtime, as the call handler would) as soon as
@@ -348,11 +360,11 @@ for i in range({n}):
         .collect())
 }
 
-/// 100 calls/s for 10 s through `url`, each sent once; their latencies.
+/// 100 calls/s for [`WINDOW`] through `url`, each sent once; their latencies.
 async fn call_latencies(url: &str, key_base: u64) -> Latencies {
     let client = CallClient::strict(Duration::from_secs(3));
     let url = url.to_owned();
-    let results = paced(100, Duration::from_secs(10), move |n| {
+    let results = paced(100, WINDOW, move |n| {
         let (client, url) = (client.clone(), url.clone());
         async move {
             client
@@ -438,7 +450,8 @@ fn render(rows: &[(&str, usize, Latencies)], boto: &[f64], calls: &CallControl, 
     let (b50, b99, _) = calls.busy.p50_p99_max();
     let diff = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1000.0;
     out.push_str(&format!(
-        "\nCall control beside uploads (100 calls/s for 10 s through blr's agent on `direct`, each sent once), p50 / p99 in ms:\n\n| window | calls answered | p50 | p99 |\n|---|---|---|---|\n| nothing else | {} | {} | {} |\n| four 50 MB recordings pending throughout ({} dropped, each as soon as one was stored: the recorder never idle) | {} | {} | {} |\n| the same files written at the same moments where the agent does not look (the call handler's writing alone) | {} | {} | {} |\n\nCall-control p99 raised by the uploads (against the same writing alone): {:+.1} ms; by writing and uploading together (against nothing else): {:+.1} ms.\n",
+        "\nCall control beside uploads (100 calls/s for {} s in each window through blr's agent on `direct`, each sent once), p50 / p99 in ms:\n\n| window | calls answered | p50 | p99 |\n|---|---|---|---|\n| nothing else | {} | {} | {} |\n| four 50 MB recordings pending throughout ({} dropped, each as soon as one was stored: the recorder never idle) | {} | {} | {} |\n| the same files written at the same moments where the agent does not look (the call handler's writing alone) | {} | {} | {} |\n\nCall-control p99 raised by the uploads (against the same writing alone): {:+.1} ms; by writing and uploading together (against nothing else): {:+.1} ms.\n",
+        WINDOW.as_secs(),
         calls.idle.len(),
         ms(i50),
         ms(i99),
