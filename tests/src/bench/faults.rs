@@ -36,6 +36,8 @@ pub struct Window {
     pub fault_for: Duration,
     /// Healed, after it.
     pub after: Duration,
+    /// What the uplink is outside the fault (`Pass`, or a WAN's delay).
+    pub healthy: Fault,
 }
 
 impl Window {
@@ -45,6 +47,7 @@ impl Window {
             before: Duration::from_secs(5),
             fault_for: Duration::from_secs(seconds.max(5)),
             after: Duration::from_secs(5),
+            healthy: Fault::Pass,
         }
     }
 
@@ -55,7 +58,7 @@ impl Window {
 
     /// Steady load on `url` (50 small POSTs/s, 2 s client timeout) for the
     /// whole window, with `fault` set through `set` from `before` for
-    /// `fault_for`. `watch(fault_for)` runs from the moment the fault is set
+    /// `fault_for` (then `healthy` again). `watch(fault_for)` runs from the moment the fault is set
     /// and the fault is lifted when it returns, so it should take `fault_for`;
     /// its output comes back with every request's result.
     pub async fn run<T, W>(
@@ -77,7 +80,7 @@ impl Window {
             tokio::time::sleep(self.before).await;
             set(fault);
             let seen = watch(self.fault_for).await;
-            set(Fault::Pass);
+            set(self.healthy);
             seen
         };
         tokio::join!(load, script)

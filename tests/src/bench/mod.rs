@@ -90,6 +90,11 @@ pub struct BenchArgs {
     /// `netns --loss-sweep`: only these levels, in per mille (e.g. `5,50`).
     #[arg(long, value_delimiter = ',')]
     pub levels: Vec<u32>,
+    /// `failover`: a WAN profile, every PoP's uplink with this round-trip
+    /// time (half of it each way; 30 is about Mumbai to AWS's ap-south-1
+    /// from another Indian city), written as its own block.
+    #[arg(long, default_value_t = 0)]
+    pub wan_rtt_ms: u64,
 }
 
 impl BenchArgs {
