@@ -371,7 +371,8 @@ fn target(uri: &http::Uri) -> Result<http::uri::PathAndQuery, Problem> {
 
 /// Reads the body whole (so any path can re-send it), within
 /// `ingress.max_body` and `ingress.body_timeout`. A refusal closes the
-/// connection: the rest of the body is never read (but see [`discard`]).
+/// connection; of a body declared too long, what the client is still
+/// sending is read and dropped first ([`discard`]).
 async fn read_body(
     ingress: &crate::config::Ingress,
     headers: &http::HeaderMap,

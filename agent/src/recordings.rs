@@ -124,9 +124,6 @@ struct Recorder {
     >,
 }
 
-/// Runs the recorder until `shutdown` turns true. `local` is the agent's own
-/// local listener: the control plane is told of each recording through it,
-/// like any call-handler request (retried, hedged and deduplicated).
 /// Runs the recorder on a thread and runtime of its own, so that uploads
 /// never hold up one of the runtime workers that serve calls; its threads
 /// get CPU as [`priority`] says (idle CPU while the recorder keeps up).
@@ -172,6 +169,9 @@ pub async fn run_apart(shared: Arc<Shared>, local: std::net::SocketAddr, shutdow
     }
 }
 
+/// Runs the recorder until `shutdown` turns true. `local` is the agent's own
+/// local listener: the control plane is told of each recording through it,
+/// like any call-handler request (retried, hedged and deduplicated).
 async fn run(
     shared: Arc<Shared>,
     local: std::net::SocketAddr,

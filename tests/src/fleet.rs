@@ -638,15 +638,22 @@ fn spawn_cp(
     listener: tokio::net::TcpListener,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop_rx.await;
-        };
-        if let Err(e) = detour_control_plane::serve(config, listener, shutdown).await {
-            tracing::error!("control plane stopped: {e:#}");
-        }
-    });
+    let task = tokio::spawn(serve_cp(config, listener, stop_rx));
     (stop, task)
+}
+
+/// Serves the control plane on `listener` until `stop` fires or is dropped.
+async fn serve_cp(
+    config: detour_control_plane::Config,
+    listener: tokio::net::TcpListener,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let shutdown = async move {
+        let _ = stop.await;
+    };
+    if let Err(e) = detour_control_plane::serve(config, listener, shutdown).await {
+        tracing::error!("control plane stopped: {e:#}");
+    }
 }
 
 /// Starts the real control plane on SQLite in `dir/cp`, serving HTTPS as
@@ -723,15 +730,9 @@ fn spawn_cp_apart(
                 .build();
             match rt {
                 Ok(rt) => rt.block_on(async move {
-                    let shutdown = async move {
-                        let _ = stop_rx.await;
-                    };
-                    let served = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => detour_control_plane::serve(config, l, shutdown).await,
-                        Err(e) => Err(e.into()),
-                    };
-                    if let Err(e) = served {
-                        tracing::error!("control plane stopped: {e:#}");
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => serve_cp(config, l, stop_rx).await,
+                        Err(e) => tracing::error!("control plane: its listener: {e}"),
                     }
                 }),
                 Err(e) => tracing::error!("control plane: no runtime: {e}"),

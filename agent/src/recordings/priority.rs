@@ -64,7 +64,10 @@ impl Class {
     /// The calling thread joins the recorder: it takes the current class.
     pub fn join(&self) {
         let tid = rustix::thread::gettid();
-        self.threads.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
+        // Under the lock, so that a `check` cannot change the class between
+        // this thread's registration and its first setting.
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.push(tid);
         if let Err(e) = set(tid, self.promoted.load(Ordering::Relaxed)) {
             // A seccomp filter, say: nice +10 at least, as nice only rises.
             tracing::debug!(error = %e, "recordings: cannot set the recorder's CPU class; nice +{NICE}");
@@ -95,6 +98,7 @@ impl Class {
         }
         let oldest = self.oldest_ms.load(Ordering::Relaxed);
         let promote = oldest != 0 && now_ms - oldest > PROMOTE_AFTER.as_millis() as i64;
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         if self.promoted.swap(promote, Ordering::Relaxed) != promote {
             if promote {
                 tracing::info!(
@@ -104,7 +108,6 @@ impl Class {
             } else {
                 tracing::info!("recordings: the backlog has caught up; the recorder runs on idle CPU again");
             }
-            let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
             for tid in threads.iter() {
                 if let Err(e) = set(*tid, promote) {
                     tracing::warn!(error = %e, "recordings: cannot change a recorder thread's CPU class");
