@@ -70,7 +70,7 @@ pub struct AttemptRecord {
 /// A response from the control plane and the path that carried it.
 pub struct Answer {
     pub response: Response<Incoming>,
-    pub path: Arc<str>,
+    pub path: Arc<PathClient>,
     pub attempts: Vec<AttemptRecord>,
 }
 

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::config::AgentConfig;
 use crate::forward::{Failure, Forwarder, Outbound};
 use crate::metrics::Metrics;
+use crate::paths::PathClient;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -49,6 +50,16 @@ pub(crate) mod names {
     pub const PIN: HeaderName = HeaderName::from_static(dh::PIN);
     pub const PRIORITY: HeaderName = HeaderName::from_static(dh::PRIORITY);
     pub const DEFERRED: HeaderName = HeaderName::from_static(dh::DEFERRED);
+}
+
+/// The path that carried a request's answer, for its metrics.
+enum Carrier {
+    /// No path: the agent answered itself (a refusal, no path, deferred).
+    None,
+    /// A request's path, with its series resolved once.
+    Path(Arc<PathClient>),
+    /// An upgraded stream's path, by name.
+    Named(Arc<str>),
 }
 
 /// The shared state of the local entry point.
@@ -250,25 +261,37 @@ impl Ingress {
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let (resp, path) = self.handle_inner(req, received, &request_id).await;
-        let outcome = if resp.headers().contains_key(names::DEFERRED) {
-            "deferred"
-        } else if resp.status().is_server_error() && resp.headers().get(names::PATH).is_none() {
-            "failed"
-        } else if resp.headers().get(names::PATH).is_none() {
-            "rejected"
-        } else {
-            "ok"
-        };
-        self.metrics
-            .requests
-            .with_label_values(&[path.as_str(), outcome])
-            .inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[path.as_str()])
-            .observe(received.elapsed().as_secs_f64());
-        let mut resp = resp;
+        let (mut resp, path) = self.handle_inner(req, received, &request_id).await;
+        let took = received.elapsed().as_secs_f64();
+        match path {
+            // Answered on a path: its series, resolved once.
+            Carrier::Path(path) => {
+                let c = path.counters(&self.metrics);
+                c.answered.inc();
+                c.duration.observe(took);
+            }
+            Carrier::Named(path) => {
+                self.metrics.requests.with_label_values(&[&*path, "ok"]).inc();
+                self.metrics
+                    .request_duration
+                    .with_label_values(&[&*path])
+                    .observe(took);
+            }
+            Carrier::None => {
+                let outcome = if resp.headers().contains_key(names::DEFERRED) {
+                    "deferred"
+                } else if resp.status().is_server_error() {
+                    "failed"
+                } else {
+                    "rejected"
+                };
+                self.metrics.requests.with_label_values(&["none", outcome]).inc();
+                self.metrics
+                    .request_duration
+                    .with_label_values(&["none"])
+                    .observe(took);
+            }
+        }
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert(names::REQUEST_ID, v);
         }
@@ -280,11 +303,11 @@ impl Ingress {
         req: Request<Incoming>,
         received: Instant,
         request_id: &str,
-    ) -> (Response<Body>, String) {
+    ) -> (Response<Body>, Carrier) {
         let rt = self.forwarder.runtime();
         let config = rt.config.clone();
         let (parts, body) = req.into_parts();
-        let rejected = |resp| (resp, "none".to_owned());
+        let rejected = |resp| (resp, Carrier::None);
 
         let Admitted { emergency, pin } = match admit(&parts, &config) {
             Ok(a) => a,
@@ -335,15 +358,15 @@ impl Ingress {
             Ok(answer) => {
                 let (mut rparts, rbody) = answer.response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
-                if let Ok(v) = HeaderValue::from_str(&answer.path) {
-                    rparts.headers.insert(names::PATH, v);
+                if let Some(v) = &answer.path.name_value {
+                    rparts.headers.insert(names::PATH, v.clone());
                 }
                 if answer.attempts.len() > 1 {
-                    tracing::info!(request_id, path = %answer.path, attempts = answer.attempts.len(), "answered after more than one attempt");
+                    tracing::info!(request_id, path = %answer.path.name, attempts = answer.attempts.len(), "answered after more than one attempt");
                 }
                 (
                     Response::from_parts(rparts, rbody.boxed()),
-                    answer.path.to_string(),
+                    Carrier::Path(answer.path),
                 )
             }
             Err(failure @ Failure::Exhausted { .. }) if deferral.is_some() => match (&deferral, again) {

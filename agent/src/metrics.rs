@@ -2,8 +2,8 @@
 //! has its own registry so several agents can run in one process (the lab).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 fn unix_now() -> f64 {
@@ -88,7 +88,28 @@ pub struct Metrics {
     pub runtime_tasks: IntGauge,
 }
 
+/// The series a request answered on one path touches, resolved once per
+/// path: a label lookup hashes every label under the vector's lock, three
+/// times a request otherwise.
+pub struct PathCounters {
+    /// `detour_requests_total{path, outcome="ok"}`.
+    pub answered: IntCounter,
+    /// `detour_request_duration_seconds{path}`.
+    pub duration: Histogram,
+    /// `detour_attempts_total{path, kind="first", result="ok"}`.
+    pub first_ok: IntCounter,
+}
+
 impl Metrics {
+    /// Path `path`'s [`PathCounters`].
+    pub fn path_counters(&self, path: &str) -> PathCounters {
+        PathCounters {
+            answered: self.requests.with_label_values(&[path, "ok"]),
+            duration: self.request_duration.with_label_values(&[path]),
+            first_ok: self.attempts.with_label_values(&[path, "first", "ok"]),
+        }
+    }
+
     pub fn new(pop: &str) -> Metrics {
         let registry =
             Registry::new_custom(None, Some([("pop".to_owned(), pop.to_owned())].into())).unwrap_or_default();

@@ -559,6 +559,8 @@ pub struct PathClient {
     /// `direct` or `via:<peer>`, with `@<endpoint>` when the control plane
     /// has several endpoints: unique among the paths.
     pub name: Arc<str>,
+    /// The name as an `X-Detour-Path` value, built once.
+    pub name_value: Option<http::HeaderValue>,
     pub route: Route,
     /// The control-plane endpoint this path goes to (its name), and that
     /// endpoint's priority (lower is preferred); empty and 1 for paths to
@@ -587,6 +589,8 @@ pub struct PathClient {
     /// The path's live TCP connections (to the control plane for `direct`,
     /// to the peer's relay for `via:<peer>`), for retransmission counts.
     pub sockets: Arc<Sockets>,
+    /// This path's series in the agent's metrics, resolved at first use.
+    counters: OnceLock<crate::metrics::PathCounters>,
 }
 
 impl fmt::Debug for PathClient {
@@ -625,6 +629,7 @@ impl PathClient {
         let scheme = if target.tls { "https" } else { "http" };
         PathClient {
             name: Arc::from(name),
+            name_value: http::HeaderValue::from_str(name).ok(),
             route,
             endpoint: Arc::from(""),
             priority: 1,
@@ -643,7 +648,14 @@ impl PathClient {
             },
             authority: target.authority().parse().ok(),
             sockets,
+            counters: OnceLock::new(),
         }
+    }
+
+    /// This path's series in `metrics` (always the same agent's metrics: a
+    /// path client belongs to one agent).
+    pub fn counters(&self, metrics: &crate::metrics::Metrics) -> &crate::metrics::PathCounters {
+        self.counters.get_or_init(|| metrics.path_counters(&self.name))
     }
 }
 

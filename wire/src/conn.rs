@@ -379,8 +379,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let len = bufs.iter().map(|b| b.len()).sum();
-        let first: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).take(12).collect();
-        if let Some(n) = this.swallow(&first, len) {
+        // A status line's first 12 bytes ("HTTP/1.1 400"), without allocating.
+        let mut first = [0u8; 12];
+        let mut n = 0;
+        for (slot, byte) in first.iter_mut().zip(bufs.iter().flat_map(|b| b.iter())) {
+            *slot = *byte;
+            n += 1;
+        }
+        if let Some(n) = this.swallow(&first[..n], len) {
             return Poll::Ready(Ok(n));
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)

@@ -137,7 +137,8 @@ where
     }
 
     /// Waits for the next attempt to end, the earliest attempt timeout, the
-    /// hedge time, or the deadline.
+    /// hedge time, or the deadline. One timer, at the earliest of the three:
+    /// a request answered in time registers and cancels one, not three.
     pub(super) async fn next_event(&mut self, hedge_at: Option<Instant>) -> Event {
         let next_timeout = self
             .pending
@@ -145,13 +146,20 @@ where
             .filter(|(_, p)| !p.timed_out)
             .map(|(id, p)| (p.timeout_at, *id))
             .min();
+        let wake = [next_timeout.map(|t| t.0), hedge_at]
+            .into_iter()
+            .flatten()
+            .fold(self.deadline, Instant::min);
         tokio::select! {
+            biased;
             Some((id, result)) = self.inflight.next() => Event::Done(id, result),
-            _ = sleep_until_opt(next_timeout.map(|t| t.0)), if next_timeout.is_some() => {
-                Event::TimedOut(next_timeout.map(|t| t.1).unwrap_or_default())
-            }
-            _ = sleep_until_opt(hedge_at), if hedge_at.is_some() => Event::Hedge,
-            _ = tokio::time::sleep_until(self.deadline) => Event::Deadline,
+            () = tokio::time::sleep_until(wake) => match next_timeout {
+                // The deadline ends everything, even an attempt timing out
+                // at the same moment (an attempt's timeout is capped at it).
+                _ if self.deadline <= wake => Event::Deadline,
+                Some((at, id)) if at <= wake => Event::TimedOut(id),
+                _ => Event::Hedge,
+            },
         }
     }
 
@@ -181,11 +189,15 @@ where
                 .health
                 .record(p.path, Outcome::Answered(p.started.elapsed()));
         }
-        self.fwd
-            .metrics
-            .attempts
-            .with_label_values(&[&*path.name, p.kind, "ok"])
-            .inc();
+        if p.kind == "first" {
+            path.counters(&self.fwd.metrics).first_ok.inc();
+        } else {
+            self.fwd
+                .metrics
+                .attempts
+                .with_label_values(&[&*path.name, p.kind, "ok"])
+                .inc();
+        }
         let status = resp.status().as_u16();
         let mut attempts = std::mem::take(&mut self.attempts);
         attempts.push(record(
@@ -197,7 +209,7 @@ where
         self.settle_losers();
         Some(Answer {
             response: resp,
-            path: path.name.clone(),
+            path: path.clone(),
             attempts,
         })
     }
@@ -355,12 +367,5 @@ fn record(path: &PathClient, kind: &'static str, result: String, received: Insta
         kind,
         result,
         elapsed_ms: received.elapsed().as_millis() as u64,
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }

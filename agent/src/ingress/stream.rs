@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
-use super::{Body, Ingress, full, names, no_path, problem, strip_hop_by_hop, upstream_headers};
+use super::{Body, Carrier, Ingress, full, names, no_path, problem, strip_hop_by_hop, upstream_headers};
 use crate::config::AgentConfig;
 use crate::streams::{self, Handshake, Opened, Slot};
 
@@ -27,8 +27,8 @@ impl Ingress {
         received: Instant,
         request_id: &str,
         config: &AgentConfig,
-    ) -> (Response<Body>, String) {
-        let rejected = |resp| (resp, "none".to_owned());
+    ) -> (Response<Body>, Carrier) {
+        let rejected = |resp| (resp, Carrier::None);
         if let Err(p) = streams::admit(&parts.headers) {
             return rejected(problem(p));
         }
@@ -64,7 +64,7 @@ impl Ingress {
                 if let Ok(v) = HeaderValue::from_str(&path) {
                     resp.headers_mut().insert(names::PATH, v);
                 }
-                (resp, path.to_string())
+                (resp, Carrier::Named(path))
             }
             Ok(Opened::Answered { response, path }) => {
                 let (mut rparts, rbody) = response.into_parts();
@@ -72,7 +72,7 @@ impl Ingress {
                 if let Ok(v) = HeaderValue::from_str(&path) {
                     rparts.headers.insert(names::PATH, v);
                 }
-                (Response::from_parts(rparts, rbody.boxed()), path.to_string())
+                (Response::from_parts(rparts, rbody.boxed()), Carrier::Named(path))
             }
             Err(failure) => rejected(no_path(failure, request_id, config.forward.deadline)),
         }
