@@ -20,6 +20,24 @@ impl Proc {
     pub fn id(&self) -> u32 {
         self.0.id()
     }
+
+    /// Stops the child with SIGTERM and waits up to `within` for it to exit
+    /// (then it is killed): a process that writes something at exit, such as
+    /// an instrumented build's profile (`packaging/pgo`), gets to write it.
+    pub async fn terminate(mut self, within: Duration) {
+        if let Ok(pid) = i32::try_from(self.0.id())
+            && let Some(pid) = rustix::process::Pid::from_raw(pid)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Proc {

@@ -52,6 +52,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         rows.push(measure(&target, dur).await?);
     }
     let memory = memory(agents.blr_pid(), agents.blr_local).await?;
+    // Stopped as systemd stops them, so an instrumented build
+    // (`packaging/pgo`) writes its profile at exit.
+    for agent in agents.procs {
+        agent.terminate(Duration::from_secs(10)).await;
+    }
     args.publish("overhead", &render(args, &rows, &memory, &machine()))
 }
 
@@ -240,9 +245,22 @@ async fn memory(blr_pid: u32, blr_local: SocketAddr) -> anyhow::Result<Memory> {
 
 fn render(args: &BenchArgs, rows: &[OverheadRow], mem: &Memory, machine: &str) -> String {
     let mut md = String::new();
+    // `packaging/pgo` puts the lab beside the agent it built.
+    let pgo = crate::process::exe_dir().is_ok_and(|d| d.ends_with("pgo/release"));
+    let (command, build) = if pgo {
+        (
+            "packaging/pgo && target/pgo/release/detour-lab bench overhead",
+            "The agents are the build `packaging/pgo` makes (profile-guided optimisation), as shipped.",
+        )
+    } else {
+        (
+            "cargo build --release -p detour-agent -p detour-lab && target/release/detour-lab bench overhead",
+            "The agents are a plain release build (the shipped one is `packaging/pgo`'s).",
+        )
+    };
     md.push_str(&format!(
-        "## Agent overhead (issue: data path)\n\nMeasured {machine} with `cargo build --release -p detour-agent -p detour-lab && target/release/detour-lab bench overhead` \
-         ({} s per measurement). A small JSON POST to a fast control-plane stand-in (`detour-lab mock-cp`, plain HTTP); \
+        "## Agent overhead (issue: data path)\n\nMeasured {machine} with `{command}` \
+         ({} s per measurement). {build} A small JSON POST to a fast control-plane stand-in (`detour-lab mock-cp`, plain HTTP); \
          the agents (blr, and maa as blr's peer) are separate release processes ({}); the load generator runs in the \
          benchmark process on the same cores, so every number includes its CPU contention.\n\n",
         args.seconds,
