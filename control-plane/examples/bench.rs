@@ -14,11 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Parser;
 use detour_control_plane::Config;
 use detour_control_plane::routing::RouteSpec;
 use detour_control_plane::store::Store;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
 use sqlx::Connection;
 use tokio::sync::Mutex;
 
@@ -52,6 +54,11 @@ struct Args {
     /// for the disk; not durable, for reference only).
     #[arg(long)]
     pg_async_commit: bool,
+    /// The closed loop's clients: `hyper` (a connection each, the request's
+    /// fixed parts built once) or `reqwest` (its pooled client, as before
+    /// 2026-12-07; to compare the load generator's own cost).
+    #[arg(long, default_value = "hyper")]
+    client: String,
     /// Skip the closed-loop run (latency investigations).
     #[arg(long)]
     skip_throughput: bool,
@@ -366,6 +373,8 @@ async fn one(client: &reqwest::Client, url: &str, token: &str, n: u64, rules: us
         .is_ok_and(|r| r.status() == 201)
 }
 
+/// Closed loop: `concurrency` clients, each sending the next call as soon
+/// as the last is answered.
 async fn closed_loop(
     client: &reqwest::Client,
     url: &str,
@@ -381,7 +390,7 @@ async fn closed_loop(
     let end = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency {
-        let (client, url, token) = (client.clone(), url.to_owned(), token.to_owned());
+        let mut caller = Caller::new(&args.client, client, url, token);
         let (hist, ok, errors, seq) = (hist.clone(), ok.clone(), errors.clone(), seq.clone());
         let rules = args.rules;
         tasks.push(tokio::spawn(async move {
@@ -389,7 +398,7 @@ async fn closed_loop(
             while Instant::now() < end {
                 let n = seq.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                if one(&client, &url, &token, n, rules).await {
+                if caller.call(n, rules).await {
                     ok.fetch_add(1, Ordering::Relaxed);
                     local.saturating_record(t.elapsed().as_micros() as u64);
                 } else {
@@ -410,6 +419,103 @@ async fn closed_loop(
         hist,
         elapsed,
     )
+}
+
+/// One closed-loop client (`--client`). `hyper`: its own kept-alive HTTP/1.1
+/// connection, driven by hyper's connection API, with the request's fixed
+/// parts built once. `reqwest`: its pooled client, which parses the URL,
+/// builds the headers and checks a connection out of its pool per request.
+/// The default is `hyper` so that less of the two shared cores goes to the
+/// load generator (pgbench, the ceiling, is a lean C client too).
+enum Caller {
+    Reqwest {
+        client: reqwest::Client,
+        url: String,
+        token: String,
+    },
+    Hyper {
+        uri: http::Uri,
+        host: http::HeaderValue,
+        auth: http::HeaderValue,
+        conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    },
+}
+
+impl Caller {
+    fn new(kind: &str, client: &reqwest::Client, url: &str, token: &str) -> Caller {
+        if kind == "reqwest" {
+            return Caller::Reqwest {
+                client: client.clone(),
+                url: url.to_owned(),
+                token: token.to_owned(),
+            };
+        }
+        let uri: http::Uri = url.parse().expect("the bench's own URL");
+        let host = uri.authority().expect("an authority").as_str();
+        Caller::Hyper {
+            host: http::HeaderValue::from_str(host).expect("an address is ASCII"),
+            auth: http::HeaderValue::from_str(&format!("Bearer {token}")).expect("a token is ASCII"),
+            uri,
+            conn: None,
+        }
+    }
+
+    /// Sends call `n`; whether it was created (201).
+    async fn call(&mut self, n: u64, rules: usize) -> bool {
+        let (uri, host, auth, conn) = match self {
+            Caller::Reqwest { client, url, token } => return one(client, url, token, n, rules).await,
+            Caller::Hyper {
+                uri,
+                host,
+                auth,
+                conn,
+            } => (uri, host, auth, conn),
+        };
+        let sender = match conn {
+            Some(s) if !s.is_closed() => s,
+            _ => match connect(host.to_str().unwrap_or_default()).await {
+                Ok(s) => conn.insert(s),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    return false;
+                }
+            },
+        };
+        let mut req = http::Request::new(Full::new(Bytes::from(call_body(n, rules))));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri.clone();
+        let h = req.headers_mut();
+        h.insert(http::header::HOST, host.clone());
+        h.insert(http::header::AUTHORIZATION, auth.clone());
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        if let Ok(key) = http::HeaderValue::from_str(&format!("bench-{n}")) {
+            h.insert("idempotency-key", key);
+        }
+        let answer = match sender.ready().await {
+            Ok(()) => sender.send_request(req).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(resp) => resp.status() == 201 && resp.into_body().collect().await.is_ok(),
+            Err(_) => {
+                // A new connection for the next call.
+                *conn = None;
+                false
+            }
+        }
+    }
+}
+
+/// One client connection of the closed loop; its driver runs on its own task.
+async fn connect(addr: &str) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// Open loop: request i is due at start + i/rate; latency counts from when
@@ -630,12 +736,18 @@ fn render(args: &Args, results: &[RunResult], ceiling: Option<Ceiling>) -> Strin
         chrono::Utc::now().format("%Y-%m-%d")
     ));
     s.push_str(&format!(
-        "Machine: {}; the load generator runs in the same process and shares the cores. \
-         Each call: auth (cached), validation, E.164 normalisation, routing over the rules, \
+        "Machine: {}; the load generator runs in the same process and shares the cores \
+         (closed loop: `--client {}`, {}). Each call: auth (cached), validation, E.164 normalisation, routing over the rules, \
          and the Idempotency-Key claim with the response and the call row written together \
          with the other calls that arrived meanwhile (group commit, `store/batch.rs`: one \
          statement on Postgres, one transaction of two statements on SQLite).\n\n",
-        machine()
+        machine(),
+        args.client,
+        if args.client == "reqwest" {
+            "reqwest's pooled client"
+        } else {
+            "a kept-alive connection per client on hyper's connection API"
+        },
     ));
     s.push_str("| backend | calls/s (closed loop) | p50 ms | p99 ms | errors | p50 ms @ fixed rate | p99 ms @ fixed rate | achieved rate | errors @ fixed rate |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
