@@ -17,6 +17,11 @@ impl Latencies {
         Latencies(v)
     }
 
+    /// The latencies, fastest first.
+    pub fn iter(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.0.iter().copied()
+    }
+
     /// How many latencies there are.
     pub fn len(&self) -> usize {
         self.0.len()
