@@ -394,8 +394,8 @@ fn target(uri: &http::Uri) -> Result<http::uri::PathAndQuery, Problem> {
 
 /// Reads the body whole (so any path can re-send it), within
 /// `ingress.max_body` and `ingress.body_timeout`. A refusal closes the
-/// connection; of a body declared too long, what the client is still
-/// sending is read and dropped first ([`discard`]).
+/// connection; of a body too long, declared or found as it came, what the
+/// client is still sending is read and dropped first ([`discard`]).
 async fn read_body(
     ingress: &crate::config::Ingress,
     headers: &http::HeaderMap,
@@ -417,11 +417,23 @@ async fn read_body(
         }
         return Err(closing(problem(too_large(max))));
     }
-    let collected =
-        tokio::time::timeout(ingress.body_timeout, Limited::new(body, max as usize).collect()).await;
+    let mut body = body;
+    let started = Instant::now();
+    let collected = tokio::time::timeout(
+        ingress.body_timeout,
+        Limited::new(&mut body, max as usize).collect(),
+    )
+    .await;
     let p = match collected {
         Ok(Ok(c)) => return Ok(c.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => too_large(max),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            // A body with no declared length (chunked) found too long as it
+            // came: what the client is still sending is dropped first, as
+            // for a declared one.
+            let left = ingress.body_timeout.saturating_sub(started.elapsed());
+            discard(body, max, left).await;
+            too_large(max)
+        }
         Ok(Err(e)) => Problem::new(400, "Could not read the request body", e.to_string()),
         Err(_) => Problem::new(
             408,

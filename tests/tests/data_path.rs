@@ -206,6 +206,37 @@ async fn status_codes_pass_through_and_limits_answer_with_problems() {
     .await;
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    // A chunked body found too long as it came: 413 too, and nothing reaches
+    // the control plane. (The agent also reads and drops the rest, up to the
+    // limit again, so that the client is not reset while it writes; on
+    // loopback the kernel's buffers hold that rest anyway, so this does not
+    // tell a drained connection from one that was not.)
+    let mut s = TcpStream::connect(blr.agent().local_addr).await.unwrap();
+    s.write_all(b"POST /v1/too-big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..(2 * 1024 * 1024 / chunk.len()) {
+        s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(&chunk).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&answer);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(fleet.cp.as_ref().unwrap().recorder.find("/v1/too-big").is_none());
     // Unknown pin and bad priority: 400 with a reason.
     let r = client
         .send(
