@@ -96,9 +96,22 @@ pub struct PathCounters {
     pub answered: IntCounter,
     /// `detour_request_duration_seconds{path}`.
     pub duration: Histogram,
-    /// `detour_attempts_total{path, kind="first", result="ok"}`.
-    pub first_ok: IntCounter,
+    /// `detour_attempts_total{path, kind, result="ok"}` for the kinds
+    /// `first`, `retry` and `hedge`.
+    answered_attempts: [IntCounter; 3],
 }
+
+impl PathCounters {
+    /// `detour_attempts_total{path, kind, result="ok"}`; `None` for a kind
+    /// not in [`ATTEMPT_KINDS`].
+    pub fn attempt_ok(&self, kind: &str) -> Option<&IntCounter> {
+        let i = ATTEMPT_KINDS.iter().position(|k| *k == kind)?;
+        self.answered_attempts.get(i)
+    }
+}
+
+/// The kinds of attempt (`detour_attempts_total`'s `kind`).
+const ATTEMPT_KINDS: [&str; 3] = ["first", "retry", "hedge"];
 
 impl Metrics {
     /// Path `path`'s [`PathCounters`].
@@ -106,7 +119,7 @@ impl Metrics {
         PathCounters {
             answered: self.requests.with_label_values(&[path, "ok"]),
             duration: self.request_duration.with_label_values(&[path]),
-            first_ok: self.attempts.with_label_values(&[path, "first", "ok"]),
+            answered_attempts: ATTEMPT_KINDS.map(|k| self.attempts.with_label_values(&[path, k, "ok"])),
         }
     }
 

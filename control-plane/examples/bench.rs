@@ -57,7 +57,7 @@ struct Args {
     /// The closed loop's clients: `hyper` (a connection each, the request's
     /// fixed parts built once) or `reqwest` (its pooled client, as before
     /// 2026-12-07; to compare the load generator's own cost).
-    #[arg(long, default_value = "hyper")]
+    #[arg(long, default_value = "hyper", value_parser = ["hyper", "reqwest"])]
     client: String,
     /// Skip the closed-loop run (latency investigations).
     #[arg(long)]

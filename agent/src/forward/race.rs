@@ -189,14 +189,13 @@ where
                 .health
                 .record(p.path, Outcome::Answered(p.started.elapsed()));
         }
-        if p.kind == "first" {
-            path.counters(&self.fwd.metrics).first_ok.inc();
-        } else {
-            self.fwd
-                .metrics
+        let metrics = &self.fwd.metrics;
+        match path.counters(metrics).attempt_ok(p.kind) {
+            Some(c) => c.inc(),
+            None => metrics
                 .attempts
                 .with_label_values(&[&*path.name, p.kind, "ok"])
-                .inc();
+                .inc(),
         }
         let status = resp.status().as_u16();
         let mut attempts = std::mem::take(&mut self.attempts);
