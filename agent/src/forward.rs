@@ -71,7 +71,9 @@ pub struct AttemptRecord {
 pub struct Answer {
     pub response: Response<Incoming>,
     pub path: Arc<PathClient>,
-    pub attempts: Vec<AttemptRecord>,
+    /// How many attempts were recorded, this one included (more than one:
+    /// a retry, a hedge or a timeout came first).
+    pub attempts: usize,
 }
 
 /// Why no response could be had.

@@ -217,6 +217,11 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One look at the few headers a request carries, instead of a hashed
+    // lookup per hop-by-hop name: most messages have none to remove.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -254,14 +259,14 @@ impl Ingress {
     /// becomes a problem+json response.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let received = Instant::now();
-        let request_id = req
+        let id = req
             .headers()
             .get(names::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 200)
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let (mut resp, path) = self.handle_inner(req, received, &request_id).await;
+            .filter(|v| v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 200))
+            .cloned()
+            .unwrap_or_else(new_uuid_value);
+        let request_id = id.to_str().unwrap_or_default();
+        let (mut resp, path) = self.handle_inner(req, received, request_id, &id).await;
         let took = received.elapsed().as_secs_f64();
         match path {
             // Answered on a path: its series, resolved once.
@@ -292,9 +297,7 @@ impl Ingress {
                     .observe(took);
             }
         }
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert(names::REQUEST_ID, v);
-        }
+        resp.headers_mut().insert(names::REQUEST_ID, id);
         resp
     }
 
@@ -303,6 +306,7 @@ impl Ingress {
         req: Request<Incoming>,
         received: Instant,
         request_id: &str,
+        id: &HeaderValue,
     ) -> (Response<Body>, Carrier) {
         let rt = self.forwarder.runtime();
         let config = rt.config.clone();
@@ -320,7 +324,7 @@ impl Ingress {
         };
         if crate::streams::is_upgrade(&parts.headers) {
             return self
-                .upgrade(parts, pin, path_and_query, received, request_id, &config)
+                .upgrade(parts, pin, path_and_query, received, id, &config)
                 .await;
         }
         // Deferrable (and the journal open): its ordering key.
@@ -330,13 +334,7 @@ impl Ingress {
             Ok(b) => b,
             Err(resp) => return rejected(resp),
         };
-        let headers = upstream_headers(
-            parts.headers,
-            &parts.method,
-            &body,
-            &config.control_plane,
-            request_id,
-        );
+        let headers = upstream_headers(parts.headers, &parts.method, &body, &config.control_plane, id);
         let out = Outbound {
             method: parts.method,
             path_and_query,
@@ -361,8 +359,8 @@ impl Ingress {
                 if let Some(v) = &answer.path.name_value {
                     rparts.headers.insert(names::PATH, v.clone());
                 }
-                if answer.attempts.len() > 1 {
-                    tracing::info!(request_id, path = %answer.path.name, attempts = answer.attempts.len(), "answered after more than one attempt");
+                if answer.attempts > 1 {
+                    tracing::info!(request_id, path = %answer.path.name, attempts = answer.attempts, "answered after more than one attempt");
                 }
                 (
                     Response::from_parts(rparts, rbody.boxed()),
@@ -478,18 +476,14 @@ fn upstream_headers(
     method: &Method,
     body: &Bytes,
     cp: &crate::config::ControlPlane,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> http::HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(names::PIN);
     headers.remove(header::HOST);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(names::REQUEST_ID, v);
-    }
-    if !headers.contains_key(names::IDEMPOTENCY_KEY)
-        && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-    {
-        headers.insert(names::IDEMPOTENCY_KEY, v);
+    headers.insert(names::REQUEST_ID, request_id.clone());
+    if !headers.contains_key(names::IDEMPOTENCY_KEY) {
+        headers.insert(names::IDEMPOTENCY_KEY, new_uuid_value());
     }
     if let Some(v) = &cp.auth_value
         && !headers.contains_key(header::AUTHORIZATION)
@@ -506,6 +500,15 @@ fn upstream_headers(
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     headers
+}
+
+/// A new random UUID as a header value (a request id, an idempotency key),
+/// written without an intermediate string.
+fn new_uuid_value() -> HeaderValue {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    // A UUID's text is visible ASCII, always a valid header value.
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// The answer when no path delivered: 400 for an unknown pin, else 503 with

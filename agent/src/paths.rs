@@ -139,12 +139,28 @@ impl AsyncRead for DialStream {
     }
 }
 
+impl DialStream {
+    /// Tells the connection's registration that bytes went out after a
+    /// write that returned `result`, so its counters are read again.
+    fn note(&self, result: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = result
+            && *n > 0
+            && let DialStream::Tcp(_, Some(r)) | DialStream::Tunnel(_, Some(r), _) = self
+        {
+            r.wrote();
+        }
+    }
+}
+
 impl AsyncWrite for DialStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        let result = match this {
             DialStream::Tcp(s, _) => Pin::new(s).poll_write(cx, buf),
             DialStream::Tunnel(s, ..) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        };
+        this.note(&result);
+        result
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -166,10 +182,13 @@ impl AsyncWrite for DialStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        let result = match this {
             DialStream::Tcp(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
             DialStream::Tunnel(s, ..) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        };
+        this.note(&result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
@@ -85,6 +86,20 @@ struct Conn {
     peer: SocketAddr,
     /// Counters at the previous sample; `None` before the first one.
     last: Option<Counters>,
+    /// Whether bytes went out since the previous sample.
+    written: Arc<AtomicBool>,
+}
+
+impl Conn {
+    /// Whether the kernel's counters may have moved since the previous
+    /// sample: data went out since, or some was still in flight then (and
+    /// may have been delivered or sent again). A connection that was idle
+    /// with everything acknowledged has the same counters, so a pool of
+    /// idle connections costs no lookups.
+    fn due(&self) -> bool {
+        let written = self.written.swap(false, Ordering::Relaxed);
+        written || self.last.is_none_or(|c| c.unacked > 0)
+    }
 }
 
 /// Keeps a connection registered; dropped with the connection.
@@ -92,6 +107,14 @@ struct Conn {
 pub struct Registration {
     sockets: Arc<Sockets>,
     id: u64,
+    written: Arc<AtomicBool>,
+}
+
+impl Registration {
+    /// Bytes went out on the connection.
+    pub fn wrote(&self) {
+        self.written.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Registration {
@@ -108,17 +131,20 @@ impl Sockets {
         let mut inner = lock(&self.inner);
         inner.next += 1;
         let id = inner.next;
+        let written = Arc::new(AtomicBool::new(false));
         inner.live.insert(
             id,
             Conn {
                 local,
                 peer,
                 last: None,
+                written: written.clone(),
             },
         );
         Some(Registration {
             sockets: self.clone(),
             id,
+            written,
         })
     }
 
@@ -131,8 +157,9 @@ impl Sockets {
         self.len() == 0
     }
 
-    /// Adds up what every live connection did since the previous sample. A
-    /// connection's first sample only sets its baseline (its handshake is
+    /// Adds up what every live connection did since the previous sample,
+    /// looking up only those whose counters may have moved ([`Conn::due`]).
+    /// A connection's first sample only sets its baseline (its handshake is
     /// not evidence about the path now).
     pub fn sample(&self, diag: &mut Diag) -> Delta {
         // The kernel is asked without holding the lock, so a connection being
@@ -140,6 +167,7 @@ impl Sockets {
         let conns: Vec<(u64, SocketAddr, SocketAddr)> = lock(&self.inner)
             .live
             .iter()
+            .filter(|(_, c)| c.due())
             .map(|(id, c)| (*id, c.local, c.peer))
             .collect();
         let counters: Vec<(u64, Counters)> = conns
@@ -295,10 +323,21 @@ mod tests {
             client.write_all(b"hello").await.unwrap();
             client.read_exact(&mut buf).await.unwrap();
         }
+        // Idle since its baseline, with nothing in flight then, as far as
+        // the registration knows: not looked up.
+        assert_eq!(sockets.sample(&mut diag), Delta::default());
+        // Told of the writes (as `DialStream` tells it), the next sample
+        // reads the counters and finds all ten: late, never lost.
+        reg.wrote();
         let d = sockets.sample(&mut diag);
         assert_eq!(d.sent, 10, "{d:?}");
         assert_eq!(d.repeats, 0, "{d:?}");
         assert_eq!(d.delivered, 10, "{d:?}");
+        assert_eq!(
+            sockets.sample(&mut diag),
+            Delta::default(),
+            "nothing written since and nothing in flight"
+        );
         drop(reg);
         assert!(sockets.is_empty());
         drop(client);

@@ -197,14 +197,8 @@ where
                 .with_label_values(&[&*path.name, p.kind, "ok"])
                 .inc(),
         }
-        let status = resp.status().as_u16();
-        let mut attempts = std::mem::take(&mut self.attempts);
-        attempts.push(record(
-            path,
-            p.kind,
-            format!("answered {status}"),
-            self.out.received,
-        ));
+        // The records of the attempts before this one, and this one.
+        let attempts = self.attempts.len() + 1;
         self.settle_losers();
         Some(Answer {
             response: resp,

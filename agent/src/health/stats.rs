@@ -373,11 +373,15 @@ impl PathStats {
     /// up after `rise` good ones, past the hold-down and, for a lossy path,
     /// the clean run.
     fn next_state(&mut self, outcome: Outcome, hard: bool, now: Instant, cfg: &HealthConfig) -> PathState {
-        let (short_total, short_bad) = self.window(now);
-        let short_loss = if short_total == 0 {
-            0.0
-        } else {
-            f64::from(short_bad) / f64::from(short_total)
+        // The share of recent exchanges that went bad, for a reason's text
+        // only: counted when a reason is written, not on every exchange.
+        let short_loss = |s: &Self| {
+            let (total, bad) = s.window(now);
+            if total == 0 {
+                0.0
+            } else {
+                f64::from(bad) / f64::from(total)
+            }
         };
         // Loss is judged when the path answers: failures in a row with
         // nothing answering between them are an outage in progress (or a
@@ -426,7 +430,7 @@ impl PathStats {
             } else if lossy {
                 self.reason = Some(format!(
                     "{:.0}% of recent exchanges lost or stalled",
-                    short_loss * 100.0
+                    short_loss(self) * 100.0
                 ));
                 PathState::Degraded
             } else {
@@ -452,7 +456,7 @@ impl PathStats {
             {
                 self.reason = Some(format!(
                     "answering, but {:.0}% lost or stalled",
-                    short_loss * 100.0
+                    short_loss(self) * 100.0
                 ));
                 PathState::Degraded
             } else {

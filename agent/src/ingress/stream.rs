@@ -25,10 +25,11 @@ impl Ingress {
         pin: Option<String>,
         path_and_query: http::uri::PathAndQuery,
         received: Instant,
-        request_id: &str,
+        id: &HeaderValue,
         config: &AgentConfig,
     ) -> (Response<Body>, Carrier) {
         let rejected = |resp| (resp, Carrier::None);
+        let request_id = id.to_str().unwrap_or_default();
         if let Err(p) = streams::admit(&parts.headers) {
             return rejected(problem(p));
         }
@@ -45,7 +46,7 @@ impl Ingress {
             &parts.method,
             &Bytes::new(),
             &config.control_plane,
-            request_id,
+            id,
         );
         let hs = Handshake {
             method: parts.method,
