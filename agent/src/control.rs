@@ -147,6 +147,9 @@ async fn handle(
                 )),
             }
         }
+        // A known resource asked with the wrong method.
+        (m, ["peers"]) => not_allowed(m, "GET"),
+        (m, ["peers", _, "drain" | "undrain"]) => not_allowed(m, "POST"),
         _ => problem(Problem::new(
             404,
             "Not found",
@@ -154,6 +157,18 @@ async fn handle(
         )),
     };
     Ok(resp)
+}
+
+/// 405 with the method that resource takes in `Allow`.
+fn not_allowed(method: &Method, allow: &'static str) -> Response<Body> {
+    let mut r = problem(Problem::new(
+        405,
+        "Method not allowed",
+        format!("{method} is not served here; use {allow}"),
+    ));
+    r.headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    r
 }
 
 /// Sends one request to the control socket at `socket`: the status code

@@ -586,6 +586,13 @@ async fn a_peer_drained_at_runtime_takes_no_requests_and_stays_drained_across_a_
         .unwrap();
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("no peer named `pune`"), "{body}");
+    // A known resource with the wrong method: 405, and nothing changes.
+    let (status, body) = detour_agent::control::call(&socket, Method::GET, "/peers/maa/undrain")
+        .await
+        .unwrap();
+    assert_eq!(status, 405, "{body}");
+    assert!(body.contains("use POST"), "{body}");
+    check_drained();
 
     // Undrained: maa takes requests again (del's relay goes away).
     let (status, body) = detour_agent::control::call(&socket, Method::POST, "/peers/maa/undrain")
