@@ -173,6 +173,17 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     (status_field(&status, "VmRSS:"), status_field(&status, "VmHWM:"))
 }
 
+/// A process's resident memory now, split: (anonymous, file-backed), in KiB.
+/// File-backed pages are mostly its binary's code: clean, shared with the
+/// page cache, and dropped first when memory is short.
+pub fn rss_split_kib(pid: u32) -> (u64, u64) {
+    let status = status(pid).unwrap_or_default();
+    (
+        status_field(&status, "RssAnon:"),
+        status_field(&status, "RssFile:"),
+    )
+}
+
 /// CPU time (user + system) a process has used so far, in microseconds.
 pub fn cpu_us(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -228,6 +239,7 @@ mod tests {
         let status = "Name:\tdetour-agent\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\nThreads:\t5\n";
         assert_eq!(super::status_field(status, "VmRSS:"), 10240);
         assert_eq!(super::status_field(status, "VmHWM:"), 20480);
+        assert_eq!(super::status_field(status, "RssAnon:"), 0, "absent: 0");
         assert_eq!(super::status_field(status, "Threads:"), 5);
         assert_eq!(super::status_field(status, "VmSwap:"), 0);
     }

@@ -17,7 +17,9 @@ use crate::fleet::CP_HOST;
 use crate::haproxy_squid::haproxy_alone;
 use crate::load::{Latencies, closed_loop, fixed_rate};
 use crate::mock_cp::MockCpProcess;
-use crate::process::{Proc, cpu_us, free_ports, loopback, rss_kib, sibling, spawn_agent, wait_listening};
+use crate::process::{
+    Proc, cpu_us, free_ports, loopback, rss_kib, rss_split_kib, sibling, spawn_agent, wait_listening,
+};
 use crate::report::{Table, machine, us};
 
 /// `detour-lab bench overhead`.
@@ -211,8 +213,12 @@ async fn measure(t: &Target, dur: Duration) -> anyhow::Result<OverheadRow> {
 /// blr's memory idle and under 100 concurrent clients.
 struct Memory {
     idle_kib: u64,
+    /// Of the idle RSS: (anonymous, file-backed).
+    idle_split: (u64, u64),
     /// The most seen during 5 s of closed loop with 100 connections.
     peak_kib: u64,
+    /// Of the peak: (anonymous, file-backed), read with it.
+    peak_split: (u64, u64),
     rps: f64,
     errors: u64,
     /// The high-water mark for the whole run.
@@ -222,21 +228,27 @@ struct Memory {
 async fn memory(blr_pid: u32, blr_local: SocketAddr) -> anyhow::Result<Memory> {
     eprintln!("overhead: agent RSS with 100 concurrent clients …");
     let (idle_kib, _) = rss_kib(blr_pid);
+    let idle_split = rss_split_kib(blr_pid);
     let rss_probe = tokio::spawn(async move {
-        let mut peak = 0;
+        let mut peak = (0, (0, 0));
         let end = Instant::now() + Duration::from_secs(5);
         while Instant::now() < end {
-            peak = peak.max(rss_kib(blr_pid).0);
+            let now = (rss_kib(blr_pid).0, rss_split_kib(blr_pid));
+            if now.0 > peak.0 {
+                peak = now;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         peak
     });
     let (rps, _, errors) = closed_loop(blr_local, "/v1/calls", &[], 100, Duration::from_secs(5)).await?;
-    let peak_kib = rss_probe.await.unwrap_or(0);
+    let (peak_kib, peak_split) = rss_probe.await.unwrap_or_default();
     let (_, hwm_kib) = rss_kib(blr_pid);
     Ok(Memory {
         idle_kib,
+        idle_split,
         peak_kib,
+        peak_split,
         rps,
         errors,
         hwm_kib,
@@ -271,9 +283,13 @@ fn render(args: &BenchArgs, rows: &[OverheadRow], mem: &Memory, machine: &str) -
     ));
     md.push_str(&table(rows));
     md.push_str(&format!(
-        "\nAgent (blr) memory: {:.1} MiB RSS idle, {:.1} MiB peak RSS with 100 concurrent clients (closed loop, 5 s, {:.0} req/s, {} errors), {:.1} MiB high-water mark for the whole run.\n\n",
+        "\nAgent (blr) memory: {:.1} MiB RSS idle ({:.1} anonymous, {:.1} file-backed: mostly the binary's code), {:.1} MiB peak RSS with 100 concurrent clients ({:.1} anonymous, {:.1} file-backed; closed loop, 5 s, {:.0} req/s, {} errors), {:.1} MiB high-water mark for the whole run.\n\n",
         mem.idle_kib as f64 / 1024.0,
+        mem.idle_split.0 as f64 / 1024.0,
+        mem.idle_split.1 as f64 / 1024.0,
         mem.peak_kib as f64 / 1024.0,
+        mem.peak_split.0 as f64 / 1024.0,
+        mem.peak_split.1 as f64 / 1024.0,
         mem.rps,
         mem.errors,
         mem.hwm_kib as f64 / 1024.0
