@@ -27,7 +27,7 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) and proxy headers, never forwarded.
 /// Header names are built once, not parsed on every request.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

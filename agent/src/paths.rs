@@ -166,14 +166,26 @@ impl AsyncWrite for DialStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             DialStream::Tcp(s, _) => Pin::new(s).poll_flush(cx),
-            DialStream::Tunnel(s, ..) => Pin::new(s.as_mut()).poll_flush(cx),
+            DialStream::Tunnel(s, reg, _) => {
+                // TLS may hold records a write accepted until a flush sends
+                // them.
+                if let Some(r) = reg {
+                    r.wrote();
+                }
+                Pin::new(s.as_mut()).poll_flush(cx)
+            }
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             DialStream::Tcp(s, _) => Pin::new(s).poll_shutdown(cx),
-            DialStream::Tunnel(s, ..) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            DialStream::Tunnel(s, reg, _) => {
+                if let Some(r) = reg {
+                    r.wrote();
+                }
+                Pin::new(s.as_mut()).poll_shutdown(cx)
+            }
         }
     }
 

@@ -37,6 +37,9 @@ pub struct Counters {
     pub delivered: u32,
     /// Data segments in flight now (`tcpi_unacked`).
     pub unacked: u32,
+    /// Bytes written but not yet sent (`tcpi_notsent_bytes`): held back by
+    /// the peer's window or pacing, they go out later with no write.
+    pub notsent: u32,
 }
 
 impl Counters {
@@ -92,13 +95,14 @@ struct Conn {
 
 impl Conn {
     /// Whether the kernel's counters may have moved since the previous
-    /// sample: data went out since, or some was still in flight then (and
-    /// may have been delivered or sent again). A connection that was idle
-    /// with everything acknowledged has the same counters, so a pool of
-    /// idle connections costs no lookups.
+    /// sample: data was written since, or some was still in flight or
+    /// waiting to be sent then (and may have been sent, delivered or sent
+    /// again). A connection that was idle with everything sent and
+    /// acknowledged has the same counters, so a pool of idle connections
+    /// costs no lookups.
     fn due(&self) -> bool {
         let written = self.written.swap(false, Ordering::Relaxed);
-        written || self.last.is_none_or(|c| c.unacked > 0)
+        written || self.last.is_none_or(|c| c.unacked > 0 || c.notsent > 0)
     }
 }
 
@@ -164,15 +168,22 @@ impl Sockets {
     pub fn sample(&self, diag: &mut Diag) -> Delta {
         // The kernel is asked without holding the lock, so a connection being
         // dialed or closed meanwhile never waits for the lookups.
-        let conns: Vec<(u64, SocketAddr, SocketAddr)> = lock(&self.inner)
+        let conns: Vec<(u64, SocketAddr, SocketAddr, Arc<AtomicBool>)> = lock(&self.inner)
             .live
             .iter()
             .filter(|(_, c)| c.due())
-            .map(|(id, c)| (*id, c.local, c.peer))
+            .map(|(id, c)| (*id, c.local, c.peer, c.written.clone()))
             .collect();
         let counters: Vec<(u64, Counters)> = conns
             .into_iter()
-            .filter_map(|(id, local, peer)| Some((id, diag.query(local, peer).ok()??)))
+            .filter_map(|(id, local, peer, written)| match diag.query(local, peer) {
+                Ok(Some(c)) => Some((id, c)),
+                _ => {
+                    // Not read this time: looked up again at the next sample.
+                    written.store(true, Ordering::Relaxed);
+                    None
+                }
+            })
             .collect();
         let mut inner = lock(&self.inner);
         let mut total = Delta::default();
@@ -275,6 +286,7 @@ impl Diag {
                 sent: info.data_segs_out,
                 delivered: info.delivered,
                 unacked: info.unacked,
+                notsent: info.notsent_bytes,
             }),
             _ => None,
         }))

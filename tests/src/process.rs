@@ -173,12 +173,14 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     (status_field(&status, "VmRSS:"), status_field(&status, "VmHWM:"))
 }
 
-/// A process's resident memory now, split: (anonymous, file-backed), in KiB.
-/// File-backed pages are mostly its binary's code: clean, shared with the
-/// page cache, and dropped first when memory is short.
-pub fn rss_split_kib(pid: u32) -> (u64, u64) {
+/// A process's resident memory now, from one reading: (total, anonymous,
+/// file-backed), in KiB. File-backed pages are mostly its binary's code:
+/// clean, shared with the page cache, and dropped first when memory is
+/// short.
+pub fn rss_split_kib(pid: u32) -> (u64, u64, u64) {
     let status = status(pid).unwrap_or_default();
     (
+        status_field(&status, "VmRSS:"),
         status_field(&status, "RssAnon:"),
         status_field(&status, "RssFile:"),
     )

@@ -227,15 +227,15 @@ struct Memory {
 
 async fn memory(blr_pid: u32, blr_local: SocketAddr) -> anyhow::Result<Memory> {
     eprintln!("overhead: agent RSS with 100 concurrent clients …");
-    let (idle_kib, _) = rss_kib(blr_pid);
-    let idle_split = rss_split_kib(blr_pid);
+    let (idle_kib, idle_anon, idle_file) = rss_split_kib(blr_pid);
+    let idle_split = (idle_anon, idle_file);
     let rss_probe = tokio::spawn(async move {
         let mut peak = (0, (0, 0));
         let end = Instant::now() + Duration::from_secs(5);
         while Instant::now() < end {
-            let now = (rss_kib(blr_pid).0, rss_split_kib(blr_pid));
-            if now.0 > peak.0 {
-                peak = now;
+            let (rss, anon, file) = rss_split_kib(blr_pid);
+            if rss > peak.0 {
+                peak = (rss, (anon, file));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
