@@ -265,8 +265,7 @@ impl Ingress {
             .filter(|v| v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 200))
             .cloned()
             .unwrap_or_else(new_uuid_value);
-        let request_id = id.to_str().unwrap_or_default();
-        let (mut resp, path) = self.handle_inner(req, received, request_id, &id).await;
+        let (mut resp, path) = self.handle_inner(req, received, &id).await;
         let took = received.elapsed().as_secs_f64();
         match path {
             // Answered on a path: its series, resolved once.
@@ -305,9 +304,10 @@ impl Ingress {
         &self,
         req: Request<Incoming>,
         received: Instant,
-        request_id: &str,
         id: &HeaderValue,
     ) -> (Response<Body>, Carrier) {
+        // Checked visible ASCII, or made from a UUID.
+        let request_id = id.to_str().unwrap_or_default();
         let rt = self.forwarder.runtime();
         let config = rt.config.clone();
         let (parts, body) = req.into_parts();
