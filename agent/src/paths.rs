@@ -1,7 +1,7 @@
 //! Paths to the control plane: `direct` (this server's own uplink) and
 //! `via:<peer>` (mutual TLS to a peer's relay, CONNECT, then TLS to the control
-//! plane inside the tunnel). Each path owns a pooled HTTP client whose
-//! connections the health probes keep warm, so a switch costs no handshakes.
+//! plane inside the tunnel). Each path owns a connection pool ([`pool`])
+//! that the health probes keep warm, so a switch costs no handshakes.
 
 use std::fmt;
 use std::io;
@@ -14,12 +14,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::Uri;
 use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -30,6 +26,9 @@ use crate::config::{AgentConfig, Endpoint, Peer, Store};
 use crate::relay::frames::{self, Deframer};
 use crate::tls::ClientTlsError;
 use crate::transport::{Registration, Sockets};
+
+pub mod pool;
+pub use pool::{Pool, PoolError};
 
 /// Why a connection on a path could not be set up. Nothing of the request
 /// was sent when any of these happens, so another path may always be tried.
@@ -47,8 +46,8 @@ pub enum DialError {
     Refused { peer: String, status: String },
     #[error("peer {peer} relay spoke no HTTP: {detail}")]
     Protocol { peer: String, detail: String },
-    /// Only on the fresh connections of [`PathClient::dial_http1`]; the
-    /// pooled clients' TLS errors are hyper-rustls's own.
+    /// TLS to the target failed (a pool's connection, or one of
+    /// [`PathClient::dial_http1`]).
     #[error("TLS to the control plane {target}: {source}")]
     ControlPlaneTls { target: String, source: io::Error },
 }
@@ -211,60 +210,8 @@ impl AsyncWrite for DialStream {
     }
 }
 
-/// The connection type the HTTP client pools.
-pub struct Io(TokioIo<DialStream>);
-
-impl Connection for Io {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
-/// Sets up raw connections for one path. The URI the HTTP client passes in
-/// is ignored: a path only ever goes to the configured control plane.
-#[derive(Clone)]
-pub struct Dialer {
-    inner: Arc<DialerInner>,
-    /// The pool generation this dialer's connections belong to.
-    generation: u64,
-}
-
+/// Sets up raw connections for one path: a path only ever goes to its
+/// target.
 struct DialerInner {
     route: Route,
     target_host: String,
@@ -292,10 +239,10 @@ pub struct Retirement {
     path: Arc<str>,
     /// The generation of the pool in use (or the next one, when none is).
     current: AtomicU64,
-    /// The path's pool slot (weak: the pool's dialer holds this).
-    pool: OnceLock<Weak<ArcSwapOption<HttpClient>>>,
+    /// The path's pool (weak: the pool's dialer holds this).
+    pool: OnceLock<Weak<Pool<Full<Bytes>>>>,
     /// The path's pool for streamed bodies, retired with the other.
-    stream_pool: OnceLock<Weak<ArcSwapOption<StreamClient>>>,
+    stream_pool: OnceLock<Weak<Pool<StreamBody>>>,
     /// Counts retirements (`detour_path_pool_renewals_total`), once the
     /// runtime has given it one.
     renewals: OnceLock<prometheus::IntCounter>,
@@ -322,35 +269,16 @@ impl Retirement {
             return;
         }
         self.current.store(generation + 1, Ordering::Relaxed);
-        if let Some(slot) = self.pool.get().and_then(Weak::upgrade) {
-            slot.store(None);
+        if let Some(pool) = self.pool.get().and_then(Weak::upgrade) {
+            pool.retire(generation + 1);
         }
-        if let Some(slot) = self.stream_pool.get().and_then(Weak::upgrade) {
-            slot.store(None);
+        if let Some(pool) = self.stream_pool.get().and_then(Weak::upgrade) {
+            pool.retire(generation + 1);
         }
         if let Some(c) = self.renewals.get() {
             c.inc();
         }
         tracing::info!(path = %self.path, "the peer's relay is draining: new requests go on fresh tunnels, those in flight finish");
-    }
-}
-
-impl tower_service::Service<Uri> for Dialer {
-    type Response = Io;
-    type Error = DialError;
-    type Future = Pin<Box<dyn Future<Output = Result<Io, DialError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), DialError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _dst: Uri) -> Self::Future {
-        let inner = self.inner.clone();
-        let generation = self.generation;
-        Box::pin(async move {
-            let stream = inner.dial(generation).await?;
-            Ok(Io(TokioIo::new(stream)))
-        })
     }
 }
 
@@ -575,15 +503,9 @@ fn tls_cause(e: &hyper::Error) -> Option<io::Error> {
 pub trait Http1Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Http1Io for T {}
 
-/// The HTTP client type of every path.
-pub type HttpClient = Client<HttpsConnector<Dialer>, Full<Bytes>>;
-
 /// A request body produced while it is sent (a recording's part read from
 /// disk), rather than held whole in memory.
 pub type StreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;
-
-/// The HTTP client of a path for [`StreamBody`] requests.
-pub type StreamClient = Client<HttpsConnector<Dialer>, StreamBody>;
 
 /// One path to the control plane with its own connection pool.
 pub struct PathClient {
@@ -604,12 +526,12 @@ pub struct PathClient {
     pub host_value: Option<http::HeaderValue>,
     /// Where this path dials.
     pub target: Target,
-    /// The pool in use; emptied when a relay announces it is draining, and
-    /// filled again by the next request.
-    client: Arc<ArcSwapOption<HttpClient>>,
-    /// The pool for streamed bodies, built by the first such request (only
-    /// the recordings' paths to the object store send them).
-    stream_client: Arc<ArcSwapOption<StreamClient>>,
+    /// The path's connections; retired when a relay announces it is
+    /// draining.
+    pool: Arc<Pool<Full<Bytes>>>,
+    /// The connections for streamed bodies (only the recordings' paths to
+    /// the object store send them), retired with the other.
+    stream_pool: Arc<Pool<StreamBody>>,
     dialer: Arc<DialerInner>,
     cp_tls: Arc<rustls::ClientConfig>,
     /// `http(s)://host:port`, the prefix of every request URI on this path.
@@ -653,10 +575,16 @@ impl PathClient {
             retirement: Arc::new(Retirement::new(name)),
             cert_problem: ArcSwapOption::empty(),
         });
-        let client = Arc::new(ArcSwapOption::from_pointee(pool(&dialer, 1, &cp_tls)));
-        let _ = dialer.retirement.pool.set(Arc::downgrade(&client));
-        let stream_client = Arc::new(ArcSwapOption::empty());
-        let _ = dialer.retirement.stream_pool.set(Arc::downgrade(&stream_client));
+        let tls = target.tls.then(|| {
+            let mut cfg = (*cp_tls).clone();
+            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            TlsConnector::from(Arc::new(cfg))
+        });
+        let tls = tls.and_then(|t| Some((t, ServerName::try_from(target.host.clone()).ok()?)));
+        let pool = Arc::new(Pool::new(dialer.clone(), tls.clone()));
+        let _ = dialer.retirement.pool.set(Arc::downgrade(&pool));
+        let stream_pool = Arc::new(Pool::new(dialer.clone(), tls));
+        let _ = dialer.retirement.stream_pool.set(Arc::downgrade(&stream_pool));
         let scheme = if target.tls { "https" } else { "http" };
         PathClient {
             name: Arc::from(name),
@@ -667,8 +595,8 @@ impl PathClient {
             base_path: Arc::from(""),
             host_value: None,
             target: target.clone(),
-            client,
-            stream_client,
+            pool,
+            stream_pool,
             dialer,
             cp_tls,
             origin: format!("{scheme}://{}", target.authority()),
@@ -700,44 +628,15 @@ impl PathClient {
         self
     }
 
-    /// The pool to send a request on: a new one after a relay announced it
-    /// is draining (see [`Retirement`]).
-    pub fn client(&self) -> Arc<HttpClient> {
-        if let Some(c) = self.client.load_full() {
-            return c;
-        }
-        let r = &self.dialer.retirement;
-        let _one = r.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = self.client.load_full() {
-            return c;
-        }
-        let c = Arc::new(pool(
-            &self.dialer,
-            r.current.load(Ordering::Relaxed),
-            &self.cp_tls,
-        ));
-        self.client.store(Some(c.clone()));
-        c
+    /// The path's connections, to send a request on.
+    pub fn client(&self) -> &Pool<Full<Bytes>> {
+        &self.pool
     }
 
-    /// The pool for requests with streamed bodies: its own connections,
-    /// retired with the path's other pool when a relay drains.
-    pub fn stream_client(&self) -> Arc<StreamClient> {
-        if let Some(c) = self.stream_client.load_full() {
-            return c;
-        }
-        let r = &self.dialer.retirement;
-        let _one = r.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = self.stream_client.load_full() {
-            return c;
-        }
-        let c = Arc::new(pool(
-            &self.dialer,
-            r.current.load(Ordering::Relaxed),
-            &self.cp_tls,
-        ));
-        self.stream_client.store(Some(c.clone()));
-        c
+    /// The path's connections for requests with streamed bodies: its own
+    /// connections, retired with the others when a relay drains.
+    pub fn stream_client(&self) -> &Pool<StreamBody> {
+        &self.stream_pool
     }
 
     /// A fresh connection to the path's target, outside the pool, that
@@ -779,37 +678,6 @@ impl PathClient {
     pub fn count_renewals(&self, counter: prometheus::IntCounter) {
         let _ = self.dialer.retirement.renewals.set(counter);
     }
-}
-
-/// A connection pool (an HTTP client) whose connections `dialer` sets up,
-/// as generation `generation` of the path's pools.
-fn pool<B>(
-    dialer: &Arc<DialerInner>,
-    generation: u64,
-    cp_tls: &Arc<rustls::ClientConfig>,
-) -> Client<HttpsConnector<Dialer>, B>
-where
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((**cp_tls).clone())
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(Dialer {
-            inner: dialer.clone(),
-            generation,
-        });
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
-        .http2_keep_alive_timeout(Duration::from_secs(5))
-        .build(https)
 }
 
 /// A path's name: the route's (`direct`, `via:<peer>`), and `@<endpoint>`
@@ -877,18 +745,6 @@ pub fn peer_path(
         peer_tls,
     )
     .to_endpoint(e)
-}
-
-/// Finds the [`DialError`] inside an HTTP client error, if any.
-pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
-    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(d) = e.downcast_ref::<DialError>() {
-            return Some(d);
-        }
-        cur = e.source();
-    }
-    None
 }
 
 #[cfg(test)]

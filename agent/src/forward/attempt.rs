@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 
 use super::Outbound;
 use crate::health::FailureKind;
-use crate::paths::{PathClient, dial_error};
+use crate::paths::{PathClient, PoolError};
 
 /// An attempt's id and what it came to.
 pub(super) type AttemptResult = (u64, Result<Response<Incoming>, (FailureKind, String)>);
@@ -46,29 +46,31 @@ pub(super) async fn run_attempt(id: u64, path: Arc<PathClient>, req: Request<Ful
     (id, result)
 }
 
-/// Turns a client error into a failure kind and a message a person can read.
-pub fn classify(e: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
-    if let Some(d) = dial_error(e) {
-        let kind = if matches!(d, crate::paths::DialError::Timeout { .. }) {
-            FailureKind::Timeout
-        } else {
-            FailureKind::Connect
-        };
-        return (kind, d.to_string());
-    }
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    if e.is_connect() {
-        (FailureKind::Connect, msg)
-    } else if refused_by_far_end(e) {
-        (FailureKind::Refused, msg)
-    } else {
-        (FailureKind::Broken, msg)
+/// Turns a path's error into a failure kind and a message a person can read.
+pub fn classify(e: &PoolError) -> (FailureKind, String) {
+    match e {
+        PoolError::Dial(d) => {
+            let kind = if matches!(d, crate::paths::DialError::Timeout { .. }) {
+                FailureKind::Timeout
+            } else {
+                FailureKind::Connect
+            };
+            (kind, d.to_string())
+        }
+        PoolError::Http(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            if refused_by_far_end(e) {
+                (FailureKind::Refused, msg)
+            } else {
+                (FailureKind::Broken, msg)
+            }
+        }
     }
 }
 

@@ -3,8 +3,8 @@ use http_body_util::Full;
 
 use super::*;
 use crate::health::FailureKind;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use crate::paths::{PathClient, PoolError, Route, Target};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// An HTTP/2 server on loopback that refuses every stream with an
 /// RST_STREAM carrying `reason`.
@@ -25,24 +25,38 @@ async fn refusing_server(reason: h2::Reason) -> std::net::SocketAddr {
 async fn a_refusal_by_the_control_plane_is_not_a_broken_path() {
     for reason in [h2::Reason::REFUSED_STREAM, h2::Reason::ENHANCE_YOUR_CALM] {
         let addr = refusing_server(reason).await;
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
-        let err = client
-            .get(format!("http://{addr}/v1/x").parse().unwrap())
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
-            .expect_err("refused");
-        let (kind, msg) = classify(&err);
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = format!("http://{addr}/v1/x").parse().unwrap();
+        let err = tx.send_request(req).await.expect_err("refused");
+        let (kind, msg) = classify(&PoolError::Http(err));
         assert_eq!(kind, FailureKind::Refused, "{reason:?}: {msg}");
     }
     // A connection that cannot be made stays a connect failure.
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = dead.local_addr().unwrap();
     drop(dead);
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let err = client
-        .get(format!("http://{addr}/").parse().unwrap())
-        .await
-        .expect_err("nothing listens");
-    assert_eq!(classify(&err).0, FailureKind::Connect);
+    let target = Target {
+        host: "127.0.0.1".into(),
+        port: addr.port(),
+        addresses: vec![addr],
+        tls: false,
+    };
+    let tls = crate::tls::control_plane_client_config(&[]).unwrap();
+    let path = PathClient::new(
+        "direct",
+        Route::Direct,
+        &target,
+        std::time::Duration::from_secs(1),
+        tls,
+        None,
+    );
+    let mut req = http::Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
+    let err = path.client().request(req).await.expect_err("nothing listens");
+    assert_eq!(classify(&err).0, FailureKind::Connect, "{err}");
 }

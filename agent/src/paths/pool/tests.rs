@@ -1,0 +1,290 @@
+//! The pool against a plain HTTP/1.1 server on loopback that counts its
+//! connections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+use super::TRIM_EVERY;
+use crate::paths::{PathClient, Route, Target};
+
+#[derive(Default)]
+struct Counts {
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+}
+
+/// Answers every request after `delay`, on keep-alive connections.
+async fn server(delay: Duration) -> (SocketAddr, Arc<Counts>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let counts = Arc::new(Counts::default());
+    let c = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            c.open.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                        b"ok",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+                c.open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, counts)
+}
+
+fn path(addr: SocketAddr) -> PathClient {
+    let target = Target {
+        host: "127.0.0.1".into(),
+        port: addr.port(),
+        addresses: vec![addr],
+        tls: false,
+    };
+    let tls = crate::tls::control_plane_client_config(&[]).unwrap();
+    PathClient::new(
+        "direct",
+        Route::Direct,
+        &target,
+        Duration::from_secs(2),
+        tls,
+        None,
+    )
+}
+
+async fn get(p: &PathClient) -> Bytes {
+    let mut req = http::Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = format!("{}/x", p.origin).parse().unwrap();
+    let resp = p.client().request(req).await.expect("answered");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+/// Waits (at most 2 s) until `f` holds.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(2);
+    while !f() {
+        assert!(Instant::now() < until, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_connection() {
+    let (addr, counts) = server(Duration::ZERO).await;
+    let p = path(addr);
+    for _ in 0..20 {
+        assert_eq!(get(&p).await, "ok");
+    }
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(p.client().open(), 1);
+}
+
+#[tokio::test]
+async fn a_burst_opens_what_it_needs_and_idle_ones_beyond_later_needs_are_closed() {
+    let (addr, counts) = server(Duration::from_millis(100)).await;
+    let p = path(addr);
+    let burst: Vec<_> = (0..8).map(|_| get(&p)).collect();
+    futures_util::future::join_all(burst).await;
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 8);
+    assert_eq!(p.client().open(), 8);
+    // Steady traffic, one request at a time, reuses them and needs one.
+    for _ in 0..3 {
+        get(&p).await;
+    }
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 8, "reused, none opened");
+    // Each period closes half of those that were never needed in it (the
+    // first period held the burst, which needed them all), the newest kept;
+    // never all of them.
+    let mut open = vec![p.client().open()];
+    let mut now = Instant::now();
+    for _ in 0..5 {
+        now += TRIM_EVERY;
+        p.client().tidy_at(now);
+        open.push(p.client().open());
+        get(&p).await;
+    }
+    assert_eq!(open, [8, 8, 4, 2, 1, 1], "open connections after each period");
+    eventually("the server sees them closed", || {
+        counts.open.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 8);
+}
+
+/// Answers one request per connection as if keeping it alive, then closes
+/// it shortly after (a restart, an idle timeout shorter than ours).
+async fn closing_server() -> (SocketAddr, Arc<Counts>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let counts = Arc::new(Counts::default());
+    let c = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = l.accept().await.unwrap();
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    (addr, counts)
+}
+
+#[tokio::test]
+async fn a_connection_the_server_closed_is_not_used_again() {
+    let (addr, counts) = closing_server().await;
+    let p = path(addr);
+    for i in 1..=5 {
+        assert_eq!(get(&p).await, "ok");
+        eventually("the server's close is seen", || p.client().open() == 0).await;
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), i);
+    }
+}
+
+#[tokio::test]
+async fn a_retired_pool_closes_idle_connections_at_once_and_busy_ones_after_their_answer() {
+    let (addr, counts) = server(Duration::from_millis(300)).await;
+    let p = Arc::new(path(addr));
+    // Two connections: one idle, one busy when the pool retires.
+    futures_util::future::join(get(&p), get(&p)).await;
+    assert_eq!(counts.open.load(Ordering::SeqCst), 2);
+    let busy = tokio::spawn({
+        let p = p.clone();
+        async move { get(&p).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.client().retire(99);
+    eventually("the idle one closes at once", || {
+        counts.open.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(busy.await.unwrap(), "ok", "the busy one finished its answer");
+    eventually("then it closes too", || counts.open.load(Ordering::SeqCst) == 0).await;
+    assert_eq!(p.client().open(), 0);
+}
+
+/// An HTTPS server for "localhost" that speaks HTTP/2 (ALPN), answering
+/// every request after `delay`; with the CA's certificate for the client.
+async fn h2_server(
+    delay: Duration,
+) -> (
+    SocketAddr,
+    Arc<Counts>,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    let now = time::OffsetDateTime::now_utc();
+    let (ca, ca_key) = crate::pki::new_ca("test CA", now - time::Duration::hours(1), 1).unwrap();
+    let (cert, key) = crate::pki::issue_pem(
+        &ca,
+        &ca_key,
+        "localhost",
+        now - time::Duration::hours(1),
+        now + time::Duration::days(1),
+    )
+    .unwrap();
+    let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut cfg =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let counts = Arc::new(Counts::default());
+    let c = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                        b"ok",
+                    ))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap();
+    (addr, counts, ca)
+}
+
+#[tokio::test]
+async fn over_http2_every_request_shares_one_connection_and_a_burst_waits_for_the_one_being_dialed() {
+    let (addr, counts, ca) = h2_server(Duration::from_millis(50)).await;
+    let target = Target {
+        host: "localhost".into(),
+        port: addr.port(),
+        addresses: vec![addr],
+        tls: true,
+    };
+    let tls = crate::tls::control_plane_client_config(&[ca]).unwrap();
+    let p = PathClient::new(
+        "direct",
+        Route::Direct,
+        &target,
+        Duration::from_secs(2),
+        tls,
+        None,
+    );
+    // The first request learns that the target speaks HTTP/2.
+    assert_eq!(get(&p).await, "ok");
+    let burst: Vec<_> = (0..20).map(|_| get(&p)).collect();
+    futures_util::future::join_all(burst).await;
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for all"
+    );
+    // With the connection gone (a relay drained), a burst dials one, not 20.
+    p.client().retire(99);
+    let burst: Vec<_> = (0..20).map(|_| get(&p)).collect();
+    futures_util::future::join_all(burst).await;
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        2,
+        "one more connection for the burst"
+    );
+    assert_eq!(p.client().open(), 1);
+}
