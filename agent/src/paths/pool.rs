@@ -337,7 +337,9 @@ where
                         None => return Err(PoolError::Http(e.into_error())),
                     },
                 },
-                Found::None(req, lead) => return self.send_fresh(req, generation, lead).await,
+                // Boxed: a new connection is the rare case, and its future
+                // (TLS, HTTP/2 setup) is large; every request's would carry it.
+                Found::None(req, lead) => return Box::pin(self.send_fresh(req, generation, lead)).await,
                 // Once only: if that dial failed, or spoke HTTP/1.1, this
                 // request dials for itself.
                 Found::Wait(req, dialed) => {
@@ -348,7 +350,7 @@ where
             };
         }
         let generation = self.dialer.retirement.current.load(Ordering::Relaxed);
-        self.send_fresh(req, generation, false).await
+        Box::pin(self.send_fresh(req, generation, false)).await
     }
 
     /// Sends `req` on a new connection, which then joins the pool.
