@@ -323,9 +323,10 @@ impl Ingress {
             Err(p) => return rejected(problem(p)),
         };
         if crate::streams::is_upgrade(&parts.headers) {
-            return self
-                .upgrade(parts, pin, path_and_query, received, id, &config)
-                .await;
+            // Boxed, like the other rare branches below: a request's future
+            // is moved into its connection's task, and would otherwise carry
+            // the space of every branch (see `paths::pool`).
+            return Box::pin(self.upgrade(parts, pin, path_and_query, received, id, &config)).await;
         }
         // Deferrable (and the journal open): its ordering key.
         let deferral = crate::deferred::key_of(&config.forward.deferrable, &parts.method, parts.uri.path())
@@ -411,7 +412,7 @@ async fn read_body(
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if !waits {
-            discard(body, max, ingress.body_timeout).await;
+            Box::pin(discard(body, max, ingress.body_timeout)).await;
         }
         return Err(closing(problem(too_large(max))));
     }
@@ -429,7 +430,7 @@ async fn read_body(
             // came: what the client is still sending is dropped first, as
             // for a declared one.
             let left = ingress.body_timeout.saturating_sub(started.elapsed());
-            discard(body, max, left).await;
+            Box::pin(discard(body, max, left)).await;
             too_large(max)
         }
         Ok(Err(e)) => Problem::new(400, "Could not read the request body", e.to_string()),

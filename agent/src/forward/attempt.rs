@@ -38,8 +38,7 @@ pub(super) fn build_request(path: &PathClient, out: &Outbound) -> Request<Full<B
 }
 
 pub(super) async fn run_attempt(id: u64, path: Arc<PathClient>, req: Request<Full<Bytes>>) -> AttemptResult {
-    let sent = path.client().request(req);
-    let result = match sent.await {
+    let result = match path.client().request(req).await {
         Ok(resp) => Ok(resp),
         Err(e) => Err(classify(&e)),
     };
