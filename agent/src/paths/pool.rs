@@ -362,7 +362,7 @@ where
     ) -> Result<Response<Incoming>, PoolError> {
         let lead = lead.then(|| H2Lead(self));
         let fresh = self.connect(generation).await;
-        let fresh = {
+        {
             let mut c = self.lock();
             match &fresh {
                 Ok(Fresh::H1(_)) => c.h2_seen = false,
@@ -374,9 +374,10 @@ where
                 }
                 Err(_) => {}
             }
-            fresh?
-        };
+        }
+        // After the lock is let go: the lead takes it to end.
         drop(lead);
+        let fresh = fresh?;
         match fresh {
             Fresh::H1(mut tx) => {
                 self.prepare_h1(&mut req);

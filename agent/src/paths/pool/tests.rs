@@ -198,6 +198,7 @@ async fn h2_server(
     SocketAddr,
     Arc<Counts>,
     rustls::pki_types::CertificateDer<'static>,
+    tokio::task::JoinHandle<()>,
 ) {
     use rustls::pki_types::pem::PemObject;
     let now = time::OffsetDateTime::now_utc();
@@ -225,7 +226,7 @@ async fn h2_server(
     let addr = l.local_addr().unwrap();
     let counts = Arc::new(Counts::default());
     let c = counts.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             c.accepted.fetch_add(1, Ordering::SeqCst);
@@ -247,12 +248,10 @@ async fn h2_server(
         }
     });
     let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap();
-    (addr, counts, ca)
+    (addr, counts, ca, task)
 }
 
-#[tokio::test]
-async fn over_http2_every_request_shares_one_connection_and_a_burst_waits_for_the_one_being_dialed() {
-    let (addr, counts, ca) = h2_server(Duration::from_millis(50)).await;
+fn h2_path(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'static>) -> PathClient {
     let target = Target {
         host: "localhost".into(),
         port: addr.port(),
@@ -260,14 +259,20 @@ async fn over_http2_every_request_shares_one_connection_and_a_burst_waits_for_th
         tls: true,
     };
     let tls = crate::tls::control_plane_client_config(&[ca]).unwrap();
-    let p = PathClient::new(
+    PathClient::new(
         "direct",
         Route::Direct,
         &target,
         Duration::from_secs(2),
         tls,
         None,
-    );
+    )
+}
+
+#[tokio::test]
+async fn over_http2_every_request_shares_one_connection_and_a_burst_waits_for_the_one_being_dialed() {
+    let (addr, counts, ca, _server) = h2_server(Duration::from_millis(50)).await;
+    let p = h2_path(addr, ca);
     // The first request learns that the target speaks HTTP/2.
     assert_eq!(get(&p).await, "ok");
     let burst: Vec<_> = (0..20).map(|_| get(&p)).collect();
@@ -302,4 +307,35 @@ async fn a_requests_future_stays_small() {
     let sent = p.client().request(req);
     let size = std::mem::size_of_val(&sent);
     assert!(size <= 1536, "a request's future is {size} bytes");
+}
+
+#[tokio::test]
+async fn when_the_http2_dial_a_burst_waits_for_fails_every_request_fails_at_once() {
+    let (addr, _counts, ca, server) = h2_server(Duration::ZERO).await;
+    let p = h2_path(addr, ca);
+    get(&p).await;
+    // The control plane goes away: the burst's one dial is refused, and the
+    // requests that waited for it are not left waiting.
+    server.abort();
+    let _ = server.await;
+    p.client().retire(99);
+    let started = Instant::now();
+    let burst = (0..10).map(|_| {
+        let mut req = http::Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = format!("{}/x", p.origin).parse().unwrap();
+        p.client().request(req)
+    });
+    for r in futures_util::future::join_all(burst).await {
+        let e = r.expect_err("nothing listens");
+        assert_eq!(
+            crate::forward::classify(&e).0,
+            crate::health::FailureKind::Connect,
+            "{e}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
