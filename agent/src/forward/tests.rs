@@ -3,7 +3,7 @@ use http_body_util::Full;
 
 use super::*;
 use crate::health::FailureKind;
-use crate::paths::{PathClient, PoolError, Route, Target};
+use crate::paths::PoolError;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// An HTTP/2 server on loopback that refuses every stream with an
@@ -40,21 +40,7 @@ async fn a_refusal_by_the_control_plane_is_not_a_broken_path() {
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = dead.local_addr().unwrap();
     drop(dead);
-    let target = Target {
-        host: "127.0.0.1".into(),
-        port: addr.port(),
-        addresses: vec![addr],
-        tls: false,
-    };
-    let tls = crate::tls::control_plane_client_config(&[]).unwrap();
-    let path = PathClient::new(
-        "direct",
-        Route::Direct,
-        &target,
-        std::time::Duration::from_secs(1),
-        tls,
-        None,
-    );
+    let path = crate::paths::pool::tests::direct_path(addr, "127.0.0.1", None);
     let mut req = http::Request::new(Full::new(Bytes::new()));
     *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
     let err = path.client().request(req).await.expect_err("nothing listens");

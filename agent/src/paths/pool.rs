@@ -531,4 +531,4 @@ fn default_port_free(authority: &str, port: u16, tls: bool) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -19,43 +19,57 @@ struct Counts {
     open: AtomicUsize,
 }
 
-/// Answers every request after `delay`, on keep-alive connections.
-async fn server(delay: Duration) -> (SocketAddr, Arc<Counts>) {
+/// Listens on loopback and runs `conn` for every connection accepted,
+/// counting them.
+async fn listen<F, Fut>(conn: F) -> (SocketAddr, Arc<Counts>, tokio::task::JoinHandle<()>)
+where
+    F: Fn(tokio::net::TcpStream, Arc<Counts>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let counts = Arc::new(Counts::default());
     let c = counts.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             c.accepted.fetch_add(1, Ordering::SeqCst);
-            c.open.fetch_add(1, Ordering::SeqCst);
-            let c = c.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| async move {
-                    tokio::time::sleep(delay).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                        b"ok",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-                c.open.fetch_sub(1, Ordering::SeqCst);
-            });
+            tokio::spawn(conn(tcp, c.clone()));
         }
     });
+    (addr, counts, task)
+}
+
+/// Answers every request after `delay`, on keep-alive connections.
+async fn server(delay: Duration) -> (SocketAddr, Arc<Counts>) {
+    let (addr, counts, _) = listen(move |tcp, c| async move {
+        c.open.fetch_add(1, Ordering::SeqCst);
+        let service = hyper::service::service_fn(move |_req| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), service)
+            .await;
+        c.open.fetch_sub(1, Ordering::SeqCst);
+    })
+    .await;
     (addr, counts)
 }
 
-fn path(addr: SocketAddr) -> PathClient {
+/// A `direct` path to `host` at `addr`, over TLS trusting `ca` when given.
+pub(crate) fn direct_path(
+    addr: SocketAddr,
+    host: &str,
+    ca: Option<rustls::pki_types::CertificateDer<'static>>,
+) -> PathClient {
     let target = Target {
-        host: "127.0.0.1".into(),
+        host: host.into(),
         port: addr.port(),
         addresses: vec![addr],
-        tls: false,
+        tls: ca.is_some(),
     };
-    let tls = crate::tls::control_plane_client_config(&[]).unwrap();
+    let tls = crate::tls::control_plane_client_config(ca.as_slice()).unwrap();
     PathClient::new(
         "direct",
         Route::Direct,
@@ -64,6 +78,10 @@ fn path(addr: SocketAddr) -> PathClient {
         tls,
         None,
     )
+}
+
+fn path(addr: SocketAddr) -> PathClient {
+    direct_path(addr, "127.0.0.1", None)
 }
 
 async fn get(p: &PathClient) -> Bytes {
@@ -130,30 +148,21 @@ async fn a_burst_opens_what_it_needs_and_idle_ones_beyond_later_needs_are_closed
 /// it shortly after (a restart, an idle timeout shorter than ours).
 async fn closing_server() -> (SocketAddr, Arc<Counts>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let counts = Arc::new(Counts::default());
-    let c = counts.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = l.accept().await.unwrap();
-            c.accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            });
+    let (addr, counts, _) = listen(|mut tcp, _| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
         }
-    });
+        let _ = tcp
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    })
+    .await;
     (addr, counts)
 }
 
@@ -222,51 +231,28 @@ async fn h2_server(
             .unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let counts = Arc::new(Counts::default());
-    let c = counts.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = l.accept().await.unwrap();
-            c.accepted.fetch_add(1, Ordering::SeqCst);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |_req| async move {
-                    tokio::time::sleep(delay).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                        b"ok",
-                    ))))
-                });
-                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+    let (addr, counts, task) = listen(move |tcp, _| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |_req| async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
             });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
         }
-    });
+    })
+    .await;
     let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap();
     (addr, counts, ca, task)
 }
 
 fn h2_path(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'static>) -> PathClient {
-    let target = Target {
-        host: "localhost".into(),
-        port: addr.port(),
-        addresses: vec![addr],
-        tls: true,
-    };
-    let tls = crate::tls::control_plane_client_config(&[ca]).unwrap();
-    PathClient::new(
-        "direct",
-        Route::Direct,
-        &target,
-        Duration::from_secs(2),
-        tls,
-        None,
-    )
+    direct_path(addr, "localhost", Some(ca))
 }
 
 #[tokio::test]
