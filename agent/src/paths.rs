@@ -46,6 +46,10 @@ pub enum DialError {
     Refused { peer: String, status: String },
     #[error("peer {peer} relay spoke no HTTP: {detail}")]
     Protocol { peer: String, detail: String },
+    /// The HTTP connection setup with the target (HTTP/2's preface and
+    /// settings) failed.
+    #[error("HTTP handshake with {target}: {detail}")]
+    Handshake { target: String, detail: String },
     /// TLS to the target failed (a pool's connection, or one of
     /// [`PathClient::dial_http1`]).
     #[error("TLS to the control plane {target}: {source}")]
@@ -580,7 +584,6 @@ impl PathClient {
             cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             TlsConnector::from(Arc::new(cfg))
         });
-        let tls = tls.and_then(|t| Some((t, ServerName::try_from(target.host.clone()).ok()?)));
         let pool = Arc::new(Pool::new(dialer.clone(), tls.clone()));
         let _ = dialer.retirement.pool.set(Arc::downgrade(&pool));
         let stream_pool = Arc::new(Pool::new(dialer.clone(), tls));

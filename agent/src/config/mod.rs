@@ -264,7 +264,8 @@ pub struct Forward {
     pub attempt_timeout_max: Duration,
     /// Attempt timeout = this factor x the path's recent p99 RTT, within the bounds.
     pub attempt_timeout_factor: f64,
-    /// Connect timeout to the control plane or a peer relay.
+    /// Time to set up a connection on a path: TCP (and, through a peer,
+    /// its relay's TLS and tunnel), then TLS to the target.
     pub connect_timeout: Duration,
     /// Hedge normal requests on the next path once they exceed the path's p95.
     pub hedge: bool,

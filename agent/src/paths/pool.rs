@@ -191,7 +191,7 @@ impl<B: Send + 'static> Conns<B> {
 pub struct Pool<B> {
     dialer: Arc<DialerInner>,
     /// TLS to the target (ALPN `h2`, then `http/1.1`), when it speaks TLS.
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    tls: Option<TlsConnector>,
     /// `Host` for HTTP/1.1 requests that carry none.
     host: Option<HeaderValue>,
     conns: Mutex<Conns<B>>,
@@ -244,7 +244,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    pub(super) fn new(dialer: Arc<DialerInner>, tls: Option<(TlsConnector, ServerName<'static>)>) -> Pool<B> {
+    pub(super) fn new(dialer: Arc<DialerInner>, tls: Option<TlsConnector>) -> Pool<B> {
         let host = HeaderValue::from_str(&default_port_free(
             &dialer.target_authority,
             dialer.target_port,
@@ -460,10 +460,19 @@ where
             .map_err(PoolError::Dial)?;
         let (stream, h2) = match &self.tls {
             None => (Stream::Plain(stream), false),
-            Some((tls, name)) => {
-                let tls = tls.connect(name.clone(), stream).await.map_err(|source| {
+            Some(tls) => {
+                let target = || self.dialer.target_authority.clone();
+                // Checked when dialing, like `dial_http1`: a name that is
+                // not one fails the connection, never downgrades it.
+                let name = ServerName::try_from(self.dialer.target_host.clone()).map_err(|e| {
                     PoolError::Dial(DialError::ControlPlaneTls {
-                        target: self.dialer.target_authority.clone(),
+                        target: target(),
+                        source: io::Error::other(e),
+                    })
+                })?;
+                let tls = tls.connect(name, stream).await.map_err(|source| {
+                    PoolError::Dial(DialError::ControlPlaneTls {
+                        target: target(),
                         source,
                     })
                 })?;
@@ -474,8 +483,8 @@ where
         let io = TokioIo::new(stream);
         // A handshake that fails has sent no request either.
         let handshake = |e: hyper::Error| {
-            PoolError::Dial(DialError::Protocol {
-                peer: self.dialer.target_authority.clone(),
+            PoolError::Dial(DialError::Handshake {
+                target: self.dialer.target_authority.clone(),
                 detail: e.to_string(),
             })
         };

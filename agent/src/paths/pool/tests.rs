@@ -325,3 +325,25 @@ async fn when_the_http2_dial_a_burst_waits_for_fails_every_request_fails_at_once
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_tls_target_whose_name_is_not_one_fails_and_is_never_sent_in_plain_text() {
+    let (addr, counts) = server(Duration::ZERO).await;
+    let (ca, _) = crate::pki::new_ca("test CA", time::OffsetDateTime::now_utc(), 1).unwrap();
+    let ca = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()
+    };
+    let p = direct_path(addr, "not a host name", Some(ca));
+    let mut req = http::Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = format!("https://127.0.0.1:{}/x", addr.port()).parse().unwrap();
+    let e = p.client().request(req).await.expect_err("no TLS, no request");
+    let (kind, msg) = crate::forward::classify(&e);
+    assert_eq!(kind, crate::health::FailureKind::Connect, "{msg}");
+    assert!(msg.contains("TLS to the control plane"), "{msg}");
+    // The plain-HTTP server saw a connection, and no request on it.
+    eventually("the connection is closed", || {
+        counts.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+}
