@@ -97,22 +97,65 @@ pub fn spawn_agent(bin: &Path, config: &Path, threads: Option<u16>) -> anyhow::R
     Ok(Proc(child))
 }
 
-/// A loopback port nothing listens on right now.
+/// A loopback port for a process the lab starts: free now, and kept from
+/// every other caller of this function on the machine until this process
+/// exits.
+///
+/// Not port 0 bound and let go: such a port comes from the kernel's
+/// ephemeral range, and any outgoing connection on the machine may take it as
+/// its source port before the child binds it (CI saw an agent exit with
+/// "Address already in use" 28 s after its port was chosen). These ports come
+/// from below that range, which outgoing connections never use, and a locked
+/// file per port keeps two tests (separate processes under nextest) from
+/// choosing the same one.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let (low, high) = port_range();
+    let span = u32::from(high - low);
+    let dir = std::env::temp_dir().join("detour-test-ports");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let start = rand::random_range(0..span);
+    for i in 0..span {
+        let port = low + u16::try_from((start + i) % span).expect("below the span");
+        let path = dir.join(port.to_string());
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if file.try_lock().is_err() {
+            continue; // another process holds it
+        }
+        if std::net::TcpListener::bind(loopback(port)).is_err() {
+            continue; // something outside the lab listens there; the lock goes with `file`
+        }
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+        return Ok(port);
+    }
+    bail!("no free loopback port in {low}..{high}")
 }
 
-/// `n` distinct free loopback ports. Each is held until all are found, so
-/// unlike `n` calls of [`free_port`] (each of which lets its port go at
-/// once) the kernel cannot hand out one port twice.
+/// The ports [`free_port`] hands out: from 10000 up to the kernel's ephemeral
+/// range, or above it if it starts too low to leave room.
+fn port_range() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    match ephemeral {
+        (low, _) if low >= 12_000 => (10_000, low),
+        (_, high) if high <= 63_000 => (high + 1, 65_535),
+        _ => (10_000, 32_768), // the range covers nearly everything: take the old default's gap
+    }
+}
+
+/// `n` distinct free loopback ports, each as [`free_port`].
 pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let held = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(held
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()?)
+    (0..n).map(|_| free_port()).collect()
 }
 
 /// `127.0.0.1:port`.

@@ -79,12 +79,9 @@ async fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
-/// A free loopback port (bound, then released for the agent to take).
+/// A free loopback port, kept from other tests until this one exits.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    detour_lab::process::free_port().expect("a free loopback port")
 }
 
 /// `GET path` over HTTP/1.1; the status code and the body.
