@@ -351,15 +351,16 @@ fn now_ms() -> i64 {
 /// The ordering key of a request `method path` under the rules, if one
 /// makes it deferrable: the path's segments matched by `*`, joined by `/`.
 pub fn key_of(rules: &[Deferrable], method: &Method, path: &str) -> Option<String> {
-    let segments: Vec<&str> = path.split('?').next().unwrap_or("").split('/').collect();
+    let path = path.split('?').next().unwrap_or("");
     rules.iter().find_map(|rule| {
-        if rule.method != *method || rule.segments.len() != segments.len() {
+        // Checked before anything is allocated: most requests match no rule.
+        if rule.method != *method || rule.segments.len() != path.split('/').count() {
             return None;
         }
         let mut key = Vec::new();
-        for (want, got) in rule.segments.iter().zip(&segments) {
+        for (want, got) in rule.segments.iter().zip(path.split('/')) {
             match want {
-                None if !got.is_empty() => key.push(*got),
+                None if !got.is_empty() => key.push(got),
                 None => return None,
                 Some(s) if s == got => {}
                 Some(_) => return None,

@@ -161,8 +161,13 @@ impl Conns {
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let (ingress, draining, tracker) = (ingress.clone(), draining.clone(), tracker.clone());
             let flight = tracker.begin();
-            req.extensions_mut()
-                .insert(crate::streams::Slot(stream_slot.clone()));
+            // Only an upgrade takes the connection's stream slot: inserting
+            // it into every request's extensions would cost each request
+            // three allocations for nothing.
+            if crate::streams::is_upgrade(req.headers()) {
+                req.extensions_mut()
+                    .insert(crate::streams::Slot(stream_slot.clone()));
+            }
             async move {
                 let mut resp = ingress.handle(req).await;
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
