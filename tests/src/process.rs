@@ -115,15 +115,23 @@ pub fn free_port() -> anyhow::Result<u16> {
     let dir = std::env::temp_dir().join("detour-test-ports");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let start = rand::random_range(0..span);
+    let mut unopened = None;
     for i in 0..span {
         let port = low + u16::try_from((start + i) % span).expect("below the span");
         let path = dir.join(port.to_string());
-        let file = std::fs::OpenOptions::new()
+        let opened = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+            .open(&path);
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                // Another user's lock file: that port is theirs.
+                unopened = Some(format!("{}: {e}", path.display()));
+                continue;
+            }
+        };
         if file.try_lock().is_err() {
             continue; // another process holds it
         }
@@ -133,7 +141,10 @@ pub fn free_port() -> anyhow::Result<u16> {
         HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
         return Ok(port);
     }
-    bail!("no free loopback port in {low}..{high}")
+    match unopened {
+        Some(why) => bail!("no free loopback port in {low}..{high} (last lock file not opened: {why})"),
+        None => bail!("no free loopback port in {low}..{high}"),
+    }
 }
 
 /// The ports [`free_port`] hands out: from 10000 up to the kernel's ephemeral

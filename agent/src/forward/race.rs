@@ -19,8 +19,9 @@ use super::{Answer, AttemptRecord, Failure, Forwarder, Outbound, Runtime};
 use crate::health::{FailureKind, Outcome};
 use crate::paths::PathClient;
 
-/// How an attempt is started (`attempt::run_attempt`; a parameter so the
-/// race's tests can start their own).
+/// How an attempt is started (`attempt::run_attempt`, whose future's type
+/// has no name: the race is generic over it, so its boxes hold that type
+/// rather than a `dyn Future`).
 type Start<F> = fn(u64, Arc<PathClient>, Request<Full<Bytes>>) -> F;
 
 /// The attempts in flight. A request has one, or a few with retries and
