@@ -151,9 +151,14 @@ impl Conns {
         let mut builder = http1::Builder::new();
         // The guard owns the head and idle timeouts: hyper's header_read_timeout
         // also runs between requests and would close pooled connections early.
+        // Half-close: hyper does not read a connection for a hang-up while a
+        // request is in flight. That read took a second 8 KiB buffer per
+        // request (the first is still held by the request's headers), and a
+        // request goes on to its answer or deadline anyway (ARCHITECTURE.md).
         builder
             .timer(TokioTimer::new())
             .max_buf_size(now.max_header_bytes)
+            .half_close(true)
             .keep_alive(true);
         let (io, tracker) = conn::guard(tcp, limits, rejection);
         let (ingress, draining) = (self.ingress.clone(), self.draining.clone());
