@@ -24,7 +24,7 @@ pub use attempt::classify;
 pub use budget::RetryBudget;
 
 use crate::config::AgentConfig;
-use crate::health::HealthTable;
+use crate::health::{HealthTable, Snapshot};
 use crate::metrics::Metrics;
 use crate::paths::PathClient;
 use race::{Event, Race};
@@ -43,8 +43,9 @@ pub struct Outbound {
     /// Path and query as the call handler sent them; each path puts its
     /// endpoint's base path before them.
     pub path_and_query: http::uri::PathAndQuery,
-    /// Headers to send (hop-by-hop and `Host` removed, keys added); each path
-    /// sets its endpoint's `Host`.
+    /// Headers to send (hop-by-hop removed, keys added); each path sets its
+    /// endpoint's `Host` (the first endpoint's is here, so that the entry
+    /// exists).
     pub headers: HeaderMap,
     pub body: Bytes,
     /// Emergency requests go to the two best paths at once.
@@ -163,7 +164,7 @@ impl Forwarder {
     }
 
     /// The paths `out` may take, best first: the pinned one, or all enabled.
-    fn candidates(&self, rt: &Runtime, out: &Outbound) -> Result<Vec<usize>, Failure> {
+    fn candidates(&self, rt: &Runtime, out: &Outbound) -> Result<Candidates, Failure> {
         candidates(rt, out.pin.as_ref())
     }
 
@@ -206,7 +207,7 @@ pub const HEDGE_MARGIN: Duration = Duration::from_millis(3);
 /// The paths a request pinned to `pin` (its `X-Detour-Pin`, else
 /// `forward.pin`) may take, best first: the pinned one, or every enabled
 /// path in rank order. Upgraded streams choose theirs the same way.
-pub(crate) fn candidates(rt: &Runtime, pin: Option<&String>) -> Result<Vec<usize>, Failure> {
+pub(crate) fn candidates(rt: &Runtime, pin: Option<&String>) -> Result<Candidates, Failure> {
     match pin.or(rt.config.forward.pin.as_ref()) {
         Some(p) => {
             // `via:maa` names that route to every endpoint (best first);
@@ -219,7 +220,8 @@ pub(crate) fn candidates(rt: &Runtime, pin: Option<&String>) -> Result<Vec<usize
                             .is_some_and(|r| r.starts_with('@'))
                 })
             };
-            let ranked = rt.health.snapshot().ranked.clone();
+            let snapshot = rt.health.snapshot();
+            let ranked = &snapshot.ranked;
             let mut v: Vec<usize> = ranked.iter().copied().filter(pinned).collect();
             // A drained (disabled) path is not ranked, yet may be pinned.
             let drained: Vec<usize> = (0..rt.paths.len())
@@ -229,10 +231,42 @@ pub(crate) fn candidates(rt: &Runtime, pin: Option<&String>) -> Result<Vec<usize
             if v.is_empty() {
                 Err(Failure::UnknownPin(p.clone()))
             } else {
-                Ok(v)
+                Ok(Candidates::Own(v))
             }
         }
-        None => Ok(rt.health.snapshot().ranked.clone()),
+        None => Ok(Candidates::Ranked(rt.health.snapshot())),
+    }
+}
+
+/// The paths a request may take, best first (indices into the path table):
+/// the health table's ranking itself, shared rather than copied (most
+/// requests take it whole, and a copy cost each an allocation), or a list
+/// of the request's own (a pin; a path put back for a second try).
+pub(crate) enum Candidates {
+    Ranked(Arc<Snapshot>),
+    Own(Vec<usize>),
+}
+
+impl Candidates {
+    /// Puts path `i` at position `at`, copying the ranking first if shared.
+    fn insert(&mut self, at: usize, i: usize) {
+        if let Candidates::Ranked(s) = self {
+            *self = Candidates::Own(s.ranked.clone());
+        }
+        if let Candidates::Own(v) = self {
+            v.insert(at, i);
+        }
+    }
+}
+
+impl std::ops::Deref for Candidates {
+    type Target = [usize];
+
+    fn deref(&self) -> &[usize] {
+        match self {
+            Candidates::Ranked(s) => &s.ranked,
+            Candidates::Own(v) => v,
+        }
     }
 }
 

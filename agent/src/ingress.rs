@@ -6,14 +6,12 @@
 pub mod listener;
 mod stream;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use detour_wire::{PROBLEM_JSON, Problem};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -23,7 +21,52 @@ use crate::forward::{Failure, Forwarder, Outbound};
 use crate::metrics::Metrics;
 use crate::paths::PathClient;
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// A response body: the control plane's answer, streamed as it comes, or
+/// one the agent wrote whole. An enum rather than a boxed body: every
+/// answered request has one, and boxing it cost each an allocation.
+pub enum Body {
+    Answer(Incoming),
+    Whole(Full<Bytes>),
+}
+
+impl Default for Body {
+    /// No body.
+    fn default() -> Body {
+        Body::Whole(Full::default())
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        // Both variants are Unpin.
+        match self.get_mut() {
+            Body::Answer(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Body::Whole(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Answer(b) => b.is_end_stream(),
+            Body::Whole(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Body::Answer(b) => b.size_hint(),
+            Body::Whole(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) and proxy headers, never forwarded.
 /// Header names are built once, not parsed on every request.
@@ -210,16 +253,22 @@ pub fn problem(p: Problem) -> Response<Body> {
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
+    Body::Whole(Full::new(bytes.into()))
+}
+
+/// Whether `name` is one of [`HOP_BY_HOP`]. Only names of their lengths
+/// are compared: most headers of a message are of other lengths, and are
+/// passed over without nine comparisons each.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let s = name.as_str();
+    matches!(s.len(), 2 | 7 | 10 | 16..=19) && HOP_BY_HOP.iter().any(|h| h.as_str() == s)
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One look at the few headers a request carries, instead of a hashed
     // lookup per hop-by-hop name: most messages have none to remove.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     if headers.contains_key(header::CONNECTION) {
@@ -364,7 +413,7 @@ impl Ingress {
                     tracing::info!(request_id, path = %answer.path.name, attempts = answer.attempts, "answered after more than one attempt");
                 }
                 (
-                    Response::from_parts(rparts, rbody.boxed()),
+                    Response::from_parts(rparts, Body::Answer(rbody)),
                     Carrier::Path(answer.path),
                 )
             }
@@ -420,11 +469,11 @@ async fn read_body(
     let started = Instant::now();
     let collected = tokio::time::timeout(
         ingress.body_timeout,
-        Limited::new(&mut body, max as usize).collect(),
+        collect(Limited::new(&mut body, max as usize)),
     )
     .await;
     let p = match collected {
-        Ok(Ok(c)) => return Ok(c.to_bytes()),
+        Ok(Ok(bytes)) => return Ok(bytes),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             // A body with no declared length (chunked) found too long as it
             // came: what the client is still sending is dropped first, as
@@ -444,6 +493,34 @@ async fn read_body(
         ),
     };
     Err(closing(problem(p)))
+}
+
+/// A body's data in one piece. A body that came as one chunk (a small
+/// request's, read with its head) is that chunk, shared, not copied; only a
+/// body of several chunks is copied into one buffer. Trailers are dropped.
+async fn collect<B>(mut body: B) -> Result<Bytes, B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut first = Bytes::new();
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        if data.is_empty() {
+            continue;
+        }
+        if let Some(buf) = &mut joined {
+            buf.extend_from_slice(&data);
+        } else if first.is_empty() {
+            first = data;
+        } else {
+            let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+            buf.extend_from_slice(&first);
+            buf.extend_from_slice(&data);
+            joined = Some(buf);
+        }
+    }
+    Ok(joined.map_or(first, bytes::BytesMut::freeze))
 }
 
 /// How long [`discard`] waits for more of a refused body.
@@ -467,11 +544,10 @@ async fn discard(mut body: Incoming, cap: u64, within: std::time::Duration) {
     }
 }
 
-/// The headers sent upstream: hop-by-hop, `Host` (each path sets its
-/// endpoint's) and the pin removed; the
-/// request id, an `Idempotency-Key` (when the caller sent none) and the
-/// agent's token (when the caller sent no `Authorization`) set; the length
-/// of the buffered body.
+/// The headers sent upstream: hop-by-hop and the pin removed; `Host` the
+/// first endpoint's (each path sets its own endpoint's); the request id, an
+/// `Idempotency-Key` (when the caller sent none) and the agent's token (when
+/// the caller sent no `Authorization`) set; the length of the buffered body.
 fn upstream_headers(
     mut headers: http::HeaderMap,
     method: &Method,
@@ -481,7 +557,14 @@ fn upstream_headers(
 ) -> http::HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(names::PIN);
-    headers.remove(header::HOST);
+    // Each path sets its endpoint's `Host` on its attempt's copy of these
+    // headers. The first endpoint's is set here so that the entry exists:
+    // setting it on the copy then replaces a value in place, where adding
+    // it grew the copy (an allocation and a move of the map per attempt).
+    match cp.endpoints.first().and_then(|e| e.host_value.clone()) {
+        Some(host) => headers.insert(header::HOST, host),
+        None => headers.remove(header::HOST),
+    };
     headers.insert(names::REQUEST_ID, request_id.clone());
     if !headers.contains_key(names::IDEMPOTENCY_KEY) {
         headers.insert(names::IDEMPOTENCY_KEY, new_uuid_value());
@@ -491,25 +574,49 @@ fn upstream_headers(
     {
         headers.insert(header::AUTHORIZATION, v.clone());
     }
-    headers.remove(header::CONTENT_LENGTH);
-    if !body.is_empty()
+    let length = (!body.is_empty()
         || !matches!(
             *method,
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-        )
-    {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        ))
+    .then_some(body.len());
+    // The caller's own `Content-Length` is kept when it already says the
+    // buffered body's length (most do): a new value costs two allocations.
+    if length.is_none() || !says_length(&headers, body.len()) {
+        headers.remove(header::CONTENT_LENGTH);
+        if let Some(n) = length {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
     }
     headers
+}
+
+/// Whether `headers` carry exactly one `Content-Length`, of digits only,
+/// equal to `len`.
+fn says_length(headers: &HeaderMap, len: usize) -> bool {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let digits = v.as_bytes();
+    !digits.is_empty()
+        && digits.len() <= 20
+        && digits.iter().all(u8::is_ascii_digit)
+        && digits.iter().try_fold(0usize, |n, d| {
+            n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+        }) == Some(len)
 }
 
 /// A new random UUID as a header value (a request id, an idempotency key),
 /// written without an intermediate string.
 fn new_uuid_value() -> HeaderValue {
-    let mut buf = uuid::Uuid::encode_buffer();
-    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    // A UUID's text is visible ASCII, always a valid header value.
-    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    // Owned by the value itself: one allocation, and every clone (the
+    // upstream request's, each attempt's, the answer's) only counts a
+    // reference. A value copied from a `&str` allocates again on its first
+    // clone. A UUID's text is visible ASCII, always a valid header value.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf)).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// The answer when no path delivered: 400 for an unknown pin, else 503 with
@@ -601,4 +708,168 @@ fn too_large(max: u64) -> Problem {
         "Request body too large",
         format!("the body is over the limit of {max} bytes (ingress.max_body)"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use super::*;
+
+    fn control_plane() -> crate::config::ControlPlane {
+        AgentConfig::from_str_at(
+            std::path::Path::new("agent.toml"),
+            "pop = \"blr\"\n[control_plane]\nurl = \"http://cp.example:8080/base\"\n",
+        )
+        .unwrap()
+        .control_plane
+    }
+
+    fn request_headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn the_callers_content_length_is_kept_only_when_it_says_the_bodys_length() {
+        let cp = control_plane();
+        let id = HeaderValue::from_static("req-1");
+        let body = Bytes::from_static(b"{\"a\":1}");
+        let length = |pairs: &[(&str, &str)], method: &Method, body: &Bytes| {
+            let h = upstream_headers(request_headers(pairs), method, body, &cp, &id);
+            let v: Vec<_> = h
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            v
+        };
+        // Kept as sent: the same length, leading zeros and all.
+        assert_eq!(length(&[("content-length", "7")], &Method::POST, &body), ["7"]);
+        assert_eq!(
+            length(&[("content-length", "007")], &Method::POST, &body),
+            ["007"]
+        );
+        // Replaced: another length, not digits, two values, none at all.
+        assert_eq!(length(&[("content-length", "70")], &Method::POST, &body), ["7"]);
+        assert_eq!(length(&[("content-length", "+7")], &Method::POST, &body), ["7"]);
+        assert_eq!(
+            length(
+                &[("content-length", "7"), ("content-length", "7")],
+                &Method::POST,
+                &body
+            ),
+            ["7"]
+        );
+        assert_eq!(
+            length(
+                &[("content-length", "99999999999999999999999")],
+                &Method::POST,
+                &body
+            ),
+            ["7"]
+        );
+        assert_eq!(length(&[], &Method::POST, &body), ["7"]);
+        // A POST with no body says 0; a GET with none says nothing.
+        assert_eq!(length(&[], &Method::POST, &Bytes::new()), ["0"]);
+        assert!(length(&[("content-length", "0")], &Method::GET, &Bytes::new()).is_empty());
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_found_by_their_length_and_text() {
+        for h in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(h), "{h}");
+            assert!(is_hop_by_hop(
+                &HeaderName::from_bytes(h.as_str().to_uppercase().as_bytes()).unwrap()
+            ));
+        }
+        for other in [
+            "user-agent",
+            "content-length",
+            "host",
+            "x-detour-pin",
+            "te-x",
+            "upgrades",
+            "proxy-connectio",
+        ] {
+            assert!(
+                !is_hop_by_hop(&HeaderName::from_bytes(other.as_bytes()).unwrap()),
+                "{other}"
+            );
+        }
+        let mut h = request_headers(&[
+            ("te", "trailers"),
+            ("x-keep", "1"),
+            ("connection", "x-named, keep-alive"),
+            ("x-named", "2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+    }
+
+    #[test]
+    fn upstream_headers_carry_the_first_endpoints_host_and_the_request_identity() {
+        let cp = control_plane();
+        let id = HeaderValue::from_static("req-1");
+        let h = upstream_headers(
+            request_headers(&[
+                ("host", "127.0.0.1:7000"),
+                ("connection", "x-gone"),
+                ("x-gone", "1"),
+            ]),
+            &Method::POST,
+            &Bytes::new(),
+            &cp,
+            &id,
+        );
+        assert_eq!(h.get(header::HOST).unwrap(), "cp.example:8080");
+        assert_eq!(h.get_all(header::HOST).iter().count(), 1);
+        assert!(h.get("x-gone").is_none() && h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(names::REQUEST_ID).unwrap(), "req-1");
+        let key = h.get(names::IDEMPOTENCY_KEY).unwrap().to_str().unwrap();
+        assert!(uuid::Uuid::parse_str(key).is_ok(), "{key}");
+    }
+
+    #[test]
+    fn a_new_uuid_value_is_a_uuid_and_its_clones_are_equal() {
+        let v = new_uuid_value();
+        let text = v.to_str().unwrap().to_owned();
+        assert_eq!(
+            uuid::Uuid::parse_str(&text).unwrap().hyphenated().to_string(),
+            text
+        );
+        let copies = [v.clone(), v.clone()];
+        drop(v);
+        assert!(copies.iter().all(|c| c.to_str().unwrap() == text));
+        assert_ne!(new_uuid_value(), copies[0]);
+    }
+
+    #[tokio::test]
+    async fn a_body_is_collected_whole_from_one_chunk_or_many() {
+        use http_body_util::StreamBody;
+        let frames = |chunks: &[&'static [u8]]| {
+            let mut v: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = chunks
+                .iter()
+                .map(|c| Ok(hyper::body::Frame::data(Bytes::from_static(c))))
+                .collect();
+            v.push(Ok(hyper::body::Frame::trailers(HeaderMap::new())));
+            StreamBody::new(futures_util::stream::iter(v))
+        };
+        let one = Bytes::from_static(b"one chunk");
+        let got = collect(Full::new(one.clone())).await.unwrap();
+        // The chunk itself: the same memory, not a copy.
+        assert_eq!(got.as_ptr(), one.as_ptr());
+        assert_eq!(
+            collect(frames(&[b"ab", b"", b"cd", b"e"])).await.unwrap(),
+            "abcde"
+        );
+        assert_eq!(collect(frames(&[b"", b"only"])).await.unwrap(), "only");
+        assert!(collect(frames(&[])).await.unwrap().is_empty());
+    }
 }

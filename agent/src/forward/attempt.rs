@@ -31,9 +31,10 @@ pub(super) fn build_request(path: &PathClient, out: &Outbound) -> Request<Full<B
     *req.method_mut() = out.method.clone();
     *req.uri_mut() = http::Uri::from_parts(uri).unwrap_or_default();
     *req.headers_mut() = out.headers.clone();
-    if let Some(host) = &path.host_value {
-        req.headers_mut().insert(http::header::HOST, host.clone());
-    }
+    match &path.host_value {
+        Some(host) => req.headers_mut().insert(http::header::HOST, host.clone()),
+        None => req.headers_mut().remove(http::header::HOST),
+    };
     req
 }
 

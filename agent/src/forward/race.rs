@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::attempt::{AttemptResult, build_request};
-use super::{Answer, AttemptRecord, Failure, Forwarder, Outbound, Runtime};
+use super::{Answer, AttemptRecord, Candidates, Failure, Forwarder, Outbound, Runtime};
 use crate::health::{FailureKind, Outcome};
 use crate::paths::PathClient;
 
@@ -90,7 +90,7 @@ pub(super) struct Race<'a, F> {
     fwd: &'a Forwarder,
     rt: &'a Arc<Runtime>,
     out: &'a Outbound,
-    candidates: Vec<usize>,
+    candidates: Candidates,
     /// Index into `candidates` of the next path to try.
     next: usize,
     ids: u64,
@@ -114,7 +114,7 @@ where
         fwd: &'a Forwarder,
         rt: &'a Arc<Runtime>,
         out: &'a Outbound,
-        candidates: Vec<usize>,
+        candidates: Candidates,
         start: Start<F>,
     ) -> Race<'a, F> {
         Race {

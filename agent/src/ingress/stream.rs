@@ -6,7 +6,6 @@ use bytes::Bytes;
 use detour_wire::Problem;
 use http::header::HeaderValue;
 use http::{Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
@@ -73,7 +72,10 @@ impl Ingress {
                 if let Ok(v) = HeaderValue::from_str(&path) {
                     rparts.headers.insert(names::PATH, v);
                 }
-                (Response::from_parts(rparts, rbody.boxed()), Carrier::Named(path))
+                (
+                    Response::from_parts(rparts, Body::Answer(rbody)),
+                    Carrier::Named(path),
+                )
             }
             Err(failure) => rejected(no_path(failure, request_id, config.forward.deadline)),
         }
