@@ -53,7 +53,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for target in targets(cp.addr, &agents, haproxy.as_ref()) {
         rows.push(measure(&target, dur).await?);
     }
-    let memory = memory(agents.blr_pid(), agents.blr_local).await?;
+    let memory = memory(agents.blr_pid(), agents.blr_local, agents.blr_admin).await?;
     // Stopped as systemd stops them, so an instrumented build
     // (`packaging/pgo`) writes its profile at exit.
     for agent in agents.procs {
@@ -68,6 +68,8 @@ struct Agents {
     procs: Vec<Proc>,
     /// blr's local listener (the call handler's side).
     blr_local: SocketAddr,
+    /// blr's admin listener (`/metrics`).
+    blr_admin: SocketAddr,
 }
 
 impl Agents {
@@ -115,6 +117,7 @@ async fn start_agents(d: &Path, cp: SocketAddr, bin: &Path, threads: Option<u16>
     Ok(Agents {
         procs,
         blr_local: loopback(ports["blr"].0),
+        blr_admin: loopback(ports["blr"].2),
     })
 }
 
@@ -223,10 +226,14 @@ struct Memory {
     errors: u64,
     /// The high-water mark for the whole run.
     hwm_kib: u64,
+    /// Hedged and retried attempts blr started during the closed loop: each
+    /// is one more upstream connection's worth of memory at the peak.
+    extra_attempts: (u64, u64),
 }
 
-async fn memory(blr_pid: u32, blr_local: SocketAddr) -> anyhow::Result<Memory> {
+async fn memory(blr_pid: u32, blr_local: SocketAddr, blr_admin: SocketAddr) -> anyhow::Result<Memory> {
     eprintln!("overhead: agent RSS with 100 concurrent clients …");
+    let before = extra_attempts(blr_admin).await;
     let (idle_kib, idle_anon, idle_file) = rss_split_kib(blr_pid);
     let idle_split = (idle_anon, idle_file);
     let rss_probe = tokio::spawn(async move {
@@ -244,7 +251,9 @@ async fn memory(blr_pid: u32, blr_local: SocketAddr) -> anyhow::Result<Memory> {
     let (rps, _, errors) = closed_loop(blr_local, "/v1/calls", &[], 100, Duration::from_secs(5)).await?;
     let (peak_kib, peak_split) = rss_probe.await.unwrap_or_default();
     let (_, hwm_kib) = rss_kib(blr_pid);
+    let after = extra_attempts(blr_admin).await;
     Ok(Memory {
+        extra_attempts: (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1)),
         idle_kib,
         idle_split,
         peak_kib,
@@ -253,6 +262,26 @@ async fn memory(blr_pid: u32, blr_local: SocketAddr) -> anyhow::Result<Memory> {
         errors,
         hwm_kib,
     })
+}
+
+/// blr's hedges and retries so far (`detour_attempts_total` by kind, on
+/// every path and with any result), from its `/metrics`.
+async fn extra_attempts(admin: SocketAddr) -> (u64, u64) {
+    let text = match reqwest::Client::builder().no_proxy().build() {
+        Ok(http) => match http.get(format!("http://{admin}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        },
+        Err(_) => String::new(),
+    };
+    let sum = |kind: &str| {
+        let label = format!("kind=\"{kind}\"");
+        text.lines()
+            .filter(|l| l.starts_with("detour_attempts_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    (sum("hedge"), sum("retry"))
 }
 
 fn render(args: &BenchArgs, rows: &[OverheadRow], mem: &Memory, machine: &str) -> String {
@@ -283,7 +312,7 @@ fn render(args: &BenchArgs, rows: &[OverheadRow], mem: &Memory, machine: &str) -
     ));
     md.push_str(&table(rows));
     md.push_str(&format!(
-        "\nAgent (blr) memory: {:.1} MiB RSS idle ({:.1} anonymous, {:.1} file-backed: mostly the binary's code), {:.1} MiB peak RSS with 100 concurrent clients ({:.1} anonymous, {:.1} file-backed; closed loop, 5 s, {:.0} req/s, {} errors), {:.1} MiB high-water mark for the whole run.\n\n",
+        "\nAgent (blr) memory: {:.1} MiB RSS idle ({:.1} anonymous, {:.1} file-backed: mostly the binary's code), {:.1} MiB peak RSS with 100 concurrent clients ({:.1} anonymous, {:.1} file-backed; closed loop, 5 s, {:.0} req/s, {} errors, {} hedges and {} retries), {:.1} MiB high-water mark for the whole run.\n\n",
         mem.idle_kib as f64 / 1024.0,
         mem.idle_split.0 as f64 / 1024.0,
         mem.idle_split.1 as f64 / 1024.0,
@@ -292,6 +321,8 @@ fn render(args: &BenchArgs, rows: &[OverheadRow], mem: &Memory, machine: &str) -
         mem.peak_split.1 as f64 / 1024.0,
         mem.rps,
         mem.errors,
+        mem.extra_attempts.0,
+        mem.extra_attempts.1,
         mem.hwm_kib as f64 / 1024.0
     ));
     md.push_str(
