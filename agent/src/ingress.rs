@@ -496,31 +496,36 @@ async fn read_body(
 }
 
 /// A body's data in one piece. A body that came as one chunk (a small
-/// request's, read with its head) is that chunk, shared, not copied; only a
-/// body of several chunks is copied into one buffer. Trailers are dropped.
+/// request's, read with its head) is that chunk, shared, not copied; the
+/// chunks of a longer one are copied once into a buffer of their total size.
+/// Trailers are dropped.
 async fn collect<B>(mut body: B) -> Result<Bytes, B::Error>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
 {
     let mut first = Bytes::new();
-    let mut joined: Option<bytes::BytesMut> = None;
+    let mut more: Vec<Bytes> = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else { continue };
         if data.is_empty() {
             continue;
         }
-        if let Some(buf) = &mut joined {
-            buf.extend_from_slice(&data);
-        } else if first.is_empty() {
+        if first.is_empty() {
             first = data;
         } else {
-            let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
-            buf.extend_from_slice(&first);
-            buf.extend_from_slice(&data);
-            joined = Some(buf);
+            more.push(data);
         }
     }
-    Ok(joined.map_or(first, bytes::BytesMut::freeze))
+    if more.is_empty() {
+        return Ok(first);
+    }
+    let total = first.len() + more.iter().map(Bytes::len).sum::<usize>();
+    let mut joined = bytes::BytesMut::with_capacity(total);
+    joined.extend_from_slice(&first);
+    for chunk in &more {
+        joined.extend_from_slice(chunk);
+    }
+    Ok(joined.freeze())
 }
 
 /// How long [`discard`] waits for more of a refused body.
@@ -591,15 +596,18 @@ fn upstream_headers(
     headers
 }
 
-/// Whether `headers` carry exactly one `Content-Length`, of digits only,
-/// equal to `len`.
+/// Whether `headers` carry exactly one `Content-Length`, and it is `len`
+/// written as the agent would write it: digits only, no leading zero. hyper
+/// accepts leading zeros, but an HTTP/2 peer may not (h2 refuses a value
+/// of over 19 bytes), so any other form is written anew.
 fn says_length(headers: &HeaderMap, len: usize) -> bool {
     let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
     let (Some(v), None) = (values.next(), values.next()) else {
         return false;
     };
     let digits = v.as_bytes();
-    !digits.is_empty()
+    let canonical = digits.len() == 1 || digits.first().is_some_and(|d| *d != b'0');
+    canonical
         && digits.len() <= 20
         && digits.iter().all(u8::is_ascii_digit)
         && digits.iter().try_fold(0usize, |n, d| {
@@ -750,13 +758,16 @@ mod tests {
                 .collect();
             v
         };
-        // Kept as sent: the same length, leading zeros and all.
+        // Kept as sent: the length, written as the agent writes it.
         assert_eq!(length(&[("content-length", "7")], &Method::POST, &body), ["7"]);
-        assert_eq!(
-            length(&[("content-length", "007")], &Method::POST, &body),
-            ["007"]
-        );
-        // Replaced: another length, not digits, two values, none at all.
+        let empty = Bytes::new();
+        assert_eq!(length(&[("content-length", "0")], &Method::POST, &empty), ["0"]);
+        // Written anew: leading zeros (an HTTP/2 control plane refuses a
+        // value of over 19 bytes), another length, not digits, two values,
+        // none at all.
+        assert_eq!(length(&[("content-length", "007")], &Method::POST, &body), ["7"]);
+        let padded = [("content-length", "00000000000000000007")];
+        assert_eq!(length(&padded, &Method::POST, &body), ["7"]);
         assert_eq!(length(&[("content-length", "70")], &Method::POST, &body), ["7"]);
         assert_eq!(length(&[("content-length", "+7")], &Method::POST, &body), ["7"]);
         assert_eq!(
@@ -851,6 +862,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_the_agent_writes_says_its_size_and_ends() {
+        let b = full("abc");
+        assert_eq!(hyper::body::Body::size_hint(&b).exact(), Some(3));
+        assert!(!hyper::body::Body::is_end_stream(&b));
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "abc");
+        assert!(hyper::body::Body::is_end_stream(&Body::default()));
+    }
+
+    #[tokio::test]
     async fn a_body_is_collected_whole_from_one_chunk_or_many() {
         use http_body_util::StreamBody;
         let frames = |chunks: &[&'static [u8]]| {
@@ -865,10 +885,10 @@ mod tests {
         let got = collect(Full::new(one.clone())).await.unwrap();
         // The chunk itself: the same memory, not a copy.
         assert_eq!(got.as_ptr(), one.as_ptr());
-        assert_eq!(
-            collect(frames(&[b"ab", b"", b"cd", b"e"])).await.unwrap(),
-            "abcde"
-        );
+        let joined = collect(frames(&[b"ab", b"", b"cd", b"e"])).await.unwrap();
+        assert_eq!(joined, "abcde");
+        // Copied once, into a buffer of the body's size.
+        assert_eq!(bytes::BytesMut::from(joined).capacity(), 5);
         assert_eq!(collect(frames(&[b"", b"only"])).await.unwrap(), "only");
         assert!(collect(frames(&[])).await.unwrap().is_empty());
     }

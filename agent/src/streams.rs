@@ -349,6 +349,9 @@ async fn handshake(path: &PathClient, hs: &Handshake) -> Result<Response<Incomin
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         req.headers_mut().insert(header::HOST, v);
+    } else {
+        // The headers carry the first endpoint's `Host`; not this path's.
+        req.headers_mut().remove(header::HOST);
     }
     let mut conn = Box::pin(conn.with_upgrades());
     let mut conn_done = false;

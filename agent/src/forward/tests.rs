@@ -46,3 +46,49 @@ async fn a_refusal_by_the_control_plane_is_not_a_broken_path() {
     let err = path.client().request(req).await.expect_err("nothing listens");
     assert_eq!(classify(&err).0, FailureKind::Connect, "{err}");
 }
+
+#[test]
+fn each_attempt_carries_its_own_paths_host_or_none() {
+    use http::header::{HOST, HeaderValue};
+    let addr = "127.0.0.1:9".parse().unwrap();
+    let mut path = crate::paths::pool::tests::direct_path(addr, "127.0.0.1", None);
+    let mut headers = HeaderMap::new();
+    headers.insert(HOST, HeaderValue::from_static("cp-first.example"));
+    headers.insert("x-other", HeaderValue::from_static("1"));
+    let out = Outbound {
+        method: Method::POST,
+        path_and_query: "/v1/calls".parse().unwrap(),
+        headers,
+        body: Bytes::from_static(b"{}"),
+        emergency: false,
+        pin: None,
+        received: Instant::now(),
+    };
+    // A path with no `Host` of its own sends none, not the first endpoint's.
+    let req = attempt::build_request(&path, &out);
+    assert!(req.headers().get(HOST).is_none());
+    assert_eq!(req.headers()["x-other"], "1");
+    // A path with one replaces it: one value, its own.
+    path.host_value = Some(HeaderValue::from_static("cp-second.example:8443"));
+    let req = attempt::build_request(&path, &out);
+    let hosts: Vec<_> = req.headers().get_all(HOST).iter().collect();
+    assert_eq!(hosts, ["cp-second.example:8443"]);
+    // The request's own headers, which the next attempt copies, are as they were.
+    assert_eq!(out.headers[HOST], "cp-first.example");
+}
+
+#[test]
+fn a_request_shares_the_ranking_until_it_puts_a_path_back() {
+    let snapshot = Arc::new(Snapshot {
+        paths: Vec::new(),
+        ranked: vec![2, 0, 1],
+    });
+    let mut c = Candidates::Ranked(snapshot.clone());
+    assert_eq!(&*c, [2, 0, 1]);
+    c.insert(1, 2);
+    assert_eq!(&*c, [2, 2, 0, 1]);
+    assert!(matches!(c, Candidates::Own(_)));
+    assert_eq!(snapshot.ranked, [2, 0, 1], "the shared ranking is not changed");
+    c.insert(4, 0);
+    assert_eq!(&*c, [2, 2, 0, 1, 0]);
+}

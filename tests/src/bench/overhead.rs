@@ -224,17 +224,21 @@ struct Memory {
     peak_split: (u64, u64),
     rps: f64,
     errors: u64,
-    /// The high-water mark for the whole run.
+    /// The high-water mark for the whole run: the kernel's (`VmHWM`, which it
+    /// updates lazily, so it can lag a sample), or the peak sampled if higher.
     hwm_kib: u64,
-    /// Hedged and retried attempts blr started during the closed loop: each
-    /// is one more upstream connection's worth of memory at the peak.
-    extra_attempts: (u64, u64),
+    /// Hedged and retried attempts blr counted during the closed loop (an
+    /// attempt is counted when it ends, so this is a lower bound); each in
+    /// flight is one more upstream connection's memory at the peak. `None`
+    /// when blr's `/metrics` did not answer.
+    extra_attempts: Option<(u64, u64)>,
 }
 
 async fn memory(blr_pid: u32, blr_local: SocketAddr, blr_admin: SocketAddr) -> anyhow::Result<Memory> {
     eprintln!("overhead: agent RSS with 100 concurrent clients …");
-    let before = extra_attempts(blr_admin).await;
     let (idle_kib, idle_anon, idle_file) = rss_split_kib(blr_pid);
+    // After the idle reading: answering this takes memory too.
+    let before = extra_attempts(blr_admin).await;
     let idle_split = (idle_anon, idle_file);
     let rss_probe = tokio::spawn(async move {
         let mut peak = (0, (0, 0));
@@ -253,27 +257,26 @@ async fn memory(blr_pid: u32, blr_local: SocketAddr, blr_admin: SocketAddr) -> a
     let (_, hwm_kib) = rss_kib(blr_pid);
     let after = extra_attempts(blr_admin).await;
     Ok(Memory {
-        extra_attempts: (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1)),
+        extra_attempts: before
+            .zip(after)
+            .map(|(b, a)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1))),
         idle_kib,
         idle_split,
         peak_kib,
         peak_split,
         rps,
         errors,
-        hwm_kib,
+        hwm_kib: hwm_kib.max(peak_kib),
     })
 }
 
 /// blr's hedges and retries so far (`detour_attempts_total` by kind, on
-/// every path and with any result), from its `/metrics`.
-async fn extra_attempts(admin: SocketAddr) -> (u64, u64) {
-    let text = match reqwest::Client::builder().no_proxy().build() {
-        Ok(http) => match http.get(format!("http://{admin}/metrics")).send().await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        },
-        Err(_) => String::new(),
-    };
+/// every path and with any result), from its `/metrics`; `None` if it did
+/// not answer.
+async fn extra_attempts(admin: SocketAddr) -> Option<(u64, u64)> {
+    let http = reqwest::Client::builder().no_proxy().build().ok()?;
+    let resp = http.get(format!("http://{admin}/metrics")).send().await.ok()?;
+    let text = resp.error_for_status().ok()?.text().await.ok()?;
     let sum = |kind: &str| {
         let label = format!("kind=\"{kind}\"");
         text.lines()
@@ -281,7 +284,7 @@ async fn extra_attempts(admin: SocketAddr) -> (u64, u64) {
             .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
             .sum::<f64>() as u64
     };
-    (sum("hedge"), sum("retry"))
+    Some((sum("hedge"), sum("retry")))
 }
 
 fn render(args: &BenchArgs, rows: &[OverheadRow], mem: &Memory, machine: &str) -> String {
@@ -312,7 +315,7 @@ fn render(args: &BenchArgs, rows: &[OverheadRow], mem: &Memory, machine: &str) -
     ));
     md.push_str(&table(rows));
     md.push_str(&format!(
-        "\nAgent (blr) memory: {:.1} MiB RSS idle ({:.1} anonymous, {:.1} file-backed: mostly the binary's code), {:.1} MiB peak RSS with 100 concurrent clients ({:.1} anonymous, {:.1} file-backed; closed loop, 5 s, {:.0} req/s, {} errors, {} hedges and {} retries), {:.1} MiB high-water mark for the whole run.\n\n",
+        "\nAgent (blr) memory: {:.1} MiB RSS idle ({:.1} anonymous, {:.1} file-backed: mostly the binary's code), {:.1} MiB peak RSS with 100 concurrent clients ({:.1} anonymous, {:.1} file-backed; closed loop, 5 s, {:.0} req/s, {} errors, {}), {:.1} MiB high-water mark for the whole run.\n\n",
         mem.idle_kib as f64 / 1024.0,
         mem.idle_split.0 as f64 / 1024.0,
         mem.idle_split.1 as f64 / 1024.0,
@@ -321,8 +324,10 @@ fn render(args: &BenchArgs, rows: &[OverheadRow], mem: &Memory, machine: &str) -
         mem.peak_split.1 as f64 / 1024.0,
         mem.rps,
         mem.errors,
-        mem.extra_attempts.0,
-        mem.extra_attempts.1,
+        match mem.extra_attempts {
+            Some((hedges, retries)) => format!("at least {hedges} hedges and {retries} retries"),
+            None => "hedges and retries not known: blr's /metrics did not answer".to_owned(),
+        },
         mem.hwm_kib as f64 / 1024.0
     ));
     md.push_str(
