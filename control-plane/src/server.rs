@@ -72,11 +72,14 @@ impl Serving {
             })
         };
         let mut builder = Builder::new(TokioExecutor::new());
-        // The guard owns the head and idle timeouts (hyper's header_read_timeout
-        // would also close a load balancer's quiet kept-alive connections).
+        // The guard owns the head and idle timeouts. hyper's HTTP/1 head
+        // timeout is off: given a timer it runs 30 s by default, also while a
+        // kept-alive connection waits for its next request, and closed a load
+        // balancer's quiet connections at 30 s instead of
+        // `limits.idle_timeout`, racing its next request on them.
         builder
             .http1()
-            .timer(TokioTimer::new())
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes)
             .http2()
             .timer(TokioTimer::new())

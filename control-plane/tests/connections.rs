@@ -179,6 +179,35 @@ async fn quiet_keep_alive_lasts_until_the_idle_timeout(tls: bool) {
     s.cp.stop().await;
 }
 
+/// hyper's own HTTP/1 head timeout (30 s by default once it has a timer)
+/// ran while a kept-alive connection was quiet and closed it at 30 s, below
+/// `limits.idle_timeout`: a load balancer's next request on it then failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_keep_alive_outlasts_hypers_own_head_timeout() {
+    let limits = "[limits]\nheader_timeout = \"1s\"\nidle_timeout = \"60s\"\n";
+    let s = setup(false, "idle_past_30s", limits).await;
+    let mut c = s.connect().await;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    for round in 0..2 {
+        c.write_all(request).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "round {round}: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        if round == 0 {
+            // Quiet past hyper's 30 s: still open and serving.
+            tokio::time::sleep(Duration::from_secs(32)).await;
+        }
+    }
+    s.cp.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_keep_alive_lasts_until_the_idle_timeout_on_http() {
     quiet_keep_alive_lasts_until_the_idle_timeout(false).await;

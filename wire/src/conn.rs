@@ -10,7 +10,8 @@
 //!   `idle_timeout` without a byte. hyper's own `header_read_timeout` also
 //!   runs while a connection is idle between requests, so a call handler's
 //!   pooled connection was closed after a few seconds of quiet, racing the
-//!   handler's next request; the idle limit here is long instead.
+//!   handler's next request; the idle limit here is long instead, and both
+//!   servers turn hyper's off (it is 30 s by default once hyper has a timer).
 //! - hyper answers a request head it cannot parse (400, 414, 431) itself,
 //!   with an empty body. Such an answer is replaced by a problem+json one
 //!   (written by the server's `rejection` function) before it leaves.

@@ -14,7 +14,7 @@ use http::StatusCode;
 use http::header::CONNECTION;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -130,6 +130,29 @@ pub async fn serve(
     conns.ingress.streams.close_all().await;
 }
 
+/// hyper's server for the call handler's connections.
+///
+/// The guard (`wire::conn`) owns the head and idle timeouts, so hyper gets
+/// no timer and no head timeout of its own: given a timer, hyper runs a
+/// 30 s head timeout by default, which also runs while a kept-alive
+/// connection waits for its next request, and closed quiet connections at
+/// 30 s instead of `ingress.idle_timeout`, racing the call handler's next
+/// request on them.
+///
+/// Half-close: hyper does not read a connection for a hang-up while a
+/// request is in flight. That read took a second 8 KiB buffer per request
+/// (the first is still held by the request's headers), and a request goes
+/// on to its answer or deadline anyway (ARCHITECTURE.md).
+fn http1_builder(max_header_bytes: usize) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .header_read_timeout(None)
+        .max_buf_size(max_header_bytes)
+        .half_close(true)
+        .keep_alive(true);
+    builder
+}
+
 impl Conns {
     /// Serves one accepted connection on its own task.
     fn serve(&self, tcp: TcpStream) {
@@ -148,18 +171,7 @@ impl Conns {
             idle_timeout: now.idle_timeout,
         };
         let rejection = rejection(self.shared.metrics.clone(), now.max_header_bytes);
-        let mut builder = http1::Builder::new();
-        // The guard owns the head and idle timeouts: hyper's header_read_timeout
-        // also runs between requests and would close pooled connections early.
-        // Half-close: hyper does not read a connection for a hang-up while a
-        // request is in flight. That read took a second 8 KiB buffer per
-        // request (the first is still held by the request's headers), and a
-        // request goes on to its answer or deadline anyway (ARCHITECTURE.md).
-        builder
-            .timer(TokioTimer::new())
-            .max_buf_size(now.max_header_bytes)
-            .half_close(true)
-            .keep_alive(true);
+        let builder = http1_builder(now.max_header_bytes);
         let (io, tracker) = conn::guard(tcp, limits, rejection);
         let (ingress, draining) = (self.ingress.clone(), self.draining.clone());
         let stream_slot = slot.clone();
@@ -209,5 +221,40 @@ impl Conns {
             open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A kept-alive connection quiet for longer than hyper's own default
+    /// head timeout (30 s) still serves its next request: only the guard
+    /// closes quiet connections, at `ingress.idle_timeout`. Time is paused,
+    /// so the two minutes of quiet take none.
+    #[tokio::test(start_paused = true)]
+    async fn hyper_closes_no_quiet_connection_on_its_own() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let service = service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(crate::ingress::full("ok")))
+            });
+            let _ = http1_builder(32 * 1024)
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1024];
+        for round in 0..3 {
+            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+            let n = s.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]);
+            assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head:?}");
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        }
     }
 }
