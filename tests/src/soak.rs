@@ -74,6 +74,29 @@ impl Sample {
     }
 }
 
+/// The call handler's connections open to blr's agent
+/// (`detour_local_connections`), or `None` if its metrics do not answer.
+fn local_connections(fleet: &NsFleet) -> Option<u64> {
+    let metrics = fleet
+        .exec(
+            "blr",
+            Path::new("curl"),
+            &["-sf", "http://127.0.0.1:9090/metrics"],
+        )
+        .ok()?;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("detour_local_connections "))
+        .or_else(|| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with("detour_local_connections{"))
+                .and_then(|l| l.rsplit(' ').next())
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
 /// A look at blr's agent: `/proc` for memory, descriptors and threads, its
 /// metrics for tasks.
 fn sample(fleet: &NsFleet) -> anyhow::Result<Sample> {
@@ -161,6 +184,13 @@ pub async fn run(bins: &Path, total: Duration, every: Duration) -> anyhow::Resul
         }
     }
     let out = load.wait_with_output()?;
+    // The call handler's connections close as it exits; the agent keeps idle
+    // ones for `ingress.idle_timeout`, so they are still open until it has
+    // read those closes. Sampled before that, they look like a leak.
+    let settled = tokio::time::Instant::now() + Duration::from_secs(5);
+    while local_connections(&fleet).is_some_and(|n| n > 0) && tokio::time::Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let end = sample(&fleet)?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("load printed: {}", String::from_utf8_lossy(&out.stdout)))?;
