@@ -152,22 +152,28 @@ async fn slow_and_silent_connections_are_closed_on_https() {
     slow_and_silent_connections_are_closed(true).await;
 }
 
+/// Asks `/healthz` on a kept-alive connection and checks the 200.
+async fn healthz_on(c: &mut Box<dyn Stream>, round: usize) {
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "round {round}: {}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
 async fn quiet_keep_alive_lasts_until_the_idle_timeout(tls: bool) {
     let s = setup(tls, &format!("idle_{tls}"), LIMITS).await;
     let mut c = s.connect().await;
-    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut buf = [0u8; 4096];
-    for _ in 0..2 {
-        c.write_all(request).await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            buf[..n].starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&buf[..n])
-        );
+    for round in 0..2 {
+        healthz_on(&mut c, round).await;
         // Quiet for longer than the header timeout: still open.
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
@@ -187,19 +193,8 @@ async fn quiet_keep_alive_outlasts_hypers_own_head_timeout() {
     let limits = "[limits]\nheader_timeout = \"1s\"\nidle_timeout = \"60s\"\n";
     let s = setup(false, "idle_past_30s", limits).await;
     let mut c = s.connect().await;
-    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut buf = [0u8; 4096];
     for round in 0..2 {
-        c.write_all(request).await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            buf[..n].starts_with(b"HTTP/1.1 200"),
-            "round {round}: {}",
-            String::from_utf8_lossy(&buf[..n])
-        );
+        healthz_on(&mut c, round).await;
         if round == 0 {
             // Quiet past hyper's 30 s: still open and serving.
             tokio::time::sleep(Duration::from_secs(32)).await;
