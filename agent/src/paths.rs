@@ -371,36 +371,40 @@ impl DialerInner {
                 let reg = self.sockets.register(&tcp);
                 Ok(DialStream::Tcp(tcp, reg))
             }
-            Route::Via { peer, relay } => {
-                let addrs = resolve(relay).await?;
-                let tcp = tcp_connect(&addrs, relay).await?;
-                let reg = self.sockets.register(&tcp);
-                let Some(tls) = &self.peer_tls else {
-                    return Err(DialError::PeerTls {
-                        peer: peer.clone(),
-                        source: io::Error::other("no [tls] identity configured"),
-                    });
-                };
-                let name = ServerName::try_from(peer.clone()).map_err(|e| DialError::PeerTls {
-                    peer: peer.clone(),
-                    source: io::Error::other(e),
-                })?;
-                let tunnel = match tls.connect(name, tcp).await {
-                    Ok(stream) => connect_tunnel(stream, peer, &self.target_authority).await,
-                    Err(source) => Err(DialError::PeerTls {
-                        peer: peer.clone(),
-                        source,
-                    }),
-                };
-                self.note_certificates(peer, tunnel.as_ref().err());
-                let (stream, framed) = tunnel?;
-                let deframer = framed.then(|| {
-                    let retirement = self.retirement.clone();
-                    Deframer::new(Box::new(move || retirement.signal(generation)))
-                });
-                Ok(DialStream::Tunnel(Box::new(stream), reg, deframer))
-            }
+            // Boxed: a tunnel's dial (TLS to the peer, the CONNECT exchange)
+            // is a large future, and a `direct` dial would carry it inline.
+            Route::Via { peer, relay } => Box::pin(self.dial_via(peer, relay, generation)).await,
         }
+    }
+
+    async fn dial_via(&self, peer: &str, relay: &str, generation: u64) -> Result<DialStream, DialError> {
+        let addrs = resolve(relay).await?;
+        let tcp = tcp_connect(&addrs, relay).await?;
+        let reg = self.sockets.register(&tcp);
+        let Some(tls) = &self.peer_tls else {
+            return Err(DialError::PeerTls {
+                peer: peer.to_owned(),
+                source: io::Error::other("no [tls] identity configured"),
+            });
+        };
+        let name = ServerName::try_from(peer.to_owned()).map_err(|e| DialError::PeerTls {
+            peer: peer.to_owned(),
+            source: io::Error::other(e),
+        })?;
+        let tunnel = match tls.connect(name, tcp).await {
+            Ok(stream) => connect_tunnel(stream, peer, &self.target_authority).await,
+            Err(source) => Err(DialError::PeerTls {
+                peer: peer.to_owned(),
+                source,
+            }),
+        };
+        self.note_certificates(peer, tunnel.as_ref().err());
+        let (stream, framed) = tunnel?;
+        let deframer = framed.then(|| {
+            let retirement = self.retirement.clone();
+            Deframer::new(Box::new(move || retirement.signal(generation)))
+        });
+        Ok(DialStream::Tunnel(Box::new(stream), reg, deframer))
     }
 }
 

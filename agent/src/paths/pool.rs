@@ -470,7 +470,9 @@ where
                         source: io::Error::other(e),
                     })
                 })?;
-                let tls = tls.connect(name, stream).await.map_err(|source| {
+                // Boxed, like the h2 handshake below: a plain target's
+                // connection would carry these large futures inline.
+                let tls = Box::pin(tls.connect(name, stream)).await.map_err(|source| {
                     PoolError::Dial(DialError::ControlPlaneTls {
                         target: target(),
                         source,
@@ -489,13 +491,15 @@ where
             })
         };
         if h2 {
-            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .handshake(io)
-                .await
-                .map_err(handshake)?;
+            let (tx, conn) = Box::pin(
+                http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .handshake(io),
+            )
+            .await
+            .map_err(handshake)?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!("HTTP/2 connection ended: {e}");

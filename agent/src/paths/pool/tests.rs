@@ -347,3 +347,21 @@ async fn a_tls_target_whose_name_is_not_one_fails_and_is_never_sent_in_plain_tex
     })
     .await;
 }
+
+/// A burst of requests dials a burst of connections, and each dial's future
+/// lives on the heap until its connection is up: 100 call handlers arriving
+/// at once held 700 KB of them (valgrind's massif) when every dial carried
+/// the large futures only a tunnel (TLS to the peer, `CONNECT`), TLS to the
+/// target or HTTP/2 need. Those are boxed where they are used.
+#[tokio::test]
+async fn a_plain_dials_future_carries_no_tunnel_tls_or_http2() {
+    let (addr, _counts) = server(Duration::ZERO).await;
+    let p = path(addr);
+    let mut req = http::Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = format!("{}/x", p.origin).parse().unwrap();
+    let pool = p.client();
+    let dial = std::mem::size_of_val(&pool.dialer.dial_inner(0));
+    assert!(dial <= 512, "a direct dial's future is {dial} bytes");
+    let fresh = std::mem::size_of_val(&pool.send_fresh(req, 0, false));
+    assert!(fresh <= 1536, "a new connection's future is {fresh} bytes");
+}
