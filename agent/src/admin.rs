@@ -3,16 +3,19 @@
 //! the fleet report, the same path table sent to the control plane.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use detour_wire::accept::accept;
+use detour_wire::accept::{ConnCap, accept};
+use detour_wire::conn::{ConnLimits, Rejection, Tracked, guard, parse_problem, problem_response};
 use detour_wire::{AgentReport, PathState, Problem};
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -22,21 +25,69 @@ use crate::runtime::Shared;
 
 /// Serves the admin listener until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let cap = ConnCap::new(MAX_CONNECTIONS, "the admin listener's cap");
     loop {
         let (tcp, _) = tokio::select! {
             c = accept(&listener, "admin") => c,
             _ = shutdown.changed() => return,
         };
+        let Some(slot) = cap.admit() else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(shared.clone(), req));
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            serve_conn(tcp, move |req| handle(shared.clone(), req)).await;
+            drop(slot);
         });
     }
+}
+
+/// Connections the admin listener keeps open at once (scrapers, `status`,
+/// health gates); one more is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The admin listener's and the control socket's limits. A head must come
+/// whole within 5 s; a kept-alive connection may then stay quiet for 10
+/// minutes, longer than any scraper keeps one (Prometheus: 5 minutes), so
+/// the scraper closes first and never sends into a closing connection.
+pub const LIMITS: ConnLimits = ConnLimits {
+    header_timeout: Duration::from_secs(5),
+    idle_timeout: Duration::from_secs(600),
+};
+
+/// The admin listener's and the control socket's longest request head.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Serves one admin or control connection with hyper, under the connection
+/// guard (`wire::conn`), which owns the head and idle timeouts. hyper's own
+/// head timeout is off: it also ran between requests, so it closed every
+/// scraper's kept-alive connection 5 s after each scrape, and a scrape sent
+/// as it fired failed.
+pub(crate) async fn serve_conn<T, F, Fut>(io: T, handle: F)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let rejection: Rejection = Arc::new(|status| {
+        problem_response(&parse_problem(
+            status,
+            MAX_HEAD_BYTES,
+            "the admin listener's limit",
+        ))
+    });
+    let (io, tracker) = guard(io, LIMITS, rejection);
+    let service = service_fn(move |req| {
+        let flight = tracker.begin();
+        let answer = handle(req);
+        async move {
+            let resp = answer.await?;
+            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, flight)))
+        }
+    });
+    let _ = http1::Builder::new()
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Response<Body> {
@@ -177,4 +228,67 @@ fn report_request(shared: &Shared) -> Option<forward::Outbound> {
         pin: None,
         received: tokio::time::Instant::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// An admin connection answering "ok" to every request, and a client
+    /// connected to it.
+    async fn connected() -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            serve_conn(tcp, |_req| async { Ok(text(StatusCode::OK, "text/plain", "ok")) }).await;
+        });
+        TcpStream::connect(addr).await.unwrap()
+    }
+
+    /// Sends one `GET` and returns what came back, empty when the server
+    /// closed the connection instead.
+    async fn get(s: &mut TcpStream) -> String {
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// A scraper's kept-alive connection stays open between scrapes (hyper's
+    /// own head timeout closed it 5 s after each one), and is closed only
+    /// after `LIMITS.idle_timeout` of quiet. Time is paused, so the quiet
+    /// takes none.
+    #[tokio::test(start_paused = true)]
+    async fn a_scrapers_connection_stays_open_between_scrapes() {
+        let mut s = connected().await;
+        for round in 0..3 {
+            let answer = get(&mut s).await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "scrape {round}: {answer:?}");
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        tokio::time::sleep(LIMITS.idle_timeout).await;
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            s.read(&mut buf).await.unwrap_or(0),
+            0,
+            "closed after the idle timeout"
+        );
+    }
+
+    /// A head still unfinished after `LIMITS.header_timeout` is closed.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_never_ends_is_closed() {
+        let mut s = connected().await;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost:").await.unwrap();
+        tokio::time::sleep(LIMITS.header_timeout + Duration::from_secs(1)).await;
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(!answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0, "closed");
+    }
 }

@@ -16,9 +16,7 @@ use std::time::Duration;
 use detour_wire::Problem;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
@@ -81,14 +79,9 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, mut shutdown: wa
             _ = shutdown.changed() => return,
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(shared.clone(), req));
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(crate::admin::serve_conn(stream, move |req| {
+            handle(shared.clone(), req)
+        }));
     }
 }
 

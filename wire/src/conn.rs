@@ -1,6 +1,7 @@
-//! The connection guard: what both Detour servers (the agent's local entry
-//! point and the control plane) enforce on every HTTP connection they accept,
-//! below hyper, which has no such rules of its own.
+//! The connection guard: what every Detour HTTP server (the agent's local
+//! entry point, its admin listener and control socket, and the control plane)
+//! enforces on every connection it accepts, below hyper, which has no such
+//! rules of its own.
 //!
 //! - A request head must arrive whole within `header_timeout` of its first
 //!   byte (or of the connection's start, for the first request). One byte a
@@ -10,8 +11,8 @@
 //!   `idle_timeout` without a byte. hyper's own `header_read_timeout` also
 //!   runs while a connection is idle between requests, so a call handler's
 //!   pooled connection was closed after a few seconds of quiet, racing the
-//!   handler's next request; the idle limit here is long instead, and both
-//!   servers turn hyper's off (it is 30 s by default once hyper has a timer).
+//!   handler's next request; the idle limit here is long instead, and every
+//!   server turns hyper's off (it is 30 s by default once hyper has a timer).
 //! - hyper answers a request head it cannot parse (400, 414, 431) itself,
 //!   with an empty body. Such an answer is replaced by a problem+json one
 //!   (written by the server's `rejection` function) before it leaves.
