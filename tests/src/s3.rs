@@ -38,6 +38,8 @@ pub struct Moto {
     client: CallClient,
     /// moto's request log (its stderr), one line per request.
     log: tempfile::NamedTempFile,
+    /// Where moto keeps the objects it spills to files, when not `/tmp`.
+    _spill: Option<tempfile::TempDir>,
 }
 
 impl Moto {
@@ -48,8 +50,28 @@ impl Moto {
     /// moto kept on `cpu` (`taskset`) in the `SCHED_IDLE` class (`chrt`): a
     /// store in another datacentre, off the PoP's CPU, and yielding that CPU
     /// at once to the control plane that shares it (see [`crate::cpus`]).
+    ///
+    /// And off the PoP's disk: moto writes every object and multipart part
+    /// over 5 MB to a temporary file, and keeps a completed upload's parts
+    /// beside its object until the object is deleted, so each 50 MB
+    /// recording cost 100 MB of writes to this machine's one disk, queued
+    /// with the PoP's own. Its temporary files go to a tmpfs (`/dev/shm`)
+    /// instead; delete what is no longer needed ([`Moto::delete`]) to give
+    /// the memory back.
     pub async fn start_on(cpu: usize) -> anyhow::Result<Moto> {
-        Moto::start_with(&[], Some(cpu)).await
+        let spill = Path::new("/dev/shm")
+            .is_dir()
+            .then(|| {
+                tempfile::Builder::new()
+                    .prefix("detour-moto")
+                    .tempdir_in("/dev/shm")
+            })
+            .transpose()?;
+        let tmpdir = spill.as_ref().map(|d| d.path().to_string_lossy().into_owned());
+        let env: Vec<(&str, &str)> = tmpdir.iter().map(|d| ("TMPDIR", d.as_str())).collect();
+        let mut moto = Moto::start_with(&env, Some(cpu)).await?;
+        moto._spill = spill;
+        Ok(moto)
     }
 
     /// moto that checks credentials and signatures, as S3 does, with
@@ -122,6 +144,7 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
             _proc: Proc(child),
             client: CallClient::new(Duration::from_secs(30)),
             log,
+            _spill: None,
         };
         // A connection, not a request: moto counts requests against
         // INITIAL_NO_AUTH_ACTION_COUNT.
@@ -269,6 +292,22 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
             .await;
         anyhow::ensure!(r.status == Some(200), "listing {bucket}: {r:?}");
         Ok(elements(&String::from_utf8_lossy(&r.body), "Key"))
+    }
+
+    /// Deletes the object (moto frees its bytes, and the parts it was
+    /// assembled from).
+    pub async fn delete(&self, bucket: &str, key: &str) -> anyhow::Result<()> {
+        let r = self
+            .client
+            .send(
+                http::Method::DELETE,
+                &self.url(&format!("/{bucket}/{key}")),
+                &[("authorization", ANY_AUTH)],
+                Bytes::new(),
+            )
+            .await;
+        anyhow::ensure!(r.status == Some(204), "deleting {bucket}/{key}: {r:?}");
+        Ok(())
     }
 }
 

@@ -2,7 +2,8 @@
 //! in the object store, healthy and with blr's uplink cut (through a peer);
 //! upload throughput against `boto3`'s `upload_file` on the same link; and
 //! call-control latency with and without the recorder kept busy with four
-//! 50 MB recordings beside it.
+//! 50 MB recordings beside it, both as they are written and when they were
+//! written before.
 //!
 //! The in-process fleet with the real control plane (SQLite) and moto (the
 //! S3-compatible server the tests use) on loopback; blr reaches moto through
@@ -137,48 +138,104 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let boto = boto3_seconds(blr_store.addr, 50 * MB, THROUGHPUT_RUNS)?;
 
     // Call control beside uploads: 100 calls/s for 20 s idle; then, in
-    // PAIRS alternated pairs, 20 s with four 50 MB recordings pending at
-    // every moment (one dropped as soon as one is stored), so the recorder
-    // is never idle in the window, and 20 s with the same files written at
-    // the same moments into a directory the agent does not watch: the call
-    // handler's own writing, without the uploads, to tell the two costs
-    // apart. The pairs' calls are pooled for the p99s (6,000 calls each).
-    let url = format!("{local}/v1/calls");
-    let idle = call_latencies(&url, 0).await;
-    let bodies: Vec<std::sync::Arc<Vec<u8>>> = (0..4)
-        .map(|i| std::sync::Arc::new(content(200 + i, 50 * MB)))
-        .collect();
-    let unwatched = dir.with_file_name("not-watched");
-    let (mut busy, mut writes_only, mut dropped) = (Vec::new(), Vec::new(), 0);
-    for pair in 0..PAIRS as u64 {
-        let mut ids = Vec::new();
-        for _ in 0..BUSY_IDS {
-            ids.push(next_call().await?);
+    // PAIRS alternated rounds, four windows of 20 s:
+    // - four 50 MB recordings pending at every moment (one dropped as soon
+    //   as one is stored), so the recorder is never idle in the window, each
+    //   written as it is dropped, at 100 MB/s;
+    // - the same files written at the same moments into a directory the
+    //   agent does not watch: the call handler's own writing, without the
+    //   uploads, to tell the two costs apart;
+    // - four recordings pending the same way, but written (and synced)
+    //   before the windows began: each a hard link renamed in, so nothing is
+    //   written in the window and what call control meets is the uploads
+    //   alone;
+    // - nothing else, the baseline for the third.
+    // Each kind's calls are pooled for its p99 (6,000 calls).
+    //
+    // What the store holds is no longer needed from here on: moto's copies
+    // are deleted as they land, so that its memory (a tmpfs, see
+    // `Moto::start_on`) stays small however many recordings are uploaded.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let deleter = async {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(keys) = moto.keys(BUCKET).await {
+                for key in keys {
+                    let _ = moto.delete(BUCKET, &key).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let feeder = tokio::spawn(keep_four_pending(dir.clone(), ids, bodies.clone(), stopped));
-        busy.push(call_latencies(&url, 10_000 + 20_000 * pair).await);
-        let _ = stop.send(true);
-        let (drops, pending) = feeder.await??;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while pending.iter().any(|id| dir.join(format!("{id}.wav")).exists()) {
-            anyhow::ensure!(Instant::now() < deadline, "the last uploads did not finish");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let windows = async {
+        let r = async {
+            let url = format!("{local}/v1/calls");
+            let idle = call_latencies(&url, 0).await;
+            let bodies: Vec<std::sync::Arc<Vec<u8>>> = (0..4)
+                .map(|i| std::sync::Arc::new(content(200 + i, 50 * MB)))
+                .collect();
+            let unwatched = dir.with_file_name("not-watched");
+            let written = write_ahead(&dir.with_file_name("written"), &bodies)?;
+            let (mut busy, mut writes_only, mut dropped) = (Vec::new(), Vec::new(), 0);
+            let (mut uploads_only, mut quiet) = (Vec::new(), Vec::new());
+            // Call ids made ready for an upload window, one per recording.
+            let mut ids_for_window = async || -> anyhow::Result<Vec<String>> {
+                let mut ids = Vec::new();
+                for _ in 0..BUSY_IDS {
+                    ids.push(next_call().await?);
+                }
+                Ok(ids)
+            };
+            for pair in 0..PAIRS as u64 {
+                let window = async |feed: Feed,
+                                    ids: Vec<String>,
+                                    key_base: u64|
+                       -> anyhow::Result<(Latencies, Vec<Duration>)> {
+                    let (stop, stopped) = tokio::sync::watch::channel(false);
+                    let feeder = tokio::spawn(keep_four_pending(dir.clone(), ids, feed, stopped));
+                    let calls = call_latencies(&url, key_base).await;
+                    let _ = stop.send(true);
+                    let (drops, pending) = feeder.await??;
+                    let deadline = Instant::now() + Duration::from_secs(300);
+                    while pending.iter().any(|id| dir.join(format!("{id}.wav")).exists()) {
+                        anyhow::ensure!(Instant::now() < deadline, "the last uploads did not finish");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok((calls, drops))
+                };
+                let ids = ids_for_window().await?;
+                let (calls, drops) = window(Feed::Write(bodies.clone()), ids, 10_000 + 40_000 * pair).await?;
+                busy.push(calls);
+                dropped += drops.len();
+                let _ = std::fs::remove_dir_all(&unwatched);
+                let writer = tokio::spawn(write_at(unwatched.clone(), drops, bodies.clone()));
+                writes_only.push(call_latencies(&url, 20_000 + 40_000 * pair).await);
+                writer.await??;
+                let _ = std::fs::remove_dir_all(&unwatched);
+                let ids = ids_for_window().await?;
+                let (calls, drops) = window(Feed::Link(written.clone()), ids, 30_000 + 40_000 * pair).await?;
+                uploads_only.push(calls);
+                dropped += drops.len();
+                quiet.push(call_latencies(&url, 40_000 + 40_000 * pair).await);
+            }
+            Ok::<_, anyhow::Error>((idle, busy, writes_only, uploads_only, quiet, dropped, unwatched))
         }
-        dropped += drops.len();
-        let _ = std::fs::remove_dir_all(&unwatched);
-        let writer = tokio::spawn(write_at(unwatched.clone(), drops, bodies.clone()));
-        writes_only.push(call_latencies(&url, 20_000 + 20_000 * pair).await);
-        writer.await??;
-    }
+        .await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    };
+    let (windows, ()) = tokio::join!(windows, deleter);
+    let (idle, busy, writes_only, uploads_only, quiet, dropped, unwatched) = windows?;
     let _ = std::fs::remove_dir_all(&unwatched);
     fleet.shutdown().await;
     drop(_pinned);
 
+    let _ = std::fs::remove_dir_all(dir.with_file_name("written"));
     let calls = CallControl {
         idle,
         writes_only,
         busy,
+        uploads_only,
+        quiet,
         dropped,
         split,
     };
@@ -190,8 +247,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 /// it; at 100 MB/s the window takes about 40).
 const BUSY_IDS: usize = 120;
 
-/// Busy and writing-alone windows, alternated: one pair's p99 difference
-/// moved by 2 to 3 ms from run to run, more than the 2 ms it is judged by.
+/// Rounds of the four call-control windows, alternated: one pair's p99
+/// difference moved by 2 to 3 ms from run to run, more than the 2 ms it is
+/// judged by.
 const PAIRS: usize = 3;
 
 /// How long each call-control window lasts: 2,000 calls, so that a p99 is
@@ -203,14 +261,24 @@ const WINDOW: Duration = Duration::from_secs(20);
 /// five, one slow upload moved the ratio by 10% or more).
 const THROUGHPUT_RUNS: usize = 10;
 
+/// How [`keep_four_pending`] makes each recording it drops.
+#[derive(Clone)]
+enum Feed {
+    /// Written as it is dropped (off the runtime, as the call handler
+    /// would), from one of these in turn.
+    Write(Vec<std::sync::Arc<Vec<u8>>>),
+    /// A hard link to one of these files, written and synced before the
+    /// windows: a new name for bytes already on disk and in the page cache.
+    Link(Vec<std::path::PathBuf>),
+}
+
 /// Keeps four 50 MB recordings pending in `dir` until `stop`: a new one is
-/// dropped (written off the runtime, as the call handler would) as soon as
-/// one is gone. Returns when each was dropped (from the start), and those
-/// still pending.
+/// dropped as soon as one is gone. Returns when each was dropped (from the
+/// start), and those still pending.
 async fn keep_four_pending(
     dir: std::path::PathBuf,
     ids: Vec<String>,
-    bodies: Vec<std::sync::Arc<Vec<u8>>>,
+    feed: Feed,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(Vec<Duration>, Vec<String>)> {
     let start = Instant::now();
@@ -224,18 +292,47 @@ async fn keep_four_pending(
                 .get(next)
                 .context("out of call ids: the recorder would have been idle in the window")?
                 .clone();
-            let (d, name, body) = (
-                dir.clone(),
-                format!("{id}.wav"),
-                bodies[next % bodies.len()].clone(),
-            );
+            let (d, name) = (dir.clone(), format!("{id}.wav"));
             drops.push(start.elapsed());
-            tokio::task::spawn_blocking(move || drop_file(&d, &name, &body)).await??;
+            match &feed {
+                Feed::Write(bodies) => {
+                    let body = bodies[next % bodies.len()].clone();
+                    tokio::task::spawn_blocking(move || drop_file(&d, &name, &body)).await??;
+                }
+                Feed::Link(files) => {
+                    let from = files[next % files.len()].clone();
+                    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                        let tmp = d.join(format!(".{name}.part"));
+                        std::fs::hard_link(&from, &tmp)?;
+                        std::fs::rename(&tmp, d.join(&name))
+                    })
+                    .await??;
+                }
+            }
             pending.push(id);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok((drops, pending))
+}
+
+/// Writes eight recordings (`bodies`, twice over) into `dir` beside the
+/// recordings directory, synced, for [`Feed::Link`]. Eight, not four: a new
+/// link changes its file's inode (its ctime), which an upload still reading
+/// another link to it would take for a change to the recording; with eight
+/// in turn and four pending, a file is linked again only after its last
+/// upload ended.
+fn write_ahead(dir: &Path, bodies: &[std::sync::Arc<Vec<u8>>]) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut out = Vec::new();
+    for (n, body) in bodies.iter().chain(bodies).enumerate() {
+        let path = dir.join(format!("{n}.wav"));
+        let mut f = std::fs::File::create(&path)?;
+        std::io::Write::write_all(&mut f, body)?;
+        f.sync_all()?;
+        out.push(path);
+    }
+    Ok(out)
 }
 
 /// Writes the same files as [`keep_four_pending`] at the same moments into
@@ -269,6 +366,10 @@ struct CallControl {
     idle: Latencies,
     writes_only: Vec<Latencies>,
     busy: Vec<Latencies>,
+    /// Uploads of recordings written before the window.
+    uploads_only: Vec<Latencies>,
+    /// Nothing else, alternated with `uploads_only`.
+    quiet: Vec<Latencies>,
     dropped: usize,
     split: Option<crate::cpus::Split>,
 }
@@ -419,7 +520,7 @@ fn mb_per_s(size: usize, d: Duration) -> String {
 
 fn render(rows: &[(&str, usize, Latencies)], boto: &[f64], calls: &CallControl, machine: &str) -> String {
     let mut out = format!(
-        "## Recordings (issue: recordings over the resilient path)\n\nMeasured {machine}, with `cargo build --release -p detour-lab && target/release/detour-lab bench recordings`: the in-process fleet with the real control plane and moto (`moto_server`, the S3-compatible server the tests use) on loopback; blr reaches moto through a link cut together with its uplink (run by a thread of its own: on a real PoP its copying is the kernel's forwarding, not work on the agent's runtime). Durable: from the file's rename into the recordings directory until a `HEAD` of its object succeeds (polled every 10 ms). The agent's defaults: the directory watched (inotify) with a scan every 250 ms as the fallback, 8 MiB parts with 4 in flight, one recording at a time.\n\n"
+        "## Recordings (issue: recordings over the resilient path)\n\nMeasured {machine}, with `cargo build --release -p detour-lab && target/release/detour-lab bench recordings`: the in-process fleet with the real control plane and moto (`moto_server`, the S3-compatible server the tests use) on loopback; blr reaches moto through a link cut together with its uplink (run by a thread of its own: on a real PoP its copying is the kernel's forwarding, not work on the agent's runtime). Durable: from the file's rename into the recordings directory until a `HEAD` of its object succeeds (polled every 10 ms). The agent's defaults: the directory watched (inotify) with a scan every 250 ms as the fallback, 8 MiB parts with 4 in flight, one recording at a time. moto writes each object and part over 5 MB to a temporary file and keeps a finished upload's parts until its object is deleted: those files are on a tmpfs, and from the call-control windows on each object is deleted as it lands (before, each 50 MB recording wrote 100 MB to the same disk as the PoP's).\n\n"
     );
     let mut t = Table::new(&[
         "recording",
@@ -458,6 +559,9 @@ fn render(rows: &[(&str, usize, Latencies)], boto: &[f64], calls: &CallControl, 
     ));
     let pooled = |windows: &[Latencies]| Latencies::new(windows.iter().flat_map(|l| l.iter()));
     let (busy, writes_only) = (pooled(&calls.busy), pooled(&calls.writes_only));
+    let (uploads_only, quiet) = (pooled(&calls.uploads_only), pooled(&calls.quiet));
+    let (u50, u99, _) = uploads_only.p50_p99_max();
+    let (q50, q99, _) = quiet.p50_p99_max();
     let (i50, i99, _) = calls.idle.p50_p99_max();
     let (w50, w99, _) = writes_only.p50_p99_max();
     let (b50, b99, _) = busy.p50_p99_max();
@@ -468,8 +572,14 @@ fn render(rows: &[(&str, usize, Latencies)], boto: &[f64], calls: &CallControl, 
         .zip(&calls.writes_only)
         .map(|(b, w)| format!("{:+.1}", diff(b.at(0.99), w.at(0.99))))
         .collect();
+    let alone: Vec<String> = calls
+        .uploads_only
+        .iter()
+        .zip(&calls.quiet)
+        .map(|(u, q)| format!("{:+.1}", diff(u.at(0.99), q.at(0.99))))
+        .collect();
     out.push_str(&format!(
-        "\nCall control beside uploads (100 calls/s through blr's agent on `direct`, each sent once; {} s idle, then {} alternated pairs of {} s windows, busy then writing alone, pooled), p50 / p99 in ms:\n\n| window | calls answered | p50 | p99 |\n|---|---|---|---|\n| nothing else | {} | {} | {} |\n| four 50 MB recordings pending throughout ({} dropped, each as soon as one was stored: the recorder never idle) | {} | {} | {} |\n| the same files written at the same moments where the agent does not look (the call handler's writing alone) | {} | {} | {} |\n\nCall-control p99 raised by the uploads (against the same writing alone): {:+.1} ms over the pooled windows (each pair on its own: {} ms); by writing and uploading together (against nothing else): {:+.1} ms.\n",
+        "\nCall control beside uploads (100 calls/s through blr's agent on `direct`, each sent once; {} s idle, then {} alternated rounds of four {} s windows, pooled by kind), p50 / p99 in ms:\n\n| window | calls answered | p50 | p99 |\n|---|---|---|---|\n| nothing else, first | {} | {} | {} |\n| four 50 MB recordings pending throughout, each written as it is dropped ({} dropped over both kinds of upload window, each as soon as one was stored: the recorder never idle) | {} | {} | {} |\n| the same files written at the same moments where the agent does not look (the call handler's writing alone) | {} | {} | {} |\n| four 50 MB recordings pending throughout, written before the windows (hard links renamed in: nothing written in the window) | {} | {} | {} |\n| nothing else, alternated with the row above | {} | {} | {} |\n\nCall-control p99 raised by the uploads of recordings already written (against nothing else, alternated): **{:+.1} ms** over the pooled windows (each round on its own: {} ms). Raised by the uploads beside the writing (against the same writing alone): **{:+.1} ms** pooled (each round: {} ms); by writing and uploading together (against the first quiet window): {:+.1} ms.\n",
         WINDOW.as_secs(),
         calls.busy.len(),
         WINDOW.as_secs(),
@@ -483,6 +593,14 @@ fn render(rows: &[(&str, usize, Latencies)], boto: &[f64], calls: &CallControl, 
         writes_only.len(),
         ms(w50),
         ms(w99),
+        uploads_only.len(),
+        ms(u50),
+        ms(u99),
+        quiet.len(),
+        ms(q50),
+        ms(q99),
+        diff(u99, q99),
+        alone.join(", "),
         diff(b99, w99),
         pairs.join(", "),
         diff(b99, i99),
