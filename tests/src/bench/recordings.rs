@@ -23,7 +23,7 @@ use detour_control_plane::store::sqlite_url;
 use tokio::time::Instant;
 
 use super::BenchArgs;
-use crate::fleet::{Fleet, FleetOptions};
+use crate::fleet::{CP_HOST, Fleet, FleetOptions};
 use crate::link::{Fault, Link};
 use crate::load::{CallClient, Latencies, paced};
 use crate::report::{Table, machine, ms};
@@ -101,6 +101,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .context("no pop dir")?
         .join("recordings");
     let client = CallClient::new(Duration::from_secs(5));
+    let direct = Straight::new(&fleet, "blr")?;
     let mut calls = 0usize;
     let mut next_call = async || -> anyhow::Result<String> {
         calls += 1;
@@ -177,6 +178,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let written = write_ahead(&dir.with_file_name("written"), &bodies)?;
             let (mut busy, mut writes_only, mut dropped) = (Vec::new(), Vec::new(), 0);
             let (mut uploads_only, mut quiet) = (Vec::new(), Vec::new());
+            let (mut straight_uploads, mut straight_quiet) = (Vec::new(), Vec::new());
             // Call ids made ready for an upload window, one per recording.
             let mut ids_for_window = async || -> anyhow::Result<Vec<String>> {
                 let mut ids = Vec::new();
@@ -188,11 +190,17 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             for pair in 0..PAIRS as u64 {
                 let window = async |feed: Feed,
                                     ids: Vec<String>,
-                                    key_base: u64|
-                       -> anyhow::Result<(Latencies, Vec<Duration>)> {
+                                    key_base: u64,
+                                    straight: Option<u64>|
+                       -> anyhow::Result<(Latencies, Option<Latencies>, Vec<Duration>)> {
                     let (stop, stopped) = tokio::sync::watch::channel(false);
                     let feeder = tokio::spawn(keep_four_pending(dir.clone(), ids, feed, stopped));
-                    let calls = call_latencies(&url, key_base).await;
+                    let (calls, straight) = tokio::join!(call_latencies(&url, key_base), async {
+                        match straight {
+                            Some(k) => Some(direct.latencies(k).await),
+                            None => None,
+                        }
+                    });
                     let _ = stop.send(true);
                     let (drops, pending) = feeder.await??;
                     let deadline = Instant::now() + Duration::from_secs(300);
@@ -200,10 +208,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
                         anyhow::ensure!(Instant::now() < deadline, "the last uploads did not finish");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    Ok((calls, drops))
+                    Ok((calls, straight, drops))
                 };
                 let ids = ids_for_window().await?;
-                let (calls, drops) = window(Feed::Write(bodies.clone()), ids, 10_000 + 40_000 * pair).await?;
+                let (calls, _, drops) =
+                    window(Feed::Write(bodies.clone()), ids, 10_000 + 40_000 * pair, None).await?;
                 busy.push(calls);
                 dropped += drops.len();
                 let _ = std::fs::remove_dir_all(&unwatched);
@@ -212,19 +221,41 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 writer.await??;
                 let _ = std::fs::remove_dir_all(&unwatched);
                 let ids = ids_for_window().await?;
-                let (calls, drops) = window(Feed::Link(written.clone()), ids, 30_000 + 40_000 * pair).await?;
+                let (calls, straight, drops) = window(
+                    Feed::Link(written.clone()),
+                    ids,
+                    30_000 + 40_000 * pair,
+                    Some(30_000 + 40_000 * pair),
+                )
+                .await?;
                 uploads_only.push(calls);
+                straight_uploads.extend(straight);
                 dropped += drops.len();
-                quiet.push(call_latencies(&url, 40_000 + 40_000 * pair).await);
+                let (calls, straight) = tokio::join!(
+                    call_latencies(&url, 40_000 + 40_000 * pair),
+                    direct.latencies(40_000 + 40_000 * pair)
+                );
+                quiet.push(calls);
+                straight_quiet.push(straight);
             }
-            Ok::<_, anyhow::Error>((idle, busy, writes_only, uploads_only, quiet, dropped, unwatched))
+            let straight = (straight_uploads, straight_quiet);
+            Ok::<_, anyhow::Error>((
+                idle,
+                busy,
+                writes_only,
+                uploads_only,
+                quiet,
+                straight,
+                dropped,
+                unwatched,
+            ))
         }
         .await;
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         r
     };
     let (windows, ()) = tokio::join!(windows, deleter);
-    let (idle, busy, writes_only, uploads_only, quiet, dropped, unwatched) = windows?;
+    let (idle, busy, writes_only, uploads_only, quiet, straight, dropped, unwatched) = windows?;
     let _ = std::fs::remove_dir_all(&unwatched);
     fleet.shutdown().await;
     drop(_pinned);
@@ -236,6 +267,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         busy,
         uploads_only,
         quiet,
+        straight,
         dropped,
         split,
     };
@@ -370,6 +402,9 @@ struct CallControl {
     uploads_only: Vec<Latencies>,
     /// Nothing else, alternated with `uploads_only`.
     quiet: Vec<Latencies>,
+    /// Calls sent straight to the control plane in the `uploads_only` and
+    /// `quiet` windows, beside the agent's.
+    straight: (Vec<Latencies>, Vec<Latencies>),
     dropped: usize,
     split: Option<crate::cpus::Split>,
 }
@@ -514,6 +549,58 @@ async fn call_latencies(url: &str, key_base: u64) -> Latencies {
     )
 }
 
+/// Calls sent straight to the control plane, as blr's agent would send
+/// them (its token, TLS to [`CP_HOST`]), without the agent: whether a cost
+/// the uploads add to call control is the agent's or the control plane's,
+/// which shares its CPU with the store's stand-ins.
+struct Straight {
+    client: reqwest::Client,
+    url: String,
+    auth: String,
+}
+
+impl Straight {
+    fn new(fleet: &Fleet, pop: &str) -> anyhow::Result<Straight> {
+        let ca = std::fs::read(fleet.dir.path().join("certs").join("ca.pem"))?;
+        let token = std::fs::read_to_string(fleet.dir.path().join(pop).join("agent.token"))?;
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca)?])
+            .resolve(CP_HOST, fleet.cp_addr)
+            .no_proxy()
+            .timeout(Duration::from_secs(3))
+            .build()?;
+        Ok(Straight {
+            client,
+            url: format!("https://{CP_HOST}:{}/v1/calls", fleet.cp_addr.port()),
+            auth: format!("Bearer {}", token.trim()),
+        })
+    }
+
+    /// 100 calls/s for [`WINDOW`], each sent once; the latencies of those
+    /// answered 201.
+    async fn latencies(&self, key_base: u64) -> Latencies {
+        let results = paced(100, WINDOW, |n| {
+            let request = self
+                .client
+                .post(&self.url)
+                .header("authorization", &self.auth)
+                .header("content-type", "application/json")
+                .header("idempotency-key", format!("bench-straight-{}", key_base + n))
+                .body(&br#"{"caller":"+919876543210","destination":"+918041234567"}"#[..]);
+            async move {
+                let sent = Instant::now();
+                let created = match request.send().await {
+                    Ok(r) => r.status().as_u16() == 201 && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                (sent.elapsed(), created)
+            }
+        })
+        .await;
+        Latencies::new(results.iter().filter(|(_, (_, ok))| *ok).map(|(_, (l, _))| *l))
+    }
+}
+
 fn mb_per_s(size: usize, d: Duration) -> String {
     format!("{:.0}", size as f64 / MB as f64 / d.as_secs_f64().max(1e-9))
 }
@@ -604,6 +691,23 @@ fn render(rows: &[(&str, usize, Latencies)], boto: &[f64], calls: &CallControl, 
         diff(b99, w99),
         pairs.join(", "),
         diff(b99, i99),
+    ));
+    let (su, sq) = (pooled(&calls.straight.0), pooled(&calls.straight.1));
+    let straight_rounds: Vec<String> = calls
+        .straight
+        .0
+        .iter()
+        .zip(&calls.straight.1)
+        .map(|(u, q)| format!("{:+.1}", diff(u.at(0.99), q.at(0.99))))
+        .collect();
+    out.push_str(&format!(
+        "\nCalls sent straight to the control plane in the same two kinds of window (100/s beside the agent's, blr's token, TLS, kept alive: the control plane's share, without the agent), p99 with the uploads {} ms ({} calls), without {} ms ({} calls): **{:+.1} ms** (each round: {} ms).\n",
+        ms(su.p50_p99_max().1),
+        su.len(),
+        ms(sq.p50_p99_max().1),
+        sq.len(),
+        diff(su.p50_p99_max().1, sq.p50_p99_max().1),
+        straight_rounds.join(", "),
     ));
     out.push_str(&match calls.split {
         Some(s) => format!("\nThe PoP's work (the agent, its recorder, the writing of recordings, boto3) ran on CPU {}; the stand-ins for the cloud (control plane, moto, the store's link) on CPU {}, and the control plane's SQLite on tmpfs: on a real fleet they run on other machines, and on two shared cores they competed with the PoP for CPU and disk (a control plane commit waited up to 100 ms behind the recordings' writeback, and boto3 uploading to moto from the same machine raised call control's p99 by 95 ms without Detour uploading anything).\n", s.pop, s.cloud),
