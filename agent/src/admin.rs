@@ -252,9 +252,25 @@ mod tests {
     /// Sends one `GET` and returns what came back, empty when the server
     /// closed the connection instead.
     async fn get(s: &mut TcpStream) -> String {
-        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await;
-        let mut buf = [0u8; 1024];
-        let n = s.read(&mut buf).await.unwrap_or(0);
+        send(s, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await
+    }
+
+    /// Sends `bytes` and returns what came back, empty when the server
+    /// closed the connection instead.
+    async fn send(s: &mut TcpStream, bytes: &[u8]) -> String {
+        let _ = s.write_all(bytes).await;
+        read(s).await
+    }
+
+    /// What the server sends next, empty when it closed the connection.
+    /// Fails the test, rather than hanging it, if the server neither answers
+    /// nor closes within a minute.
+    async fn read(s: &mut TcpStream) -> String {
+        let mut buf = [0u8; 2048];
+        let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf))
+            .await
+            .expect("the server neither answered nor closed")
+            .unwrap_or(0);
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
@@ -271,12 +287,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
         tokio::time::sleep(LIMITS.idle_timeout).await;
-        let mut buf = [0u8; 64];
-        assert_eq!(
-            s.read(&mut buf).await.unwrap_or(0),
-            0,
-            "closed after the idle timeout"
-        );
+        assert_eq!(read(&mut s).await, "", "closed after the idle timeout");
     }
 
     /// A head still unfinished after `LIMITS.header_timeout` is closed.
@@ -285,10 +296,28 @@ mod tests {
         let mut s = connected().await;
         s.write_all(b"GET /metrics HTTP/1.1\r\nhost:").await.unwrap();
         tokio::time::sleep(LIMITS.header_timeout + Duration::from_secs(1)).await;
-        let mut buf = [0u8; 1024];
-        let n = s.read(&mut buf).await.unwrap_or(0);
-        let answer = String::from_utf8_lossy(&buf[..n]);
+        let answer = read(&mut s).await;
         assert!(!answer.starts_with("HTTP/1.1 200"), "{answer:?}");
-        assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0, "closed");
+        assert_eq!(read(&mut s).await, "", "closed");
+    }
+
+    /// A head that is not HTTP, or is over the limit, is answered with a
+    /// problem that says why, and the connection is closed.
+    #[tokio::test(start_paused = true)]
+    async fn a_bad_head_is_answered_with_a_problem() {
+        let mut s = connected().await;
+        let answer = send(&mut s, b"NOT HTTP AT ALL\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+        assert!(answer.contains("application/problem+json"), "{answer:?}");
+        assert_eq!(read(&mut s).await, "", "closed");
+
+        let mut s = connected().await;
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nx-big: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD_BYTES)
+        );
+        let answer = send(&mut s, huge.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+        assert!(answer.contains("16384 bytes"), "{answer:?}");
     }
 }
